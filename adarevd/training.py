@@ -1,0 +1,137 @@
+"""Training pieces of the recipe (ADAREVD.md section 7), single process and free of Ray and I/O.
+
+- `EncoderPretrainer`: the encoder with a NAFNet-style decoder of its own, trained as a plain deblurrer
+  for users without an authors' encoder checkpoint; its `encoder` then drops into AdaRevD.
+- `deblur_loss`: L1 + 0.01 * L1 of the 2-D spectra (real and imaginary parts), averaged over columns.
+- `Stage`: one optimisation stage (AdamW, cosine to 1e-7, EMA, optional grad-norm clip) over the
+  parameters that stage trains; `train_step` for the pretrainer and stage 1, `classifier_step` for
+  stage 2 (cross-entropy on PSNR buckets of the blurry crop).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from adarevd.blocks import NAFBlock
+from adarevd.classifier import psnr_classes
+from adarevd.config import AdaRevDConfig
+from adarevd.encoders import Encoder
+from adarevd.model import AdaRevD
+
+
+def deblur_loss(restored: Sequence[torch.Tensor], sharp: torch.Tensor, fft_weight: float = 0.01) -> torch.Tensor:
+    """Mean over outputs of L1(out, sharp) + fft_weight * mean |rfft2(out) - rfft2(sharp)| (Re and Im)."""
+    target = torch.fft.rfft2(sharp.float())
+    losses = []
+    for out in restored:
+        diff = torch.fft.rfft2(out.float()) - target
+        losses.append(F.l1_loss(out, sharp) + fft_weight * (diff.real.abs().mean() + diff.imag.abs().mean()) / 2)
+    return torch.stack(losses).mean()
+
+
+def dihedral(images: torch.Tensor, k: int) -> torch.Tensor:
+    """One of the 8 flip/rotation variants (k in 0..7) of (..., H, W) images."""
+    out = torch.rot90(images, k % 4, dims=(-2, -1))
+    return out.flip(-1) if k >= 4 else out
+
+
+class EncoderPretrainer(nn.Module):
+    """Encoder + NAFNet decoder (pixel-shuffle ups, skip sums, one block a level) + 3x3 ending: a plain
+    deblurrer whose encoder features are what AdaRevD's columns later decode."""
+
+    def __init__(self, config: AdaRevDConfig) -> None:
+        super().__init__()
+        w = config.width
+        self.encoder = Encoder(
+            kind=config.encoder,
+            width=w,
+            blocks=config.encoder_blocks,
+            tlc_window=config.tlc_window,
+            kernel_size=config.kernel_size,
+            kernel_noise=config.kernel_noise,
+        )
+        channels = [w * 2**level for level in range(4)]
+        self.ups = nn.ModuleList(
+            [nn.Sequential(nn.Conv2d(2 * c, 4 * c, 1, bias=False), nn.PixelShuffle(2)) for c in reversed(channels)]
+        )
+        self.decoders = nn.ModuleList([NAFBlock(c) for c in reversed(channels)])
+        self.ending = nn.Conv2d(w, 3, 3, padding=1)
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        h, w = images.shape[-2:]
+        padded = AdaRevD.pad(images)
+        *skips, x = self.encoder(padded)
+        for up, block, skip in zip(self.ups, self.decoders, reversed(skips), strict=True):
+            x = block(up(x) + skip)
+        return [self.ending(x)[..., :h, :w] + images]
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    iterations: int
+    lr: float = 1e-3
+    weight_decay: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.9)
+    min_lr: float = 1e-7
+    ema_decay: float = 0.999
+    grad_clip: float | None = None
+
+
+class Stage:
+    """Optimiser, cosine schedule and EMA over the trainable parameters of `model`."""
+
+    def __init__(self, model: nn.Module, params: Iterable[nn.Parameter], config: StageConfig) -> None:
+        self.model = model
+        self.params = [p for p in params if p.requires_grad]
+        self.config = config
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas
+        )
+        self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.optimizer, T_max=config.iterations, eta_min=config.min_lr
+        )
+        self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+
+    def _apply(self, loss: torch.Tensor) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
+        self.optimizer.step()
+        self.schedule.step()
+        self.ema.update_parameters(self.model)
+        return loss.item()
+
+    def train_step(self, blurry: torch.Tensor, sharp: torch.Tensor, *, reversible: bool = True) -> float:
+        """One step of the deblurring loss over every output of the model."""
+        self.model.train()
+        outputs = self.model(blurry, reversible=reversible) if isinstance(self.model, AdaRevD) else self.model(blurry)
+        return self._apply(deblur_loss(outputs, sharp))
+
+    def classifier_step(self, blurry: torch.Tensor, sharp: torch.Tensor) -> float:
+        """Stage 2: cross-entropy of the classifier on the PSNR bucket of each blurry crop."""
+        model = self.model
+        assert isinstance(model, AdaRevD)
+        model.train()
+        labels = psnr_classes(blurry, sharp, model.config.psnr_thresholds)
+        with torch.no_grad():
+            features = model.encode(model.pad(blurry))
+        logits = model.classify([f.detach() for f in features])
+        return self._apply(F.cross_entropy(logits, labels))
+
+    def averaged(self) -> nn.Module:
+        """The EMA copy of the model."""
+        return self.ema.module
+
+
+def freeze_all_but(model: AdaRevD, *trainable: nn.Module | nn.Parameter) -> None:
+    """Freeze every parameter of `model` except those of the given modules/parameters."""
+    model.requires_grad_(False)
+    for item in trainable:
+        item.requires_grad_(True)

@@ -1,0 +1,1 @@
+"""Measured ratios, written to benchmarks/results/*.json and summarised in the README."""

@@ -1,0 +1,208 @@
+"""`adarevd` command line: thin wrappers over the library.
+
+adarevd restore [IMAGE ...]        deblur images (default: the bundled demo image, bundled weights)
+adarevd info WEIGHTS               config and provenance stored in a weights file
+adarevd make-default-weights       re-train the bundled adarevd-tiny weights (recipe in default_weights)
+adarevd make-demo-image            re-make the bundled demo image pair
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+import adarevd
+from adarevd.classifier import psnr
+from adarevd.tiling import PatchGrid
+
+ASSETS = Path(adarevd.__file__).resolve().parent / "assets"
+DEFAULT_WEIGHTS = ASSETS / "adarevd-tiny.safetensors"
+DEMO_BLURRY, DEMO_SHARP = ASSETS / "demo_blurry.png", ASSETS / "demo_sharp.png"
+
+
+class CliError(Exception):
+    """A user-facing error: printed without a traceback, exit status 2."""
+
+
+def read_image(path: Path) -> torch.Tensor:
+    """Any image OpenCV reads (grey, RGBA, 8/16-bit) -> (3, H, W) float RGB in [0, 1]."""
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise CliError(f"{path}: cannot read it as an image (missing, not an image, or truncated)")
+    scale = 65535.0 if image.dtype == np.uint16 else 255.0
+    if image.ndim == 2:
+        image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    elif image.shape[2] == 4:
+        image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
+    else:
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return torch.from_numpy(image.astype(np.float32) / scale).permute(2, 0, 1)
+
+
+def write_image(path: Path, image: torch.Tensor) -> None:
+    array = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), cv2.cvtColor(array, cv2.COLOR_RGB2BGR)):
+        raise CliError(f"{path}: could not write the image")
+
+
+def depth_map(depths: torch.Tensor, grid: PatchGrid, shape: tuple[int, int], n: int) -> np.ndarray:
+    """Colour picture of each patch's exit depth (dark = early exit), at the image size."""
+    canvas = np.zeros((grid.height, grid.width), np.float32)
+    cells = depths.cpu().numpy()
+    for r, y in enumerate(grid.ys):
+        for c, x in enumerate(grid.xs):
+            canvas[y : y + grid.size_h, x : x + grid.size_w] = cells[r, c] / max(n, 1)
+    colour = cv2.applyColorMap((canvas[: shape[0], : shape[1]] * 255).astype(np.uint8), cv2.COLORMAP_VIRIDIS)
+    return colour
+
+
+def load_model(preset: str, weights: Sequence[str], device: torch.device) -> tuple[adarevd.AdaRevD, str]:
+    if weights:
+        first = Path(weights[0])
+        config = adarevd.read_config(first) if first.suffix == ".safetensors" else adarevd.PRESETS[preset]
+        model = adarevd.AdaRevD(config)
+        adarevd.load_weights(model, *weights)
+        source = ", ".join(weights)
+    elif preset == "adarevd-tiny":
+        if not DEFAULT_WEIGHTS.exists():
+            raise CliError(f"the bundled weights {DEFAULT_WEIGHTS} are missing; run `adarevd make-default-weights`")
+        model = adarevd.AdaRevD(adarevd.read_config(DEFAULT_WEIGHTS))
+        adarevd.load_weights(model, DEFAULT_WEIGHTS)
+        source = f"bundled {DEFAULT_WEIGHTS.name}"
+    else:
+        raise CliError(f"{preset} has no bundled weights: pass --weights (the authors' .pth files or a .safetensors)")
+    return model.to(device).eval(), source
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    images = [Path(p) for p in args.images] or [DEMO_BLURRY]
+    references = [Path(p) for p in args.reference] or ([DEMO_SHARP] if not args.images else [])
+    if references and len(references) != len(images):
+        raise CliError(f"--reference needs one sharp image per input: {len(images)} inputs, {len(references)} given")
+    model, source = load_model(args.model, args.weights, device)
+    out_dir = Path(args.output)
+    n = model.num_columns
+    print(f"model {model.config.width}-wide {model.config.encoder} encoder, {n} columns; weights: {source}")
+    print(f"{'image':<28} {'size':>11} {'time s':>7} {'mean depth':>10} {'saved':>6} {'exits 0..N':<20} psnr in -> out")
+    totals = torch.zeros(n + 1, dtype=torch.long)
+    for i, path in enumerate(images):
+        blurry = read_image(path).to(device)
+        start = time.perf_counter()
+        result = model.restore(blurry[None], exit=args.exit, encoder_mode=args.encoder_mode)
+        seconds = time.perf_counter() - start
+        write_image(out_dir / f"{path.stem}.png", result.images[0])
+        cv2.imwrite(
+            str(out_dir / f"{path.stem}.depth.png"), depth_map(result.depths[0], result.grid, blurry.shape[1:], n)
+        )
+        hist = torch.bincount(result.depths.flatten().cpu(), minlength=n + 1)
+        totals += hist
+        mean_depth = result.depths.float().mean().item()
+        quality = ""
+        if references:
+            sharp = read_image(references[i]).to(device)[None]
+            quality = f"{psnr(blurry[None], sharp).item():.2f} -> {psnr(result.images, sharp).item():.2f} dB"
+        size = f"{blurry.shape[2]}x{blurry.shape[1]}"
+        saved = f"{100 * (1 - mean_depth / n):.0f}%"
+        print(
+            f"{path.name:<28} {size:>11} {seconds:7.2f} {mean_depth:10.2f} {saved:>6} {hist.tolist()!s:<20} {quality}"
+        )
+    print(f"exit histogram (patches per depth 0..{n}): {totals.tolist()}")
+    print(f"wrote {len(images)} deblurred image(s) and exit-depth maps to {out_dir.resolve()}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from adarevd.weights import read_state_dict
+
+    tensors, metadata = read_state_dict(args.weights)
+    print(f"{args.weights}: {len(tensors)} tensors, {sum(t.numel() for t in tensors.values()):,} values")
+    for key, value in sorted(metadata.items()):
+        print(f"{key}: {pretty_json(value)}")
+    return 0
+
+
+def pretty_json(text: str) -> str:
+    try:
+        return json.dumps(json.loads(text), indent=2)
+    except json.JSONDecodeError:
+        return text
+
+
+def cmd_make_default_weights(args: argparse.Namespace) -> int:
+    from jobs.default_weights import make_default_weights
+
+    make_default_weights(Path(args.output))
+    print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_make_demo_image(args: argparse.Namespace) -> int:
+    from jobs.default_weights import make_demo_image
+
+    for path in make_demo_image(Path(args.directory)):
+        print(f"wrote {path}")
+    return 0
+
+
+def exit_mode(text: str) -> str | int:
+    if text == "adaptive" or text.isdigit():
+        return text if text == "adaptive" else int(text)
+    raise argparse.ArgumentTypeError(f"expected 'adaptive' or a number of columns, got {text!r}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="adarevd", description="AdaRevD deblurring at scale")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("restore", help="deblur images (default: the bundled demo image with bundled weights)")
+    r.add_argument("images", nargs="*", help="image files (png, jpg, ...); default: the bundled demo image")
+    r.add_argument("--output", default="adarevd-out", help="output folder (default: %(default)s)")
+    r.add_argument(
+        "--model", default="adarevd-tiny", choices=sorted(adarevd.PRESETS), help="preset (default: %(default)s)"
+    )
+    r.add_argument(
+        "--weights", nargs="+", default=[], help="weights files: a .safetensors, or the authors' .pth (+ classifier)"
+    )
+    r.add_argument("--exit", default="adaptive", type=exit_mode, help="'adaptive' or a fixed number of columns 0..N")
+    r.add_argument("--encoder-mode", default="frame", choices=["frame", "patch"])
+    r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    r.add_argument("--reference", nargs="+", default=[], help="sharp images, one per input: prints PSNR")
+    r.set_defaults(run=cmd_restore)
+
+    i = sub.add_parser("info", help="config and provenance stored in a weights file")
+    i.add_argument("weights")
+    i.set_defaults(run=cmd_info)
+
+    w = sub.add_parser(
+        "make-default-weights", help="re-train the bundled adarevd-tiny weights (about 20 min on 2 cores)"
+    )
+    w.add_argument("--output", default=str(DEFAULT_WEIGHTS))
+    w.set_defaults(run=cmd_make_default_weights)
+
+    d = sub.add_parser("make-demo-image", help="re-make the bundled demo image pair")
+    d.add_argument("--directory", default=str(ASSETS))
+    d.set_defaults(run=cmd_make_demo_image)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (CliError, adarevd.WeightsError, ValueError) as e:
+        print(f"adarevd {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

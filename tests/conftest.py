@@ -1,0 +1,37 @@
+"""Shared fixtures. Set ADAREVD_TEST_DEVICE=cuda to run the model tests on a GPU."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import adarevd
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    name = os.environ.get("ADAREVD_TEST_DEVICE", "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        pytest.fail(f"ADAREVD_TEST_DEVICE={name} but CUDA is not available")
+    return torch.device(name)
+
+
+def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:
+    """Give every parameter random values (beta/gamma/alpha too) so no block is an identity."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g) * scale
+            if name.split(".")[-1].startswith("alpha") and "ape" not in name:
+                p.copy_(0.5 + noise.abs())  # keep the columns well conditioned
+            else:
+                p.copy_(noise + (1.0 if name.endswith("norm1.weight") or name.endswith("norm2.weight") else 0.0))
+    return model
+
+
+@pytest.fixture
+def tiny(device: torch.device) -> adarevd.AdaRevD:
+    torch.manual_seed(0)
+    return randomize(adarevd.build("adarevd-tiny")).to(device).eval()

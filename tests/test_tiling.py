@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from adarevd.tiling import PatchGrid, _ramps, cut, patch_starts, stitch
+
+
+def test_grid_matches_the_paper_layout() -> None:
+    # 1280 wide, patch 384, overlap 32: stride 352, (1280-33)//352+1 = 4 columns, the last snapped.
+    assert patch_starts(1280, 384, 32) == (0, 352, 704, 896)
+    assert patch_starts(384, 384, 32) == (0,)
+    assert patch_starts(400, 384, 32) == (0, 16)
+    grid = PatchGrid.build(720, 208, 384, 32)
+    assert (grid.size_h, grid.size_w) == (384, 208)  # a side shorter than a patch is one patch
+    assert grid.xs == (0,) and grid.ys == (0, 336) and grid.shape == (2, 1)
+
+
+def test_single_patch_side_has_weight_one_and_overlaps_cross_fade() -> None:
+    assert torch.equal(_ramps((0,), 208), torch.ones(1, 208))
+    w = _ramps((0, 352, 704, 896), 384)
+    assert torch.equal(w[0, :352], torch.ones(352))  # no fade at the frame border
+    overlap = w[0, 352:] + w[1, :32]
+    torch.testing.assert_close(overlap, torch.ones(32))
+    assert w[1, 0] == 0 and w[0, -1] == 0
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    h=st.integers(1, 12).map(lambda v: 16 * v),
+    w=st.integers(1, 12).map(lambda v: 16 * v),
+    patch=st.sampled_from([32, 64, 96]),
+    overlap=st.sampled_from([0, 16]),
+    level=st.integers(0, 2),
+)
+def test_cut_then_stitch_gives_back_the_map_and_constants_blend_exactly(
+    h: int, w: int, patch: int, overlap: int, level: int
+) -> None:
+    grid = PatchGrid.build(h, w, patch, overlap)
+    image = torch.rand(2, 3, h, w)
+    torch.testing.assert_close(stitch(cut(image, grid), grid), image, rtol=0, atol=1e-6)
+    constant = torch.full((2 * grid.num_patches, 3, grid.size_h, grid.size_w), 0.37)
+    torch.testing.assert_close(stitch(constant, grid), torch.full((2, 3, h, w), 0.37), rtol=0, atol=1e-6)
+    # Every level is cut with the same grid, scaled by 2^level.
+    feature = torch.rand(1, 2, h // 2**level, w // 2**level)
+    patches = cut(feature, grid, level)
+    assert patches.shape == (grid.num_patches, 2, grid.size_h // 2**level, grid.size_w // 2**level)
+    last_y, last_x = grid.ys[-1] // 2**level, grid.xs[-1] // 2**level
+    torch.testing.assert_close(patches[-1], feature[0, :, last_y:, last_x:])
