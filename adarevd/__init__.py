@@ -8,7 +8,6 @@ out = model.restore(images)          # out.images (B, 3, H, W), out.depths (B, r
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from adarevd.config import PRESETS, AdaRevDConfig
@@ -34,11 +33,4 @@ def build(name: str, **overrides: Any) -> AdaRevD:
     """Build a preset (`adarevd-s`, `-b`, `-l`, `-tiny`) with optional config field overrides."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    known = {f.name for f in dataclasses.fields(AdaRevDConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown override(s) {unknown}; known fields: {sorted(known)}")
-    for key in ("encoder_blocks", "exit_table", "psnr_thresholds"):
-        if key in overrides:
-            overrides[key] = tuple(overrides[key])
-    return AdaRevD(dataclasses.replace(PRESETS[name], **overrides))
+    return AdaRevD(PRESETS[name].with_overrides(**overrides))

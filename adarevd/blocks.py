@@ -78,8 +78,8 @@ def local_mean(x: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
     return F.pad(out, (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2), mode="replicate")
 
 
-class NAFBlock(nn.Module):
-    """NAFNet block: y = x + beta*conv3(SCA(SG(dw(conv1(LN(x)))))), out = y + gamma*conv5(SG(conv4(LN(y))))."""
+class _NAFBody(nn.Module):
+    """The convolutions, norms and residual scales NAFBlock and FCNAFBlock share (C channels)."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -87,7 +87,6 @@ class NAFBlock(nn.Module):
         self.conv1 = nn.Conv2d(c, dw, 1)
         self.conv2 = nn.Conv2d(dw, dw, 3, padding=1, groups=dw)
         self.conv3 = nn.Conv2d(c, c, 1)
-        self.sca = nn.Sequential(ChannelPool(), nn.Conv2d(c, c, 1))  # no sigmoid, as in NAFNet
         self.conv4 = nn.Conv2d(c, dw, 1)
         self.conv5 = nn.Conv2d(c, c, 1)
         self.norm1 = LayerNorm2d(c)
@@ -95,6 +94,14 @@ class NAFBlock(nn.Module):
         # Zero-initialised residual scales: a new block is the identity.
         self.beta = nn.Parameter(torch.zeros(1, c, 1, 1))
         self.gamma = nn.Parameter(torch.zeros(1, c, 1, 1))
+
+
+class NAFBlock(_NAFBody):
+    """NAFNet block: y = x + beta*conv3(SCA(SG(dw(conv1(LN(x)))))), out = y + gamma*conv5(SG(conv4(LN(y))))."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.sca = nn.Sequential(ChannelPool(), nn.Conv2d(channels, channels, 1))  # no sigmoid, as in NAFNet
 
     def spatial_mix(self, x: torch.Tensor) -> torch.Tensor:
         """The first branch before its beta scale: conv1 -> depthwise 3x3 -> gate -> SCA -> conv3."""
@@ -128,25 +135,15 @@ class FourierBranch(nn.Module):
         return torch.fft.irfft2(torch.complex(re, im), s=(h, w), norm="backward").to(dtype)
 
 
-class FCNAFBlock(nn.Module):
+class FCNAFBlock(_NAFBody):
     """Decoder block: a NAFBlock with a Fourier branch added to each of its two residual paths."""
 
     def __init__(self, channels: int) -> None:
-        super().__init__()
-        c, dw = channels, 2 * channels
-        self.conv1 = nn.Conv2d(c, dw, 1)
-        self.conv2 = nn.Conv2d(dw, dw, 3, padding=1, groups=dw)
-        self.conv3 = nn.Conv2d(c, c, 1)
+        super().__init__(channels)
         self.avg = ChannelPool()  # global within each patch, always
-        self.sca = nn.Sequential(nn.Conv2d(c, c, 1))
-        self.norm1 = LayerNorm2d(c)
-        self.norm2 = LayerNorm2d(c)
-        self.fft_block1 = FourierBranch(c)
-        self.fft_block2 = FourierBranch(c)
-        self.conv4 = nn.Conv2d(c, dw, 1)
-        self.conv5 = nn.Conv2d(c, c, 1)
-        self.gamma = nn.Parameter(torch.zeros(1, c, 1, 1))
-        self.beta = nn.Parameter(torch.zeros(1, c, 1, 1))
+        self.sca = nn.Sequential(nn.Conv2d(channels, channels, 1))
+        self.fft_block1 = FourierBranch(channels)
+        self.fft_block2 = FourierBranch(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xn = self.norm1(x)

@@ -59,20 +59,21 @@ class AdaRevDConfig:
         if problems:
             raise ValueError("invalid AdaRevD config: " + "; ".join(problems))
 
+    def with_overrides(self, **fields: Any) -> AdaRevDConfig:
+        """A copy with some fields replaced (lists become tuples); unknown names are an error."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ValueError(f"unknown AdaRevD config field(s) {unknown}; known: {sorted(known)}")
+        tuples = {k: tuple(v) for k, v in fields.items() if isinstance(v, list)}
+        return dataclasses.replace(self, **(fields | tuples))
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> AdaRevDConfig:
-        data: dict[str, Any] = json.loads(text)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown AdaRevD config fields {unknown}; known: {sorted(known)}")
-        for key in ("encoder_blocks", "exit_table", "psnr_thresholds"):
-            if key in data:
-                data[key] = tuple(data[key])
-        return cls(**data)
+        return cls().with_overrides(**json.loads(text))
 
 
 PRESETS: dict[str, AdaRevDConfig] = {

@@ -7,13 +7,16 @@ output. UFPNet's levels 0-2 use a kernel-attention block fed by a per-pixel blur
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
 
 from adarevd.blocks import ChannelPool, NAFBlock
 from adarevd.kernel_prior import KernelCodeNet, KernelFlow, kernel_map
+
+if TYPE_CHECKING:
+    from adarevd.config import AdaRevDConfig
 
 EncoderKind = Literal["ufpnet", "nafnet"]
 
@@ -83,6 +86,17 @@ class Encoder(nn.Module):
             self.flow = KernelFlow(kernel_size)
             self.kernel_down = nn.ModuleList([nn.Conv2d(kk, kk, 2, stride=2) for _ in range(2)])
         self._set_tlc(tlc_window)
+
+    @classmethod
+    def from_config(cls, config: AdaRevDConfig) -> Encoder:
+        return cls(
+            kind=config.encoder,
+            width=config.width,
+            blocks=config.encoder_blocks,
+            tlc_window=config.tlc_window,
+            kernel_size=config.kernel_size,
+            kernel_noise=config.kernel_noise,
+        )
 
     def _set_tlc(self, window: int | None) -> None:
         levels = [*self.encoders, self.middle_blks]

@@ -41,14 +41,7 @@ class AdaRevD(nn.Module):
         super().__init__()
         self.config = config
         w, n = config.width, config.num_columns
-        self.encoder = Encoder(
-            kind=config.encoder,
-            width=w,
-            blocks=config.encoder_blocks,
-            tlc_window=config.tlc_window,
-            kernel_size=config.kernel_size,
-            kernel_noise=config.kernel_noise,
-        )
+        self.encoder = Encoder.from_config(config)
         self.encoder.requires_grad_(False)
         self.conv_features = nn.ParameterList([nn.Parameter(torch.ones(1, w * 2**level, 1, 1)) for level in range(5)])
         self.subdenets = nn.ModuleList([Column(w) for _ in range(n)])

@@ -48,14 +48,7 @@ class EncoderPretrainer(nn.Module):
     def __init__(self, config: AdaRevDConfig) -> None:
         super().__init__()
         w = config.width
-        self.encoder = Encoder(
-            kind=config.encoder,
-            width=w,
-            blocks=config.encoder_blocks,
-            tlc_window=config.tlc_window,
-            kernel_size=config.kernel_size,
-            kernel_noise=config.kernel_noise,
-        )
+        self.encoder = Encoder.from_config(config)
         channels = [w * 2**level for level in range(4)]
         self.ups = nn.ModuleList(
             [nn.Sequential(nn.Conv2d(2 * c, 4 * c, 1, bias=False), nn.PixelShuffle(2)) for c in reversed(channels)]

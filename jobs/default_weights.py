@@ -48,7 +48,7 @@ class Recipe:
     frames_per_image: int = 16
     crop: int = 64
     batch: int = 16
-    pretrain_iterations: int = 4000
+    pretrain_iterations: int = 3000
     stage1_iterations: int = 1500
     stage2_iterations: int = 600
     eval_seeds: int = 6

@@ -19,14 +19,14 @@ import numpy as np
 class BlurSpec:
     """How strong the synthetic motion is. Distances are in pixels over the whole exposure."""
 
-    sub_frames: int = 9
-    max_pan: float = 12.0
-    max_rotation_deg: float = 2.0
-    max_zoom: float = 0.03
-    shake: float = 0.8
-    still_fraction: float = 0.2  # frames whose camera barely moves (sharp classes)
+    sub_frames: int = 15
+    max_pan: float = 32.0
+    max_rotation_deg: float = 3.0
+    max_zoom: float = 0.04
+    shake: float = 1.0
+    still_fraction: float = 0.15  # frames whose camera barely moves (sharp classes)
     object_probability: float = 0.7
-    max_object_motion: float = 14.0
+    max_object_motion: float = 32.0
     noise_sigma: float = 0.0  # Gaussian noise on the blurry frame, in [0, 1] units
 
 

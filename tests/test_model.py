@@ -131,7 +131,7 @@ def test_exit_table_maps_classes_to_depths_capped_at_the_column_count() -> None:
 def test_build_rejects_unknown_presets_and_fields() -> None:
     with pytest.raises(ValueError, match="unknown preset"):
         adarevd.build("adarevd-xl")
-    with pytest.raises(ValueError, match="unknown override"):
+    with pytest.raises(ValueError, match="unknown AdaRevD config field"):
         adarevd.build("adarevd-tiny", depth=3)
     with pytest.raises(ValueError, match="exit_table needs 6"):
         adarevd.build("adarevd-tiny", exit_table=(1, 2))

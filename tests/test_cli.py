@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import cv2
+import pytest
+
+import adarevd
+from jobs.cli import DEFAULT_WEIGHTS, main
+
+
+def test_restore_on_the_bundled_demo_writes_images_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["restore", "--output", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    restored = cv2.imread(str(tmp_path / "demo_blurry.png"))
+    blurry = cv2.imread(str(DEFAULT_WEIGHTS.parent / "demo_blurry.png"))
+    assert restored is not None and restored.shape == blurry.shape
+    assert cv2.imread(str(tmp_path / "demo_blurry.depth.png")).shape == blurry.shape
+    assert "exit histogram" in out and "bundled adarevd-tiny.safetensors" in out
+    psnr_in, psnr_out = map(float, re.search(r"([\d.]+) -> ([\d.]+) dB", out).groups())
+    # The bundled weights are trained: they must not make the held-out demo image worse.
+    assert psnr_out > psnr_in
+
+
+def test_bundled_weights_carry_config_and_provenance() -> None:
+    config = adarevd.read_config(DEFAULT_WEIGHTS)
+    assert config == adarevd.PRESETS["adarevd-tiny"]
+    _, metadata = adarevd.weights.read_state_dict(DEFAULT_WEIGHTS)
+    assert "held_out_metrics" in metadata["adarevd.provenance"]
+    assert DEFAULT_WEIGHTS.stat().st_size < 10 * 2**20
+
+
+def test_unreadable_image_is_named_in_a_clean_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    assert main(["restore", str(bad), "--output", str(tmp_path / "out")]) == 2
+    assert "broken.png: cannot read it as an image" in capsys.readouterr().err
+
+
+def test_fixed_exit_depth_and_grey_16bit_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    grey = cv2.imread(str(DEFAULT_WEIGHTS.parent / "demo_blurry.png"), cv2.IMREAD_GRAYSCALE)
+    grey16 = grey[:50, :70].astype("uint16")
+    cv2.imwrite(str(tmp_path / "grey16.png"), grey16 * 257)
+    assert main(["restore", str(tmp_path / "grey16.png"), "--exit", "2", "--output", str(tmp_path / "o")]) == 0
+    assert cv2.imread(str(tmp_path / "o" / "grey16.png")).shape == (50, 70, 3)
+    assert "[0, 0, 2, 0, 0]" in capsys.readouterr().out  # 2 patches, both at depth 2
+    with pytest.raises(SystemExit):
+        main(["restore", "--exit", "deep"])
+
+
+def test_presets_without_bundled_weights_ask_for_them(capsys: pytest.CaptureFixture) -> None:
+    assert main(["restore", "--model", "adarevd-b"]) == 2
+    assert "pass --weights" in capsys.readouterr().err
+
+
+def test_info_prints_config(capsys: pytest.CaptureFixture) -> None:
+    assert main(["info", str(DEFAULT_WEIGHTS)]) == 0
+    assert '"encoder": "nafnet"' in capsys.readouterr().out
