@@ -46,6 +46,9 @@ class AdaRevD(nn.Module):
         self.conv_features = nn.ParameterList([nn.Parameter(torch.ones(1, w * 2**level, 1, 1)) for level in range(5)])
         self.subdenets = nn.ModuleList([Column(w) for _ in range(n)])
         self.outputs = nn.ModuleList([nn.Sequential(nn.Conv2d(w, 3, 3, padding=1)) for _ in range(n)])
+        for head in self.outputs:  # zero residual: an untrained model is the identity (checkpoints set them)
+            nn.init.zeros_(head[0].weight)
+            nn.init.zeros_(head[0].bias)
         self.ape = classifier.build_classifier(w, config.num_classes, config.classifier_input)
         self.encoder.eval()
 

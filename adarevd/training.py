@@ -55,6 +55,8 @@ class EncoderPretrainer(nn.Module):
         )
         self.decoders = nn.ModuleList([NAFBlock(c) for c in reversed(channels)])
         self.ending = nn.Conv2d(w, 3, 3, padding=1)
+        nn.init.zeros_(self.ending.weight)  # start as the identity, as AdaRevD's heads do
+        nn.init.zeros_(self.ending.bias)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         h, w = images.shape[-2:]

@@ -104,6 +104,14 @@ def test_bf16_autocast_restore_is_close_to_fp32(tiny: adarevd.AdaRevD) -> None:
     assert (full - half).abs().mean() < 0.02
 
 
+def test_channels_last_gives_the_same_result(tiny: adarevd.AdaRevD) -> None:
+    images = torch.rand(1, 3, 80, 96, device=next(tiny.parameters()).device)
+    plain = tiny.restore(images).images
+    tiny.to(memory_format=torch.channels_last)
+    fast = tiny.restore(images.contiguous(memory_format=torch.channels_last)).images
+    torch.testing.assert_close(fast, plain, rtol=0, atol=1e-4)  # other conv kernels, other summation order
+
+
 def test_restore_rejects_bad_arguments(tiny: adarevd.AdaRevD) -> None:
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         tiny.restore(torch.rand(3, 32, 32))
