@@ -40,6 +40,9 @@ def main() -> None:
     torch.manual_seed(0)
     frames = torch.rand(args.frames, 1, 3, *args.size)
     base = adarevd.build("adarevd-b", width=16, encoder=args.encoder, kernel_noise=False).eval()
+    with torch.no_grad():  # heads start at zero (identity); give them weights so the modes' outputs differ
+        for head in base.outputs:
+            head[0].weight.normal_(0, 0.01)
     reference = None
     rows = {}
     for mode in args.modes:

@@ -3,7 +3,10 @@
 Each configuration runs in a fresh process: one training step (forward over every column, loss over
 every output, backward) on random crops. On CUDA the peak is torch.cuda.max_memory_allocated; on CPU it
 is the growth of the process's peak resident set (ru_maxrss) over the level measured just before the
-step, which counts activations, gradients and the recomputation workspace alike.
+step, which counts activations, gradients and the recomputation workspace alike. The CPU workers run
+with a fixed glibc mmap threshold: by default glibc raises the threshold after large frees and then
+serves large tensors from its heap, where freed memory stays resident and the peak RSS overstates
+the peak of live tensors.
 
     python -m benchmarks.reversible_memory [--width 16 --size 128 --batch 4]
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -65,7 +69,10 @@ def main() -> None:
         for mode in ("plain", "reversible"):
             cmd = [sys.executable, "-m", "benchmarks.reversible_memory", "--worker", str(columns), mode,
                    "--width", str(args.width), "--size", str(args.size), "--batch", str(args.batch)]  # fmt: skip
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            env = os.environ | {"MALLOC_MMAP_THRESHOLD_": "131072"}
+            out = (
+                subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout.strip().splitlines()[-1]
+            )
             rows.append({"columns": columns, "mode": mode, **json.loads(out)})
             print(rows[-1], flush=True)
     peak = {(r["columns"], r["mode"]): r["peak_mib"] for r in rows}
