@@ -136,6 +136,21 @@ def test_exit_table_maps_classes_to_depths_capped_at_the_column_count() -> None:
     assert exit_depths(logits, (7, 6, 5, 2, 2, 0), 4).tolist() == [4, 4, 4, 2, 2, 0]
 
 
+def test_e4_classifier_with_eight_classes_realblur_r_style() -> None:
+    model = adarevd.build(
+        "adarevd-tiny",
+        classifier_input="e4",
+        num_classes=8,
+        exit_table=(6, 6, 6, 6, 5, 3, 2, 2),
+        psnr_thresholds=(20, 25, 30, 35, 40, 45, 50),
+    )
+    randomize(model).eval()
+    assert model.ape[1].alpha.shape == (1, 8)
+    out = model.restore(torch.rand(1, 3, 80, 100))
+    assert out.depths.shape == (1, *out.grid.shape)
+    assert int(out.depths.max()) <= model.num_columns  # table values above N mean all columns
+
+
 def test_build_rejects_unknown_presets_and_fields() -> None:
     with pytest.raises(ValueError, match="unknown preset"):
         adarevd.build("adarevd-xl")
