@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from adarevd.blocks import NAFBlock
@@ -65,7 +64,3 @@ def exit_depths(logits: torch.Tensor, exit_table: Sequence[int], num_columns: in
     """Columns each patch runs: exit_table[argmax class], capped at num_columns (0: zero residual)."""
     table = torch.tensor(list(exit_table), device=logits.device).clamp(0, num_columns)
     return table[logits.argmax(dim=1)]
-
-
-def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits, labels)

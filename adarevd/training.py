@@ -117,7 +117,7 @@ class Stage:
         labels = psnr_classes(blurry, sharp, model.config.psnr_thresholds)
         with torch.no_grad():
             features = model.encode(model.pad(blurry))
-        logits = model.classify([f.detach() for f in features])
+        logits = model.classify(features)
         return self._apply(F.cross_entropy(logits, labels))
 
     def averaged(self) -> nn.Module:
