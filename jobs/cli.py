@@ -61,25 +61,23 @@ def depth_map(depths: torch.Tensor, grid: PatchGrid, shape: tuple[int, int], n: 
     for r, y in enumerate(grid.ys):
         for c, x in enumerate(grid.xs):
             canvas[y : y + grid.size_h, x : x + grid.size_w] = cells[r, c] / max(n, 1)
-    colour = cv2.applyColorMap((canvas[: shape[0], : shape[1]] * 255).astype(np.uint8), cv2.COLORMAP_VIRIDIS)
-    return colour
+    return cv2.applyColorMap((canvas[: shape[0], : shape[1]] * 255).astype(np.uint8), cv2.COLORMAP_VIRIDIS)
 
 
 def load_model(preset: str, weights: Sequence[str], device: torch.device) -> tuple[adarevd.AdaRevD, str]:
-    if weights:
-        first = Path(weights[0])
-        config = adarevd.read_config(first) if first.suffix == ".safetensors" else adarevd.PRESETS[preset]
-        model = adarevd.AdaRevD(config)
-        adarevd.load_weights(model, *weights)
-        source = ", ".join(weights)
-    elif preset == "adarevd-tiny":
+    """The model and a description of its weights: the given files, else the bundled tiny weights."""
+    source = ", ".join(weights)
+    if not weights:
+        if preset != "adarevd-tiny":
+            raise CliError(f"{preset} has no bundled weights: pass --weights (the authors' .pth files or .safetensors)")
         if not DEFAULT_WEIGHTS.exists():
             raise CliError(f"the bundled weights {DEFAULT_WEIGHTS} are missing; run `adarevd make-default-weights`")
-        model = adarevd.AdaRevD(adarevd.read_config(DEFAULT_WEIGHTS))
-        adarevd.load_weights(model, DEFAULT_WEIGHTS)
-        source = f"bundled {DEFAULT_WEIGHTS.name}"
-    else:
-        raise CliError(f"{preset} has no bundled weights: pass --weights (the authors' .pth files or a .safetensors)")
+        weights, source = [str(DEFAULT_WEIGHTS)], f"bundled {DEFAULT_WEIGHTS.name}"
+    first = Path(weights[0])
+    # Project files carry their config; the authors' .pth files fit the chosen preset.
+    config = adarevd.read_config(first) if first.suffix == ".safetensors" else adarevd.PRESETS[preset]
+    model = adarevd.AdaRevD(config)
+    adarevd.load_weights(model, *weights)
     return model.to(device).eval(), source
 
 
