@@ -40,6 +40,8 @@ def machine() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "processor": platform.processor() or platform.machine(),
+        # The `adarevd` CLI sets this (huge pages for large CPU tensors); benchmarks run as started.
+        "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE"),
     }
 
 

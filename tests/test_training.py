@@ -34,7 +34,8 @@ def test_pretrainer_starts_as_identity_and_loss_is_zero_on_sharp_input() -> None
     (out,) = pre(images)
     torch.testing.assert_close(out, images)
     assert deblur_loss([images], images).item() == 0
-    assert deblur_loss([images, images + 0.1], images).item() > 0.05 / 2
+    # Mean over two outputs, the second with an L1 of 0.1 plus a positive spectral term.
+    assert deblur_loss([images, images + 0.1], images).item() > 0.05
 
 
 def test_dihedral_gives_eight_distinct_views() -> None:
