@@ -4,6 +4,8 @@ adarevd restore [IMAGE ...]        deblur images (default: the bundled demo imag
 adarevd info WEIGHTS               config and provenance stored in a weights file
 adarevd make-default-weights       re-train the bundled adarevd-tiny weights (recipe in default_weights)
 adarevd make-demo-image            re-make the bundled demo image pair
+adarevd ingest SRC... --output URL videos/images/shards -> WebDataset frame shards (jobs/data.py)
+adarevd synth --output URL         synthetic paired blur shards (+ a blurry clip)
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ import torch
 import adarevd
 from adarevd.classifier import psnr
 from adarevd.tiling import PatchGrid
+from jobs import data
+from pipeline.shards import ShardError
+from pipeline.storage import StorageError
 
 ASSETS = Path(adarevd.__file__).resolve().parent / "assets"
 DEFAULT_WEIGHTS = ASSETS / "adarevd-tiny.safetensors"
@@ -190,6 +195,8 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser("make-demo-image", help="re-make the bundled demo image pair")
     d.add_argument("--directory", default=str(ASSETS))
     d.set_defaults(run=cmd_make_demo_image)
+
+    data.add_parsers(sub)
     return p
 
 
@@ -197,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.run(args)
-    except (CliError, adarevd.WeightsError, ValueError) as e:
+    except (CliError, adarevd.WeightsError, ValueError, FileExistsError, StorageError, ShardError) as e:
         print(f"adarevd {args.command}: error: {e}", file=sys.stderr)
         return 2
 

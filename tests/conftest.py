@@ -35,3 +35,28 @@ def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torc
 def tiny(device: torch.device) -> adarevd.AdaRevD:
     torch.manual_seed(0)
     return randomize(adarevd.build("adarevd-tiny")).to(device).eval()
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory):
+    """A real S3 server (SeaweedFS) on a free loopback port for the whole session."""
+    from tests.s3server import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("seaweedfs")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def memory_store():
+    """A fresh in-memory fsspec folder, cleared afterwards."""
+    import uuid
+
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from pipeline.storage import Store
+
+    name = f"memory://t{uuid.uuid4().hex[:8]}"
+    yield Store(name)
+    if MemoryFileSystem().exists(name):
+        MemoryFileSystem().rm(name, recursive=True)

@@ -1,0 +1,269 @@
+"""Ingest: videos, image folders and existing shards -> frame shards + a Parquet index, on any store.
+
+Frames are decoded in order (one source after another), encoded to PNG/JPEG on a thread pool (OpenCV
+releases the GIL) and written in order, so the output does not depend on thread timing: the same
+sources and options give byte-identical shards. `_index.parquet` has one row per ingested frame and
+one per problem (a skipped file, a converted image, a truncated video), and is committed last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import images, sources
+from pipeline.images import ImageFormat
+from pipeline.shards import Sample, check_key
+from pipeline.sink import ShardLimits, ShardSink
+from pipeline.storage import Store
+
+INDEX_NAME = "_index.parquet"
+
+INDEX_SCHEMA = pa.schema(
+    [
+        ("shard", pa.string()),  # null for a problem row
+        ("key", pa.string()),
+        ("video_id", pa.string()),
+        ("frame_index", pa.int64()),
+        ("pts_ms", pa.float64()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("bytes", pa.int64()),  # size of the image member
+        ("sha256", pa.string()),  # of the image member's bytes
+        ("frame_sha256", pa.string()),  # of the pixels, (H, W, 3) uint8 RGB
+        ("source", pa.string()),
+        ("status", pa.string()),  # ok | note (ingested, see reason) | skipped (not ingested)
+        ("reason", pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    image_format: ImageFormat = "png"
+    quality: int = 95  # JPEG only
+    prefix: str = "frames"
+    limits: ShardLimits = field(default_factory=ShardLimits)
+    fps: float | None = None  # for image folders, which carry no timing
+    workers: int = 0  # encode threads; 0 = one per CPU
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.image_format not in ("png", "jpg"):
+            raise ValueError(f"image format must be png or jpg, got {self.image_format!r}")
+        if not 1 <= self.quality <= 100:
+            raise ValueError(f"JPEG quality must be 1..100, got {self.quality}")
+        check_key(self.prefix)
+
+
+@dataclass
+class IngestSummary:
+    videos: int = 0
+    image_folders: int = 0
+    shards_read: int = 0
+    frames: int = 0
+    shards: list[str] = field(default_factory=list)
+    bytes: int = 0
+    skipped: int = 0
+    notes: int = 0
+    seconds: float = 0.0
+    problems: list[sources.Problem] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        rate = self.frames / self.seconds if self.seconds > 0 else 0.0
+        out = [
+            f"sources: {self.videos} video(s), {self.image_folders} image folder(s), {self.shards_read} shard(s)",
+            f"frames: {self.frames} in {len(self.shards)} shard(s), {self.bytes / 2**20:.1f} MiB, "
+            f"{self.seconds:.1f} s ({rate:.1f} frames/s)",
+            f"skipped: {self.skipped}, notes: {self.notes} (rows with status != 'ok' in {INDEX_NAME})",
+        ]
+        out += [f"  {'skipped' if p.skipped else 'note'}: {p.source}: {p.reason}" for p in self.problems[:20]]
+        if len(self.problems) > 20:
+            out.append(f"  ... and {len(self.problems) - 20} more")
+        return out
+
+
+def frame_sample(frame: sources.Frame, config: IngestConfig) -> tuple[Sample, dict[str, Any]]:
+    """Encode one frame: the sample (image + json) and its index row (without the shard)."""
+    data = images.encode(frame.bgr, config.image_format, config.quality)
+    height, width = frame.bgr.shape[:2]
+    key = f"{frame.video_id}_{frame.index:06d}"
+    meta = {
+        "video_id": frame.video_id,
+        "frame_index": frame.index,
+        "pts_ms": frame.pts_ms,
+        "fps": frame.fps,
+        "width": width,
+        "height": height,
+        "source": frame.source,
+        "source_sha256": frame.source_sha256,
+        "frame_sha256": images.pixel_sha256(frame.bgr),
+    }
+    if frame.notes:
+        meta["notes"] = list(frame.notes)
+    sample = Sample(key, {config.image_format: data, "json": json.dumps(meta, sort_keys=True).encode()})
+    row = _row(
+        key=key,
+        video_id=frame.video_id,
+        frame_index=frame.index,
+        pts_ms=frame.pts_ms,
+        width=width,
+        height=height,
+        bytes=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        frame_sha256=meta["frame_sha256"],
+        source=frame.source,
+        status="note" if frame.notes else "ok",
+        reason="; ".join(frame.notes) or None,
+    )
+    return sample, row
+
+
+def passthrough_row(item: sources.Passthrough) -> dict[str, Any]:
+    """Index row of a re-sharded sample: what its json says, and its image member's digest."""
+    sample = item.sample
+    meta: dict[str, Any] = {}
+    if "json" in sample.members:
+        try:
+            loaded = json.loads(sample.members["json"])
+            meta = loaded if isinstance(loaded, dict) else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            meta = {}
+    image = next((m for m in sorted(sample.members) if m.rsplit(".", 1)[-1] in ("png", "jpg", "jpeg")), None)
+    data = sample.members[image] if image else b""
+    return _row(
+        key=sample.key,
+        video_id=_typed(meta.get("video_id"), str),
+        frame_index=_typed(meta.get("frame_index"), int),
+        pts_ms=_typed(meta.get("pts_ms"), float),
+        width=_typed(meta.get("width"), int),
+        height=_typed(meta.get("height"), int),
+        bytes=len(data) if image else None,
+        sha256=hashlib.sha256(data).hexdigest() if image else None,
+        frame_sha256=_typed(meta.get("frame_sha256"), str),
+        source=item.source,
+        status="ok",
+    )
+
+
+def problem_row(problem: sources.Problem) -> dict[str, Any]:
+    return _row(
+        video_id=problem.video_id,
+        frame_index=problem.frame_index,
+        source=problem.source,
+        status="skipped" if problem.skipped else "note",
+        reason=problem.reason,
+    )
+
+
+def _row(**values: Any) -> dict[str, Any]:
+    row = dict.fromkeys(INDEX_SCHEMA.names)
+    row.update(values)
+    return row
+
+
+def _typed(value: Any, kind: type) -> Any:
+    """A json value as `kind` (int/float/str), or None when it is missing or of another type."""
+    if kind is str:
+        return value if isinstance(value, str) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return kind(value) if kind is float or float(value).is_integer() else None
+
+
+def index_bytes(rows: list[dict[str, Any]]) -> bytes:
+    table = pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return buffer.getvalue()
+
+
+def ingest(
+    urls: Sequence[str],
+    output: Store,
+    config: IngestConfig = IngestConfig(),
+    *,
+    options: Mapping[str, Any] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> IngestSummary:
+    """Ingest every source under `urls` (read with `options`) into shards + index under `output`."""
+    start = time.perf_counter()
+    existing = output.glob(f"{config.prefix}-*.tar") + output.glob(INDEX_NAME)
+    if existing and not config.overwrite:
+        raise FileExistsError(
+            f"{output.url} already holds {existing[0]} (an earlier ingest); choose another --output or pass --overwrite"
+        )
+    plan, problems = sources.plan(urls, options or {})
+    summary = IngestSummary(problems=list(problems))
+    rows = [problem_row(p) for p in problems]
+    seen_keys: set[str] = set()
+    workers = config.workers or os.cpu_count() or 1
+    with ThreadPoolExecutor(workers) as pool, ShardSink(output, config.prefix, config.limits) as sink:
+        for source in plan:
+            summary.videos += source.kind == "video"
+            summary.image_folders += source.kind == "images"
+            summary.shards_read += source.kind == "shard"
+            events = sources.read(source, fps=config.fps)
+            for item in _in_order(events, pool, config, 2 * workers):
+                if isinstance(item, sources.Problem):
+                    summary.problems.append(item)
+                    rows.append(problem_row(item))
+                    continue
+                sample, row = item
+                if sample.key in seen_keys:
+                    problem = sources.Problem(row["source"], f"duplicate key {sample.key!r}; the first one was kept")
+                    summary.problems.append(problem)
+                    rows.append(problem_row(problem))
+                    continue
+                seen_keys.add(sample.key)
+                row["shard"] = sink.add(sample)
+                rows.append(row)
+                summary.frames += 1
+                if progress:
+                    progress(1)
+    summary.shards, summary.bytes = sink.committed, sink.bytes_committed
+    output.commit_bytes(INDEX_NAME, index_bytes(rows))
+    output.remove_tmp_folder()
+    if config.overwrite:
+        for stale in sorted(set(output.glob(f"{config.prefix}-*.tar")) - set(summary.shards)):
+            output.remove(stale)
+    summary.skipped = sum(p.skipped for p in summary.problems)
+    summary.notes = sum(r["status"] == "note" for r in rows)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+Encoded = tuple[Sample, dict[str, Any]]
+
+
+def _in_order(
+    events: Iterable[sources.Event], pool: ThreadPoolExecutor, config: IngestConfig, window: int
+) -> Iterator[Encoded | sources.Problem]:
+    """Encode frames concurrently, yield results in input order; at most `window` frames in flight."""
+    pending: deque[Future[Encoded] | Encoded | sources.Problem] = deque()
+    for event in events:
+        if isinstance(event, sources.Frame):
+            pending.append(pool.submit(frame_sample, event, config))
+        elif isinstance(event, sources.Passthrough):
+            pending.append((event.sample, passthrough_row(event)))
+        else:
+            pending.append(event)
+        while len(pending) > window or (pending and not isinstance(pending[0], Future)):
+            yield _resolve(pending.popleft())
+    while pending:
+        yield _resolve(pending.popleft())
+
+
+def _resolve(item: Future[Encoded] | Encoded | sources.Problem) -> Encoded | sources.Problem:
+    return item.result() if isinstance(item, Future) else item

@@ -1,0 +1,90 @@
+"""Numbered WebDataset shards on a store: `<prefix>-000000.tar`, ... each committed whole.
+
+Samples are appended to a local temporary tar; when the next sample would pass the frame or byte limit
+the tar is closed, uploaded under a temporary name and moved to its final name (`Store.commit_file`),
+so a reader never sees a partial shard. Same samples, same limits: same bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+
+from pipeline.shards import Sample, TarShardWriter
+from pipeline.storage import Store
+
+TAR_OVERHEAD = 1024  # header + padding per member, at most
+
+
+@dataclass(frozen=True)
+class ShardLimits:
+    max_samples: int = 1000
+    max_bytes: int = 512 * 2**20
+
+    def __post_init__(self) -> None:
+        if self.max_samples < 1 or self.max_bytes < 1:
+            raise ValueError(f"shard limits must be positive, got {self}")
+
+
+class ShardSink:
+    """Append samples; `add` returns the name of the shard the sample went into."""
+
+    def __init__(self, store: Store, prefix: str, limits: ShardLimits = ShardLimits()) -> None:
+        self.store, self.prefix, self.limits = store, prefix, limits
+        self.committed: list[str] = []
+        self.bytes_committed = 0
+        self._tmp = tempfile.TemporaryDirectory(prefix="adarevd-shard-")
+        self._file = None
+        self._writer: TarShardWriter | None = None
+        self._samples = 0
+        self._bytes = 0
+
+    @property
+    def current(self) -> str:
+        return f"{self.prefix}-{len(self.committed):06d}.tar"
+
+    def add(self, sample: Sample) -> str:
+        size = sample.nbytes + TAR_OVERHEAD * len(sample.members)
+        if self._writer is not None and (
+            self._samples >= self.limits.max_samples or self._bytes + size > self.limits.max_bytes
+        ):
+            self._commit()
+        if self._writer is None:
+            self._file = open(os.path.join(self._tmp.name, "shard.tar"), "wb")  # noqa: SIM115 - closed in _commit
+            self._writer = TarShardWriter(self._file)
+            self._samples = self._bytes = 0
+        self._writer.write(sample)
+        self._samples += 1
+        self._bytes += size
+        return self.current
+
+    def close(self) -> list[str]:
+        """Commit the last shard; returns every committed shard name."""
+        if self._writer is not None:
+            self._commit()
+        self._tmp.cleanup()
+        return self.committed
+
+    def _commit(self) -> None:
+        assert self._writer is not None and self._file is not None
+        self._writer.close()
+        self._file.close()
+        name = self.current
+        local = self._file.name
+        self.store.commit_file(name, local)
+        self.bytes_committed += os.path.getsize(local)
+        os.remove(local)
+        self.committed.append(name)
+        self._writer = self._file = None
+
+    def __enter__(self) -> ShardSink:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # an error: keep what was committed, drop the partial shard
+            if self._file is not None:
+                self._file.close()
+            self._tmp.cleanup()

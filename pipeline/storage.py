@@ -1,0 +1,154 @@
+"""Object storage at the edge: any fsspec URL, resolved once, with atomic commits.
+
+A `Store` is a folder on some filesystem (local path, `s3://bucket/prefix`, `memory://x`, `gs://...`).
+Writers never write at a final name: bytes go to `_tmp/<name>.<uuid>.part` first and are then moved to
+the final name, so a reader that globs `*.tar` never sees a partial or 0-byte object (on S3 the move is
+a server-side copy, which is all-or-nothing). Storage options (credentials, endpoints) are plain data
+passed alongside URLs; they never appear in messages (`redact`).
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import IO, Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import fsspec
+from fsspec.core import url_to_fs
+
+TMP_DIR = "_tmp"
+T = TypeVar("T")
+
+
+class StorageError(Exception):
+    """A store could not be reached or an object could not be read/written (message names the URL)."""
+
+
+def parse_storage_options(pairs: Iterable[str]) -> dict[str, Any]:
+    """`key=value` strings -> fsspec storage options. Dotted keys nest (`client_kwargs.endpoint_url=...`);
+    values that parse as JSON (numbers, true/false, null) are taken as such, everything else as a string."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, raw = pair.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--storage-option {pair.split('=')[0]!r}: expected key=value")
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        *parents, leaf = name.split(".")
+        node = options
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--storage-option {name}: {part} is both a value and a group")
+        node[leaf] = value
+    return options
+
+
+def redact(url: str) -> str:
+    """The URL without any user:password@ part, for messages and metadata."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+@dataclass(frozen=True)
+class Store:
+    """A folder on an fsspec filesystem. `url` is the folder; names inside are joined with '/'."""
+
+    url: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "url", self.url.rstrip("/") or self.url)
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        return self._resolved()[0]
+
+    @property
+    def root(self) -> str:
+        return self._resolved()[1]
+
+    def _resolved(self) -> tuple[fsspec.AbstractFileSystem, str]:
+        # fsspec caches filesystem instances per (protocol, options), so resolving again is cheap.
+        try:
+            fs, path = url_to_fs(self.url, **dict(self.options))
+        except (ImportError, ValueError, TypeError) as e:
+            raise StorageError(f"{redact(self.url)}: cannot open this storage URL: {e}") from e
+        return fs, path.rstrip("/") or path
+
+    def path(self, name: str) -> str:
+        return f"{self.root}/{name}" if name else self.root
+
+    def url_of(self, name: str) -> str:
+        return f"{self.url}/{name}"
+
+    def exists(self, name: str) -> bool:
+        return self._call("check", name, lambda: self.fs.exists(self.path(name)))
+
+    def glob(self, pattern: str) -> list[str]:
+        """Names (relative to the store) matching `pattern`, sorted."""
+        root = self.root
+        found = self._call("list", pattern, lambda: self.fs.glob(self.path(pattern)))
+        return sorted(p[len(root) + 1 :] for p in found if p.startswith(root + "/"))
+
+    def read_bytes(self, name: str) -> bytes:
+        return self._call("read", name, lambda: self.fs.cat_file(self.path(name)))
+
+    def open(self, name: str) -> IO[bytes]:
+        return self._call("open", name, lambda: self.fs.open(self.path(name), "rb"))
+
+    def remove(self, name: str) -> None:
+        self._call("remove", name, lambda: self.fs.rm_file(self.path(name)))
+
+    def commit_bytes(self, name: str, data: bytes) -> None:
+        """Write `data` at `name` so that readers see all of it or nothing."""
+        tmp = self._tmp_name(name)
+        self._call("write", tmp, lambda: self._mkparent(tmp).pipe_file(self.path(tmp), data))
+        self._commit(tmp, name)
+
+    def commit_file(self, name: str, local_path: str) -> None:
+        """Upload a finished local file to `name`, all or nothing."""
+        tmp = self._tmp_name(name)
+        self._call("write", tmp, lambda: self._mkparent(tmp).put_file(local_path, self.path(tmp)))
+        self._commit(tmp, name)
+
+    def remove_tmp_folder(self) -> None:
+        """Remove the temporary folder unless a (crashed) writer left parts in it. Object stores that
+        keep folders (SeaweedFS) list it as an entry of its own; plain S3 has nothing to remove."""
+        fs, tmp = self.fs, self.path(TMP_DIR)
+        try:
+            if not any(p.endswith(".part") for p in fs.find(tmp)):
+                fs.rm(tmp, recursive=True)
+        except (FileNotFoundError, OSError):
+            pass
+        fs.invalidate_cache(self.root)
+
+    def _tmp_name(self, name: str) -> str:
+        return f"{TMP_DIR}/{name.replace('/', '__')}.{uuid.uuid4().hex}.part"
+
+    def _mkparent(self, name: str) -> fsspec.AbstractFileSystem:
+        # Local folders must exist before a write or a rename; on object stores this is a no-op.
+        fs = self.fs
+        fs.makedirs(posixpath.dirname(self.path(name)), exist_ok=True)
+        return fs
+
+    def _commit(self, tmp: str, name: str) -> None:
+        self._call("commit", name, lambda: self._mkparent(name).mv(self.path(tmp), self.path(name)))
+
+    def _call(self, verb: str, name: str, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except FileNotFoundError:
+            raise
+        except (OSError, RuntimeError) as e:
+            raise StorageError(f"{redact(self.url_of(name))}: could not {verb}: {e}") from e

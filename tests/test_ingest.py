@@ -1,0 +1,174 @@
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.cli import main
+from pipeline import images
+from pipeline.ingest import INDEX_NAME, IngestConfig, ingest
+from pipeline.shards import Sample, encode_shard, iter_samples
+from pipeline.sink import ShardLimits
+from pipeline.storage import Store
+from tests.media import decode_video, frames, write_video
+
+
+def read_all(store: Store) -> dict[str, dict[str, bytes]]:
+    samples = {}
+    for name in store.glob("*.tar"):
+        with store.open(name) as stream:
+            for sample in iter_samples(stream, name):
+                samples[sample.key] = dict(sample.members)
+    return samples
+
+
+def index_rows(store: Store) -> list[dict]:
+    return pq.read_table(io.BytesIO(store.read_bytes(INDEX_NAME))).to_pylist()
+
+
+def test_video_round_trips_bit_exactly_with_metadata(tmp_path: Path, memory_store: Store) -> None:
+    video = write_video(tmp_path / "clip.mkv", frames(7), fps=12.5)
+    summary = ingest([str(video)], memory_store, IngestConfig(workers=2))
+    assert (summary.videos, summary.frames, summary.skipped) == (1, 7, 0)
+    samples = read_all(memory_store)
+    assert sorted(samples) == [f"clip_{i:06d}" for i in range(7)]
+    for i, original in enumerate(decode_video(video)):
+        sample = samples[f"clip_{i:06d}"]
+        np.testing.assert_array_equal(cv2.imdecode(np.frombuffer(sample["png"], np.uint8), cv2.IMREAD_COLOR), original)
+        meta = json.loads(sample["json"])
+        assert meta["video_id"] == "clip" and meta["frame_index"] == i
+        assert meta["pts_ms"] == pytest.approx(i * 80.0) and meta["fps"] == pytest.approx(12.5)
+        assert (meta["width"], meta["height"]) == (64, 48)
+        assert meta["source"] == str(video)
+        assert meta["source_sha256"] == hashlib.sha256(video.read_bytes()).hexdigest()
+        assert meta["frame_sha256"] == hashlib.sha256(original[..., ::-1].tobytes()).hexdigest()
+    rows = index_rows(memory_store)
+    assert [r["key"] for r in rows] == [f"clip_{i:06d}" for i in range(7)]
+    assert {r["shard"] for r in rows} == {"frames-000000.tar"}
+    assert all(r["sha256"] == hashlib.sha256(samples[r["key"]]["png"]).hexdigest() for r in rows)
+    assert not memory_store.exists("_tmp")
+
+
+def test_reingest_is_byte_identical(tmp_path: Path) -> None:
+    video = write_video(tmp_path / "clip.mkv", frames(9))
+    limits = ShardLimits(max_samples=4)
+    for out in ("a", "b"):
+        ingest([str(video)], Store(str(tmp_path / out)), IngestConfig(limits=limits, workers=3))
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == [INDEX_NAME, "frames-000000.tar", "frames-000001.tar", "frames-000002.tar"]
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_shards_roll_over_by_bytes(tmp_path: Path, memory_store: Store) -> None:
+    video = write_video(tmp_path / "clip.mkv", frames(6))
+    one_frame = len(images.encode(frames(1)[0]))
+    limits = ShardLimits(max_bytes=int(2.5 * one_frame) + 4096)
+    summary = ingest([str(video)], memory_store, IngestConfig(limits=limits))
+    assert len(summary.shards) == 3
+    assert len(read_all(memory_store)) == 6
+    rows = index_rows(memory_store)
+    assert [r["shard"] for r in rows] == [s for s in summary.shards for _ in range(2)]
+
+
+def test_jpeg_members_with_quality(tmp_path: Path, memory_store: Store) -> None:
+    video = write_video(tmp_path / "clip.mkv", frames(2))
+    ingest([str(video)], memory_store, IngestConfig(image_format="jpg", quality=60))
+    sample = read_all(memory_store)["clip_000000"]
+    assert set(sample) == {"jpg", "json"} and sample["jpg"][:2] == b"\xff\xd8"
+    assert len(sample["jpg"]) < len(images.encode(frames(1)[0], "jpg", 95))
+
+
+def test_bad_inputs_are_recorded_and_the_rest_is_ingested(tmp_path: Path, memory_store: Store) -> None:
+    write_video(tmp_path / "good.mkv", frames(4))
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(write_video(tmp_path / "whole.mkv", frames(12)).read_bytes()[:60_000])
+    (tmp_path / "whole.mkv").unlink()
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    (tmp_path / "junk.avi").write_bytes(np.random.default_rng(0).bytes(4000))
+    folder = tmp_path / "stills"
+    folder.mkdir()
+    rgb = frames(1, seed=3)[0]
+    cv2.imwrite(str(folder / "a1.png"), rgb)
+    cv2.imwrite(str(folder / "a2.png"), (rgb[..., 0].astype(np.uint16) * 257))  # 16-bit grey
+    cv2.imwrite(str(folder / "a3.png"), np.dstack([rgb, np.full(rgb.shape[:2], 7, np.uint8)]))  # RGBA
+    (folder / "a4.png").write_bytes(images.encode(rgb)[:200])  # truncated PNG
+    (folder / "a5.jpg").write_bytes(b"not an image at all")
+    (folder / "notes.txt").write_text("camera log")
+    summary = ingest([str(tmp_path)], memory_store)
+    by_reason = {(r["source"].rsplit("/", 1)[-1], r["status"]): r["reason"] for r in index_rows(memory_store)}
+    assert "truncated or damaged: decoded" in by_reason["cut.mkv", "note"]
+    assert "0 bytes" in by_reason["empty.mp4", "skipped"]
+    assert "cannot open it as a video" in by_reason["junk.avi", "skipped"]
+    assert by_reason["a2.png", "note"] == "16-bit converted to 8-bit; grey converted to RGB"
+    assert by_reason["a3.png", "note"] == "alpha channel dropped"
+    assert "truncated PNG" in by_reason["a4.png", "skipped"]
+    assert "cannot be decoded" in by_reason["a5.jpg", "skipped"]
+    assert "not a video, an image or a .tar shard" in by_reason["notes.txt", "skipped"]
+    samples = read_all(memory_store)
+    decoded = {k: cv2.imdecode(np.frombuffer(v["png"], np.uint8), cv2.IMREAD_UNCHANGED) for k, v in samples.items()}
+    np.testing.assert_array_equal(decoded["stills_000000"], rgb)
+    np.testing.assert_array_equal(decoded["stills_000001"], np.repeat(rgb[..., :1], 3, axis=2))
+    np.testing.assert_array_equal(decoded["stills_000002"], rgb)
+    notes = json.loads(samples["stills_000001"]["json"])["notes"]
+    assert notes == ["16-bit converted to 8-bit", "grey converted to RGB"]
+    cut_frames = sorted(k for k in samples if k.startswith("cut_"))
+    assert 0 < len(cut_frames) < 12
+    assert sum(k.startswith("good_") for k in samples) == 4
+    assert (summary.skipped, summary.frames) == (5, 4 + len(cut_frames) + 3)
+
+
+def test_dotted_and_duplicate_names_get_safe_unique_ids(tmp_path: Path, memory_store: Store) -> None:
+    for folder in ("x", "y"):
+        (tmp_path / folder).mkdir()
+        write_video(tmp_path / folder / "take 1.final.mkv", frames(2))
+    ingest([str(tmp_path / "x"), str(tmp_path / "y")], memory_store)
+    assert sorted(read_all(memory_store)) == ["take-1-final-2_000000", "take-1-final-2_000001",
+                                               "take-1-final_000000", "take-1-final_000001"]  # fmt: skip
+    notes = [r["reason"] for r in index_rows(memory_store) if r["status"] == "note"]
+    assert any("made from the name 'take 1.final.mkv'" in n for n in notes)
+    assert any("already taken by another source; renamed to 'take-1-final-2'" in n for n in notes)
+
+
+def test_resharding_keeps_keys_and_bytes_and_drops_duplicates(memory_store: Store) -> None:
+    source = Store(memory_store.url + "-src")
+    first = [Sample(f"img_{i:04d}", {"jpg": b"\xff\xd8" + bytes([i]) * 10, "cls": b"%d" % i}) for i in range(5)]
+    source.commit_bytes("in-000000.tar", encode_shard(first[:3]))
+    source.commit_bytes("in-000001.tar", encode_shard([*first[3:], first[0]]))
+    summary = ingest([source.url_of("in-{000000..000001}.tar")], memory_store, IngestConfig(limits=ShardLimits(2)))
+    assert (summary.shards_read, summary.frames, summary.skipped) == (2, 5, 1)
+    assert read_all(memory_store) == {s.key: dict(s.members) for s in first}
+    assert len(summary.shards) == 3
+    assert any("duplicate key 'img_0000'" in p.reason for p in summary.problems)
+
+
+def test_an_earlier_ingest_is_kept_unless_overwrite(tmp_path: Path, memory_store: Store) -> None:
+    ingest([str(write_video(tmp_path / "long.mkv", frames(5)))], memory_store, IngestConfig(limits=ShardLimits(2)))
+    short = write_video(tmp_path / "short.mkv", frames(1))
+    with pytest.raises(FileExistsError, match="pass --overwrite"):
+        ingest([str(short)], memory_store)
+    ingest([str(short)], memory_store, IngestConfig(limits=ShardLimits(2), overwrite=True))
+    assert memory_store.glob("*.tar") == ["frames-000000.tar"]  # stale shards 1 and 2 removed
+    assert list(read_all(memory_store)) == ["short_000000"]
+
+
+def test_cli_ingest_summarises_and_fails_when_nothing_was_ingested(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    video = write_video(tmp_path / "clip.mp4", frames(3))
+    assert main(["ingest", str(video), "--output", str(tmp_path / "out"), "--max-shard-bytes", "1M"]) == 0
+    out = capsys.readouterr().out
+    assert "1 video(s)" in out and "frames: 3 in 1 shard(s)" in out
+    (tmp_path / "bad.mp4").write_bytes(b"\0" * 100)
+    assert main(["ingest", str(tmp_path / "bad.mp4"), "--output", str(tmp_path / "out2")]) == 1
+    captured = capsys.readouterr()
+    assert "bad.mp4: OpenCV cannot open it as a video" in captured.out
+    assert "nothing could be ingested" in captured.err
+    assert main(["ingest", str(video), "--output", str(tmp_path / "out")]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err

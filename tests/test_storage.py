@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.storage import TMP_DIR, StorageError, Store, parse_storage_options, redact
+
+
+def test_storage_options_nest_dotted_keys_and_parse_json_values() -> None:
+    options = parse_storage_options(
+        ["key=AKIA", "anon=false", "client_kwargs.endpoint_url=http://127.0.0.1:9000", "config_kwargs.retries.x=3"]
+    )
+    assert options == {
+        "key": "AKIA",
+        "anon": False,
+        "client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"},
+        "config_kwargs": {"retries": {"x": 3}},
+    }
+
+
+@pytest.mark.parametrize("bad", ["novalue", "=x", "a=1 a.b=2"])
+def test_storage_options_refuse_malformed_pairs(bad: str) -> None:
+    with pytest.raises(ValueError, match="--storage-option"):
+        parse_storage_options(bad.split(" "))
+
+
+def test_redact_drops_credentials_from_urls() -> None:
+    assert redact("s3://user:pa55@bucket/x.tar") == "s3://bucket/x.tar"
+    assert redact("http://u:p@host:9000/a") == "http://host:9000/a"
+    assert redact("/local/path.tar") == "/local/path.tar"
+
+
+def test_commit_writes_whole_objects_and_leaves_no_temporaries(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "out"))
+    store.commit_bytes("a.tar", b"abc")
+    local = tmp_path / "big.bin"
+    local.write_bytes(b"x" * 100_000)
+    store.commit_file("sub/b.tar", str(local))
+    store.remove_tmp_folder()
+    assert (tmp_path / "out" / "a.tar").read_bytes() == b"abc"
+    assert (tmp_path / "out" / "sub" / "b.tar").stat().st_size == 100_000
+    assert not (tmp_path / "out" / TMP_DIR).exists()
+    assert store.glob("*.tar") == ["a.tar"]
+
+
+def test_a_failed_upload_leaves_nothing_at_the_final_name(memory_store: Store, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        memory_store.commit_file("x.tar", str(tmp_path / "missing.tar"))
+    assert not memory_store.exists("x.tar")
+
+
+def test_unknown_protocol_is_a_clear_error() -> None:
+    with pytest.raises(StorageError, match="nosuch://b/x: cannot open this storage URL"):
+        Store("nosuch://b/x").glob("*")
