@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from pathlib import Path
 
 from tqdm import tqdm
 
 from pipeline.ingest import IngestConfig, ingest
+from pipeline.pairs import ClipConfig, SynthConfig, write_clip, write_pairs
+from pipeline.scenes import SAMPLE_IMAGES
 from pipeline.sink import ShardLimits
 from pipeline.storage import Store, parse_storage_options
+from pipeline.synth import BlurSpec
 
 SIZE_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
@@ -53,6 +57,67 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--overwrite", action="store_true", help="replace an earlier ingest in OUTPUT")
     add_storage_option(i)
     i.set_defaults(run=cmd_ingest)
+
+    s = sub.add_parser(
+        "synth",
+        help="synthetic paired blur shards (blur.png, sharp.png, json) and/or a blurry video clip",
+        description="Blur crops of scikit-image's sample images with a moving camera and a moving object, "
+        "averaged in linear light (the GoPro recipe); ground truth = the middle sub-frame. Same seed, same bytes.",
+    )
+    s.add_argument("--output", help="folder URL for paired shards pairs-000000.tar ... + _index.parquet")
+    s.add_argument("--count", type=int, default=64, help="pairs to make (default: %(default)s)")
+    s.add_argument("--size", type=frame_size, default=(256, 256), help="WIDTHxHEIGHT (default: 256x256)")
+    s.add_argument("--seed", type=int, default=0, help="pair i uses seed + i (default: %(default)s)")
+    s.add_argument("--sub-frames", type=int, default=15, help="N sub-frames averaged per frame (default: 15)")
+    s.add_argument("--max-pan", type=float, default=32.0, help="camera travel per frame, pixels (default: 32)")
+    s.add_argument("--noise", type=float, default=0.0, help="Gaussian noise sigma on the blurry frame, 0..1")
+    s.add_argument("--jpeg", type=int, default=None, metavar="QUALITY", help="JPEG-compress the blurry frame")
+    s.add_argument("--patch-size", type=int, default=64, help="tile size of the per-patch PSNR grid")
+    s.add_argument("--scenes", default=",".join(SAMPLE_IMAGES), help="comma-separated scikit-image samples")
+    s.add_argument("--max-frames-per-shard", type=int, default=1000)
+    s.add_argument("--video", type=Path, help="also write a blurry clip (.mp4 H.264, .mkv lossless FFV1, .avi MJPG)")
+    s.add_argument("--video-sharp", type=Path, help="and its sharp ground truth here")
+    s.add_argument("--video-frames", type=int, default=48, help="clip length in frames (default: 48)")
+    s.add_argument("--video-size", type=frame_size, default=(240, 320), help="clip WIDTHxHEIGHT (default: 320x240)")
+    s.add_argument("--fps", type=float, default=12.0, help="clip frame rate (default: 12)")
+    s.add_argument("--video-scene", default="astronaut", choices=SAMPLE_IMAGES, help="clip scene")
+    add_storage_option(s)
+    s.set_defaults(run=cmd_synth)
+
+
+def frame_size(text: str) -> tuple[int, int]:
+    """'320x240' -> (240, 320): (height, width)."""
+    match = re.fullmatch(r"(\d+)[xX](\d+)", text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT like 320x240, got {text!r}")
+    return int(match.group(2)), int(match.group(1))
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    if args.output is None and args.video is None:
+        raise ValueError("nothing to do: give --output (paired shards) and/or --video (a blurry clip)")
+    spec = BlurSpec(sub_frames=args.sub_frames, max_pan=args.max_pan, noise_sigma=args.noise)
+    if args.output is not None:
+        config = SynthConfig(
+            count=args.count,
+            size=args.size,
+            seed=args.seed,
+            scenes=tuple(n.strip() for n in args.scenes.split(",") if n.strip()),
+            spec=spec,
+            jpeg_quality=args.jpeg,
+            patch_size=args.patch_size,
+            limits=ShardLimits(max_samples=args.max_frames_per_shard),
+        )
+        store = Store(args.output, parse_storage_options(args.storage_option))
+        with tqdm(total=config.count, unit=" pairs", desc="synth", file=sys.stderr, disable=None) as bar:
+            shards = write_pairs(store, config, progress=bar.update)
+        print(f"wrote {config.count} pairs in {len(shards)} shard(s) and _index.parquet to {args.output}")
+    if args.video is not None:
+        clip = ClipConfig(args.video_scene, args.video_frames, args.fps, args.video_size, args.seed, spec)
+        count = write_clip(args.video, clip, args.video_sharp)
+        print(f"wrote a {count}-frame blurry clip to {args.video}" + (f" (sharp: {args.video_sharp})"
+              if args.video_sharp else ""))  # fmt: skip
+    return 0
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:

@@ -21,24 +21,11 @@ import torch
 import adarevd
 from adarevd.classifier import psnr
 from adarevd.training import EncoderPretrainer, Stage, StageConfig, dihedral, freeze_all_but
+from pipeline.scenes import SAMPLE_IMAGES
+from pipeline.scenes import load_sample as load_image
 from pipeline.synth import synthesize
 
-IMAGES = (
-    "astronaut",
-    "coffee",
-    "immunohistochemistry",
-    "retina",
-    "hubble_deep_field",
-    "camera",
-    "brick",
-    "grass",
-    "gravel",
-    "coins",
-    "moon",
-    "page",
-    "chelsea",
-    "rocket",
-)
+IMAGES = SAMPLE_IMAGES
 # scikit-image ships few images: the held-out set is the same images blurred with other seeds.
 TRAIN_SEEDS, HELD_OUT_SEEDS = range(0, 16), range(1000, 1002)
 DEMO_IMAGE, DEMO_SEED = "chelsea", 20261128
@@ -54,22 +41,6 @@ class Recipe:
     stage1_iterations: int = 2000
     stage1_lr: float = 2e-3  # the paper's 1e-3 is for 200k iterations; this schedule is 100x shorter
     stage2_iterations: int = 600
-
-
-def load_image(name: str, max_side: int = 512) -> np.ndarray:
-    """A scikit-image sample image as (H, W, 3) uint8 RGB, its longer side at most max_side."""
-    from skimage import data  # a dev/recipe dependency only
-
-    image = getattr(data, name)()
-    if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, axis=2)
-    image = image[..., :3]
-    if image.dtype != np.uint8:
-        image = (image.astype(np.float64) / image.max() * 255).round().astype(np.uint8)
-    scale = max_side / max(image.shape[:2])
-    if scale < 1:
-        image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-    return np.ascontiguousarray(image)
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:

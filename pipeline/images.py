@@ -69,4 +69,6 @@ def encode(bgr: np.ndarray, fmt: ImageFormat = "png", quality: int = 95) -> byte
 
 
 def pixel_sha256(bgr: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(bgr[..., ::-1]).tobytes()).hexdigest()
+    # cvtColor and hashlib both release the GIL, so this overlaps with decoding on other threads.
+    rgb = cv2.cvtColor(np.ascontiguousarray(bgr), cv2.COLOR_BGR2RGB)
+    return hashlib.sha256(rgb.data).hexdigest()

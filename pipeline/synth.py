@@ -59,10 +59,26 @@ def _camera_paths(spec: BlurSpec, rng: np.random.Generator, still: bool) -> np.n
     return np.stack([dx, dy, rot, zoom], axis=1)
 
 
+@dataclass(frozen=True)
+class Pair:
+    """A synthetic blurry frame, its ground truth, and the motion that made it."""
+
+    blurry: np.ndarray  # (H, W, 3) uint8
+    sharp: np.ndarray  # (H, W, 3) uint8
+    camera: np.ndarray  # (N, 4): dx, dy (pixels), rotation (degrees), zoom per sub-frame
+    object_path: np.ndarray | None  # (N, 2): the moving object's top-left y, x per sub-frame
+    object_size: tuple[int, int] | None  # (h, w)
+
+
 def synthesize(sharp: np.ndarray, seed: int, spec: BlurSpec = BlurSpec()) -> tuple[np.ndarray, np.ndarray]:
     """(H, W, 3) uint8 sharp image -> (blurry, ground truth), both (H, W, 3) uint8."""
-    if sharp.ndim != 3 or sharp.shape[2] != 3 or sharp.dtype != np.uint8:
-        raise ValueError(f"synthesize expects an (H, W, 3) uint8 image, got {sharp.shape} {sharp.dtype}")
+    pair = synthesize_pair(sharp, seed, spec)
+    return pair.blurry, pair.sharp
+
+
+def synthesize_pair(sharp: np.ndarray, seed: int, spec: BlurSpec = BlurSpec()) -> Pair:
+    """Like `synthesize`, also returning the camera trajectory and the object's path."""
+    _check_image(sharp)
     rng = np.random.default_rng(seed)
     h, w = sharp.shape[:2]
     linear = srgb_to_linear(sharp.astype(np.float64) / 255.0).astype(np.float32)
@@ -82,7 +98,87 @@ def synthesize(sharp: np.ndarray, seed: int, spec: BlurSpec = BlurSpec()) -> tup
         blurry_srgb = linear_to_srgb(blurry) + rng.normal(0, spec.noise_sigma, blurry.shape)
     else:
         blurry_srgb = linear_to_srgb(blurry)
-    return _to_uint8(blurry_srgb), _to_uint8(linear_to_srgb(truth))
+    return Pair(
+        _to_uint8(blurry_srgb),
+        _to_uint8(linear_to_srgb(truth)),
+        camera,
+        obj.path if obj is not None else None,
+        obj.pixels.shape[:2] if obj is not None else None,
+    )
+
+
+def _check_image(sharp: np.ndarray) -> None:
+    if sharp.ndim != 3 or sharp.shape[2] != 3 or sharp.dtype != np.uint8:
+        raise ValueError(f"synthesize expects an (H, W, 3) uint8 image, got {sharp.shape} {sharp.dtype}")
+
+
+def synthesize_clip(
+    scene: np.ndarray, seed: int, *, frames: int, size: tuple[int, int], spec: BlurSpec = BlurSpec()
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A blurry video: a (h, w) window drifts over `scene` along one continuous path, speeding up,
+    slowing down and pausing, while an object crosses it. Frame k is the linear-light mean of
+    sub-frames kN..kN+N-1 (N = spec.sub_frames) and its ground truth is the middle one, as in GoPro.
+    A scene smaller than 1.25x the clip size is scaled up first.
+    Returns `frames` (blurry, sharp) pairs of (h, w, 3) uint8."""
+    _check_image(scene)
+    h, w = size
+    # The window needs room to drift: scale a small scene up to 1.25x the clip size.
+    scale = max(1.25 * h / scene.shape[0], 1.25 * w / scene.shape[1], 1.0)
+    if scale > 1:
+        scene = cv2.resize(scene, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC)
+    rng = np.random.default_rng(seed)
+    n, total = spec.sub_frames, frames * spec.sub_frames
+    linear = srgb_to_linear(scene.astype(np.float64) / 255.0).astype(np.float32)
+    centres, angles, zooms = _clip_camera(rng, total, scene.shape[:2], size, spec)
+    obj = _object(linear, rng, spec)
+    # The object crosses the window once over the whole clip, on a straight path.
+    oh, ow = obj.pixels.shape[:2]
+    start = np.array([rng.uniform(0, max(h - oh, 1)), -ow * 0.5])
+    end = np.array([rng.uniform(0, max(h - oh, 1)), w - ow * 0.5])
+    obj = _Object(obj.pixels, obj.mask, start + np.linspace(0, 1, total)[:, None] * (end - start))
+    subs = []
+    for i in range(total):
+        m = cv2.getRotationMatrix2D((float(centres[i, 1]), float(centres[i, 0])), float(angles[i]), float(zooms[i]))
+        m[:, 2] += (w / 2 - centres[i, 1], h / 2 - centres[i, 0])  # the window's centre follows the path
+        sub = cv2.warpAffine(linear, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+        _paste(sub, obj, i)
+        subs.append(sub)
+    out = []
+    for k in range(frames):
+        window = subs[k * n : (k + 1) * n]
+        blurry = linear_to_srgb(np.mean(window, axis=0))
+        if spec.noise_sigma > 0:
+            blurry = blurry + rng.normal(0, spec.noise_sigma, blurry.shape)
+        out.append((_to_uint8(blurry), _to_uint8(linear_to_srgb(window[n // 2]))))
+    return out
+
+
+def _clip_camera(
+    rng: np.random.Generator, total: int, scene: tuple[int, int], size: tuple[int, int], spec: BlurSpec
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(total, 2) window centres (y, x), (total,) rotation in degrees and zoom, over sub-frames."""
+    t = np.linspace(0, 1, total)
+    # Speed: a slow random wave, clipped at 0 so the camera pauses now and then; up to max_pan per frame.
+    wave = sum(rng.uniform(0.5, 1) * np.sin(2 * np.pi * (f * t + rng.uniform())) for f in (0.7, 1.6, 3.1))
+    speed = np.clip(wave / 2 + 0.25, 0, 1) * spec.max_pan / spec.sub_frames
+    heading = rng.uniform(0, 2 * np.pi) + np.cumsum(rng.normal(0, 0.02, total))
+    step = np.stack([np.sin(heading), np.cos(heading)], axis=1) * speed[:, None]
+    step += rng.normal(0, spec.shake / spec.sub_frames, step.shape)
+    # Bounce off the scene's edges so the window never leaves it.
+    low = np.array(size, float) / 2 + 1
+    high = np.array(scene, float) - np.array(size, float) / 2 - 1
+    centre = rng.uniform(low, np.maximum(high, low))
+    centres = np.empty((total, 2))
+    for i in range(total):
+        centre = centre + step[i]
+        for axis in (0, 1):
+            if centre[axis] < low[axis] or centre[axis] > high[axis]:
+                step[i:, axis] *= -1
+                centre[axis] = np.clip(centre[axis], low[axis], max(high[axis], low[axis]))
+        centres[i] = centre
+    angles = spec.max_rotation_deg * np.sin(2 * np.pi * (0.5 * t + rng.uniform())) * speed / (speed.max() + 1e-9)
+    zooms = 1 + spec.max_zoom * np.sin(2 * np.pi * (0.3 * t + rng.uniform()))
+    return centres, angles, zooms
 
 
 @dataclass(frozen=True)
