@@ -74,3 +74,18 @@ def test_wrong_credentials_give_a_clear_error_without_the_secret(
     assert code == 2
     assert f"s3://{s3.bucket}/" in captured.err and "could not" in captured.err
     assert secret not in captured.err + captured.out
+
+
+def test_credentials_and_endpoint_from_the_usual_environment(
+    s3: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret_key)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    s3fs.S3FileSystem.clear_instance_cache()
+    video = write_video(tmp_path / "clip.mkv", frames(2))
+    prefix = fresh_prefix(s3)
+    assert main(["ingest", str(video), "--output", prefix]) == 0
+    assert Store(prefix, s3.storage_options).glob("*.tar") == ["frames-000000.tar"]
+    s3fs.S3FileSystem.clear_instance_cache()
