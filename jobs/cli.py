@@ -6,6 +6,7 @@ adarevd make-default-weights       re-train the bundled adarevd-tiny weights (re
 adarevd make-demo-image            re-make the bundled demo image pair
 adarevd ingest SRC... --output URL videos/images/shards -> WebDataset frame shards (jobs/data.py)
 adarevd synth --output URL         synthetic paired blur shards (+ a blurry clip)
+adarevd deblur [INPUT OUTPUT]      the distributed deblur job on Ray (jobs/deblur.py)
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 import adarevd
 from adarevd.classifier import psnr
 from adarevd.tiling import PatchGrid
-from jobs import data
+from jobs import data, deblur
 from pipeline.shards import ShardError
 from pipeline.storage import StorageError
 
@@ -197,6 +198,7 @@ def parser() -> argparse.ArgumentParser:
     d.set_defaults(run=cmd_make_demo_image)
 
     data.add_parsers(sub)
+    deblur.add_parser(sub, exit_mode, load_model)
     return p
 
 

@@ -59,9 +59,14 @@ def to_bgr8(image: np.ndarray) -> tuple[np.ndarray, list[str]]:
     return np.ascontiguousarray(image), notes
 
 
-def encode(bgr: np.ndarray, fmt: ImageFormat = "png", quality: int = 95) -> bytes:
-    """(H, W, 3) uint8 BGR -> PNG (lossless, OpenCV's default compression) or JPEG bytes."""
-    params = [cv2.IMWRITE_JPEG_QUALITY, quality] if fmt == "jpg" else []
+def encode(bgr: np.ndarray, fmt: ImageFormat | str = "png", quality: int = 95) -> bytes:
+    """(H, W, 3) uint8 BGR -> PNG (lossless, OpenCV's default compression), JPEG at `quality`, or any
+    other format OpenCV writes (webp is written lossless)."""
+    params = {
+        "jpg": [cv2.IMWRITE_JPEG_QUALITY, quality],
+        "jpeg": [cv2.IMWRITE_JPEG_QUALITY, quality],
+        "webp": [cv2.IMWRITE_WEBP_QUALITY, 101],
+    }.get(fmt, [])
     ok, buffer = cv2.imencode(f".{fmt}", bgr, params)
     if not ok:
         raise ImageError(f"OpenCV could not encode a {bgr.shape} image as {fmt}")

@@ -1,0 +1,130 @@
+"""`adarevd deblur [INPUT_URL OUTPUT_URL]`: the distributed deblur job (pipeline/deblur.py) from the shell.
+
+Without arguments it runs on the bundled demo clip: ingests it into adarevd-out/demo-frames (once),
+deblurs it on an embedded local Ray with the bundled weights into adarevd-out/deblurred, and prints
+the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+import adarevd
+from jobs.data import add_storage_option
+from pipeline.ingest import INDEX_NAME, IngestConfig, ingest
+from pipeline.restorer import RestoreOptions
+from pipeline.sink import ShardLimits
+from pipeline.storage import Store, parse_storage_options
+
+ASSETS = Path(adarevd.__file__).resolve().parent / "assets"
+DEMO_CLIP = ASSETS / "demo_clip.mp4"
+DEMO_INPUT, DEMO_OUTPUT = "adarevd-out/demo-frames", "adarevd-out/deblurred"
+
+
+def add_parser(sub: argparse._SubParsersAction, exit_mode: type, load_model: object) -> None:
+    d = sub.add_parser(
+        "deblur",
+        help="deblur WebDataset shards on Ray (default: the bundled demo clip, bundled weights)",
+        description="Deblur every frame of the shards under INPUT_URL into OUTPUT_URL: one output shard per "
+        "input shard (same keys; other members copied byte for byte), _manifest/*.parquet, _quarantine/, "
+        "_run.json. Shards whose manifest is already in OUTPUT_URL are skipped (resume).",
+    )
+    d.add_argument("input", nargs="?", help="folder URL of input shards (default: the bundled demo clip, ingested)")
+    d.add_argument("output", nargs="?", help=f"output folder URL (default: {DEMO_OUTPUT})")
+    d.add_argument("--model", default="adarevd-tiny", choices=sorted(adarevd.PRESETS))
+    d.add_argument("--weights", nargs="+", default=[], help="weights files (default: the bundled adarevd-tiny)")
+    d.add_argument("--exit", default="adaptive", type=exit_mode, help="'adaptive' or a fixed depth 0..N")
+    d.add_argument("--encoder-mode", default="frame", choices=["frame", "patch"])
+    d.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    d.add_argument("--image-member", help="the member to deblur (default: the one png/jpg/... member)")
+    d.add_argument("--address", help="Ray cluster: auto, ray://HOST:10001 or HOST:6379 (default: embedded local Ray)")
+    d.add_argument("--num-cpus", type=float, help="CPUs of the embedded local Ray (default: all)")
+    d.add_argument("--workers", type=int, default=0, help="restorer actors (default: as many as fit)")
+    d.add_argument("--cpus-per-worker", type=float, default=1.0)
+    d.add_argument("--gpus-per-worker", type=float, default=0.0, help="fractions are fine, e.g. 0.5")
+    d.add_argument("--frames-per-batch", type=int, default=8, help="frames whose patches are pooled per call")
+    d.add_argument("--max-frames", type=int, help="stop after this many frames (a preview; not marked done)")
+    d.add_argument("--stall-timeout", type=float, default=600.0, help="seconds without progress before failing")
+    d.add_argument("--quarantine-ok", action="store_true", help="exit 0 even if frames were quarantined")
+    add_storage_option(d)
+    d.set_defaults(run=lambda args: cmd_deblur(args, load_model))
+
+
+def demo_input() -> str:
+    """Ingest the bundled clip once; later runs reuse the shards."""
+    store = Store(DEMO_INPUT)
+    if not store.exists(INDEX_NAME):
+        summary = ingest([str(DEMO_CLIP)], store, IngestConfig(limits=ShardLimits(max_samples=16)))
+        print(f"ingested the bundled demo clip: {summary.frames} frames, {len(summary.shards)} shards -> {DEMO_INPUT}")
+    return DEMO_INPUT
+
+
+def expected_frames(store: Store) -> int | None:
+    """Frame count from an ingest index next to the shards, if there is one."""
+    try:
+        table = pq.read_table(io.BytesIO(store.read_bytes(INDEX_NAME)), columns=["shard"])
+    except (FileNotFoundError, OSError):
+        return None
+    return sum(s is not None for s in table.column("shard").to_pylist())
+
+
+def cmd_deblur(args: argparse.Namespace, load_model) -> int:
+    from pipeline import deblur
+
+    options = parse_storage_options(args.storage_option)
+    if (args.input is None) != (args.output is None):
+        raise ValueError("give both INPUT_URL and OUTPUT_URL, or neither (the bundled demo)")
+    input_url = args.input or demo_input()
+    output_url = args.output or DEMO_OUTPUT
+    model, source = load_model(args.model, args.weights, torch.device("cpu"))
+    fingerprint = adarevd.fingerprint(model)
+    job = deblur.DeblurJob(
+        input_url=input_url,
+        output_url=output_url,
+        restore=RestoreOptions(exit=args.exit, encoder_mode=args.encoder_mode, precision=args.precision),
+        resources=deblur.Resources(args.workers, args.cpus_per_worker, args.gpus_per_worker),
+        frames_per_batch=args.frames_per_batch,
+        image_member=args.image_member,
+        max_frames=args.max_frames,
+        stall_timeout_s=args.stall_timeout,
+    )
+    print(f"model: {model.config.encoder} encoder, width {model.config.width}, {model.num_columns} columns; "
+          f"weights: {source}; fingerprint {fingerprint[:12]}")  # fmt: skip
+    started = time.perf_counter()
+    deblur.ensure_ray(args.address, args.num_cpus)
+    total = expected_frames(Store(input_url, options))
+    with tqdm(total=total, unit=" frames", desc="deblur", file=sys.stderr, disable=None) as bar:
+
+        def show(done: int, _: dict[str, int]) -> None:
+            bar.update(done - bar.n)
+
+        summary = deblur.run(job, model.config, model.state_dict(), fingerprint, options=options, on_progress=show)
+    print_summary(summary, output_url, time.perf_counter() - started)
+    failed = summary.shard_errors or (summary.quarantined and not args.quarantine_ok)
+    return 3 if failed else 0
+
+
+def print_summary(summary, output_url: str, wall: float) -> None:
+    frames = summary.frames
+    histogram = summary.histogram
+    patches = sum(histogram) or 1
+    print(f"shards: {len(summary.reports)} processed, {summary.shards_skipped} already done, "
+          f"{summary.shards_total} in all; workers: {summary.workers}")  # fmt: skip
+    print(f"frames: {frames} in {summary.seconds:.1f} s ({frames / max(summary.seconds, 1e-9):.2f} frames/s; "
+          f"{wall:.1f} s with Ray start-up)")  # fmt: skip
+    print("exit depth   " + " ".join(f"{d:>7}" for d in range(len(histogram))))
+    print("patches      " + " ".join(f"{n:>7}" for n in histogram))
+    print("share        " + " ".join(f"{100 * n / patches:>6.1f}%" for n in histogram))
+    if summary.quarantined:
+        print(f"quarantined: {summary.quarantined} frame(s); see {output_url}/_quarantine/ (original bytes + reasons)")
+    for error in summary.shard_errors:
+        print(f"shard error: {error}")
+    print(f"output: {output_url} (shards, _manifest/, _run.json)")

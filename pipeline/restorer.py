@@ -1,0 +1,173 @@
+"""The deblur worker: a batch of frames in, deblurred samples + per-frame statistics out (no Ray here).
+
+Frames are encoded and classified one at a time (sizes differ), then the patches of *all* frames in
+the batch are pooled and decoded together: `AdaRevD.decode` sorts the pool by exit depth so column j
+runs once, on every patch (of any frame) that needs it. Then each frame is stitched, quantised and
+encoded back into its sample. The result for a frame equals `model.restore` on it (up to float
+rounding from the batch size), and depends only on the batch it came in, so a fixed batching gives
+fixed bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from adarevd import AdaRevD, AdaRevDConfig
+from adarevd.model import EncoderMode, ExitMode
+from adarevd.tiling import PatchGrid, cut
+from pipeline.frames import FrameIn, Rejected, encode_output
+from pipeline.scores import blur_score, seam_score
+from pipeline.shards import Sample
+
+
+@dataclass(frozen=True)
+class RestoreOptions:
+    exit: ExitMode = "adaptive"
+    encoder_mode: EncoderMode = "frame"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    jpeg_quality: int = 95
+    threads: int = 0  # torch threads in this worker; 0 leaves torch's default
+
+
+@dataclass(frozen=True)
+class FrameOut:
+    """A deblurred sample and what the manifest records about it."""
+
+    sample: Sample
+    member: str
+    sha256: str  # of the output image member
+    depth_histogram: tuple[int, ...]  # patches per exit depth 0..N
+    mean_depth: float
+    compute_saved: float  # 1 - mean depth / N: decoder work not done vs full depth
+    blur_before: float
+    blur_after: float
+    seam: float
+    encode_ms: float
+    decode_ms: float
+    stitch_ms: float
+    notes: tuple[str, ...] = ()
+
+
+@dataclass
+class _Encoded:
+    frame: FrameIn
+    image: torch.Tensor  # (1, 3, H, W) in [0, 1]
+    grid: PatchGrid
+    features: list[torch.Tensor]  # per level (P, C, k, k)
+    depths: torch.Tensor  # (P,)
+    encode_ms: float
+    residual: torch.Tensor | None = None
+    decode_ms: float = 0.0
+
+
+class FrameRestorer:
+    """Holds one model; `restorer(frames)` deblurs a batch of frames."""
+
+    def __init__(
+        self,
+        config: AdaRevDConfig,
+        state: Mapping[str, torch.Tensor],
+        options: RestoreOptions = RestoreOptions(),
+        device: str = "cpu",
+    ) -> None:
+        if options.threads:
+            torch.set_num_threads(options.threads)
+        self.device = torch.device(device)
+        self.model = AdaRevD(config)
+        self.model.load_state_dict(dict(state), strict=True)
+        self.model.to(self.device).eval()
+        self.options = options
+
+    @property
+    def num_columns(self) -> int:
+        return self.model.num_columns
+
+    @torch.no_grad()
+    def __call__(self, frames: Sequence[FrameIn]) -> list[FrameOut | Rejected]:
+        results: dict[str, FrameOut | Rejected] = {}
+        encoded: list[_Encoded] = []
+        for frame in frames:
+            try:
+                encoded.append(self._encode(frame))
+            except (RuntimeError, ValueError) as e:
+                results[frame.key] = Rejected(frame.key, f"encoder failed: {e}", frame.sample)
+        # Pool the patches of every frame with the same patch shape (frames smaller than a patch differ).
+        groups: dict[tuple[int, int], list[_Encoded]] = defaultdict(list)
+        for item in encoded:
+            groups[item.grid.size_h, item.grid.size_w].append(item)
+        for group in groups.values():
+            self._decode_pooled(group)
+        for item in encoded:
+            results[item.frame.key] = self._finish(item)
+        return [results[f.key] for f in frames]
+
+    def _autocast(self) -> torch.autocast:
+        enabled = self.options.precision == "bf16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def _encode(self, frame: FrameIn) -> _Encoded:
+        start = time.perf_counter()
+        model = self.model
+        # Frames from Ray's object store are read-only views; torch wants a writable array.
+        image = torch.from_numpy(np.array(frame.rgb)).to(self.device).permute(2, 0, 1)[None].float().div_(255)
+        padded = model.pad(image)
+        grid = model.grid(*padded.shape[-2:])
+        with self._autocast():
+            if self.options.encoder_mode == "frame":
+                features = model.cut(model.encode(padded), grid)
+            else:
+                chunks = [model.encode(c) for c in cut(padded, grid).split(8)]
+                features = [torch.cat(level) for level in zip(*chunks, strict=True)]
+            if self.options.exit == "adaptive":
+                depths = model.exit_depths(model.classify(features))
+            else:
+                depths = torch.full((features[0].shape[0],), int(self.options.exit), dtype=torch.long)
+        return _Encoded(frame, image, grid, features, depths.to(self.device), (time.perf_counter() - start) * 1e3)
+
+    def _decode_pooled(self, group: list[_Encoded]) -> None:
+        start = time.perf_counter()
+        features = [torch.cat(level) for level in zip(*(g.features for g in group), strict=True)]
+        depths = torch.cat([g.depths for g in group])
+        with self._autocast():
+            residuals = self.model.decode(*self.model.initial_state(features), depths).float()
+        elapsed = (time.perf_counter() - start) * 1e3
+        work = max(int(depths.sum()), 1)
+        for g, r in zip(group, residuals.split([len(g.depths) for g in group]), strict=True):
+            g.residual = r
+            g.decode_ms = elapsed * int(g.depths.sum()) / work  # this frame's share of the column work
+            g.features = []  # free the pooled inputs early
+
+    def _finish(self, item: _Encoded) -> FrameOut:
+        start = time.perf_counter()
+        assert item.residual is not None
+        h, w = item.image.shape[-2:]
+        restored = (self.model.stitch(item.residual, item.grid)[..., :h, :w] + item.image).clamp_(0, 1)
+        rgb = restored[0].mul(255).round_().byte().permute(1, 2, 0).cpu().numpy()
+        rgb = np.ascontiguousarray(rgb)
+        sample = encode_output(item.frame, rgb, self.options.jpeg_quality)
+        n = self.num_columns
+        histogram = torch.bincount(item.depths.cpu(), minlength=n + 1).tolist()
+        mean_depth = float(item.depths.float().mean())
+        return FrameOut(
+            sample=sample,
+            member=item.frame.member,
+            sha256=hashlib.sha256(sample.members[item.frame.member]).hexdigest(),
+            depth_histogram=tuple(histogram),
+            mean_depth=mean_depth,
+            compute_saved=1 - mean_depth / n if n else 0.0,
+            blur_before=blur_score(item.frame.rgb),
+            blur_after=blur_score(rgb),
+            seam=seam_score(rgb, item.grid),
+            encode_ms=item.encode_ms,
+            decode_ms=item.decode_ms,
+            stitch_ms=(time.perf_counter() - start) * 1e3,
+            notes=item.frame.notes,
+        )

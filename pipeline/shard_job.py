@@ -1,0 +1,214 @@
+"""One input shard -> one output shard, its manifest, and its quarantine (no Ray here).
+
+`process_shard` streams the input shard, decodes samples into frames, hands batches to `restore`
+(any function from an iterator of batches to an iterator of results, in order: a local
+`FrameRestorer`, or Ray actors), and streams the results into a local temporary tar. Then it commits,
+in this order: the output shard, the quarantine (if any), and the manifest last. A shard is done only
+when its manifest is committed, so a crash at any point leaves either nothing or a shard that a re-run
+overwrites with the same bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.frames import FrameIn, Rejected, decode_sample
+from pipeline.restorer import FrameOut
+from pipeline.shards import ShardError, TarShardWriter, encode_shard, iter_samples
+from pipeline.storage import Store
+
+MANIFEST_DIR, QUARANTINE_DIR = "_manifest", "_quarantine"
+RestoreFn = Callable[[Iterable[list[FrameIn]]], Iterator[list[FrameOut | Rejected]]]
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("shard", pa.string()),
+        ("key", pa.string()),
+        ("member", pa.string()),
+        ("output_sha256", pa.string()),
+        ("depth_histogram", pa.list_(pa.int32())),  # patches per exit depth 0..N
+        ("mean_depth", pa.float32()),
+        ("compute_saved", pa.float32()),  # 1 - mean depth / N
+        ("blur_before", pa.float32()),  # variance of the Laplacian (higher = sharper)
+        ("blur_after", pa.float32()),
+        ("seam_score", pa.float32()),  # step across patch borders / step overall (1 = no seams)
+        ("encode_ms", pa.float32()),
+        ("decode_ms", pa.float32()),
+        ("stitch_ms", pa.float32()),
+        ("notes", pa.string()),
+        ("model_fingerprint", pa.string()),
+    ]
+)
+QUARANTINE_SCHEMA = pa.schema([("shard", pa.string()), ("key", pa.string()), ("reason", pa.string())])
+
+
+def output_names(shard: str) -> tuple[str, str, str, str]:
+    """(output shard, manifest, quarantine tar, quarantine index) names for an input shard name."""
+    stem = shard[: -len(".tar")] if shard.endswith(".tar") else shard
+    return (
+        f"{stem}.tar",
+        f"{MANIFEST_DIR}/{stem}.parquet",
+        f"{QUARANTINE_DIR}/{stem}.tar",
+        f"{QUARANTINE_DIR}/{stem}.parquet",
+    )
+
+
+@dataclass
+class ShardReport:
+    shard: str
+    frames: int = 0
+    quarantined: int = 0
+    histogram: list[int] = field(default_factory=list)
+    bytes_out: int = 0
+    seconds: float = 0.0
+    complete: bool = True  # False when --max-frames stopped it early
+    errors: list[str] = field(default_factory=list)
+
+
+def read_frames(
+    stream: Any, shard: str, image_member: str | None, report: ShardReport, limit: int | None
+) -> Iterator[FrameIn | Rejected]:
+    """Decoded frames of a shard stream; duplicates, undecodable samples and a broken tail become Rejected."""
+    seen: set[str] = set()
+    count = 0
+    try:
+        for sample in iter_samples(stream, shard):
+            if limit is not None and count >= limit:
+                report.complete = False
+                return
+            count += 1
+            if sample.key in seen:
+                yield Rejected(sample.key, "duplicate key in the shard; the first one was kept", sample)
+                continue
+            seen.add(sample.key)
+            yield decode_sample(sample, image_member)
+    except ShardError as e:
+        # Samples before the damage were yielded and are processed; the rest cannot be read.
+        report.errors.append(str(e))
+
+
+def batched(items: Iterable[FrameIn], size: int) -> Iterator[list[FrameIn]]:
+    batch: list[FrameIn] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def process_shard(
+    shard: str,
+    source: Store,
+    output: Store,
+    restore: RestoreFn,
+    *,
+    frames_per_batch: int = 8,
+    image_member: str | None = None,
+    fingerprint: str = "",
+    max_frames: int | None = None,
+    on_frames: Callable[[int], None] | None = None,
+) -> ShardReport:
+    start = time.perf_counter()
+    report = ShardReport(shard)
+    out_name, manifest_name, quarantine_name, quarantine_index = output_names(shard)
+    rejected: list[Rejected] = []
+    rows: list[dict[str, Any]] = []
+
+    def frames_only(items: Iterable[FrameIn | Rejected]) -> Iterator[FrameIn]:
+        for item in items:
+            if isinstance(item, Rejected):
+                rejected.append(item)
+            else:
+                yield item
+
+    with tempfile.TemporaryDirectory(prefix="adarevd-deblur-") as tmp:
+        local = os.path.join(tmp, "out.tar")
+        with source.open(shard) as stream, open(local, "wb") as file, TarShardWriter(file) as writer:
+            items = read_frames(stream, shard, image_member, report, max_frames)
+            for results in restore(batched(frames_only(items), frames_per_batch)):
+                for result in results:
+                    if isinstance(result, Rejected):
+                        rejected.append(result)
+                        continue
+                    writer.write(result.sample)
+                    rows.append(_manifest_row(shard, result, fingerprint))
+                    report.frames += 1
+                    add_histogram(report.histogram, result.depth_histogram)
+                if on_frames:
+                    on_frames(len(results))
+        output.commit_file(out_name, local)
+        report.bytes_out = os.path.getsize(local)
+    report.quarantined = len(rejected)
+    if rejected:
+        # Original bytes and the reason: nothing is dropped silently.
+        output.commit_bytes(quarantine_name, encode_shard([r.sample for r in rejected]))
+        table = pa.Table.from_pylist(
+            [{"shard": shard, "key": r.key, "reason": r.reason} for r in rejected], schema=QUARANTINE_SCHEMA
+        )
+        output.commit_bytes(quarantine_index, _parquet(table))
+    if report.complete:
+        table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA).replace_schema_metadata(
+            {"adarevd.shard_errors": json.dumps(report.errors)}
+        )
+        output.commit_bytes(manifest_name, _parquet(table))  # last: the shard is done
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _manifest_row(shard: str, result: FrameOut, fingerprint: str) -> dict[str, Any]:
+    return {
+        "shard": shard,
+        "key": result.sample.key,
+        "member": result.member,
+        "output_sha256": result.sha256,
+        "depth_histogram": list(result.depth_histogram),
+        "mean_depth": result.mean_depth,
+        "compute_saved": result.compute_saved,
+        "blur_before": result.blur_before,
+        "blur_after": result.blur_after,
+        "seam_score": result.seam,
+        "encode_ms": result.encode_ms,
+        "decode_ms": result.decode_ms,
+        "stitch_ms": result.stitch_ms,
+        "notes": "; ".join(result.notes) or None,
+        "model_fingerprint": fingerprint,
+    }
+
+
+def add_histogram(total: list[int], histogram: Iterable[int]) -> None:
+    for i, n in enumerate(histogram):
+        if i == len(total):
+            total.append(0)
+        total[i] += n
+
+
+def _parquet(table: pa.Table) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return buffer.getvalue()
+
+
+def is_done(output: Store, shard: str) -> bool:
+    return output.exists(output_names(shard)[1])
+
+
+def local_restore(restorer: Callable[[list[FrameIn]], list[FrameOut | Rejected]]) -> RestoreFn:
+    """Run batches through an in-process restorer, one after another."""
+
+    def run(batches: Iterable[list[FrameIn]]) -> Iterator[list[FrameOut | Rejected]]:
+        for batch in batches:
+            yield restorer(batch)
+
+    return run

@@ -1,0 +1,138 @@
+"""The deblur stages without Ray: sample <-> frame, the pooled restorer, scores, one shard end to end."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import cv2
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import adarevd
+from adarevd.tiling import PatchGrid
+from pipeline import images
+from pipeline.frames import FrameIn, Rejected, decode_sample, image_member
+from pipeline.restorer import FrameOut, FrameRestorer, RestoreOptions
+from pipeline.scores import blur_score, seam_score
+from pipeline.shard_job import local_restore, output_names, process_shard
+from pipeline.shards import Sample, encode_shard, iter_samples
+from pipeline.storage import Store
+from tests.conftest import randomize
+
+SIZES = [(100, 130), (64, 64), (17, 23), (1, 1), (150, 90), (33, 200)]
+
+
+@pytest.fixture(scope="module")
+def model() -> adarevd.AdaRevD:
+    torch.manual_seed(0)
+    return randomize(adarevd.build("adarevd-tiny"), seed=1, scale=0.1).eval()
+
+
+def frame(key: str, h: int, w: int, seed: int = 0, member: str = "png", smooth: bool = False) -> FrameIn:
+    rgb = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    if smooth:  # photo-like, so JPEG keeps it close
+        rgb = cv2.GaussianBlur(rgb, (0, 0), 4)
+    data = images.encode(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), member)
+    return FrameIn(key, member, rgb, Sample(key, {member: data, "json": b'{"x": 1}', "cls": b"7"}))
+
+
+def restore_u8(model: adarevd.AdaRevD, rgb: np.ndarray, **kw: object) -> np.ndarray:
+    x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255
+    out = model.restore(x, **kw).images[0]
+    return out.mul(255).round().byte().permute(1, 2, 0).numpy()
+
+
+def decoded(out: FrameOut) -> np.ndarray:
+    return cv2.imdecode(np.frombuffer(out.sample.members[out.member], np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
+
+
+@pytest.mark.parametrize("exit", ["adaptive", 2])
+def test_pooled_batch_equals_restore_frame_by_frame(model: adarevd.AdaRevD, exit: str | int) -> None:
+    restorer = FrameRestorer(model.config, model.state_dict(), RestoreOptions(exit=exit))
+    frames = [frame(f"f{i}", h, w, seed=i) for i, (h, w) in enumerate(SIZES)]
+    outs = restorer(frames)
+    for f, out in zip(frames, outs, strict=True):
+        assert isinstance(out, FrameOut) and out.sample.key == f.key
+        diff = np.abs(decoded(out).astype(int) - restore_u8(model, f.rgb, exit=exit))
+        assert diff.max() <= 1, (f.rgb.shape, diff.max())  # 1 level: float rounding across batch sizes
+        assert out.sample.members["json"] == b'{"x": 1}' and out.sample.members["cls"] == b"7"
+        padded = model.pad(torch.zeros(1, 3, *f.rgb.shape[:2]))
+        assert sum(out.depth_histogram) == model.grid(*padded.shape[-2:]).num_patches
+        if exit == 2:
+            assert out.depth_histogram[2] == sum(out.depth_histogram) and out.compute_saved == pytest.approx(0.5)
+
+
+def test_jpeg_member_stays_jpeg_and_patch_mode_matches(model: adarevd.AdaRevD) -> None:
+    restorer = FrameRestorer(model.config, model.state_dict(), RestoreOptions(encoder_mode="patch", jpeg_quality=90))
+    f = frame("j", 80, 96, member="jpg", smooth=True)
+    (out,) = restorer([f])
+    assert out.sample.members["jpg"][:2] == b"\xff\xd8"
+    ref = restore_u8(model, f.rgb, encoder_mode="patch")
+    ref_jpeg = cv2.imdecode(np.frombuffer(images.encode(ref[..., ::-1].copy(), "jpg", 90), np.uint8), cv2.IMREAD_COLOR)
+    assert np.abs(decoded(out).astype(int) - ref_jpeg[..., ::-1]).mean() < 0.5
+
+
+def test_image_member_choice_and_rejections() -> None:
+    assert image_member({"png": b"", "json": b""}, None) == "png"
+    assert image_member({"blur.png": b"", "sharp.png": b""}, "blur.png") == "blur.png"
+    for members, wanted, message in [
+        ({"json": b"{}"}, None, "no image member"),
+        ({"png": b"", "jpg": b""}, None, "several image members"),
+        ({"png": b""}, "blur.png", "no 'blur.png' member"),
+    ]:
+        with pytest.raises(images.ImageError, match=message):
+            image_member(members, wanted)
+    rejected = decode_sample(Sample("k", {"png": b"\x89PNG\r\n\x1a\n cut"}))
+    assert isinstance(rejected, Rejected) and "truncated PNG" in rejected.reason
+
+
+def test_scores_see_blur_and_seams() -> None:
+    rng = np.random.default_rng(0)
+    sharp = rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    assert blur_score(cv2.GaussianBlur(sharp, (9, 9), 3)) < 0.1 * blur_score(sharp)
+    grid = PatchGrid.build(96, 96, 64, 16)  # patches at 0 and 32, size 64
+    smooth = np.tile((np.arange(96) * 2)[None, :, None], (96, 1, 3)).astype(np.uint8)  # steps of 2 everywhere
+    assert seam_score(smooth, grid) == pytest.approx(1.0, abs=0.05)
+    stepped = smooth.copy()
+    stepped[:, 32:] = np.clip(stepped[:, 32:].astype(int) + 40, 0, 255)  # a step where a patch starts
+    assert seam_score(stepped, grid) > 3
+
+
+def test_one_shard_end_to_end_with_quarantine_and_manifest(model: adarevd.AdaRevD, memory_store: Store) -> None:
+    source = Store(memory_store.url + "-in")
+    frames = [frame(f"clip_{i:06d}", 48, 64, seed=i) for i in range(5)]
+    samples = [f.sample for f in frames]
+    broken = Sample("clip_000099", {"png": b"not a png", "json": b'{"frame_index": 99}'})
+    source.commit_bytes("frames-000000.tar", encode_shard([*samples[:2], broken, *samples[2:], samples[0]]))
+    restorer = FrameRestorer(model.config, model.state_dict())
+    report = process_shard("frames-000000.tar", source, memory_store, local_restore(restorer), frames_per_batch=2,
+                           fingerprint="abc")  # fmt: skip
+    assert (report.frames, report.quarantined, report.complete) == (5, 2, True)
+    out_name, manifest, q_tar, q_index = output_names("frames-000000.tar")
+    with memory_store.open(out_name) as stream:
+        out = list(iter_samples(stream, out_name))
+    assert [s.key for s in out] == [f.key for f in frames]
+    assert all(o.members["json"] == f.sample.members["json"] for o, f in zip(out, frames, strict=True))
+    rows = pq.read_table(io.BytesIO(memory_store.read_bytes(manifest))).to_pylist()
+    assert [r["key"] for r in rows] == [f.key for f in frames]
+    assert {r["model_fingerprint"] for r in rows} == {"abc"}
+    assert all(sum(r["depth_histogram"]) == 1 for r in rows)  # 48x64 is one (48 x 64) patch
+    with memory_store.open(q_tar) as stream:
+        quarantined = {s.key: dict(s.members) for s in iter_samples(stream, q_tar)}
+    assert quarantined["clip_000099"] == dict(broken.members)  # original bytes kept
+    reasons = {r["key"]: r["reason"] for r in pq.read_table(io.BytesIO(memory_store.read_bytes(q_index))).to_pylist()}
+    assert "not an image" in reasons["clip_000099"] or "cannot be decoded" in reasons["clip_000099"]
+    assert "duplicate key" in reasons["clip_000000"]
+    assert json.loads(json.dumps(report.histogram)) == [sum(r["depth_histogram"][d] for r in rows) for d in range(5)]
+
+
+def test_a_preview_stops_early_and_is_not_marked_done(model: adarevd.AdaRevD, memory_store: Store) -> None:
+    source = Store(memory_store.url + "-in")
+    source.commit_bytes("s.tar", encode_shard([frame(f"k_{i:06d}", 32, 32, seed=i).sample for i in range(4)]))
+    restorer = FrameRestorer(model.config, model.state_dict())
+    report = process_shard("s.tar", source, memory_store, local_restore(restorer), max_frames=3)
+    assert (report.frames, report.complete) == (3, False)
+    assert memory_store.exists("s.tar") and not memory_store.exists(output_names("s.tar")[1])
