@@ -26,6 +26,7 @@ from pipeline.storage import Store, parse_storage_options
 
 ASSETS = Path(adarevd.__file__).resolve().parent / "assets"
 DEMO_CLIP = ASSETS / "demo_clip.mp4"
+DEFAULT_WEIGHTS = ASSETS / "adarevd-tiny.safetensors"
 DEMO_INPUT, DEMO_OUTPUT = "adarevd-out/demo-frames", "adarevd-out/deblurred"
 
 
@@ -50,6 +51,7 @@ def add_parser(sub: argparse._SubParsersAction, exit_mode: type, load_model: obj
     d.add_argument("--workers", type=int, default=0, help="restorer actors (default: as many as fit)")
     d.add_argument("--cpus-per-worker", type=float, default=1.0)
     d.add_argument("--gpus-per-worker", type=float, default=0.0, help="fractions are fine, e.g. 0.5")
+    d.add_argument("--worker-resource", help="custom node resource the restorer actors need (1 each)")
     d.add_argument("--frames-per-batch", type=int, default=8, help="frames whose patches are pooled per call")
     d.add_argument("--max-frames", type=int, help="stop after this many frames (a preview; not marked done)")
     d.add_argument("--stall-timeout", type=float, default=600.0, help="seconds without progress before failing")
@@ -85,12 +87,15 @@ def cmd_deblur(args: argparse.Namespace, load_model) -> int:
     input_url = args.input or demo_input()
     output_url = args.output or DEMO_OUTPUT
     model, source = load_model(args.model, args.weights, torch.device("cpu"))
+    weight_files = args.weights or [str(DEFAULT_WEIGHTS)]
     fingerprint = adarevd.fingerprint(model)
     job = deblur.DeblurJob(
         input_url=input_url,
         output_url=output_url,
         restore=RestoreOptions(exit=args.exit, encoder_mode=args.encoder_mode, precision=args.precision),
-        resources=deblur.Resources(args.workers, args.cpus_per_worker, args.gpus_per_worker),
+        resources=deblur.Resources(
+            args.workers, args.cpus_per_worker, args.gpus_per_worker, worker_resource=args.worker_resource
+        ),
         frames_per_batch=args.frames_per_batch,
         image_member=args.image_member,
         max_frames=args.max_frames,
@@ -106,7 +111,7 @@ def cmd_deblur(args: argparse.Namespace, load_model) -> int:
         def show(done: int, _: dict[str, int]) -> None:
             bar.update(done - bar.n)
 
-        summary = deblur.run(job, model.config, model.state_dict(), fingerprint, options=options, on_progress=show)
+        summary = deblur.run(job, model, weight_files=weight_files, options=options, on_progress=show)
     print_summary(summary, output_url, time.perf_counter() - started)
     failed = summary.shard_errors or (summary.quarantined and not args.quarantine_ok)
     return 3 if failed else 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,8 +26,10 @@ from typing import Any
 import ray
 import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from adarevd import AdaRevDConfig
+import adarevd
+from adarevd import AdaRevD, AdaRevDConfig, load_weights
 from pipeline.frames import FrameIn, Rejected
 from pipeline.restorer import FrameOut, FrameRestorer, RestoreOptions
 from pipeline.shard_job import ShardReport, add_histogram, is_done, process_shard
@@ -45,14 +48,24 @@ class Resources:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     shards_in_flight: int = 0  # 0 = workers + 1
+    worker_resource: str | None = None  # a custom node resource the actors need (1 each): pins them to nodes
 
     def resolve(self, cluster: Mapping[str, float]) -> Resources:
         workers = self.workers
         if not workers:
-            by_cpu = int(cluster.get("CPU", 1) // self.cpus_per_worker) if self.cpus_per_worker else 1
-            by_gpu = int(cluster.get("GPU", 0) // self.gpus_per_worker) if self.gpus_per_worker else by_cpu
-            workers = max(1, min(by_cpu, by_gpu))
-        return Resources(workers, self.cpus_per_worker, self.gpus_per_worker, self.shards_in_flight or workers + 1)
+            limits = [int(cluster.get("CPU", 1) // self.cpus_per_worker) if self.cpus_per_worker else 1]
+            if self.gpus_per_worker:
+                limits.append(int(cluster.get("GPU", 0) // self.gpus_per_worker))
+            if self.worker_resource:
+                limits.append(int(cluster.get(self.worker_resource, 0)))
+            workers = max(1, min(limits))
+        return Resources(
+            workers,
+            self.cpus_per_worker,
+            self.gpus_per_worker,
+            self.shards_in_flight or workers + 1,
+            self.worker_resource,
+        )
 
 
 @dataclass(frozen=True)
@@ -74,6 +87,7 @@ class RunSummary:
     reports: list[ShardReport] = field(default_factory=list)
     seconds: float = 0.0
     workers: int = 0
+    worker_nodes: dict[str, int] = field(default_factory=dict)  # node id -> restorer actors placed there
 
     @property
     def frames(self) -> int:
@@ -99,17 +113,23 @@ class RunSummary:
 class RestorerActor:
     """A FrameRestorer in a Ray actor: the model is built once, then batches come and go."""
 
-    def __init__(self, config: AdaRevDConfig, state: list[Any], options: RestoreOptions) -> None:
-        # `state` is [ObjectRef] (not resolved by Ray): the driver holds the weights once in the object
-        # store, and a restarted actor fetches them again from there.
+    def __init__(self, config: AdaRevDConfig, weights: tuple[str, ...] | list[Any], options: RestoreOptions) -> None:
+        # `weights`: files every node can read (on one machine: the driver's own files), or [ObjectRef]
+        # of the state dict, which Ray does not resolve for us: a restarted actor fetches it again.
+        model = AdaRevD(config)
+        if isinstance(weights, tuple):
+            load_weights(model, *weights)
+        else:
+            model.load_state_dict(ray.get(weights[0]), strict=True)
         device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-        self.restorer = FrameRestorer(config, ray.get(state[0]), options, device)
+        self.restorer = FrameRestorer(model, options, device)
 
     def restore(self, frames: list[FrameIn]) -> list[FrameOut | Rejected]:
         return self.restorer(frames)
 
-    def ready(self) -> bool:
-        return True
+    def node(self) -> str:
+        """The id of the node this actor runs on (also: it has started)."""
+        return ray.get_runtime_context().get_node_id()
 
 
 @ray.remote(num_cpus=0)
@@ -201,19 +221,22 @@ def ensure_ray(address: str | None, num_cpus: float | None = None) -> None:
     if address:
         ray.init(address=address, logging_level="WARNING")
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING")
+        # "local": always a fresh embedded instance, whatever RAY_ADDRESS says.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING")
 
 
 def run(
     job: DeblurJob,
-    config: AdaRevDConfig,
-    state: Mapping[str, torch.Tensor],
-    fingerprint: str,
+    model: AdaRevD,
     *,
+    weight_files: Sequence[str] = (),
     options: Mapping[str, Any] | None = None,
     on_progress: Callable[[int, dict[str, int]], None] | None = None,
 ) -> RunSummary:
-    """Run the job on the connected Ray cluster (call `ensure_ray` first)."""
+    """Run the job on the connected Ray cluster (call `ensure_ray` first). `model` carries the loaded
+    weights; `weight_files` (the files it was loaded from) let actors on a one-node cluster read them
+    directly instead of through the object store."""
+    config, fingerprint = model.config, adarevd.fingerprint(model)
     options = dict(options or {})
     start = time.perf_counter()
     source, output = Store(job.input_url, options), Store(job.output_url, options)
@@ -225,19 +248,30 @@ def run(
     restore = job.restore
     if not restore.threads:
         restore = RestoreOptions(**{**asdict(restore), "threads": max(1, int(resources.cpus_per_worker))})
-    state_ref = ray.put(dict(state))
+    weights: tuple[str, ...] | list[Any]
+    if weight_files and len(ray.nodes()) == 1:
+        weights = tuple(os.path.abspath(f) for f in weight_files)
+    else:
+        # Held by this driver for the whole run (Ray warns that a restarted actor needs it: it has it).
+        weights = [ray.put(model.state_dict())]
+    run_id = uuid.uuid4().hex[:8]
     actors = [
         RestorerActor.options(
+            name=f"adarevd-restorer-{run_id}-{i}",
             num_cpus=resources.cpus_per_worker,
             num_gpus=resources.gpus_per_worker,
+            resources={resources.worker_resource: 1} if resources.worker_resource else None,
             max_restarts=-1,
             max_task_retries=3,
-        ).remote(config, [state_ref], restore)
-        for _ in range(resources.workers)
+        ).remote(config, weights, restore)
+        for i in range(resources.workers)
     ]
-    progress = ProgressActor.remote()
+    # The progress counter lives beside the driver: losing a worker node must not lose it.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    progress = ProgressActor.options(scheduling_strategy=here).remote()
     try:
-        _wait_ready(actors, resources, job.stall_timeout_s)
+        for node in _wait_ready(actors, resources, job.stall_timeout_s):
+            summary.worker_nodes[node] = summary.worker_nodes.get(node, 0) + 1
         summary.reports = _drive(job, todo, options, actors, fingerprint, progress, resources, on_progress)
     finally:
         for actor in [*actors, progress]:
@@ -248,9 +282,9 @@ def run(
     return summary
 
 
-def _wait_ready(actors: list[Any], resources: Resources, timeout: float) -> None:
+def _wait_ready(actors: list[Any], resources: Resources, timeout: float) -> list[str]:
     try:
-        ray.get([a.ready.remote() for a in actors], timeout=timeout)
+        return ray.get([a.node.remote() for a in actors], timeout=timeout)
     except GetTimeoutError:
         raise StallError(
             f"{len(actors)} restorer actor(s) asking for {resources.cpus_per_worker} CPU and "
@@ -327,6 +361,7 @@ def run_json(job: DeblurJob, summary: RunSummary, fingerprint: str, config: AdaR
             "max_frames": job.max_frames,
         },
         "workers": summary.workers,
+        "worker_nodes": summary.worker_nodes,
         "shards": {
             "total": summary.shards_total,
             "skipped_done": summary.shards_skipped,

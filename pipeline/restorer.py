@@ -13,14 +13,14 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
 
-from adarevd import AdaRevD, AdaRevDConfig
+from adarevd import AdaRevD
 from adarevd.model import EncoderMode, ExitMode
 from adarevd.tiling import PatchGrid, cut
 from pipeline.frames import FrameIn, Rejected, encode_output
@@ -71,19 +71,11 @@ class _Encoded:
 class FrameRestorer:
     """Holds one model; `restorer(frames)` deblurs a batch of frames."""
 
-    def __init__(
-        self,
-        config: AdaRevDConfig,
-        state: Mapping[str, torch.Tensor],
-        options: RestoreOptions = RestoreOptions(),
-        device: str = "cpu",
-    ) -> None:
+    def __init__(self, model: AdaRevD, options: RestoreOptions = RestoreOptions(), device: str = "cpu") -> None:
         if options.threads:
             torch.set_num_threads(options.threads)
         self.device = torch.device(device)
-        self.model = AdaRevD(config)
-        self.model.load_state_dict(dict(state), strict=True)
-        self.model.to(self.device).eval()
+        self.model = model.to(self.device).eval()
         self.options = options
 
     @property

@@ -51,7 +51,7 @@ def decoded(out: FrameOut) -> np.ndarray:
 
 @pytest.mark.parametrize("exit", ["adaptive", 2])
 def test_pooled_batch_equals_restore_frame_by_frame(model: adarevd.AdaRevD, exit: str | int) -> None:
-    restorer = FrameRestorer(model.config, model.state_dict(), RestoreOptions(exit=exit))
+    restorer = FrameRestorer(model, RestoreOptions(exit=exit))
     frames = [frame(f"f{i}", h, w, seed=i) for i, (h, w) in enumerate(SIZES)]
     outs = restorer(frames)
     for f, out in zip(frames, outs, strict=True):
@@ -66,7 +66,7 @@ def test_pooled_batch_equals_restore_frame_by_frame(model: adarevd.AdaRevD, exit
 
 
 def test_jpeg_member_stays_jpeg_and_patch_mode_matches(model: adarevd.AdaRevD) -> None:
-    restorer = FrameRestorer(model.config, model.state_dict(), RestoreOptions(encoder_mode="patch", jpeg_quality=90))
+    restorer = FrameRestorer(model, RestoreOptions(encoder_mode="patch", jpeg_quality=90))
     f = frame("j", 80, 96, member="jpg", smooth=True)
     (out,) = restorer([f])
     assert out.sample.members["jpg"][:2] == b"\xff\xd8"
@@ -107,7 +107,7 @@ def test_one_shard_end_to_end_with_quarantine_and_manifest(model: adarevd.AdaRev
     samples = [f.sample for f in frames]
     broken = Sample("clip_000099", {"png": b"not a png", "json": b'{"frame_index": 99}'})
     source.commit_bytes("frames-000000.tar", encode_shard([*samples[:2], broken, *samples[2:], samples[0]]))
-    restorer = FrameRestorer(model.config, model.state_dict())
+    restorer = FrameRestorer(model)
     report = process_shard("frames-000000.tar", source, memory_store, local_restore(restorer), frames_per_batch=2,
                            fingerprint="abc")  # fmt: skip
     assert (report.frames, report.quarantined, report.complete) == (5, 2, True)
@@ -132,7 +132,7 @@ def test_one_shard_end_to_end_with_quarantine_and_manifest(model: adarevd.AdaRev
 def test_a_preview_stops_early_and_is_not_marked_done(model: adarevd.AdaRevD, memory_store: Store) -> None:
     source = Store(memory_store.url + "-in")
     source.commit_bytes("s.tar", encode_shard([frame(f"k_{i:06d}", 32, 32, seed=i).sample for i in range(4)]))
-    restorer = FrameRestorer(model.config, model.state_dict())
+    restorer = FrameRestorer(model)
     report = process_shard("s.tar", source, memory_store, local_restore(restorer), max_frames=3)
     assert (report.frames, report.complete) == (3, False)
     assert memory_store.exists("s.tar") and not memory_store.exists(output_names("s.tar")[1])

@@ -1,0 +1,86 @@
+"""Inputs and helpers shared by the deblur job tests (real shards, the bundled tiny weights)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+import adarevd
+from jobs.cli import DEFAULT_WEIGHTS
+from pipeline import images
+from pipeline.ingest import IngestConfig, ingest
+from pipeline.shards import Sample, encode_shard, iter_samples
+from pipeline.sink import ShardLimits
+from pipeline.storage import Store
+from tests.media import frames, write_video
+
+
+@dataclass(frozen=True)
+class Model:
+    model: adarevd.AdaRevD
+    fingerprint: str
+
+
+def bundled_model() -> Model:
+    model = adarevd.AdaRevD(adarevd.read_config(DEFAULT_WEIGHTS))
+    adarevd.load_weights(model, DEFAULT_WEIGHTS)
+    return Model(model.eval(), adarevd.fingerprint(model))
+
+
+def make_input(folder: Path, store: Store) -> dict[str, np.ndarray]:
+    """Two video shards (7 frames, 4 per shard) and an image-dataset shard with labels, odd sizes, a
+    1x1 and a 17x23 frame. Returns key -> input RGB."""
+    video = write_video(folder / "street.mkv", frames(7, height=72, width=88, seed=5))
+    ingest([str(video)], store, IngestConfig(prefix="video", limits=ShardLimits(max_samples=4)))
+    rng = np.random.default_rng(9)
+    pictures = {
+        "img_a": cv2.GaussianBlur(rng.integers(0, 256, (61, 97, 3), dtype=np.uint8), (0, 0), 2),
+        "img_tiny": rng.integers(0, 256, (1, 1, 3), dtype=np.uint8),
+        "img_odd": rng.integers(0, 256, (17, 23, 3), dtype=np.uint8),
+    }
+    samples = [
+        Sample(key, {"jpg" if key == "img_a" else "png": images.encode(rgb[..., ::-1].copy(), "jpg" if key == "img_a"
+               else "png"), "cls": str(i).encode(), "txt": f"caption {i}".encode()})
+        for i, (key, rgb) in enumerate(pictures.items())
+    ]  # fmt: skip
+    store.commit_bytes("images-000000.tar", encode_shard(samples))
+    inputs = {}
+    for name in store.glob("*.tar"):
+        with store.open(name) as stream:
+            for sample in iter_samples(stream, name):
+                member = "jpg" if "jpg" in sample.members else "png"
+                bgr = cv2.imdecode(np.frombuffer(sample.members[member], np.uint8), cv2.IMREAD_COLOR)
+                inputs[sample.key] = bgr[..., ::-1].copy()
+    return inputs
+
+
+def read_output(store: Store) -> dict[str, dict[str, bytes]]:
+    out = {}
+    for name in store.glob("*.tar"):
+        with store.open(name) as stream:
+            out.update({s.key: dict(s.members) for s in iter_samples(stream, name)})
+    return out
+
+
+def tar_bytes(store: Store) -> dict[str, bytes]:
+    return {name: store.read_bytes(name) for name in store.glob("*.tar")}
+
+
+def restore_u8(model: adarevd.AdaRevD, rgb: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        out = model.restore(torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255).images[0]
+    return out.mul(255).round().byte().permute(1, 2, 0).numpy()
+
+
+def pixels(members: dict[str, bytes]) -> np.ndarray:
+    member = "jpg" if "jpg" in members else "png"
+    return cv2.imdecode(np.frombuffer(members[member], np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
+
+
+def run_record(store: Store) -> dict:
+    return json.loads(store.read_bytes("_run.json"))

@@ -1,0 +1,159 @@
+"""The deblur job on a real local Ray (2 CPUs, fractional resources), the bundled tiny weights."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+
+from jobs.cli import DEFAULT_WEIGHTS, main
+from pipeline import deblur, images
+from pipeline.shard_job import output_names
+from pipeline.shards import Sample, encode_shard
+from pipeline.storage import Store
+from tests.deblur_setup import Model, bundled_model, make_input, pixels, read_output, restore_u8, run_record, tar_bytes
+from tests.s3server import S3Server
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    deblur.ensure_ray(None, num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model() -> Model:
+    return bundled_model()
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Store, dict[str, np.ndarray]]:
+    folder = tmp_path_factory.mktemp("deblur-in")
+    store = Store(str(folder / "shards"))
+    return store, make_input(folder, store)
+
+
+def job(source: Store, output: Store, **kw: object) -> deblur.DeblurJob:
+    return deblur.DeblurJob(source.url, output.url, frames_per_batch=3, stall_timeout_s=120, **kw)
+
+
+def run(j: deblur.DeblurJob, model: Model) -> deblur.RunSummary:
+    return deblur.run(j, model.model, weight_files=[str(DEFAULT_WEIGHTS)])  # one node: actors read the file
+
+
+@pytest.fixture(scope="module")
+def reference(local_ray: None, inputs: tuple[Store, dict], model: Model, tmp_path_factory: pytest.TempPathFactory):
+    source, _ = inputs
+    output = Store(str(tmp_path_factory.mktemp("deblur-ref")))
+    summary = run(job(source, output), model)
+    return output, summary
+
+
+def test_every_frame_comes_out_deblurred_with_members_passed_through(
+    reference: tuple[Store, deblur.RunSummary], inputs: tuple[Store, dict], model: Model
+) -> None:
+    output, summary = reference
+    source, originals = inputs
+    out = read_output(output)
+    assert sorted(out) == sorted(originals)
+    assert summary.frames == len(originals) == 10 and summary.quarantined == 0
+    source_samples = read_output(source)
+    for key, rgb in originals.items():
+        got = pixels(out[key])
+        want = restore_u8(model.model, rgb)
+        tolerance = 4 if "jpg" in out[key] else 1  # JPEG members are re-encoded as JPEG
+        assert np.abs(got.astype(int) - want).mean() <= tolerance, key
+        for member, data in source_samples[key].items():
+            if member not in ("png", "jpg"):
+                assert out[key][member] == data, (key, member)  # json, cls, txt byte for byte
+    record = run_record(output)
+    assert record["frames"] == 10 and record["shards"]["total"] == 3
+    assert sum(record["exit_histogram"]) == sum(summary.histogram) > 0
+    assert record["model"]["fingerprint"] == model.fingerprint
+    for shard in ("video-000000.tar", "video-000001.tar", "images-000000.tar"):
+        assert output.exists(output_names(shard)[1])
+
+
+def test_a_rerun_gives_the_same_bytes_and_resume_redoes_only_missing_shards(
+    reference: tuple[Store, deblur.RunSummary], inputs: tuple[Store, dict], model: Model, tmp_path: Path
+) -> None:
+    output, _ = reference
+    source, _ = inputs
+    again = Store(str(tmp_path / "again"))
+    run(job(source, again), model)
+    assert tar_bytes(again) == tar_bytes(output)
+    # Resume: one shard lost its manifest (never finished) -> only it is redone, same bytes.
+    again.remove(output_names("video-000001.tar")[1])
+    again.remove("video-000001.tar")
+    summary = run(job(source, again), model)
+    assert (summary.shards_skipped, len(summary.reports)) == (2, 1)
+    assert tar_bytes(again) == tar_bytes(output)
+
+
+def test_a_killed_actor_loses_and_duplicates_nothing(
+    reference: tuple[Store, deblur.RunSummary], inputs: tuple[Store, dict], model: Model, tmp_path: Path
+) -> None:
+    output, _ = reference
+    source, _ = inputs
+    killed: list[str] = []
+
+    def killer() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(killed) < 2:
+            for name in ray.util.list_named_actors():
+                if name.startswith("adarevd-restorer-") and name not in killed:
+                    time.sleep(1.0)  # let it start work
+                    ray.kill(ray.get_actor(name), no_restart=False)
+                    killed.append(name)
+                    break
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    faulty = Store(str(tmp_path / "faulty"))
+    summary = run(job(source, faulty, resources=deblur.Resources(workers=2, cpus_per_worker=0.5)), model)
+    thread.join()
+    assert len(killed) == 2
+    assert summary.frames == 10 and summary.quarantined == 0
+    assert tar_bytes(faulty) == tar_bytes(output)
+
+
+def test_undecodable_frame_is_quarantined_and_fails_the_exit_status(
+    local_ray: None, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    source = Store(str(tmp_path / "in"))
+    good = Sample("ok_000000", {"png": images.encode(np.full((20, 30, 3), 90, np.uint8)), "json": b"{}"})
+    bad = Sample("bad_000000", {"png": b"\x89PNG\r\n\x1a\n broken", "json": b'{"frame_index": 0}'})
+    source.commit_bytes("s-000000.tar", encode_shard([good, bad]))
+    out = tmp_path / "out"
+    assert main(["deblur", source.url, str(out), "--frames-per-batch", "2"]) == 3
+    printed = capsys.readouterr().out
+    assert "quarantined: 1 frame(s)" in printed
+    assert sorted(read_output(Store(str(out)))) == ["ok_000000"]
+    quarantine = read_output(Store(str(out / "_quarantine")))
+    assert quarantine == {"bad_000000": dict(bad.members)}
+    # With --quarantine-ok the same run (now resumed: nothing to do) exits 0.
+    assert main(["deblur", source.url, str(out), "--quarantine-ok"]) == 0
+
+
+@pytest.mark.s3
+def test_s3_in_and_out(
+    local_ray: None, s3: S3Server, inputs: tuple[Store, dict], reference: tuple[Store, deblur.RunSummary], model: Model
+) -> None:
+    local_source, _ = inputs
+    prefix = f"s3://{s3.bucket}/deblur-{time.time_ns()}"
+    source, output = Store(f"{prefix}/in", s3.storage_options), Store(f"{prefix}/out", s3.storage_options)
+    for name, data in tar_bytes(local_source).items():
+        source.commit_bytes(name, data)
+    summary = deblur.run(job(source, output), model.model, options=s3.storage_options)
+    assert summary.frames == 10
+    assert tar_bytes(output) == tar_bytes(reference[0])
+    assert s3.secret_key not in output.read_bytes("_run.json").decode()

@@ -1,0 +1,125 @@
+"""The deblur job on a multi-node Ray cluster on this machine, and a driver killed mid-run."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from pipeline import deblur
+from pipeline.shard_job import MANIFEST_DIR
+from pipeline.storage import Store
+from tests.deblur_setup import Model, bundled_model, make_input, tar_bytes
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Store, Model]:
+    folder = tmp_path_factory.mktemp("cluster-in")
+    store = Store(str(folder / "shards"))
+    make_input(folder, store)
+    return store, bundled_model()
+
+
+def run(source: Store, output: Store, model: Model, **resources: object) -> deblur.RunSummary:
+    job = deblur.DeblurJob(source.url, output.url, frames_per_batch=3, stall_timeout_s=120,
+                           resources=deblur.Resources(**resources))  # fmt: skip
+    return deblur.run(job, model.model)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    ray.init(address=c.address, logging_level="WARNING")
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+def test_pools_on_other_nodes_and_a_node_removed_mid_run(
+    cluster: Cluster, setup: tuple[Store, Model], tmp_path: Path
+) -> None:
+    source, model = setup
+    # Restorer actors need the custom resource "depth_pool", which only the two worker nodes have.
+    nodes = [cluster.add_node(num_cpus=2, resources={"depth_pool": 2}) for _ in range(2)]
+    cluster.wait_for_nodes()
+    head_id = ray.get_runtime_context().get_node_id()
+    reference = Store(str(tmp_path / "reference"))
+    summary = run(source, reference, model, workers=2, cpus_per_worker=0.5, worker_resource="depth_pool")
+    assert summary.frames == 10 and head_id not in summary.worker_nodes
+    assert sum(summary.worker_nodes.values()) == 2
+
+    removed: list[str] = []
+
+    def remove_a_node() -> None:
+        time.sleep(4.0)  # actors are up and working by then
+        cluster.remove_node(nodes[1])
+        removed.append("done")
+
+    thread = threading.Thread(target=remove_a_node)
+    thread.start()
+    faulty = Store(str(tmp_path / "faulty"))
+    summary = run(source, faulty, model, workers=2, cpus_per_worker=0.5, worker_resource="depth_pool")
+    thread.join()
+    assert removed and summary.frames == 10 and summary.quarantined == 0
+    assert tar_bytes(faulty) == tar_bytes(reference)
+
+
+def test_driver_killed_mid_run_then_resumed_gives_identical_output(setup: tuple[Store, Model], tmp_path: Path) -> None:
+    source, _ = setup
+    if ray.is_initialized():
+        ray.shutdown()
+    reference = tmp_path / "reference"
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "jobs.cli", "deblur", source.url]
+    options = ["--frames-per-batch", "3", "--workers", "1", "--num-cpus", "2"]
+    # Ray's socket paths must stay under 107 bytes: a short temporary folder, not pytest's.
+    ray_tmp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    first = subprocess.run([*command, str(reference), *options], cwd=ROOT, env=env, capture_output=True)
+    assert first.returncode == 0, first.stderr.decode()[-3000:]
+    # Kill the driver as soon as its first shard is committed: the other shards are unfinished.
+    driver = subprocess.Popen([*command, str(out), *options], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list((out / MANIFEST_DIR).glob("*.parquet")):
+        time.sleep(0.1)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    done_before = len(list((out / MANIFEST_DIR).glob("*.parquet")))
+    assert 1 <= done_before < 3, "the kill must land mid-run"
+    resumed = subprocess.run([*command, str(out), *options], cwd=ROOT, env=env, capture_output=True)
+    assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]
+    # Shard tasks of the killed driver may still finish a shard before Ray notices; never fewer.
+    skipped = int(re.search(r"(\d+) already done", resumed.stdout.decode()).group(1))
+    assert skipped >= done_before
+    assert tar_bytes(Store(str(out))) == tar_bytes(Store(str(reference)))
+    _kill_leftovers(ray_tmp)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _kill_leftovers(ray_tmp: str) -> None:
+    """Ray's dashboard and runtime-env agents outlive a SIGKILLed driver; find them by their RAY_TMPDIR."""
+    marker = f"RAY_TMPDIR={ray_tmp}".encode()
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker in environ.read_bytes().split(b"\0"):
+                os.kill(int(environ.parent.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
