@@ -20,7 +20,7 @@ from tqdm import tqdm
 import adarevd
 from jobs.data import add_storage_option
 from pipeline.ingest import INDEX_NAME, IngestConfig, ingest
-from pipeline.restorer import RestoreOptions
+from pipeline.job import RestoreOptions
 from pipeline.sink import ShardLimits
 from pipeline.storage import Store, parse_storage_options
 
@@ -52,7 +52,9 @@ def add_parser(sub: argparse._SubParsersAction, exit_mode: type, load_model: obj
     d.add_argument("--cpus-per-worker", type=float, default=1.0)
     d.add_argument("--gpus-per-worker", type=float, default=0.0, help="fractions are fine, e.g. 0.5")
     d.add_argument("--worker-resource", help="custom node resource the restorer actors need (1 each)")
-    d.add_argument("--frames-per-batch", type=int, default=8, help="frames whose patches are pooled per call")
+    d.add_argument(
+        "--frames-per-batch", type=int, default=0, help="frames pooled per call (default: 1 on CPU, 16 on GPU)"
+    )
     d.add_argument("--max-frames", type=int, help="stop after this many frames (a preview; not marked done)")
     d.add_argument("--stall-timeout", type=float, default=600.0, help="seconds without progress before failing")
     d.add_argument("--quarantine-ok", action="store_true", help="exit 0 even if frames were quarantined")
@@ -108,7 +110,8 @@ def cmd_deblur(args: argparse.Namespace, load_model) -> int:
     total = expected_frames(Store(input_url, options))
     with tqdm(total=total, unit=" frames", desc="deblur", file=sys.stderr, disable=None) as bar:
 
-        def show(done: int, _: dict[str, int]) -> None:
+        def show(done: int, depths: list[int]) -> None:
+            bar.set_postfix_str(f"patches by exit depth {depths}", refresh=False)
             bar.update(done - bar.n)
 
         summary = deblur.run(job, model, weight_files=weight_files, options=options, on_progress=show)

@@ -32,6 +32,25 @@ class FrameIn:
 
 
 @dataclass(frozen=True)
+class FrameOut:
+    """A deblurred sample and what the manifest records about it."""
+
+    sample: Sample
+    member: str
+    sha256: str  # of the output image member
+    depth_histogram: tuple[int, ...]  # patches per exit depth 0..N
+    mean_depth: float
+    compute_saved: float  # 1 - mean depth / N: decoder work not done vs full depth
+    blur_before: float
+    blur_after: float
+    seam: float
+    encode_ms: float
+    decode_ms: float
+    stitch_ms: float
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Rejected:
     """A sample that cannot be processed: it goes to quarantine with its original bytes."""
 

@@ -15,45 +15,15 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 
 from adarevd import AdaRevD
-from adarevd.model import EncoderMode, ExitMode
 from adarevd.tiling import PatchGrid, cut
-from pipeline.frames import FrameIn, Rejected, encode_output
+from pipeline.frames import FrameIn, FrameOut, Rejected, encode_output
+from pipeline.job import RestoreOptions
 from pipeline.scores import blur_score, seam_score
-from pipeline.shards import Sample
-
-
-@dataclass(frozen=True)
-class RestoreOptions:
-    exit: ExitMode = "adaptive"
-    encoder_mode: EncoderMode = "frame"
-    precision: Literal["fp32", "bf16"] = "fp32"
-    jpeg_quality: int = 95
-    threads: int = 0  # torch threads in this worker; 0 leaves torch's default
-
-
-@dataclass(frozen=True)
-class FrameOut:
-    """A deblurred sample and what the manifest records about it."""
-
-    sample: Sample
-    member: str
-    sha256: str  # of the output image member
-    depth_histogram: tuple[int, ...]  # patches per exit depth 0..N
-    mean_depth: float
-    compute_saved: float  # 1 - mean depth / N: decoder work not done vs full depth
-    blur_before: float
-    blur_after: float
-    seam: float
-    encode_ms: float
-    decode_ms: float
-    stitch_ms: float
-    notes: tuple[str, ...] = ()
 
 
 @dataclass
@@ -71,7 +41,8 @@ class _Encoded:
 class FrameRestorer:
     """Holds one model; `restorer(frames)` deblurs a batch of frames."""
 
-    def __init__(self, model: AdaRevD, options: RestoreOptions = RestoreOptions(), device: str = "cpu") -> None:
+    def __init__(self, model: AdaRevD, options: RestoreOptions | None = None, device: str = "cpu") -> None:
+        options = options or RestoreOptions()
         if options.threads:
             torch.set_num_threads(options.threads)
         self.device = torch.device(device)

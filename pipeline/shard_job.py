@@ -22,8 +22,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.frames import FrameIn, Rejected, decode_sample
-from pipeline.restorer import FrameOut
+from pipeline.frames import FrameIn, FrameOut, Rejected, decode_sample
 from pipeline.shards import ShardError, TarShardWriter, encode_shard, iter_samples
 from pipeline.storage import Store
 
@@ -118,7 +117,7 @@ def process_shard(
     image_member: str | None = None,
     fingerprint: str = "",
     max_frames: int | None = None,
-    on_frames: Callable[[int], None] | None = None,
+    on_frames: Callable[[int, list[int]], None] | None = None,
 ) -> ShardReport:
     start = time.perf_counter()
     report = ShardReport(shard)
@@ -138,6 +137,7 @@ def process_shard(
         with source.open(shard) as stream, open(local, "wb") as file, TarShardWriter(file) as writer:
             items = read_frames(stream, shard, image_member, report, max_frames)
             for results in restore(batched(frames_only(items), frames_per_batch)):
+                batch_histogram: list[int] = []
                 for result in results:
                     if isinstance(result, Rejected):
                         rejected.append(result)
@@ -145,9 +145,10 @@ def process_shard(
                     writer.write(result.sample)
                     rows.append(_manifest_row(shard, result, fingerprint))
                     report.frames += 1
-                    add_histogram(report.histogram, result.depth_histogram)
+                    add_histogram(batch_histogram, result.depth_histogram)
+                add_histogram(report.histogram, batch_histogram)
                 if on_frames:
-                    on_frames(len(results))
+                    on_frames(len(results), batch_histogram)
         output.commit_file(out_name, local)
         report.bytes_out = os.path.getsize(local)
     report.quarantined = len(rejected)

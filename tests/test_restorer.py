@@ -14,8 +14,9 @@ import torch
 import adarevd
 from adarevd.tiling import PatchGrid
 from pipeline import images
-from pipeline.frames import FrameIn, Rejected, decode_sample, image_member
-from pipeline.restorer import FrameOut, FrameRestorer, RestoreOptions
+from pipeline.frames import FrameIn, FrameOut, Rejected, decode_sample, image_member
+from pipeline.job import RestoreOptions
+from pipeline.restorer import FrameRestorer
 from pipeline.scores import blur_score, seam_score
 from pipeline.shard_job import local_restore, output_names, process_shard
 from pipeline.shards import Sample, encode_shard, iter_samples

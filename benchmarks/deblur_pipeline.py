@@ -1,0 +1,167 @@
+"""The deblur job vs its compute bound and vs a naive Ray Data pipeline, on the same frames, one run.
+
+- compute bound: `model.restore` frame by frame in this process (all cores), frames already decoded in
+  memory, no I/O: the most the machine can do with this model and exit mode.
+- pipeline: `adarevd deblur`'s `run()` on an embedded local Ray, reading and writing local shards, in
+  two worker layouts (N actors x 1 CPU, 1 actor x N CPUs). Reported on its whole wall time and on its
+  processing time (after the actors are up: start-up is paid once per run, not per frame).
+- naive Ray Data: `read_webdataset -> map_batches(model.restore) -> write_webdataset`, with an actor
+  pool of the same size, fractional CPUs (a pool that takes every CPU starves its read/write tasks).
+
+    python -m benchmarks.deblur_pipeline [--frames 64 --size 320x240 --exit adaptive]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+import adarevd
+from benchmarks.common import write
+from jobs.cli import DEFAULT_WEIGHTS
+from jobs.data import frame_size
+from pipeline import deblur
+from pipeline.ingest import IngestConfig, ingest
+from pipeline.job import RestoreOptions
+from pipeline.pairs import ClipConfig, write_clip
+from pipeline.shards import iter_samples
+from pipeline.sink import ShardLimits
+from pipeline.storage import Store
+
+
+def load_frames(store: Store) -> list[np.ndarray]:
+    import cv2
+
+    frames = []
+    for name in store.glob("*.tar"):
+        with store.open(name) as stream:
+            for sample in iter_samples(stream, name):
+                bgr = cv2.imdecode(np.frombuffer(sample.members["png"], np.uint8), cv2.IMREAD_COLOR)
+                frames.append(np.ascontiguousarray(bgr[..., ::-1]))
+    return frames
+
+
+def compute_bound(model: adarevd.AdaRevD, frames: list[np.ndarray], exit: str | int) -> float:
+    tensors = [torch.from_numpy(f).permute(2, 0, 1)[None].float() / 255 for f in frames]
+    with torch.no_grad():
+        model.restore(tensors[0], exit=exit)  # warm-up
+        start = time.perf_counter()
+        for t in tensors:
+            model.restore(t, exit=exit)
+    return time.perf_counter() - start
+
+
+class RestoreUDF:
+    """The naive pipeline's map_batches callable: model.restore on each decoded image."""
+
+    def __init__(self, exit: str | int) -> None:
+        torch.set_num_threads(1)
+        self.model = adarevd.AdaRevD(adarevd.read_config(DEFAULT_WEIGHTS))
+        adarevd.load_weights(self.model, DEFAULT_WEIGHTS)
+        self.model.eval()
+        self.exit = exit
+
+    def __call__(self, batch: dict) -> dict:
+        out = []
+        with torch.no_grad():
+            for image in batch["png"]:
+                x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255
+                y = self.model.restore(x, exit=self.exit).images[0]
+                out.append(y.mul(255).round().byte().permute(1, 2, 0).numpy())
+        batch["png"] = np.stack(out)
+        return batch
+
+
+def naive_ray_data(source: Store, output: Path, exit: str | int, actors: int, cpus: float) -> float:
+    start = time.perf_counter()
+    # Fractional CPUs everywhere: a pool holding whole CPUs starves the read/write tasks (ENV.md).
+    ds = ray.data.read_webdataset([source.path(n) for n in source.glob("*.tar")], num_cpus=0.1)
+    ds = ds.map_batches(
+        RestoreUDF,
+        fn_constructor_kwargs={"exit": exit},
+        batch_size=8,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=cpus,
+    )
+    ds.write_webdataset(str(output), ray_remote_args={"num_cpus": 0.1})
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--frames", type=int, default=64)
+    p.add_argument("--size", type=frame_size, default=(240, 320), help="WIDTHxHEIGHT")
+    p.add_argument("--exit", default="adaptive")
+    p.add_argument("--frames-per-batch", type=int, default=0, help="0: the job's default for the device")
+    args = p.parse_args()
+    exit = args.exit if args.exit == "adaptive" else int(args.exit)
+    cpus = os.cpu_count() or 1
+
+    work = Path(tempfile.mkdtemp(prefix="adarevd-bench-deblur-"))
+    try:
+        clip = work / "clip.mkv"
+        write_clip(clip, ClipConfig(frames=args.frames, size=args.size, seed=7))
+        source = Store(str(work / "shards"))
+        ingest([str(clip)], source, IngestConfig(limits=ShardLimits(max_samples=16)))
+        model = adarevd.AdaRevD(adarevd.read_config(DEFAULT_WEIGHTS))
+        adarevd.load_weights(model, DEFAULT_WEIGHTS)
+        model.eval()
+
+        bound = compute_bound(model, load_frames(source), exit)
+        print(f"compute bound: {args.frames / bound:.2f} frames/s", flush=True)
+        deblur.ensure_ray(None, num_cpus=cpus)
+        layouts = {f"{cpus}x1cpu": deblur.Resources(workers=cpus, cpus_per_worker=1.0),
+                   f"1x{cpus}cpu": deblur.Resources(workers=1, cpus_per_worker=float(cpus))}  # fmt: skip
+        pipeline = {}
+        for name, resources in layouts.items():
+            job = deblur.DeblurJob(
+                source.url, str(work / f"out-{name}"), restore=RestoreOptions(exit=exit),
+                resources=resources, frames_per_batch=args.frames_per_batch,
+            )  # fmt: skip
+            summary = deblur.run(job, model, weight_files=[str(DEFAULT_WEIGHTS)])
+            assert summary.frames == args.frames
+            pipeline[name] = {"wall_s": summary.seconds, "processing_s": summary.processing_seconds}
+            print(f"pipeline {name}: {pipeline[name]}", flush=True)
+        naive = naive_ray_data(source, work / "naive", exit, actors=cpus, cpus=0.9)
+        best = min(pipeline, key=lambda k: pipeline[k]["wall_s"])
+        fps = lambda s: args.frames / s  # noqa: E731
+        write(
+            "deblur_pipeline",
+            {
+                "frames": args.frames,
+                "size": {"width": args.size[1], "height": args.size[0]},
+                "exit": args.exit,
+                "frames_per_batch": args.frames_per_batch,
+                "compute_bound_fps": round(fps(bound), 3),
+                "pipeline": {
+                    k: {"fps_wall": round(fps(v["wall_s"]), 3), "fps_processing": round(fps(v["processing_s"]), 3)}
+                    for k, v in pipeline.items()
+                },
+                "naive_ray_data_fps": round(fps(naive), 3),
+                "best_layout": best,
+                "ratio_vs_compute_bound": {
+                    "wall": round(bound / pipeline[best]["wall_s"], 3),
+                    "processing": round(bound / pipeline[best]["processing_s"], 3),
+                    "goal": ">= 0.9",
+                },
+                "ratio_vs_naive_ray_data": {
+                    "wall": round(naive / pipeline[best]["wall_s"], 3),
+                    "goal": ">= 1.0 on CPU",
+                },
+            },
+        )
+    finally:
+        ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""What a deblur run is asked to do: plain frozen data, no Ray and no torch, so that it travels to
+every shard task and actor cheaply."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+ExitMode = Literal["adaptive"] | int
+EncoderMode = Literal["frame", "patch"]
+
+
+@dataclass(frozen=True)
+class RestoreOptions:
+    exit: ExitMode = "adaptive"
+    encoder_mode: EncoderMode = "frame"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    jpeg_quality: int = 95
+    threads: int = 0  # torch threads in this worker; 0 leaves torch's default
+
+
+@dataclass(frozen=True)
+class Resources:
+    workers: int = 0  # restorer actors; 0 = as many as fit the cluster's CPUs (or GPUs)
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    shards_in_flight: int = 0  # 0 = workers + 1
+    worker_resource: str | None = None  # a custom node resource the actors need (1 each): pins them to nodes
+
+    def resolve(self, cluster: Mapping[str, float]) -> Resources:
+        workers = self.workers
+        if not workers:
+            limits = [int(cluster.get("CPU", 1) // self.cpus_per_worker) if self.cpus_per_worker else 1]
+            if self.gpus_per_worker:
+                limits.append(int(cluster.get("GPU", 0) // self.gpus_per_worker))
+            if self.worker_resource:
+                limits.append(int(cluster.get(self.worker_resource, 0)))
+            workers = max(1, min(limits))
+        return Resources(
+            workers,
+            self.cpus_per_worker,
+            self.gpus_per_worker,
+            self.shards_in_flight or workers + 1,
+            self.worker_resource,
+        )
+
+
+@dataclass(frozen=True)
+class DeblurJob:
+    input_url: str
+    output_url: str
+    restore: RestoreOptions = field(default_factory=RestoreOptions)
+    resources: Resources = field(default_factory=Resources)
+    # Frames whose patches are pooled in one call. 0 = by device: 1 on CPU workers, where a larger
+    # batch is slower per patch (memory-bound blocks; 8 frames ran at 0.61x of 1, see ARCHITECTURE),
+    # 16 on GPU workers, where pooling fills the device.
+    frames_per_batch: int = 0
+    image_member: str | None = None
+    max_frames: int | None = None
+    stall_timeout_s: float = 600.0
+
+    def batch_frames(self) -> int:
+        return self.frames_per_batch or (16 if self.resources.gpus_per_worker > 0 else 1)
