@@ -135,4 +135,7 @@ def print_summary(summary, output_url: str, wall: float) -> None:
         print(f"quarantined: {summary.quarantined} frame(s); see {output_url}/_quarantine/ (original bytes + reasons)")
     for error in summary.shard_errors:
         print(f"shard error: {error}")
-    print(f"output: {output_url} (shards, _manifest/, _run.json)")
+    if not summary.reports and summary.shards_skipped:
+        print("nothing to do: every shard is already done here (resume); remove the output or choose another to redo")
+    where = output_url if "://" in output_url else str(Path(output_url).resolve())
+    print(f"output: {where} (shards, _manifest/, _run.json)")

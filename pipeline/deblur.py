@@ -15,6 +15,7 @@ twice.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
@@ -24,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import pyarrow.parquet as pq
 import ray
 import torch
 from ray.exceptions import GetTimeoutError
@@ -34,7 +36,7 @@ from adarevd import AdaRevD, AdaRevDConfig, load_weights
 from pipeline.frames import FrameIn, FrameOut, Rejected
 from pipeline.job import DeblurJob, Resources, RestoreOptions
 from pipeline.restorer import FrameRestorer
-from pipeline.shard_job import ShardReport, add_histogram, is_done
+from pipeline.shard_job import MANIFEST_DIR, ShardReport, add_histogram, is_done
 from pipeline.shard_task import ProgressActor, ShardWorker
 from pipeline.storage import Store, redact
 
@@ -190,7 +192,8 @@ def run(
         for actor in [*actors, *shard_workers, progress]:
             ray.kill(actor)
     summary.seconds = time.perf_counter() - start
-    output.commit_bytes(RUN_FILE, run_json(job, summary, fingerprint, config))
+    totals = output_totals(output, config.num_columns)
+    output.commit_bytes(RUN_FILE, run_json(job, summary, fingerprint, config, totals))
     output.remove_tmp_folder()
     return summary
 
@@ -269,11 +272,32 @@ def _stall_report(running: list[str], counts: Mapping[str, int], timeout: float)
     return "\n".join(lines)
 
 
-def run_json(job: DeblurJob, summary: RunSummary, fingerprint: str, config: AdaRevDConfig) -> bytes:
-    frames = summary.frames
-    histogram = summary.histogram
+def output_totals(output: Store, num_columns: int) -> dict[str, Any]:
+    """Frames and exit histogram over every committed manifest: the whole output, all runs."""
+    frames, histogram = 0, []
+    for name in output.glob(f"{MANIFEST_DIR}/*.parquet"):
+        table = pq.read_table(io.BytesIO(output.read_bytes(name)), columns=["depth_histogram"])
+        for row in table.column("depth_histogram").to_pylist():
+            frames += 1
+            add_histogram(histogram, row)
+    return {"frames": frames, **_depth_stats(histogram, num_columns)}
+
+
+def _depth_stats(histogram: list[int], num_columns: int) -> dict[str, Any]:
     patches = sum(histogram)
     mean_depth = sum(d * n for d, n in enumerate(histogram)) / patches if patches else 0.0
+    return {
+        "exit_histogram": histogram,
+        "mean_depth": round(mean_depth, 4),
+        "compute_saved": round(1 - mean_depth / num_columns, 4) if patches else None,
+    }
+
+
+def run_json(
+    job: DeblurJob, summary: RunSummary, fingerprint: str, config: AdaRevDConfig, totals: dict[str, Any]
+) -> bytes:
+    """`_run.json`: this run (a resumed run counts only what it did) and the output's totals."""
+    frames = summary.frames
     record = {
         "input": redact(job.input_url),
         "output": redact(job.output_url),
@@ -298,8 +322,7 @@ def run_json(job: DeblurJob, summary: RunSummary, fingerprint: str, config: AdaR
         "seconds": round(summary.seconds, 3),
         "processing_seconds": round(summary.processing_seconds, 3),
         "frames_per_second": round(frames / summary.seconds, 4) if summary.seconds else None,
-        "exit_histogram": histogram,
-        "mean_depth": round(mean_depth, 4),
-        "compute_saved": round(1 - mean_depth / config.num_columns, 4) if patches else None,
+        **_depth_stats(summary.histogram, config.num_columns),
+        "output_totals": totals,
     }
     return (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()

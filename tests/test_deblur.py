@@ -96,6 +96,10 @@ def test_a_rerun_gives_the_same_bytes_and_resume_redoes_only_missing_shards(
     summary = run(job(source, again), model)
     assert (summary.shards_skipped, len(summary.reports)) == (2, 1)
     assert tar_bytes(again) == tar_bytes(output)
+    record = run_record(again)
+    assert record["frames"] == summary.frames < 10  # this run
+    assert record["output_totals"]["frames"] == 10  # the whole output
+    assert record["output_totals"]["exit_histogram"] == run_record(output)["exit_histogram"]
 
 
 def test_a_killed_actor_loses_and_duplicates_nothing(
