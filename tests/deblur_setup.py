@@ -14,10 +14,10 @@ import adarevd
 from jobs.cli import DEFAULT_WEIGHTS
 from pipeline import images
 from pipeline.ingest import IngestConfig, ingest
-from pipeline.shards import Sample, encode_shard, iter_samples
+from pipeline.shards import Sample, encode_shard
 from pipeline.sink import ShardLimits
 from pipeline.storage import Store
-from tests.media import frames, write_video
+from tests.media import frames, read_samples, write_video
 
 
 @dataclass(frozen=True)
@@ -49,22 +49,7 @@ def make_input(folder: Path, store: Store) -> dict[str, np.ndarray]:
         for i, (key, rgb) in enumerate(pictures.items())
     ]  # fmt: skip
     store.commit_bytes("images-000000.tar", encode_shard(samples))
-    inputs = {}
-    for name in store.glob("*.tar"):
-        with store.open(name) as stream:
-            for sample in iter_samples(stream, name):
-                member = "jpg" if "jpg" in sample.members else "png"
-                bgr = cv2.imdecode(np.frombuffer(sample.members[member], np.uint8), cv2.IMREAD_COLOR)
-                inputs[sample.key] = bgr[..., ::-1].copy()
-    return inputs
-
-
-def read_output(store: Store) -> dict[str, dict[str, bytes]]:
-    out = {}
-    for name in store.glob("*.tar"):
-        with store.open(name) as stream:
-            out.update({s.key: dict(s.members) for s in iter_samples(stream, name)})
-    return out
+    return {key: pixels(members).copy() for key, members in read_samples(store).items()}
 
 
 def tar_bytes(store: Store) -> dict[str, bytes]:

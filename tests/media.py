@@ -1,4 +1,4 @@
-"""Small real media files for tests: videos written with OpenCV, images in awkward formats."""
+"""Small real media files for tests (videos written with OpenCV), and reading shards back."""
 
 from __future__ import annotations
 
@@ -6,6 +6,18 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
+from pipeline.shards import iter_samples
+from pipeline.storage import Store
+
+
+def read_samples(store: Store) -> dict[str, dict[str, bytes]]:
+    """key -> members of every sample in the store's top-level .tar shards."""
+    out = {}
+    for name in store.glob("*.tar"):
+        with store.open(name) as stream:
+            out.update({s.key: dict(s.members) for s in iter_samples(stream, name)})
+    return out
 
 
 def frames(count: int, height: int = 48, width: int = 64, seed: int = 0) -> list[np.ndarray]:

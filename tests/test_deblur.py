@@ -16,7 +16,8 @@ from pipeline import deblur, images
 from pipeline.shard_job import output_names
 from pipeline.shards import Sample, encode_shard
 from pipeline.storage import Store
-from tests.deblur_setup import Model, bundled_model, make_input, pixels, read_output, restore_u8, run_record, tar_bytes
+from tests.deblur_setup import Model, bundled_model, make_input, pixels, restore_u8, run_record, tar_bytes
+from tests.media import read_samples
 from tests.s3server import S3Server
 
 pytestmark = pytest.mark.ray
@@ -62,10 +63,10 @@ def test_every_frame_comes_out_deblurred_with_members_passed_through(
 ) -> None:
     output, summary = reference
     source, originals = inputs
-    out = read_output(output)
+    out = read_samples(output)
     assert sorted(out) == sorted(originals)
     assert summary.frames == len(originals) == 10 and summary.quarantined == 0
-    source_samples = read_output(source)
+    source_samples = read_samples(source)
     for key, rgb in originals.items():
         got = pixels(out[key])
         want = restore_u8(model.model, rgb)
@@ -141,8 +142,8 @@ def test_undecodable_frame_is_quarantined_and_fails_the_exit_status(
     assert main(["deblur", source.url, str(out), "--frames-per-batch", "2"]) == 3
     printed = capsys.readouterr().out
     assert "quarantined: 1 frame(s)" in printed
-    assert sorted(read_output(Store(str(out)))) == ["ok_000000"]
-    quarantine = read_output(Store(str(out / "_quarantine")))
+    assert sorted(read_samples(Store(str(out)))) == ["ok_000000"]
+    quarantine = read_samples(Store(str(out / "_quarantine")))
     assert quarantine == {"bad_000000": dict(bad.members)}
     # With --quarantine-ok the same run (now resumed: nothing to do) exits 0.
     assert main(["deblur", source.url, str(out), "--quarantine-ok"]) == 0

@@ -13,19 +13,10 @@ import pytest
 from jobs.cli import main
 from pipeline import images
 from pipeline.ingest import INDEX_NAME, IngestConfig, ingest
-from pipeline.shards import Sample, encode_shard, iter_samples
+from pipeline.shards import Sample, encode_shard
 from pipeline.sink import ShardLimits
 from pipeline.storage import Store
-from tests.media import decode_video, frames, write_video
-
-
-def read_all(store: Store) -> dict[str, dict[str, bytes]]:
-    samples = {}
-    for name in store.glob("*.tar"):
-        with store.open(name) as stream:
-            for sample in iter_samples(stream, name):
-                samples[sample.key] = dict(sample.members)
-    return samples
+from tests.media import decode_video, frames, read_samples, write_video
 
 
 def index_rows(store: Store) -> list[dict]:
@@ -36,7 +27,7 @@ def test_video_round_trips_bit_exactly_with_metadata(tmp_path: Path, memory_stor
     video = write_video(tmp_path / "clip.mkv", frames(7), fps=12.5)
     summary = ingest([str(video)], memory_store, IngestConfig(workers=2))
     assert (summary.videos, summary.frames, summary.skipped) == (1, 7, 0)
-    samples = read_all(memory_store)
+    samples = read_samples(memory_store)
     assert sorted(samples) == [f"clip_{i:06d}" for i in range(7)]
     for i, original in enumerate(decode_video(video)):
         sample = samples[f"clip_{i:06d}"]
@@ -72,7 +63,7 @@ def test_shards_roll_over_by_bytes(tmp_path: Path, memory_store: Store) -> None:
     limits = ShardLimits(max_bytes=int(2.5 * one_frame) + 4096)
     summary = ingest([str(video)], memory_store, IngestConfig(limits=limits))
     assert len(summary.shards) == 3
-    assert len(read_all(memory_store)) == 6
+    assert len(read_samples(memory_store)) == 6
     rows = index_rows(memory_store)
     assert [r["shard"] for r in rows] == [s for s in summary.shards for _ in range(2)]
 
@@ -80,7 +71,7 @@ def test_shards_roll_over_by_bytes(tmp_path: Path, memory_store: Store) -> None:
 def test_jpeg_members_with_quality(tmp_path: Path, memory_store: Store) -> None:
     video = write_video(tmp_path / "clip.mkv", frames(2))
     ingest([str(video)], memory_store, IngestConfig(image_format="jpg", quality=60))
-    sample = read_all(memory_store)["clip_000000"]
+    sample = read_samples(memory_store)["clip_000000"]
     assert set(sample) == {"jpg", "json"} and sample["jpg"][:2] == b"\xff\xd8"
     assert len(sample["jpg"]) < len(images.encode(frames(1)[0], "jpg", 95))
 
@@ -111,7 +102,7 @@ def test_bad_inputs_are_recorded_and_the_rest_is_ingested(tmp_path: Path, memory
     assert "truncated PNG" in by_reason["a4.png", "skipped"]
     assert "cannot be decoded" in by_reason["a5.jpg", "skipped"]
     assert "not a video, an image or a .tar shard" in by_reason["notes.txt", "skipped"]
-    samples = read_all(memory_store)
+    samples = read_samples(memory_store)
     decoded = {k: cv2.imdecode(np.frombuffer(v["png"], np.uint8), cv2.IMREAD_UNCHANGED) for k, v in samples.items()}
     np.testing.assert_array_equal(decoded["stills_000000"], rgb)
     np.testing.assert_array_equal(decoded["stills_000001"], np.repeat(rgb[..., :1], 3, axis=2))
@@ -129,7 +120,7 @@ def test_dotted_and_duplicate_names_get_safe_unique_ids(tmp_path: Path, memory_s
         (tmp_path / folder).mkdir()
         write_video(tmp_path / folder / "take 1.final.mkv", frames(2))
     ingest([str(tmp_path / "x"), str(tmp_path / "y")], memory_store)
-    assert sorted(read_all(memory_store)) == ["take-1-final-2_000000", "take-1-final-2_000001",
+    assert sorted(read_samples(memory_store)) == ["take-1-final-2_000000", "take-1-final-2_000001",
                                                "take-1-final_000000", "take-1-final_000001"]  # fmt: skip
     notes = [r["reason"] for r in index_rows(memory_store) if r["status"] == "note"]
     assert any("made from the name 'take 1.final.mkv'" in n for n in notes)
@@ -143,7 +134,7 @@ def test_resharding_keeps_keys_and_bytes_and_drops_duplicates(memory_store: Stor
     source.commit_bytes("in-000001.tar", encode_shard([*first[3:], first[0]]))
     summary = ingest([source.url_of("in-{000000..000001}.tar")], memory_store, IngestConfig(limits=ShardLimits(2)))
     assert (summary.shards_read, summary.frames, summary.skipped) == (2, 5, 1)
-    assert read_all(memory_store) == {s.key: dict(s.members) for s in first}
+    assert read_samples(memory_store) == {s.key: dict(s.members) for s in first}
     assert len(summary.shards) == 3
     assert any("duplicate key 'img_0000'" in p.reason for p in summary.problems)
 
@@ -155,7 +146,7 @@ def test_an_earlier_ingest_is_kept_unless_overwrite(tmp_path: Path, memory_store
         ingest([str(short)], memory_store)
     ingest([str(short)], memory_store, IngestConfig(limits=ShardLimits(2), overwrite=True))
     assert memory_store.glob("*.tar") == ["frames-000000.tar"]  # stale shards 1 and 2 removed
-    assert list(read_all(memory_store)) == ["short_000000"]
+    assert list(read_samples(memory_store)) == ["short_000000"]
 
 
 def test_cli_ingest_summarises_and_fails_when_nothing_was_ingested(

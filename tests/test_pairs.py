@@ -13,20 +13,11 @@ from adarevd.classifier import psnr_bucket
 from jobs.cli import main
 from pipeline.pairs import ClipConfig, SynthConfig, patch_psnr, psnr, write_clip, write_pairs
 from pipeline.scenes import load_sample
-from pipeline.shards import iter_samples
 from pipeline.storage import Store
 from pipeline.synth import BlurSpec, synthesize_clip
-from tests.media import decode_video
+from tests.media import decode_video, read_samples
 
 SMALL = SynthConfig(count=6, size=(96, 128), scenes=("astronaut", "coffee", "brick"), patch_size=32)
-
-
-def samples(store: Store) -> dict[str, dict[str, bytes]]:
-    out = {}
-    for name in store.glob("*.tar"):
-        with store.open(name) as stream:
-            out.update({s.key: dict(s.members) for s in iter_samples(stream, name)})
-    return out
 
 
 def rgb(png: bytes) -> np.ndarray:
@@ -45,7 +36,7 @@ def test_same_options_same_bytes_other_seed_other_bytes(memory_store: Store) -> 
 
 def test_pairs_carry_trajectory_and_psnr_that_match_the_pixels(memory_store: Store) -> None:
     write_pairs(memory_store, SMALL)
-    got = samples(memory_store)
+    got = read_samples(memory_store)
     assert sorted(got) == [f"synth-s0_{i:06d}" for i in range(6)]
     for members in got.values():
         assert set(members) == {"blur.png", "sharp.png", "json"}
@@ -60,7 +51,9 @@ def test_pairs_carry_trajectory_and_psnr_that_match_the_pixels(memory_store: Sto
 
 def test_blur_varies_across_patches_enough_to_fill_several_classes(memory_store: Store) -> None:
     write_pairs(memory_store, SynthConfig(count=12, size=(128, 128), patch_size=32))
-    values = [v for m in samples(memory_store).values() for row in json.loads(m["json"])["patch_psnr"] for v in row]
+    values = [
+        v for m in read_samples(memory_store).values() for row in json.loads(m["json"])["patch_psnr"] for v in row
+    ]
     classes = set(psnr_bucket(torch.tensor(values), (20.0, 25.0, 30.0, 35.0, 40.0)).tolist())
     assert len(classes) >= 4, classes
 
@@ -69,7 +62,7 @@ def test_jpeg_option_degrades_the_blurry_frame_only(memory_store: Store) -> None
     plain, compressed = Store(memory_store.url + "-p"), Store(memory_store.url + "-j")
     write_pairs(plain, SynthConfig(count=1, size=(96, 96)))
     write_pairs(compressed, SynthConfig(count=1, size=(96, 96), jpeg_quality=30))
-    a, b = samples(plain)["synth-s0_000000"], samples(compressed)["synth-s0_000000"]
+    a, b = read_samples(plain)["synth-s0_000000"], read_samples(compressed)["synth-s0_000000"]
     assert a["sharp.png"] == b["sharp.png"]
     assert 20 < psnr(rgb(a["blur.png"]), rgb(b["blur.png"])) < 45
     assert json.loads(b["json"])["jpeg_quality"] == 30
@@ -96,7 +89,7 @@ def test_cli_synth_writes_pairs_and_a_clip(tmp_path: Path, capsys: pytest.Captur
     assert code == 0
     assert "wrote 2 pairs in 1 shard(s)" in capsys.readouterr().out
     assert len(decode_video(tmp_path / "clip.mp4")) == 4
-    assert rgb(samples(Store(str(tmp_path / "pairs")))["synth-s0_000001"]["blur.png"]).shape == (48, 64, 3)
+    assert rgb(read_samples(Store(str(tmp_path / "pairs")))["synth-s0_000001"]["blur.png"]).shape == (48, 64, 3)
     assert main(["synth"]) == 2
     assert "give --output" in capsys.readouterr().err
     assert main(["synth", "--output", str(tmp_path / "x"), "--scenes", "eagle"]) == 2
