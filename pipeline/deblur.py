@@ -153,6 +153,28 @@ def run(
     shards = list_shards(source)
     todo = [s for s in shards if not is_done(output, s)]
     summary = RunSummary(shards_total=len(shards), shards_skipped=len(shards) - len(todo))
+    if todo:
+        _process(job, model, fingerprint, todo, summary, weight_files, options, on_progress, make_restorer)
+    summary.seconds = time.perf_counter() - start
+    totals = output_totals(output, config.num_columns)
+    output.commit_bytes(RUN_FILE, run_json(job, summary, fingerprint, config, totals))
+    output.remove_tmp_folder()
+    return summary
+
+
+def _process(
+    job: DeblurJob,
+    model: AdaRevD,
+    fingerprint: str,
+    todo: list[str],
+    summary: RunSummary,
+    weight_files: Sequence[str],
+    options: Mapping[str, Any],
+    on_progress: Callable[[int, list[int]], None] | None,
+    make_restorer: Callable[[], Restorer] | None,
+) -> None:
+    """Start the actors, run every shard in `todo`, stop the actors; fills `summary`."""
+    config = model.config
     resources = job.resources.resolve(ray.cluster_resources())
     summary.workers = resources.workers
     restore = job.restore
@@ -191,11 +213,6 @@ def run(
     finally:
         for actor in [*actors, *shard_workers, progress]:
             ray.kill(actor)
-    summary.seconds = time.perf_counter() - start
-    totals = output_totals(output, config.num_columns)
-    output.commit_bytes(RUN_FILE, run_json(job, summary, fingerprint, config, totals))
-    output.remove_tmp_folder()
-    return summary
 
 
 def _wait_ready(actors: list[Any], shard_workers: list[Any], resources: Resources, timeout: float) -> list[str]:
@@ -275,7 +292,7 @@ def _stall_report(running: list[str], counts: Mapping[str, int], timeout: float)
 def output_totals(output: Store, num_columns: int) -> dict[str, Any]:
     """Frames and exit histogram over every committed manifest: the whole output, all runs."""
     frames, histogram = 0, []
-    for name in output.glob(f"{MANIFEST_DIR}/*.parquet"):
+    for name in output.glob(f"{MANIFEST_DIR}/**/*.parquet"):
         table = pq.read_table(io.BytesIO(output.read_bytes(name)), columns=["depth_histogram"])
         for row in table.column("depth_histogram").to_pylist():
             frames += 1
