@@ -67,9 +67,22 @@ class FrameRestorer:
         for item in encoded:
             groups[item.grid.size_h, item.grid.size_w].append(item)
         for group in groups.values():
-            self._decode_pooled(group)
+            try:
+                self._decode_pooled(group)
+            except RuntimeError:
+                # One bad frame must not take its batch with it: decode each alone, reject what fails.
+                for item in group:
+                    try:
+                        self._decode_pooled([item])
+                    except RuntimeError as e:
+                        results[item.frame.key] = Rejected(item.frame.key, f"decoder failed: {e}", item.frame.sample)
         for item in encoded:
-            results[item.frame.key] = self._finish(item)
+            if item.frame.key in results:
+                continue
+            try:
+                results[item.frame.key] = self._finish(item)
+            except (RuntimeError, ValueError) as e:
+                results[item.frame.key] = Rejected(item.frame.key, f"stitch or encode failed: {e}", item.frame.sample)
         return [results[f.key] for f in frames]
 
     def _autocast(self) -> torch.autocast:

@@ -66,6 +66,25 @@ def test_pooled_batch_equals_restore_frame_by_frame(model: adarevd.AdaRevD, exit
             assert out.depth_histogram[2] == sum(out.depth_histogram) and out.compute_saved == pytest.approx(0.5)
 
 
+def test_a_frame_that_breaks_the_decoder_is_rejected_alone(
+    model: adarevd.AdaRevD, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    restorer = FrameRestorer(model)
+    small, large = frame("small", 64, 64), frame("large", 100, 130, seed=1)  # 1 patch, 6 patches
+    decode = restorer.model.decode
+
+    def flaky(x: torch.Tensor, state: tuple, depths: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] >= 6:  # the pooled batch and the large frame alone
+            raise RuntimeError("out of memory (simulated)")
+        return decode(x, state, depths)
+
+    monkeypatch.setattr(restorer.model, "decode", flaky)
+    ok, rejected = restorer([small, large])
+    assert isinstance(ok, FrameOut) and np.abs(decoded(ok).astype(int) - restore_u8(model, small.rgb)).max() <= 1
+    assert isinstance(rejected, Rejected) and "decoder failed: out of memory (simulated)" in rejected.reason
+    assert rejected.sample is large.sample  # original bytes go to quarantine
+
+
 def test_jpeg_member_stays_jpeg_and_patch_mode_matches(model: adarevd.AdaRevD) -> None:
     restorer = FrameRestorer(model, RestoreOptions(encoder_mode="patch", jpeg_quality=90))
     f = frame("j", 80, 96, member="jpg", smooth=True)
