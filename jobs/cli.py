@@ -26,16 +26,11 @@ import adarevd
 from adarevd.classifier import psnr
 from adarevd.tiling import PatchGrid
 from jobs import data, deblur
+from jobs.models import ASSETS, DEFAULT_WEIGHTS, CliError, exit_mode, load_model
 from pipeline.shards import ShardError
 from pipeline.storage import StorageError
 
-ASSETS = Path(adarevd.__file__).resolve().parent / "assets"
-DEFAULT_WEIGHTS = ASSETS / "adarevd-tiny.safetensors"
 DEMO_BLURRY, DEMO_SHARP = ASSETS / "demo_blurry.png", ASSETS / "demo_sharp.png"
-
-
-class CliError(Exception):
-    """A user-facing error: printed without a traceback, exit status 2."""
 
 
 def read_image(path: Path) -> torch.Tensor:
@@ -70,30 +65,13 @@ def depth_map(depths: torch.Tensor, grid: PatchGrid, shape: tuple[int, int], n: 
     return cv2.applyColorMap((canvas[: shape[0], : shape[1]] * 255).astype(np.uint8), cv2.COLORMAP_VIRIDIS)
 
 
-def load_model(preset: str, weights: Sequence[str], device: torch.device) -> tuple[adarevd.AdaRevD, str]:
-    """The model and a description of its weights: the given files, else the bundled tiny weights."""
-    source = ", ".join(weights)
-    if not weights:
-        if preset != "adarevd-tiny":
-            raise CliError(f"{preset} has no bundled weights: pass --weights (the authors' .pth files or .safetensors)")
-        if not DEFAULT_WEIGHTS.exists():
-            raise CliError(f"the bundled weights {DEFAULT_WEIGHTS} are missing; run `adarevd make-default-weights`")
-        weights, source = [str(DEFAULT_WEIGHTS)], f"bundled {DEFAULT_WEIGHTS.name}"
-    first = Path(weights[0])
-    # Project files carry their config; the authors' .pth files fit the chosen preset.
-    config = adarevd.read_config(first) if first.suffix == ".safetensors" else adarevd.PRESETS[preset]
-    model = adarevd.AdaRevD(config)
-    adarevd.load_weights(model, *weights)
-    return model.to(device).eval(), source
-
-
 def cmd_restore(args: argparse.Namespace) -> int:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     images = [Path(p) for p in args.images] or [DEMO_BLURRY]
     references = [Path(p) for p in args.reference] or ([DEMO_SHARP] if not args.images else [])
     if references and len(references) != len(images):
         raise CliError(f"--reference needs one sharp image per input: {len(images)} inputs, {len(references)} given")
-    model, source = load_model(args.model, args.weights, device)
+    model, source, _ = load_model(args.model, args.weights, device)
     out_dir = Path(args.output)
     n = model.num_columns
     print(f"model {model.config.width}-wide {model.config.encoder} encoder, {n} columns; weights: {source}")
@@ -158,12 +136,6 @@ def cmd_make_demo_image(args: argparse.Namespace) -> int:
     return 0
 
 
-def exit_mode(text: str) -> str | int:
-    if text == "adaptive" or text.isdigit():
-        return text if text == "adaptive" else int(text)
-    raise argparse.ArgumentTypeError(f"expected 'adaptive' or a number of columns, got {text!r}")
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="adarevd", description="AdaRevD deblurring at scale")
     sub = p.add_subparsers(dest="command", required=True)
@@ -198,7 +170,7 @@ def parser() -> argparse.ArgumentParser:
     d.set_defaults(run=cmd_make_demo_image)
 
     data.add_parsers(sub)
-    deblur.add_parser(sub, exit_mode, load_model)
+    deblur.add_parser(sub)
     return p
 
 

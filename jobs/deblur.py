@@ -12,6 +12,7 @@ import io
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow.parquet as pq
 import torch
@@ -19,18 +20,20 @@ from tqdm import tqdm
 
 import adarevd
 from jobs.data import add_storage_option
+from jobs.models import ASSETS, exit_mode, load_model
 from pipeline.ingest import INDEX_NAME, IngestConfig, ingest
 from pipeline.job import RestoreOptions
 from pipeline.sink import ShardLimits
 from pipeline.storage import Store, parse_storage_options
 
-ASSETS = Path(adarevd.__file__).resolve().parent / "assets"
+if TYPE_CHECKING:  # the job module imports Ray; `adarevd ingest` should not pay for that
+    from pipeline.deblur import RunSummary
+
 DEMO_CLIP = ASSETS / "demo_clip.mp4"
-DEFAULT_WEIGHTS = ASSETS / "adarevd-tiny.safetensors"
 DEMO_INPUT, DEMO_OUTPUT = "adarevd-out/demo-frames", "adarevd-out/deblurred"
 
 
-def add_parser(sub: argparse._SubParsersAction, exit_mode: type, load_model: object) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser(
         "deblur",
         help="deblur WebDataset shards on Ray (default: the bundled demo clip, bundled weights)",
@@ -59,7 +62,7 @@ def add_parser(sub: argparse._SubParsersAction, exit_mode: type, load_model: obj
     d.add_argument("--stall-timeout", type=float, default=600.0, help="seconds without progress before failing")
     d.add_argument("--quarantine-ok", action="store_true", help="exit 0 even if frames were quarantined")
     add_storage_option(d)
-    d.set_defaults(run=lambda args: cmd_deblur(args, load_model))
+    d.set_defaults(run=cmd_deblur)
 
 
 def demo_input() -> str:
@@ -80,7 +83,7 @@ def expected_frames(store: Store) -> int | None:
     return sum(s is not None for s in table.column("shard").to_pylist())
 
 
-def cmd_deblur(args: argparse.Namespace, load_model) -> int:
+def cmd_deblur(args: argparse.Namespace) -> int:
     from pipeline import deblur
 
     options = parse_storage_options(args.storage_option)
@@ -88,8 +91,7 @@ def cmd_deblur(args: argparse.Namespace, load_model) -> int:
         raise ValueError("give both INPUT_URL and OUTPUT_URL, or neither (the bundled demo)")
     input_url = args.input or demo_input()
     output_url = args.output or DEMO_OUTPUT
-    model, source = load_model(args.model, args.weights, torch.device("cpu"))
-    weight_files = args.weights or [str(DEFAULT_WEIGHTS)]
+    model, source, weight_files = load_model(args.model, args.weights, torch.device("cpu"))
     fingerprint = adarevd.fingerprint(model)
     job = deblur.DeblurJob(
         input_url=input_url,
@@ -120,7 +122,7 @@ def cmd_deblur(args: argparse.Namespace, load_model) -> int:
     return 3 if failed else 0
 
 
-def print_summary(summary, output_url: str, wall: float) -> None:
+def print_summary(summary: RunSummary, output_url: str, wall: float) -> None:
     frames = summary.frames
     histogram = summary.histogram
     patches = sum(histogram) or 1
