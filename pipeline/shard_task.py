@@ -11,12 +11,13 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import ray
+import tenacity
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from pipeline.frames import FrameIn, FrameOut, Rejected
 from pipeline.job import DeblurJob
 from pipeline.shard_job import ShardReport, add_histogram, process_shard
-from pipeline.storage import Store
+from pipeline.storage import Store, is_transient
 
 
 @ray.remote(num_cpus=0)
@@ -88,18 +89,30 @@ class ShardWorker:
         max_frames: int | None,
     ) -> ShardReport:
         source, output = Store(job.input_url, options), Store(job.output_url, options)
-        return process_shard(
-            shard,
-            source,
-            output,
-            # Shard i starts at actor 2i: with >= workers/2 shards in flight every actor has work.
-            actor_restore(actors, start=2 * index, window=2),
-            frames_per_batch=job.batch_frames(),
-            image_member=job.image_member,
-            fingerprint=fingerprint,
-            max_frames=max_frames,
-            on_frames=lambda n, histogram: progress.add.remote(shard, n, histogram),
+
+        def attempt() -> ShardReport:
+            return process_shard(
+                shard,
+                source,
+                output,
+                # Shard i starts at actor 2i: with >= workers/2 shards in flight every actor has work.
+                actor_restore(actors, start=2 * index, window=2),
+                frames_per_batch=job.batch_frames(),
+                image_member=job.image_member,
+                fingerprint=fingerprint,
+                max_frames=max_frames,
+                on_frames=lambda n, histogram: progress.add.remote(shard, n, histogram),
+            )
+
+        # A store that drops the connection in the middle of a shard's stream: redo the shard (its
+        # output is committed whole, so a redo writes nothing twice). Single operations already retry.
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(lambda e: is_transient(e) or is_transient(e.__cause__ or e)),
+            wait=tenacity.wait_exponential(multiplier=1, max=30),
+            stop=tenacity.stop_after_attempt(3),
+            reraise=True,
         )
+        return retrying(attempt)
 
     def node(self) -> str:
         return ray.get_runtime_context().get_node_id()

@@ -18,6 +18,7 @@ from typing import IO, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
+import tenacity
 from fsspec.core import url_to_fs
 
 TMP_DIR = "_tmp"
@@ -66,6 +67,7 @@ class Store:
 
     url: str
     options: Mapping[str, Any] = field(default_factory=dict)
+    retry_seconds: float = 60.0  # keep retrying an unreachable store this long (exponential backoff)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "url", self.url.rstrip("/") or self.url)
@@ -143,12 +145,44 @@ class Store:
         return fs
 
     def _commit(self, tmp: str, name: str) -> None:
-        self._call("commit", name, lambda: self._mkparent(name).mv(self.path(tmp), self.path(name)))
+        def move() -> None:
+            fs = self._mkparent(name)
+            # A retried move whose copy landed before the connection broke finds its source gone.
+            if not fs.exists(self.path(tmp)) and fs.exists(self.path(name)):
+                return
+            fs.mv(self.path(tmp), self.path(name))
+
+        self._call("commit", name, move)
 
     def _call(self, verb: str, name: str, fn: Callable[[], T]) -> T:
+        """Run one storage operation; retry it while the store is unreachable, then fail clearly."""
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(is_transient),
+            wait=tenacity.wait_exponential(multiplier=0.5, max=10),
+            stop=tenacity.stop_after_delay(self.retry_seconds),
+            reraise=True,
+        )
         try:
-            return fn()
+            return retrying(fn)
         except FileNotFoundError:
             raise
-        except (OSError, RuntimeError) as e:
-            raise StorageError(f"{redact(self.url_of(name))}: could not {verb}: {e}") from e
+        except Exception as e:
+            if not (is_transient(e) or isinstance(e, (OSError, RuntimeError))):
+                raise
+            why = f"still unreachable after {self.retry_seconds:.0f} s of retries: " if is_transient(e) else ""
+            raise StorageError(f"{redact(self.url_of(name))}: could not {verb}: {why}{e}") from e
+
+
+def is_transient(error: BaseException) -> bool:
+    """A failure worth retrying: the store did not answer (connection refused or reset, timeout), as
+    opposed to an answer (not found, access denied)."""
+    if isinstance(error, (FileNotFoundError, PermissionError, FileExistsError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(error, (ConnectionError, TimeoutError)):
+        return True
+    try:  # s3fs reports an unreachable endpoint with botocore's own exception types
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import HTTPClientError
+    except ImportError:
+        return False
+    return isinstance(error, (BotoConnectionError, HTTPClientError))
