@@ -20,12 +20,11 @@ from typing import Any
 import cv2
 import numpy as np
 from braceexpand import braceexpand
-from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline import images
+from pipeline import images, storage
 from pipeline.shards import Sample, ShardError, iter_samples
-from pipeline.storage import redact
+from pipeline.storage import redact, resolve
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".wmv", ".flv"})
 SHARD_SUFFIXES = frozenset({".tar"})
@@ -99,23 +98,31 @@ def plan(urls: Sequence[str], options: Mapping[str, Any]) -> tuple[list[Source],
     sources: list[Source] = []
     problems: list[Problem] = []
     for url in urls:
-        fs, _ = url_to_fs(url, **dict(options))
-        files: list[str] = []
-        folders: list[str] = []
-        for expanded in braceexpand(url):
-            _, path = url_to_fs(expanded, **dict(options))
-            if any(c in path for c in "*?["):
-                files += sorted(fs.glob(path))
-            elif fs.isdir(path):
-                folders.append(path)
-            elif fs.exists(path):
-                files.append(path)
-            else:
-                problems.append(Problem(redact(expanded), "not found"))
-        for folder in folders:
-            files += sorted(fs.find(folder), key=natural_key)
+        fs, _ = resolve(url, options)
+        files, missing = storage.call("list", url, lambda url=url, fs=fs: _expand(url, fs, options))
+        problems += [Problem(redact(m), "not found") for m in missing]
         sources += _classify(fs, files, problems)
     return _assign_ids(sources), problems
+
+
+def _expand(url: str, fs: Any, options: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """(files under `url` in a stable order, brace expansions that do not exist)."""
+    files: list[str] = []
+    folders: list[str] = []
+    missing: list[str] = []
+    for expanded in braceexpand(url):
+        _, path = resolve(expanded, options)
+        if any(c in path for c in "*?["):
+            files += sorted(fs.glob(path))
+        elif fs.isdir(path):
+            folders.append(path)
+        elif fs.exists(path):
+            files.append(path)
+        else:
+            missing.append(expanded)
+    for folder in folders:
+        files += sorted(fs.find(folder), key=natural_key)
+    return files, missing
 
 
 def _classify(fs: Any, files: list[str], problems: list[Problem]) -> list[Source]:
@@ -192,7 +199,7 @@ def _read_video(source: Source) -> Iterator[Event]:
         if not isinstance(fs, LocalFileSystem):
             # OpenCV decodes from local files only: fetch the object first.
             local = os.path.join(tmp, "video" + posixpath.splitext(path)[1])
-            fs.get_file(path, local)
+            storage.call("download", source.url, lambda: fs.get_file(path, local))
             path = local
         if os.path.getsize(path) == 0:
             yield Problem(source.url, "empty file (0 bytes); nothing to decode", video_id=source.video_id)
@@ -235,7 +242,7 @@ def _read_images(source: Source, fps: float | None) -> Iterator[Event]:
     fs = source.fs
     for index, path in enumerate(source.paths):
         url = path if isinstance(fs, LocalFileSystem) else redact(fs.unstrip_protocol(path))
-        data = fs.cat_file(path)
+        data = storage.call("read", url, lambda path=path: fs.cat_file(path))
         try:
             bgr, notes = images.decode(data)
         except images.ImageError as e:
@@ -253,3 +260,7 @@ def _read_shard(source: Source) -> Iterator[Event]:
                 yield Passthrough(sample, source.url)
     except ShardError as e:
         yield Problem(source.url, f"{e}; samples before this point were ingested", skipped=False)
+    except Exception as e:
+        if not storage.is_transient(e):
+            raise
+        raise storage.StorageError(f"{source.url}: the store stopped answering mid-read ({e}); re-run") from e

@@ -51,6 +51,15 @@ def parse_storage_options(pairs: Iterable[str]) -> dict[str, Any]:
     return options
 
 
+def resolve(url: str, options: Mapping[str, Any]) -> tuple[fsspec.AbstractFileSystem, str]:
+    """URL -> (filesystem, path), or a StorageError that says what is missing (e.g. gcsfs for gs://).
+    fsspec caches filesystem instances per (protocol, options), so resolving again is cheap."""
+    try:
+        return url_to_fs(url, **dict(options))
+    except (ImportError, ValueError, TypeError) as e:
+        raise StorageError(f"{redact(url)}: cannot open this storage URL: {e}") from e
+
+
 def redact(url: str) -> str:
     """The URL without any user:password@ part, for messages and metadata."""
     parts = urlsplit(url)
@@ -81,11 +90,7 @@ class Store:
         return self._resolved()[1]
 
     def _resolved(self) -> tuple[fsspec.AbstractFileSystem, str]:
-        # fsspec caches filesystem instances per (protocol, options), so resolving again is cheap.
-        try:
-            fs, path = url_to_fs(self.url, **dict(self.options))
-        except (ImportError, ValueError, TypeError) as e:
-            raise StorageError(f"{redact(self.url)}: cannot open this storage URL: {e}") from e
+        fs, path = resolve(self.url, self.options)
         return fs, path.rstrip("/") or path
 
     def path(self, name: str) -> str:
@@ -155,22 +160,27 @@ class Store:
         self._call("commit", name, move)
 
     def _call(self, verb: str, name: str, fn: Callable[[], T]) -> T:
-        """Run one storage operation; retry it while the store is unreachable, then fail clearly."""
-        retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception(is_transient),
-            wait=tenacity.wait_exponential(multiplier=0.5, max=10),
-            stop=tenacity.stop_after_delay(self.retry_seconds),
-            reraise=True,
-        )
-        try:
-            return retrying(fn)
-        except FileNotFoundError:
+        return call(verb, self.url_of(name), fn, self.retry_seconds)
+
+
+def call(verb: str, url: str, fn: Callable[[], T], retry_seconds: float = 60.0) -> T:
+    """Run one storage operation on `url`; retry it while the store is unreachable, then fail clearly
+    (StorageError naming the URL). Not found is passed through as FileNotFoundError."""
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception(is_transient),
+        wait=tenacity.wait_exponential(multiplier=0.5, max=10),
+        stop=tenacity.stop_after_delay(retry_seconds),
+        reraise=True,
+    )
+    try:
+        return retrying(fn)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        if not (is_transient(e) or isinstance(e, (OSError, RuntimeError))):
             raise
-        except Exception as e:
-            if not (is_transient(e) or isinstance(e, (OSError, RuntimeError))):
-                raise
-            why = f"still unreachable after {self.retry_seconds:.0f} s of retries: " if is_transient(e) else ""
-            raise StorageError(f"{redact(self.url_of(name))}: could not {verb}: {why}{e}") from e
+        why = f"still unreachable after {retry_seconds:.0f} s of retries: " if is_transient(e) else ""
+        raise StorageError(f"{redact(url)}: could not {verb}: {why}{e}") from e
 
 
 def is_transient(error: BaseException) -> bool:

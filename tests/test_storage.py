@@ -50,6 +50,10 @@ def test_a_failed_upload_leaves_nothing_at_the_final_name(memory_store: Store, t
     assert not memory_store.exists("x.tar")
 
 
-def test_unknown_protocol_is_a_clear_error() -> None:
+def test_unknown_protocol_is_a_clear_error(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(StorageError, match="nosuch://b/x: cannot open this storage URL"):
         Store("nosuch://b/x").glob("*")
+    from jobs.cli import main
+
+    assert main(["ingest", "nosuch://bucket/clip.mp4", "--output", "memory://never"]) == 2
+    assert "nosuch://bucket/clip.mp4: cannot open this storage URL" in capsys.readouterr().err
