@@ -69,7 +69,9 @@ def demo_input() -> str:
     """Ingest the bundled clip once; later runs reuse the shards."""
     store = Store(DEMO_INPUT)
     if not store.exists(INDEX_NAME):
-        summary = ingest([str(DEMO_CLIP)], store, IngestConfig(limits=ShardLimits(max_samples=16)))
+        # overwrite: an earlier demo ingest that was interrupted left shards but no index.
+        config = IngestConfig(limits=ShardLimits(max_samples=16), overwrite=True)
+        summary = ingest([str(DEMO_CLIP)], store, config)
         print(f"ingested the bundled demo clip: {summary.frames} frames, {len(summary.shards)} shards -> {DEMO_INPUT}")
     return DEMO_INPUT
 
