@@ -160,7 +160,7 @@ def parser() -> argparse.ArgumentParser:
     i.set_defaults(run=cmd_info)
 
     w = sub.add_parser(
-        "make-default-weights", help="re-train the bundled adarevd-tiny weights (about 20 min on 2 cores)"
+        "make-default-weights", help="re-train the bundled adarevd-tiny weights (about an hour on 2 cores)"
     )
     w.add_argument("--output", default=str(DEFAULT_WEIGHTS))
     w.set_defaults(run=cmd_make_default_weights)
