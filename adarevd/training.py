@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +19,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from adarevd.blocks import NAFBlock
-from adarevd.classifier import psnr_classes
+from adarevd.classifier import psnr, psnr_classes
 from adarevd.config import AdaRevDConfig
 from adarevd.encoders import Encoder
 from adarevd.model import AdaRevD
@@ -78,13 +78,25 @@ class StageConfig:
     grad_clip: float | None = None
 
 
-class Stage:
-    """Optimiser, cosine schedule and EMA over the trainable parameters of `model`."""
+GradSync = Callable[[list[nn.Parameter]], None]
 
-    def __init__(self, model: nn.Module, params: Iterable[nn.Parameter], config: StageConfig) -> None:
+
+class Stage:
+    """Optimiser, cosine schedule and EMA over the trainable parameters of `model`.
+
+    `sync`, when given, is called on the trainable parameters after each backward, before clipping and
+    the update: data-parallel training averages the gradients of all workers there. After each step,
+    `last_metric` is the mean PSNR of the batch's final output (deblurring) or the accuracy in percent
+    of the classifier."""
+
+    def __init__(
+        self, model: nn.Module, params: Iterable[nn.Parameter], config: StageConfig, sync: GradSync | None = None
+    ) -> None:
         self.model = model
         self.params = [p for p in params if p.requires_grad]
         self.config = config
+        self.sync = sync
+        self.last_metric = float("nan")
         self.optimizer = torch.optim.AdamW(
             self.params, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas
         )
@@ -96,6 +108,8 @@ class Stage:
     def _apply(self, loss: torch.Tensor) -> float:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.sync is not None:
+            self.sync(self.params)
         if self.config.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
         self.optimizer.step()
@@ -107,7 +121,9 @@ class Stage:
         """One step of the deblurring loss over every output of the model."""
         self.model.train()
         outputs = self.model(blurry, reversible=reversible) if isinstance(self.model, AdaRevD) else self.model(blurry)
-        return self._apply(deblur_loss(outputs, sharp))
+        loss = deblur_loss(outputs, sharp)
+        self.last_metric = psnr(outputs[-1].detach().clamp(0, 1), sharp).mean().item()
+        return self._apply(loss)
 
     def classifier_step(self, blurry: torch.Tensor, sharp: torch.Tensor) -> float:
         """Stage 2: cross-entropy of the classifier on the PSNR bucket of each blurry crop."""
@@ -118,6 +134,7 @@ class Stage:
         with torch.no_grad():
             features = model.encode(model.pad(blurry))
         logits = model.classify(features)
+        self.last_metric = 100 * (logits.argmax(dim=1) == labels).float().mean().item()
         return self._apply(F.cross_entropy(logits, labels))
 
     def averaged(self) -> nn.Module:

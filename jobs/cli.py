@@ -7,6 +7,7 @@ adarevd make-demo-image            re-make the bundled demo image pair
 adarevd ingest SRC... --output URL videos/images/shards -> WebDataset frame shards (jobs/data.py)
 adarevd synth --output URL         synthetic paired blur shards (+ a blurry clip)
 adarevd deblur [INPUT OUTPUT]      the distributed deblur job on Ray (jobs/deblur.py)
+adarevd train KIND DATA --output W training stages on Ray Train; calibrate; eval (jobs/train.py)
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 import adarevd
 from adarevd.classifier import psnr
 from adarevd.tiling import PatchGrid
-from jobs import data, deblur
+from jobs import data, deblur, train
 from jobs.models import ASSETS, DEFAULT_WEIGHTS, CliError, exit_mode, load_model
 from pipeline.shards import ShardError
 from pipeline.storage import StorageError
@@ -171,6 +172,7 @@ def parser() -> argparse.ArgumentParser:
 
     data.add_parsers(sub)
     deblur.add_parser(sub)
+    train.add_parsers(sub)
     return p
 
 

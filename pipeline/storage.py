@@ -117,6 +117,15 @@ class Store:
     def remove(self, name: str) -> None:
         self._call("remove", name, lambda: self.fs.rm_file(self.path(name)))
 
+    def remove_tree(self, name: str) -> None:
+        """Remove a folder and everything under it (nothing happens if it is not there)."""
+
+        def rm() -> None:
+            if self.fs.exists(self.path(name)):
+                self.fs.rm(self.path(name), recursive=True)
+
+        self._call("remove", name, rm)
+
     def commit_bytes(self, name: str, data: bytes) -> None:
         """Write `data` at `name` so that readers see all of it or nothing."""
         tmp = self._tmp_name(name)

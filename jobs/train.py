@@ -1,0 +1,157 @@
+"""`adarevd train encoder|decoders|classifier`, `adarevd calibrate` and `adarevd eval`.
+
+train DATA_URL --output W.safetensors   one stage on paired shards; `--workers N` runs N Ray Train
+                                        workers (embedded local Ray, or `--address`); `--checkpoints
+                                        URL` makes it resumable (re-run the same command)
+calibrate VAL_URL --weights W --output W2  the cheapest exit table within --budget-db of full depth
+eval PAIRED_URL [--weights W] [--json F]   PSNR/SSIM of input, full depth and adaptive output
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import adarevd
+from adarevd.weights import CONFIG_KEY, read_state_dict
+from jobs.data import add_storage_option
+from jobs.models import CliError, load_model
+from pipeline import evaluate
+from pipeline.storage import Store, parse_storage_options
+from pipeline.trainer import KINDS, Progress, TrainSpec, train
+
+CALIBRATION_KEY = "adarevd.calibration"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    spec = TrainSpec(
+        kind=args.kind, data=args.data, output=args.output, checkpoints=args.checkpoints, preset=args.model,
+        weights=tuple(args.weights), iterations=args.iterations, batch=args.batch, crop=args.crop, lr=args.lr,
+        weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed, reversible=not args.plain,
+        checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+        storage_options=parse_storage_options(args.storage_option),
+    )  # fmt: skip
+    if args.workers == 1 and args.address is None:
+        from pipeline.train_ray import format_progress
+
+        def show(p: Progress) -> None:
+            print(format_progress(p, spec.kind), flush=True)
+
+        result = train(spec, on_progress=show)
+    else:
+        from pipeline.deblur import ensure_ray
+        from pipeline.train_ray import TrainResources, fit
+
+        ensure_ray(args.address, args.num_cpus)
+        result = fit(spec, TrainResources(args.workers, args.cpus_per_worker, args.gpus_per_worker))
+    assert result is not None
+    resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""
+    print(f"train {spec.kind}: {result.steps} steps{resumed} in {result.seconds:.0f} s, final loss {result.loss:.4f}; "
+          f"wrote {args.output}")  # fmt: skip
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    model, source, _ = load_model(args.model, args.weights, torch.device("cpu"))
+    store = Store(args.data, parse_storage_options(args.storage_option))
+    with tqdm(desc="eval", unit="frame", disable=None) as bar:
+        result = evaluate.evaluate(model, store, limit=args.limit, progress=bar.update)
+    result = {"data": store.url, "weights": source} | result
+    for name in ("psnr_input", "psnr_full_depth", "psnr_output", "ssim_input", "ssim_output", "mean_depth"):
+        print(f"{name:16s} {result[name]}")
+    print(f"{'gain_db':16s} {result['gain_db']}  (adaptive vs full depth: {result['adaptive_vs_full_db']} dB)")
+    for c, row in result["by_class"].items():
+        print(f"class {c}: {row['frames']} frames, input {row['psnr_input']} -> {row['psnr_output']} dB, "
+              f"depth {row['mean_depth']}")  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    if args.budget_db < 0:
+        raise CliError(f"--budget-db must be >= 0, got {args.budget_db}")
+    if not args.output.endswith(".safetensors"):
+        raise CliError(f"--output must name a .safetensors file, got {args.output}")
+    model, source, files = load_model(args.model, args.weights, torch.device("cpu"))
+    store = Store(args.data, parse_storage_options(args.storage_option))
+    with tqdm(desc="calibrate", unit="frame", disable=None) as bar:
+        found = evaluate.calibrate(model, store, args.budget_db, limit=args.limit, progress=bar.update)
+    print(f"patches per class {found.patches_per_class}")
+    for c, gains in enumerate(found.gain_per_column):
+        print(f"class {c}: gain after 1..N columns {list(gains)} dB")
+    print(f"exit table {model.config.exit_table} -> {found.exit_table}: mean depth {found.mean_depth}, "
+          f"PSNR loss vs full depth {found.psnr_loss_db} dB (budget {found.budget_db})")  # fmt: skip
+    calibrated = adarevd.AdaRevD(model.config.with_overrides(exit_table=list(found.exit_table)))
+    calibrated.load_state_dict(model.state_dict())
+    metadata = {k: v for k, v in read_state_dict(files[0])[1].items() if k.startswith("adarevd.")}
+    metadata[CALIBRATION_KEY] = json.dumps(asdict(found) | {"data": store.url, "weights": source})
+    metadata.pop(CONFIG_KEY, None)  # save_weights writes the new config
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "w.safetensors"
+        adarevd.save_weights(calibrated, local, metadata=metadata)
+        parent, _, name = args.output.rpartition("/")
+        out = Store(parent or ".", parse_storage_options(args.storage_option))
+        out.commit_file(name, str(local))
+        out.remove_tmp_folder()
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    presets = sorted(adarevd.PRESETS)
+    p.add_argument("--model", default="adarevd-tiny", choices=presets, help="preset (default: %(default)s)")
+    p.add_argument("--weights", nargs="+", default=[], help="weights files (default: the bundled tiny weights)")
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser("train", help="train one stage on paired shards, on Ray Train with --workers N")
+    t.add_argument("kind", choices=KINDS, help="encoder: pre-train the encoder as a plain deblurrer; decoders: "
+                   "stage 1 (columns, heads); classifier: stage 2")  # fmt: skip
+    t.add_argument("data", help="folder URL of paired shards (adarevd synth)")
+    t.add_argument("--output", required=True, help="weights to write (.safetensors, any fsspec URL)")
+    t.add_argument("--checkpoints", help="folder URL for checkpoints; a re-run of the same command resumes there")
+    t.add_argument("--model", default="adarevd-tiny", choices=sorted(adarevd.PRESETS), help="preset when no "
+                   "project weights give the config (default: %(default)s)")  # fmt: skip
+    t.add_argument("--weights", nargs="+", default=[], help="starting weights (decoders/classifier: a trained encoder)")
+    t.add_argument("--iterations", type=int, default=1000)
+    t.add_argument("--batch", type=int, default=8, help="crops per worker per step (default: %(default)s)")
+    t.add_argument("--crop", type=int, help="crop size (default: 96; classifier: the model's patch size)")
+    t.add_argument("--lr", type=float, help="default: 1e-3 (encoder, decoders), 3e-4 (classifier)")
+    t.add_argument("--weight-decay", type=float)
+    t.add_argument("--grad-clip", type=float, help="clip the gradient norm (default: none; classifier 0.01)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--plain", action="store_true", help="plain autograd instead of the reversible backward")
+    t.add_argument("--checkpoint-every", type=int, default=500)
+    t.add_argument("--log-every", type=int, default=50)
+    t.add_argument("--workers", type=int, default=1, help="Ray Train workers (default: 1, in this process)")
+    t.add_argument("--cpus-per-worker", type=float, default=1.0)
+    t.add_argument("--gpus-per-worker", type=float, default=0.0)
+    t.add_argument("--address", help="Ray cluster: auto, ray://HOST:10001 or HOST:6379 (default: embedded local Ray)")
+    t.add_argument("--num-cpus", type=float, help="CPUs of the embedded local Ray (default: all)")
+    add_storage_option(t)
+    t.set_defaults(run=cmd_train)
+
+    c = sub.add_parser("calibrate", help="propose the exit table that meets a PSNR-loss budget at least compute")
+    c.add_argument("data", help="folder URL of paired validation shards")
+    _model_options(c)
+    c.add_argument("--output", required=True, help="weights with the new exit table (.safetensors)")
+    c.add_argument("--budget-db", type=float, default=0.05, help="mean patch PSNR loss allowed vs full depth")
+    c.add_argument("--limit", type=int, help="use only the first N pairs")
+    add_storage_option(c)
+    c.set_defaults(run=cmd_calibrate)
+
+    e = sub.add_parser("eval", help="PSNR/SSIM of input, full depth and adaptive output on paired shards")
+    e.add_argument("data", help="folder URL of paired shards")
+    _model_options(e)
+    e.add_argument("--json", help="write the numbers to this JSON file")
+    e.add_argument("--limit", type=int, help="use only the first N pairs")
+    add_storage_option(e)
+    e.set_defaults(run=cmd_eval)

@@ -1,0 +1,110 @@
+"""`adarevd eval` and `adarevd calibrate` over paired shards (every pair, in shard order).
+
+Eval restores each blurry frame at full depth and adaptively, quantises to 8 bits as the deblur job
+writes it, and reports PSNR (dB, capped at 80 for identical images) and SSIM (scikit-image, on the
+RGB pixels) of the input, the full-depth output and the adaptive output, with mean depth and compute
+saved, overall and by class (the PSNR bucket of the blurry frame, with the model's thresholds).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from skimage.metrics import structural_similarity
+
+from adarevd import AdaRevD
+from adarevd.calibration import Calibration, patch_errors, propose_table
+from adarevd.classifier import psnr, psnr_bucket
+from pipeline.pair_stream import decode_pair, paired_shards
+from pipeline.shards import iter_samples
+from pipeline.storage import Store
+
+
+def pairs(store: Store, limit: int | None = None) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(key, blurry, sharp) of every pair in the store's shards, (3, H, W) in [0, 1]."""
+    count = 0
+    for shard in paired_shards(store):
+        with store.open(shard) as stream:
+            for sample in iter_samples(stream, shard):
+                if limit is not None and count >= limit:
+                    return
+                count += 1
+                yield sample.key, *decode_pair(sample, shard)
+
+
+def _quantised(image: torch.Tensor) -> torch.Tensor:
+    return image.clamp(0, 1).mul(255).round().div(255)
+
+
+def _ssim(a: torch.Tensor, b: torch.Tensor) -> float:
+    def pixels(t: torch.Tensor) -> np.ndarray:
+        return t[0].mul(255).round().byte().permute(1, 2, 0).numpy()
+
+    return float(structural_similarity(pixels(a), pixels(b), channel_axis=2, data_range=255))
+
+
+@torch.no_grad()
+def evaluate(
+    model: AdaRevD, store: Store, *, limit: int | None = None, progress: Callable[[int], None] | None = None
+) -> dict[str, Any]:
+    model.eval()
+    rows = []
+    for _, blurry, sharp in pairs(store, limit):
+        b, s = blurry[None], sharp[None]
+        full = _quantised(model.restore(b, exit=model.num_columns).images)
+        adaptive = model.restore(b)
+        out = _quantised(adaptive.images)
+        input_psnr = psnr(b, s)
+        rows.append({
+            "class": int(psnr_bucket(input_psnr, model.config.psnr_thresholds)[0]),
+            "psnr_input": input_psnr.item(),
+            "psnr_full_depth": psnr(full, s).item(), "psnr_output": psnr(out, s).item(),
+            "ssim_input": _ssim(b, s), "ssim_full_depth": _ssim(full, s), "ssim_output": _ssim(out, s),
+            "mean_depth": adaptive.depths.float().mean().item(),
+        })  # fmt: skip
+        if progress:
+            progress(1)
+    if not rows:
+        raise ValueError(f"{store.url}: the shards hold no pairs")
+    result = _summary(rows, model.num_columns)
+    result["by_class"] = {
+        str(c): _summary([r for r in rows if r["class"] == c], model.num_columns)
+        for c in sorted({r["class"] for r in rows})
+    }
+    return result
+
+
+def _summary(rows: list[dict[str, Any]], num_columns: int) -> dict[str, Any]:
+    def mean(name: str) -> float:
+        return round(float(np.mean([r[name] for r in rows])), 4)
+
+    names = ("psnr_input", "psnr_full_depth", "psnr_output", "ssim_input", "ssim_full_depth", "ssim_output")
+    summary: dict[str, Any] = {"frames": len(rows)} | {name: mean(name) for name in names}
+    summary["gain_db"] = round(summary["psnr_output"] - summary["psnr_input"], 4)
+    summary["adaptive_vs_full_db"] = round(summary["psnr_output"] - summary["psnr_full_depth"], 4)
+    summary["mean_depth"] = mean("mean_depth")
+    summary["compute_saved"] = round(1 - summary["mean_depth"] / num_columns, 4)
+    return summary
+
+
+@torch.no_grad()
+def calibrate(
+    model: AdaRevD,
+    store: Store,
+    budget_db: float,
+    *,
+    limit: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Calibration:
+    """Measure every patch of the pairs and propose the cheapest exit table within `budget_db`."""
+    frames = []
+    for _, blurry, sharp in pairs(store, limit):
+        frames.append(patch_errors(model, blurry[None], sharp[None]))
+        if progress:
+            progress(1)
+    if not frames:
+        raise ValueError(f"{store.url}: the shards hold no pairs")
+    return propose_table(frames, model.config.num_classes, budget_db, model.config.exit_table)

@@ -1,0 +1,233 @@
+"""Training jobs: the paired-shard stream, stages, checkpoints and resume, calibration and eval."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import adarevd
+from adarevd.calibration import propose_table
+from adarevd.weights import read_state_dict
+from jobs.cli import main
+from pipeline import evaluate, images
+from pipeline.pair_stream import PairDataError, PairStream, StreamConfig
+from pipeline.pairs import SynthConfig, write_pairs
+from pipeline.shards import Sample, encode_shard
+from pipeline.sink import ShardLimits
+from pipeline.storage import Store
+from pipeline.trainer import HISTORY_KEY, TrainError, TrainSpec, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def paired(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """8 synthetic 80x80 pairs in 4 shards."""
+    url = str(tmp_path_factory.mktemp("paired") / "pairs")
+    write_pairs(Store(url), SynthConfig(count=8, size=(80, 80), limits=ShardLimits(max_samples=2)))
+    return url
+
+
+@pytest.fixture(scope="module")
+def encoder_weights(paired: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    out = str(tmp_path_factory.mktemp("enc") / "encoder.safetensors")
+    train(TrainSpec(kind="encoder", data=paired, output=out, iterations=3, batch=2, crop=64))
+    return out
+
+
+def spec(paired: str, tmp: Path, **kw: object) -> TrainSpec:
+    fields: dict = dict(data=paired, output=str(tmp / "out.safetensors"), iterations=6, batch=2, crop=64) | kw
+    return TrainSpec(**fields)
+
+
+# --- the stream ------------------------------------------------------------------------------------
+
+
+def test_stream_is_reproducible_and_skips_to_any_step(paired: str) -> None:
+    config = StreamConfig(batch=3, crop=32, repeats=2, buffer=3, seed=5)
+    first = PairStream(Store(paired), config).batches(0)
+    run = [next(first) for _ in range(9)]  # 27 crops: past one epoch of 8 pairs x 2
+    again = PairStream(Store(paired), config).batches(0)
+    for a, b in zip(run, (next(again) for _ in run), strict=True):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    for start in (1, 4, 8):
+        skipped = next(PairStream(Store(paired), config).batches(start))
+        assert torch.equal(skipped[0], run[start][0]) and torch.equal(skipped[1], run[start][1])
+    assert run[0][0].shape == (3, 3, 32, 32)
+    assert not torch.equal(run[0][0], run[0][1])  # blurry and sharp differ
+
+
+def test_workers_stream_disjoint_shards(paired: str) -> None:
+    config = StreamConfig(batch=4, crop=64, repeats=1, buffer=1)
+    seen = []
+    for rank in (0, 1):
+        batches = PairStream(Store(paired), config, rank, 2).batches(0)
+        seen.append({tuple(s.flatten()[:16].tolist()) for s in next(batches)[1]})  # 4 crops: its 2 shards
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+    with pytest.raises(PairDataError, match="4 shard\\(s\\) for 5 workers"):
+        PairStream(Store(paired), config, 0, 5)
+
+
+def test_stream_names_shard_and_key_of_bad_pairs(memory_store: Store) -> None:
+    png = images.encode(np.zeros((70, 70, 3), np.uint8))
+    memory_store.commit_bytes("a.tar", encode_shard([Sample("k1", {"blur.png": png, "json": b"{}"})]))
+    with pytest.raises(PairDataError, match=r"a\.tar: sample 'k1' has no sharp\.png"):
+        next(PairStream(memory_store, StreamConfig(crop=64)).batches(0))
+    small = images.encode(np.zeros((40, 70, 3), np.uint8))
+    memory_store.commit_bytes("a.tar", encode_shard([Sample("k2", {"blur.png": small, "sharp.png": small})]))
+    with pytest.raises(PairDataError, match="'k2' is 40x70, smaller than the 64 crop"):
+        next(PairStream(memory_store, StreamConfig(crop=64)).batches(0))
+    with pytest.raises(PairDataError, match=r"no \*\.tar shards"):
+        PairStream(Store(memory_store.url + "/empty"), StreamConfig())
+
+
+# --- stages ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "trained"), [("decoders", ("conv_features", "subdenets", "outputs")), ("classifier", ("ape",))]
+)
+def test_a_stage_changes_what_it_trains_and_nothing_else(
+    kind: str, trained: tuple[str, ...], paired: str, encoder_weights: str, tmp_path: Path
+) -> None:
+    result = train(spec(paired, tmp_path, kind=kind, weights=(encoder_weights,), iterations=2))
+    assert result is not None and math.isfinite(result.loss)
+    before, after = load_file(encoder_weights), load_file(str(tmp_path / "out.safetensors"))
+    assert before.keys() == after.keys()
+    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert changed == set(trained)  # every trained part moved; the frozen ones are bit-identical
+    history = json.loads(read_state_dict(tmp_path / "out.safetensors")[1][HISTORY_KEY])
+    assert [h["kind"] for h in history] == ["encoder", kind]
+
+
+def test_encoder_pretraining_lowers_the_loss(paired: str, tmp_path: Path) -> None:
+    losses = []
+    train(spec(paired, tmp_path, kind="encoder", iterations=60, lr=3e-3, log_every=10),
+          on_progress=lambda p: losses.append(p.loss))  # fmt: skip
+    assert len(losses) == 6 and np.mean(losses[-2:]) < 0.8 * np.mean(losses[:2])
+
+
+def test_stages_that_need_an_encoder_say_so(paired: str, tmp_path: Path) -> None:
+    with pytest.raises(TrainError, match="needs --weights with a trained encoder"):
+        spec(paired, tmp_path, kind="decoders")
+    code = main(["train", "classifier", paired, "--output", str(tmp_path / "x.safetensors")])
+    assert code == 2
+
+
+# --- checkpoints and resume ------------------------------------------------------------------------
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("kind", ["encoder", "decoders", "classifier"])
+def test_resume_reproduces_the_unbroken_run(kind: str, paired: str, encoder_weights: str, tmp_path: Path) -> None:
+    weights = () if kind == "encoder" else (encoder_weights,)
+    common = dict(kind=kind, weights=weights, checkpoint_every=3, log_every=1)
+    unbroken = train(spec(paired, tmp_path, output=str(tmp_path / "a.safetensors"), **common))
+
+    def die_at_5(p: object) -> None:
+        if p.step == 5:  # type: ignore[attr-defined]
+            raise Killed
+
+    broken = spec(paired, tmp_path, output=str(tmp_path / "b.safetensors"), checkpoints=str(tmp_path / "ck"), **common)
+    with pytest.raises(Killed):
+        train(broken, on_progress=die_at_5)
+    assert not (tmp_path / "b.safetensors").exists()
+    resumed = train(broken)
+    assert resumed is not None and unbroken is not None and resumed.resumed_from == 3
+    a, b = load_file(str(tmp_path / "a.safetensors")), load_file(str(tmp_path / "b.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.loss == unbroken.loss
+
+
+def test_resume_refuses_checkpoints_of_another_job(paired: str, tmp_path: Path) -> None:
+    first = spec(paired, tmp_path, kind="encoder", iterations=3, checkpoints=str(tmp_path / "ck"), checkpoint_every=3)
+    train(first)
+    with pytest.raises(TrainError, match="made by another job \\(batch: 2 there, 3 now\\)"):
+        train(spec(paired, tmp_path, kind="encoder", iterations=3, batch=3, checkpoints=str(tmp_path / "ck")))
+
+
+def test_cli_training_killed_mid_run_resumes_to_the_same_weights(paired: str, tmp_path: Path) -> None:
+    def command(out: str, checkpoints: str) -> list[str]:
+        options = ["--iterations", "150", "--batch", "2", "--crop", "64", "--checkpoint-every", "20"]
+        return [sys.executable, "-m", "jobs.cli", "train", "encoder", paired, "--output", out, "--checkpoints",
+                checkpoints, *options]  # fmt: skip
+
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    subprocess.run(command(str(tmp_path / "a.safetensors"), str(tmp_path / "ck-a")), cwd=ROOT, env=env, check=True)
+    victim = subprocess.Popen(command(str(tmp_path / "b.safetensors"), str(tmp_path / "ck-b")), cwd=ROOT, env=env)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "ck-b" / "latest.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL and not (tmp_path / "b.safetensors").exists()
+    again = subprocess.run(command(str(tmp_path / "b.safetensors"), str(tmp_path / "ck-b")), cwd=ROOT, env=env,
+                           check=True, capture_output=True, text=True)  # fmt: skip
+    assert "resumed at step" in again.stdout
+    a, b = load_file(str(tmp_path / "a.safetensors")), load_file(str(tmp_path / "b.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- calibration and eval --------------------------------------------------------------------------
+
+
+def test_calibration_picks_the_cheapest_table_within_the_budget() -> None:
+    # 2 classes, N = 2. Class 0 patches need both columns; class 1 patches gain nothing from any.
+    hard = np.array([[0.04, 0.01, 0.001]])
+    easy = np.array([[0.001, 0.001, 0.001]])
+    frames = [(np.array([0, 1]), np.concatenate([hard, easy])) for _ in range(3)]
+    found = propose_table(frames, num_classes=3, budget_db=0.05, current=(2, 2, 1))
+    assert found.exit_table == (2, 0, 1)  # class 2 never seen: keeps its depth
+    assert found.patches_per_class == (3, 3, 0) and found.mean_depth == 1.0 and found.psnr_loss_db == 0.0
+    strict = propose_table(frames, num_classes=3, budget_db=0.0, current=(2, 2, 1))
+    assert strict.exit_table == (2, 0, 1)
+    # A looser budget buys a shallower exit for class 0: frame MSE (0.01 + 0.001)/2 vs (0.001 + 0.001)/2.
+    loose = propose_table(frames, num_classes=3, budget_db=8.0, current=(2, 2, 1))
+    assert loose.exit_table == (1, 0, 1) and loose.psnr_loss_db == pytest.approx(10 * math.log10(5.5), abs=1e-4)
+
+
+def test_eval_on_known_pairs(memory_store: Store, tmp_path: Path) -> None:
+    sharp = np.full((64, 64, 3), 100, np.uint8)
+    sharp[16:48, 16:48] = 180
+    shifted = np.clip(sharp.astype(int) + 25, 0, 255).astype(np.uint8)
+    samples = [
+        Sample("same", {"blur.png": images.encode(sharp), "sharp.png": images.encode(sharp)}),
+        Sample("offset", {"blur.png": images.encode(shifted), "sharp.png": images.encode(sharp)}),
+    ]
+    memory_store.commit_bytes("pairs-000000.tar", encode_shard(samples))
+    model = adarevd.AdaRevD(adarevd.PRESETS["adarevd-tiny"])  # fresh heads: the output is the input
+    result = evaluate.evaluate(model, memory_store)
+    expected = (80.0 + 20 * math.log10(255 / 25)) / 2  # identical images are capped at 80 dB
+    assert result["frames"] == 2 and result["psnr_input"] == pytest.approx(expected, abs=1e-3)
+    assert result["psnr_output"] == pytest.approx(expected, abs=1e-3)
+    assert result["gain_db"] == pytest.approx(0, abs=1e-3)
+    assert result["by_class"]["5"]["ssim_input"] == 1.0 and result["by_class"]["5"]["frames"] == 1
+    assert result["by_class"]["1"]["psnr_input"] == pytest.approx(20 * math.log10(255 / 25), abs=1e-3)
+
+
+def test_calibrate_and_eval_commands(paired: str, encoder_weights: str, tmp_path: Path) -> None:
+    out, report = tmp_path / "cal.safetensors", tmp_path / "eval.json"
+    assert main(["calibrate", paired, "--weights", encoder_weights, "--output", str(out), "--budget-db", "0.1"]) == 0
+    metadata = read_state_dict(out)[1]
+    calibration = json.loads(metadata["adarevd.calibration"])
+    assert tuple(calibration["exit_table"]) == adarevd.read_config(out).exit_table
+    assert json.loads(metadata[HISTORY_KEY])[0]["kind"] == "encoder"  # the history is kept
+    assert main(["eval", paired, "--weights", str(out), "--json", str(report)]) == 0
+    numbers = json.loads(report.read_text())
+    for name in ("psnr_input", "psnr_output", "gain_db", "ssim_input", "ssim_output", "mean_depth", "frames"):
+        assert name in numbers
+    assert numbers["frames"] == 8 and numbers["mean_depth"] == pytest.approx(calibration["mean_depth"], abs=1e-3)
