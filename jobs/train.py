@@ -61,7 +61,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, source, _ = load_model(args.model, args.weights, torch.device("cpu"))
     store = Store(args.data, parse_storage_options(args.storage_option))
     with tqdm(desc="eval", unit="frame", disable=None) as bar:
-        result = evaluate.evaluate(model, store, limit=args.limit, progress=bar.update)
+        result = evaluate.evaluate(model, evaluate.frames_of(store, args.limit), progress=bar.update)
     result = {"data": store.url, "weights": source} | result
     for name in ("psnr_input", "psnr_full_depth", "psnr_output", "ssim_input", "ssim_output", "mean_depth"):
         print(f"{name:16s} {result[name]}")
@@ -83,7 +83,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     model, source, files = load_model(args.model, args.weights, torch.device("cpu"))
     store = Store(args.data, parse_storage_options(args.storage_option))
     with tqdm(desc="calibrate", unit="frame", disable=None) as bar:
-        found = evaluate.calibrate(model, store, args.budget_db, limit=args.limit, progress=bar.update)
+        frames = evaluate.frames_of(store, args.limit)
+        found = evaluate.calibrate(model, frames, args.budget_db, progress=bar.update)
     print(f"patches per class {found.patches_per_class}")
     for c, gains in enumerate(found.gain_per_column):
         print(f"class {c}: gain after 1..N columns {list(gains)} dB")

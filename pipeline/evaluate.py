@@ -8,7 +8,7 @@ saved, overall and by class (the PSNR bucket of the blurry frame, with the model
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -46,13 +46,18 @@ def _ssim(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(structural_similarity(pixels(a), pixels(b), channel_axis=2, data_range=255))
 
 
+Frames = Iterable[tuple[torch.Tensor, torch.Tensor]]  # (blurry, sharp), (3, H, W) in [0, 1]
+
+
+def frames_of(store: Store, limit: int | None = None) -> Frames:
+    return ((blurry, sharp) for _, blurry, sharp in pairs(store, limit))
+
+
 @torch.no_grad()
-def evaluate(
-    model: AdaRevD, store: Store, *, limit: int | None = None, progress: Callable[[int], None] | None = None
-) -> dict[str, Any]:
+def evaluate(model: AdaRevD, frames: Frames, *, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     model.eval()
     rows = []
-    for _, blurry, sharp in pairs(store, limit):
+    for blurry, sharp in frames:
         b, s = blurry[None], sharp[None]
         full = _quantised(model.restore(b, exit=model.num_columns).images)
         adaptive = model.restore(b)
@@ -68,7 +73,7 @@ def evaluate(
         if progress:
             progress(1)
     if not rows:
-        raise ValueError(f"{store.url}: the shards hold no pairs")
+        raise ValueError("no pairs to evaluate: the shards hold none")
     result = _summary(rows, model.num_columns)
     result["by_class"] = {
         str(c): _summary([r for r in rows if r["class"] == c], model.num_columns)
@@ -92,19 +97,14 @@ def _summary(rows: list[dict[str, Any]], num_columns: int) -> dict[str, Any]:
 
 @torch.no_grad()
 def calibrate(
-    model: AdaRevD,
-    store: Store,
-    budget_db: float,
-    *,
-    limit: int | None = None,
-    progress: Callable[[int], None] | None = None,
+    model: AdaRevD, frames: Frames, budget_db: float, *, progress: Callable[[int], None] | None = None
 ) -> Calibration:
-    """Measure every patch of the pairs and propose the cheapest exit table within `budget_db`."""
-    frames = []
-    for _, blurry, sharp in pairs(store, limit):
-        frames.append(patch_errors(model, blurry[None], sharp[None]))
+    """Measure every patch of the frames and propose the cheapest exit table within `budget_db`."""
+    measured = []
+    for blurry, sharp in frames:
+        measured.append(patch_errors(model, blurry[None], sharp[None]))
         if progress:
             progress(1)
-    if not frames:
-        raise ValueError(f"{store.url}: the shards hold no pairs")
-    return propose_table(frames, model.config.num_classes, budget_db, model.config.exit_table)
+    if not measured:
+        raise ValueError("no pairs to calibrate on: the shards hold none")
+    return propose_table(measured, model.config.num_classes, budget_db, model.config.exit_table)

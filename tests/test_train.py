@@ -27,6 +27,7 @@ from pipeline.shards import Sample, encode_shard
 from pipeline.sink import ShardLimits
 from pipeline.storage import Store
 from pipeline.trainer import HISTORY_KEY, TrainError, TrainSpec, train
+from tests.s3server import S3Server
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -210,7 +211,7 @@ def test_eval_on_known_pairs(memory_store: Store, tmp_path: Path) -> None:
     ]
     memory_store.commit_bytes("pairs-000000.tar", encode_shard(samples))
     model = adarevd.AdaRevD(adarevd.PRESETS["adarevd-tiny"])  # fresh heads: the output is the input
-    result = evaluate.evaluate(model, memory_store)
+    result = evaluate.evaluate(model, evaluate.frames_of(memory_store))
     expected = (80.0 + 20 * math.log10(255 / 25)) / 2  # identical images are capped at 80 dB
     assert result["frames"] == 2 and result["psnr_input"] == pytest.approx(expected, abs=1e-3)
     assert result["psnr_output"] == pytest.approx(expected, abs=1e-3)
@@ -231,3 +232,20 @@ def test_calibrate_and_eval_commands(paired: str, encoder_weights: str, tmp_path
     for name in ("psnr_input", "psnr_output", "gain_db", "ssim_input", "ssim_output", "mean_depth", "frames"):
         assert name in numbers
     assert numbers["frames"] == 8 and numbers["mean_depth"] == pytest.approx(calibration["mean_depth"], abs=1e-3)
+
+
+@pytest.mark.s3
+def test_training_reads_pairs_and_writes_checkpoints_and_weights_on_s3(s3: S3Server, tmp_path: Path) -> None:
+    prefix = f"s3://{s3.bucket}/train-{tmp_path.name[-8:]}"
+    options = s3.storage_options
+    write_pairs(Store(f"{prefix}/pairs", options), SynthConfig(count=4, size=(72, 72), limits=ShardLimits(2)))
+    common = dict(kind="encoder", data=f"{prefix}/pairs", iterations=4, batch=2, crop=64, checkpoint_every=2)
+    train(TrainSpec(output=f"{prefix}/w.safetensors", checkpoints=f"{prefix}/ck", storage_options=options, **common))
+    store = Store(prefix, options)
+    assert store.glob("ck/step-*/state.json") == ["ck/step-00000002/state.json", "ck/step-00000004/state.json"]
+    assert not store.glob("_tmp/*") and not store.glob("ck/_tmp/*")
+    train(TrainSpec(output=str(tmp_path / "local.safetensors"), storage_options=options, **common))  # output local
+    on_s3 = tmp_path / "s3.safetensors"
+    on_s3.write_bytes(store.read_bytes("w.safetensors"))
+    a, b = load_file(str(on_s3)), load_file(str(tmp_path / "local.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
