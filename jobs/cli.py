@@ -6,6 +6,7 @@ adarevd make-default-weights       re-train the bundled adarevd-tiny weights (re
 adarevd make-demo-image            re-make the bundled demo image pair
 adarevd ingest SRC... --output URL videos/images/shards -> WebDataset frame shards (jobs/data.py)
 adarevd synth --output URL         synthetic paired blur shards (+ a blurry clip)
+adarevd assemble URL --video ID --to FILE   one video from shards back into a file (jobs/data.py)
 adarevd deblur [INPUT OUTPUT]      the distributed deblur job on Ray (jobs/deblur.py)
 adarevd train KIND DATA --output W training stages on Ray Train; calibrate; eval (jobs/train.py)
 """

@@ -1,4 +1,4 @@
-"""`adarevd ingest` and `adarevd synth`: the data-plane commands."""
+"""`adarevd ingest`, `adarevd synth` and `adarevd assemble`: the data-plane commands."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from pipeline.assemble import CODEC_SUFFIX, assemble
 from pipeline.ingest import IngestConfig, ingest
 from pipeline.pairs import ClipConfig, SynthConfig, write_clip, write_pairs
 from pipeline.scenes import SAMPLE_IMAGES
@@ -84,6 +85,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     add_storage_option(s)
     s.set_defaults(run=cmd_synth)
 
+    a = sub.add_parser("assemble", help="the frames of one video, from output (or ingested) shards, into a video file")
+    a.add_argument("input", help="folder URL of shards (adarevd deblur output, or adarevd ingest output)")
+    a.add_argument("--video", required=True, help="video_id (the key prefix: <video_id>_<frame>)")
+    a.add_argument("--to", required=True, help="video file: .mkv (lossless FFV1, default), .mp4 (H.264), .avi (MJPG)")
+    a.add_argument("--codec", choices=sorted(CODEC_SUFFIX), help="mp4v: MPEG-4 part 2 in .mp4 through OpenCV")
+    a.add_argument("--source", help="the source video: checks the frame count and copies its audio")
+    a.add_argument("--image-member", help="the image member, when a sample has several")
+    add_storage_option(a)
+    a.set_defaults(run=cmd_assemble)
+
 
 def frame_size(text: str) -> tuple[int, int]:
     """'320x240' -> (240, 320): (height, width)."""
@@ -91,6 +102,15 @@ def frame_size(text: str) -> tuple[int, int]:
     if not match:
         raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT like 320x240, got {text!r}")
     return int(match.group(2)), int(match.group(1))
+
+
+def cmd_assemble(args: argparse.Namespace) -> int:
+    store = Store(args.input, parse_storage_options(args.storage_option))
+    source = Path(args.source) if args.source else None
+    written = assemble(store, args.video, Path(args.to), codec=args.codec, source=source, image=args.image_member)
+    audio = f", audio from {source.name}" if source else ""
+    print(f"wrote {args.to}: {written} frames of {args.video}{audio}")
+    return 0
 
 
 def cmd_synth(args: argparse.Namespace) -> int:

@@ -1,0 +1,217 @@
+"""`adarevd assemble`: the frames of one video, from (deblurred or ingested) shards, back into a video.
+
+Pass 1 reads every sample's `json` (video_id, frame_index, pts_ms, fps) and checks the frames of the
+video: none doubled, none missing between 0 and the last (nor after it, when the source video is
+given to count its frames); quarantined frames are named with their reason. Pass 2 streams the shards
+again in frame order and writes the video at the source frame rate: lossless FFV1 (.mkv, default),
+H.264 (.mp4, ffmpeg from `imageio-ffmpeg`), mp4v (MPEG-4 part 2 through OpenCV) or MJPG (.avi). With
+the source file given, its audio streams are copied in (ffmpeg, no re-encoding).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import cv2
+import numpy as np
+import pyarrow.parquet as pq
+
+from pipeline import images
+from pipeline.frames import image_member
+from pipeline.shard_job import QUARANTINE_DIR
+from pipeline.shards import iter_samples
+from pipeline.storage import Store
+from pipeline.video import write_video
+
+Codec = Literal["ffv1", "h264", "mp4v", "mjpg"]
+CODEC_SUFFIX: dict[Codec, str] = {"ffv1": ".mkv", "h264": ".mp4", "mp4v": ".mp4", "mjpg": ".avi"}
+
+
+class AssembleError(ValueError):
+    """The frames cannot make the video as asked; the message lists what is wrong."""
+
+
+@dataclass
+class VideoFrames:
+    video_id: str
+    fps: float = 0.0
+    where: dict[int, tuple[str, str]] = field(default_factory=dict)  # frame_index -> (shard, key)
+    pts_ms: dict[int, float] = field(default_factory=dict)
+    doubled: dict[int, list[str]] = field(default_factory=dict)  # frame_index -> keys
+    quarantined: dict[int, str] = field(default_factory=dict)  # frame_index -> reason
+
+
+def index_video(store: Store, video_id: str) -> VideoFrames:
+    """Pass 1: where each frame of `video_id` is, with duplicates and quarantined frames."""
+    found = VideoFrames(video_id)
+    shards = store.glob("*.tar")
+    if not shards:
+        raise AssembleError(f"{store.url}: no *.tar shards")
+    for shard in shards:
+        with store.open(shard) as stream:
+            for sample in iter_samples(stream, shard):
+                meta = _meta(sample.members.get("json"))
+                if meta.get("video_id") != video_id:
+                    continue
+                index = int(meta["frame_index"])
+                if index in found.where:
+                    found.doubled.setdefault(index, [found.where[index][1]]).append(sample.key)
+                    continue
+                found.where[index] = (shard, sample.key)
+                found.pts_ms[index] = float(meta.get("pts_ms") or 0.0)
+                found.fps = found.fps or float(meta.get("fps") or 0.0)
+    for name in store.glob(f"{QUARANTINE_DIR}/*.parquet"):
+        with store.open(name) as handle:
+            rows = pq.read_table(handle).to_pylist()
+        for row in rows:
+            key = str(row.get("key", ""))
+            if key.startswith(f"{video_id}_") and key[len(video_id) + 1 :].isdigit():
+                found.quarantined[int(key[len(video_id) + 1 :])] = str(row.get("reason", ""))
+    return found
+
+
+def check(frames: VideoFrames, source_frames: int | None) -> None:
+    """Raise an AssembleError listing doubled and missing frames (and why, when quarantined)."""
+    if not frames.where:
+        raise AssembleError(f"no frames of video {frames.video_id!r} in these shards (check --video)")
+    last = max(frames.where) if source_frames is None else source_frames - 1
+    missing = [i for i in range(last + 1) if i not in frames.where]
+    problems = []
+    if frames.doubled:
+        problems.append(
+            "doubled: " + "; ".join(f"frame {i} in {', '.join(k)}" for i, k in sorted(frames.doubled.items()))
+        )
+    if missing:
+        problems.append(f"missing {len(missing)} frame(s): {_ranges(missing)}")
+        lost = [f"frame {i}: {frames.quarantined[i]}" for i in missing if i in frames.quarantined]
+        if lost:
+            problems.append(
+                "quarantined by the deblur job: " + "; ".join(lost[:10]) + (" ..." if len(lost) > 10 else "")
+            )
+    extra = [i for i in frames.where if source_frames is not None and i >= source_frames]
+    if extra:
+        problems.append(f"frames beyond the source's {source_frames}: {_ranges(sorted(extra))}")
+    if problems:
+        raise AssembleError(f"video {frames.video_id!r}: " + ". ".join(problems))
+
+
+def count_frames(path: Path) -> int:
+    """Frames a video file decodes to (decoded, not the container's estimate)."""
+    capture = cv2.VideoCapture(str(path))
+    if not capture.isOpened():
+        raise AssembleError(f"{path}: cannot open the source video")
+    count = 0
+    while capture.grab():
+        count += 1
+    capture.release()
+    return count
+
+
+def assemble(
+    store: Store,
+    video_id: str,
+    to: Path,
+    *,
+    codec: Codec | None = None,
+    source: Path | None = None,
+    image: str | None = None,
+) -> int:
+    """Write the video; returns its frame count. `codec` defaults from `to`'s suffix."""
+    codec = codec or next((c for c, s in CODEC_SUFFIX.items() if s == to.suffix.lower()), None)
+    if codec is None or CODEC_SUFFIX[codec] != to.suffix.lower():
+        raise AssembleError(f"{to}: use .mkv (ffv1), .mp4 (h264, mp4v) or .avi (mjpg) for --codec {codec or '?'}")
+    frames = index_video(store, video_id)
+    check(frames, count_frames(source) if source is not None else None)
+    fps = frames.fps or 25.0
+    to.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=to.parent) as tmp:
+        video = Path(tmp) / f"video{to.suffix}"
+        pixels = _in_order(store, frames, image)
+        written = _write_mp4v(video, pixels, fps) if codec == "mp4v" else write_video(video, pixels, fps)
+        if source is not None:
+            _mux_audio(video, source, to)
+        else:
+            video.replace(to)
+    return written
+
+
+def _in_order(store: Store, frames: VideoFrames, image: str | None) -> Iterator[np.ndarray]:
+    """Pass 2: RGB frames by frame_index, holding only frames that arrive early."""
+    shards = sorted({shard for shard, _ in frames.where.values()}, key=lambda s: min(
+        i for i, (sh, _) in frames.where.items() if sh == s))  # fmt: skip
+    wanted = {key: index for index, (_, key) in frames.where.items()}
+    pending: dict[int, np.ndarray] = {}
+    following = 0
+    for shard in shards:
+        with store.open(shard) as stream:
+            for sample in iter_samples(stream, shard):
+                index = wanted.get(sample.key)
+                if index is None or frames.where[index][0] != shard:
+                    continue
+                try:
+                    bgr, _ = images.decode(sample.members[image_member(sample.members, image)])
+                except images.ImageError as e:
+                    raise AssembleError(f"{shard}: sample {sample.key!r}: {e}") from None
+                pending[index] = np.ascontiguousarray(bgr[..., ::-1])
+                while following in pending:
+                    yield pending.pop(following)
+                    following += 1
+    while following in pending:
+        yield pending.pop(following)
+        following += 1
+
+
+def _write_mp4v(path: Path, frames_rgb: Iterator[np.ndarray], fps: float) -> int:
+    writer: cv2.VideoWriter | None = None
+    count = 0
+    try:
+        for frame in frames_rgb:
+            if writer is None:
+                h, w = frame.shape[:2]
+                writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+                if not writer.isOpened():
+                    raise OSError(f"{path}: OpenCV cannot open an mp4v writer")
+            writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+            count += 1
+    finally:
+        if writer is not None:
+            writer.release()
+    return count
+
+
+def _mux_audio(video: Path, source: Path, to: Path) -> None:
+    """`to` = the video stream of `video` + the audio streams of `source` (if any), both copied."""
+    import imageio_ffmpeg
+
+    command = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-i", str(video), "-i", str(source),
+               "-map", "0:v:0", "-map", "1:a?", "-c", "copy", str(to)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise AssembleError(f"{to}: copying the audio of {source} failed: {done.stderr.strip()[-400:]} "
+                            f"(the container may not hold that audio codec: try .mkv)")  # fmt: skip
+
+
+def _meta(data: bytes | None) -> dict:
+    if not data:
+        return {}
+    try:
+        value = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _ranges(values: list[int]) -> str:
+    spans, start = [], None
+    for i, v in enumerate(values):
+        start = v if start is None else start
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            spans.append(f"{start}" if start == v else f"{start}-{v}")
+            start = None
+    return ", ".join(spans[:20]) + (" ..." if len(spans) > 20 else "")

@@ -1,0 +1,102 @@
+"""`adarevd assemble`: frames from shards back into a video, with the source's audio and gap checks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import cv2
+import imageio_ffmpeg
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.cli import main
+from pipeline import images
+from pipeline.assemble import AssembleError, assemble
+from pipeline.shard_job import QUARANTINE_SCHEMA
+from pipeline.shards import Sample, encode_shard, iter_samples
+from pipeline.storage import Store
+from tests.media import decode_video
+
+
+def streams(path: Path) -> list[str]:
+    probe = subprocess.run(
+        [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", str(path)], capture_output=True, text=True
+    )
+    return [line.strip() for line in probe.stderr.splitlines() if "Stream #" in line]
+
+
+@pytest.fixture(scope="module")
+def ingested(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A 20-frame 10 fps H.264 clip with a sine-wave AAC track, ingested into 3 shards."""
+    folder = tmp_path_factory.mktemp("assemble")
+    source = folder / "clip.mp4"
+    command = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "lavfi", "-i",
+               "testsrc=size=64x48:rate=10", "-f", "lavfi", "-i", "sine=frequency=440", "-t", "2",
+               "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", str(source)]  # fmt: skip
+    subprocess.run(command, check=True)
+    shards = folder / "frames"
+    assert main(["ingest", str(source), "--output", str(shards), "--max-frames-per-shard", "7"]) == 0
+    return source, shards
+
+
+def test_frames_come_back_in_order_losslessly_with_the_audio(ingested: tuple[Path, Path], tmp_path: Path) -> None:
+    source, shards = ingested
+    out = tmp_path / "clip.mkv"
+    assert main(["assemble", str(shards), "--video", "clip", "--to", str(out), "--source", str(source)]) == 0
+    frames = decode_video(out)
+    expected = {}
+    for shard in sorted(shards.glob("*.tar")):
+        with shard.open("rb") as stream:
+            for sample in iter_samples(stream, shard.name):
+                meta = json.loads(sample.members["json"])
+                expected[meta["frame_index"]] = images.decode(sample.members["png"])[0]  # BGR, as decode_video
+    assert len(frames) == 20 == len(expected)
+    assert all(np.array_equal(frames[i], expected[i]) for i in range(20))  # FFV1 is lossless
+    kinds = streams(out)
+    assert any("Video: ffv1" in s for s in kinds) and any("Audio: aac" in s for s in kinds)
+    assert cv2.VideoCapture(str(out)).get(cv2.CAP_PROP_FPS) == pytest.approx(10, abs=0.01)
+
+
+@pytest.mark.parametrize(
+    ("codec", "suffix", "marker"), [("h264", ".mp4", "Video: h264"), ("mp4v", ".mp4", "Video: mpeg4")]
+)
+def test_other_codecs(codec: str, suffix: str, marker: str, ingested: tuple[Path, Path], tmp_path: Path) -> None:
+    _, shards = ingested
+    out = tmp_path / f"clip{suffix}"
+    assert assemble(Store(str(shards)), "clip", out, codec=codec) == 20  # type: ignore[arg-type]
+    assert len(decode_video(out)) == 20 and any(marker in s for s in streams(out))
+
+
+def test_gaps_doubles_and_quarantine_are_listed(ingested: tuple[Path, Path], tmp_path: Path) -> None:
+    source, shards = ingested
+    copy = Store(str(tmp_path / "copy"))
+    names = sorted(p.name for p in shards.glob("*.tar"))
+    for name in names[:2]:  # frames 0-13; 14-19 are missing
+        copy.commit_bytes(name, (shards / name).read_bytes())
+    with pytest.raises(AssembleError, match="missing 6 frame\\(s\\): 14-19"):
+        assemble(copy, "clip", tmp_path / "a.mkv", source=source)
+    assemble(copy, "clip", tmp_path / "b.mkv")  # without the source, 0-13 is a whole video
+
+    reason = "cannot be decoded as an image"
+    table = pa.Table.from_pylist(
+        [{"shard": names[0], "key": "clip_000003", "reason": reason}], schema=QUARANTINE_SCHEMA
+    )
+    with (shards / names[0]).open("rb") as stream:
+        samples = [s for s in iter_samples(stream, names[0]) if s.key != "clip_000003"]
+    copy.commit_bytes(names[0], encode_shard(samples))
+    sink = tmp_path / "q.parquet"
+    pq.write_table(table, sink)
+    copy.commit_bytes("_quarantine/frames-000000.parquet", sink.read_bytes())
+    doubled = Sample("clip-again_000005", samples[4].members)
+    copy.commit_bytes("extra.tar", encode_shard([doubled]))
+    with pytest.raises(AssembleError) as error:
+        assemble(copy, "clip", tmp_path / "c.mkv")
+    message = str(error.value)
+    assert "doubled: frame 5 in clip-again_000005, clip_000005" in message  # extra.tar is read first
+    assert "missing 1 frame(s): 3" in message and f"frame 3: {reason}" in message
+    assert not (tmp_path / "c.mkv").exists()
+    assert main(["assemble", copy.url, "--video", "nope", "--to", str(tmp_path / "d.mkv")]) == 2
