@@ -35,6 +35,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         weights=tuple(args.weights), iterations=args.iterations, batch=args.batch, crop=args.crop, lr=args.lr,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed, reversible=not args.plain,
         checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+        psnr_thresholds=tuple(args.psnr_thresholds) if args.psnr_thresholds else None,
         storage_options=parse_storage_options(args.storage_option),
     )  # fmt: skip
     if args.workers == 1 and args.address is None:
@@ -130,6 +131,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--grad-clip", type=float, help="clip the gradient norm (default: none; classifier 0.01)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--plain", action="store_true", help="plain autograd instead of the reversible backward")
+    t.add_argument("--psnr-thresholds", type=float, nargs="+", help="classifier: PSNR class boundaries, K-1 "
+                   "increasing values (default: the model's, 20 25 30 35 40)")  # fmt: skip
     t.add_argument("--checkpoint-every", type=int, default=500)
     t.add_argument("--log-every", type=int, default=50)
     t.add_argument("--workers", type=int, default=1, help="Ray Train workers (default: 1, in this process)")

@@ -67,6 +67,7 @@ class TrainSpec:
     checkpoint_every: int = 500
     log_every: int = 50
     repeats: int = 4
+    psnr_thresholds: tuple[float, ...] | None = None  # classifier: class boundaries (None: the model's)
     storage_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -96,7 +97,7 @@ class TrainSpec:
     def identity(self, world: int) -> dict[str, Any]:
         """What a checkpoint must agree on to be resumed (everything that changes the result)."""
         keep = ("kind", "preset", "weights", "iterations", "batch", "crop", "lr", "weight_decay", "grad_clip",
-                "ema_decay", "seed", "reversible", "repeats")  # fmt: skip
+                "ema_decay", "seed", "reversible", "repeats", "psnr_thresholds")  # fmt: skip
         identity = {k: v for k, v in asdict(self).items() if k in keep} | {"data": redact(self.data), "world": world}
         return json.loads(json.dumps(identity))  # as a checkpoint gives it back (tuples are lists)
 
@@ -123,10 +124,16 @@ class TrainResult:
 
 def model_config(spec: TrainSpec) -> AdaRevDConfig:
     if spec.weights and spec.weights[0].endswith(".safetensors"):
-        return adarevd.read_config(spec.weights[0])
-    if spec.preset not in adarevd.PRESETS:
+        config = adarevd.read_config(spec.weights[0])
+    elif spec.preset in adarevd.PRESETS:
+        config = adarevd.PRESETS[spec.preset]
+    else:
         raise TrainError(f"unknown preset {spec.preset!r}; choose from {', '.join(adarevd.PRESETS)}")
-    return adarevd.PRESETS[spec.preset]
+    if spec.psnr_thresholds is not None:
+        if list(spec.psnr_thresholds) != sorted(spec.psnr_thresholds):
+            raise TrainError(f"--psnr-thresholds must increase, got {list(spec.psnr_thresholds)}")
+        config = config.with_overrides(psnr_thresholds=list(spec.psnr_thresholds))
+    return config
 
 
 def build(spec: TrainSpec) -> tuple[AdaRevD, nn.Module]:

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -119,6 +120,16 @@ def test_encoder_pretraining_lowers_the_loss(paired: str, tmp_path: Path) -> Non
     assert len(losses) == 6 and np.mean(losses[-2:]) < 0.8 * np.mean(losses[:2])
 
 
+def test_classifier_thresholds_go_into_the_output_config(paired: str, encoder_weights: str, tmp_path: Path) -> None:
+    thresholds = (10.0, 20.0, 30.0, 40.0, 50.0)
+    train(
+        spec(paired, tmp_path, kind="classifier", weights=(encoder_weights,), iterations=1, psnr_thresholds=thresholds)
+    )
+    assert adarevd.read_config(tmp_path / "out.safetensors").psnr_thresholds == thresholds
+    with pytest.raises(ValueError, match="psnr_thresholds needs 5 values"):
+        train(spec(paired, tmp_path, kind="classifier", weights=(encoder_weights,), psnr_thresholds=(10.0, 20.0)))
+
+
 def test_stages_that_need_an_encoder_say_so(paired: str, tmp_path: Path) -> None:
     with pytest.raises(TrainError, match="needs --weights with a trained encoder"):
         spec(paired, tmp_path, kind="decoders")
@@ -218,6 +229,20 @@ def test_eval_on_known_pairs(memory_store: Store, tmp_path: Path) -> None:
     assert result["gain_db"] == pytest.approx(0, abs=1e-3)
     assert result["by_class"]["5"]["ssim_input"] == 1.0 and result["by_class"]["5"]["frames"] == 1
     assert result["by_class"]["1"]["psnr_input"] == pytest.approx(20 * math.log10(255 / 25), abs=1e-3)
+
+
+def test_eval_of_a_known_blur_matches_an_independent_computation(memory_store: Store) -> None:
+    from skimage.metrics import structural_similarity
+
+    sharp = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    blurred = cv2.blur(sharp, (5, 5))
+    samples = [Sample("blur", {"blur.png": images.encode(blurred), "sharp.png": images.encode(sharp)})]
+    memory_store.commit_bytes("pairs-000000.tar", encode_shard(samples))
+    result = evaluate.evaluate(adarevd.AdaRevD(adarevd.PRESETS["adarevd-tiny"]), evaluate.frames_of(memory_store))
+    mse = np.mean((blurred.astype(np.float64) - sharp) ** 2)
+    assert result["psnr_input"] == pytest.approx(10 * math.log10(255**2 / mse), abs=1e-3)
+    ssim = structural_similarity(blurred, sharp, channel_axis=2, data_range=255)
+    assert result["ssim_input"] == pytest.approx(ssim, abs=1e-4) and result["ssim_input"] < 0.5
 
 
 def test_calibrate_and_eval_commands(paired: str, encoder_weights: str, tmp_path: Path) -> None:
