@@ -9,6 +9,7 @@ adarevd synth --output URL         synthetic paired blur shards (+ a blurry clip
 adarevd assemble URL --video ID --to FILE   one video from shards back into a file (jobs/data.py)
 adarevd deblur [INPUT OUTPUT]      the distributed deblur job on Ray (jobs/deblur.py)
 adarevd train KIND DATA --output W training stages on Ray Train; calibrate; eval (jobs/train.py)
+adarevd submit SPEC [--address URL] a TOML job spec, here or on a cluster; adarevd jobs ... (jobs/submit.py)
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 import adarevd
 from adarevd.classifier import psnr
 from adarevd.tiling import PatchGrid
-from jobs import data, deblur, train
+from jobs import data, deblur, submit, train
 from jobs.models import ASSETS, DEFAULT_WEIGHTS, CliError, exit_mode, load_model
 from pipeline.shards import ShardError
 from pipeline.storage import StorageError
@@ -174,6 +175,7 @@ def parser() -> argparse.ArgumentParser:
     data.add_parsers(sub)
     deblur.add_parser(sub)
     train.add_parsers(sub)
+    submit.add_parsers(sub)
     return p
 
 

@@ -1,0 +1,129 @@
+"""`adarevd submit SPEC` and `adarevd jobs list|status|logs|stop`: job specs on a cluster (Ray Jobs API).
+
+Without `--address`, `submit` runs the spec in this process. With `--address http://HEAD:8265` it
+submits `adarevd run-spec SPEC` through the Ray Jobs API, with the spec file as the working directory
+and the project's packages (`adarevd`, `pipeline`, `jobs`) as `py_modules`; the cluster's Python
+needs the dependencies installed. Secrets are read from the environment of the machine that runs the
+job, by the names the spec gives, never sent along.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from jobs.spec import load_spec, secret_environment, to_argv
+
+PACKAGES = ("adarevd", "pipeline", "jobs")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_spec(path: str) -> int:
+    """Run a spec here: its command, with the secrets it names in the usual AWS_* environment."""
+    from jobs.cli import main
+
+    spec = load_spec(path)
+    os.environ.update(secret_environment(spec))
+    argv = to_argv(spec)
+    print(f"job {spec.name}: adarevd {' '.join(argv)}", flush=True)
+    return main(argv)
+
+
+def _client(address: str):
+    from ray.job_submission import JobSubmissionClient
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    return JobSubmissionClient(address)
+
+
+def submit(path: str, address: str) -> str:
+    spec = load_spec(path)
+    with tempfile.TemporaryDirectory(prefix="adarevd-job-") as tmp:
+        shutil.copy(path, Path(tmp) / "spec.toml")
+        submission_id = f"{spec.name}-{uuid.uuid4().hex[:8]}"
+        _client(address).submit_job(
+            entrypoint="python -m jobs.cli run-spec spec.toml",
+            submission_id=submission_id,
+            runtime_env={"working_dir": tmp, "py_modules": [str(ROOT / p) for p in PACKAGES]},
+            metadata={"name": spec.name, "kind": spec.kind, "priority": str(spec.priority)},
+        )
+    return submission_id
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    if args.address is None:
+        return run_spec(args.spec)
+    job = submit(args.spec, args.address)
+    print(
+        f"submitted {job} to {args.address}; follow it with: adarevd jobs logs {job} --follow --address {args.address}"
+    )
+    return 0
+
+
+def cmd_run_spec(args: argparse.Namespace) -> int:
+    return run_spec(args.spec)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    client = _client(args.address)
+    if args.action == "list":
+        for job in sorted(client.list_jobs(), key=lambda j: j.start_time or 0):
+            meta = job.metadata or {}
+            print(f"{job.submission_id or job.job_id}  {job.status}  {meta.get('kind', '-')}  {meta.get('name', '-')}")
+        return 0
+    if args.job is None:
+        raise ValueError(f"adarevd jobs {args.action} needs a JOB id (see adarevd jobs list)")
+    if args.action == "status":
+        info = client.get_job_info(args.job)
+        print(f"{args.job}: {info.status}" + (f" ({info.message})" if info.message else ""))
+        return 0
+    if args.action == "stop":
+        stopped = client.stop_job(args.job)
+        print(f"{args.job}: {'stop requested' if stopped else 'not running'}")
+        return 0
+    if args.follow:
+
+        async def follow() -> None:
+            async for lines in client.tail_job_logs(args.job):
+                print(lines, end="", flush=True)
+
+        asyncio.run(follow())
+    else:
+        print(client.get_job_logs(args.job), end="")
+    return 0
+
+
+def wait_for(address: str, job: str, timeout_s: float = 300) -> str:
+    """Poll until the job ends; returns its final status."""
+    client = _client(address)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = str(client.get_job_status(job))
+        if status.split(".")[-1] in ("SUCCEEDED", "FAILED", "STOPPED"):
+            return status.split(".")[-1]
+        time.sleep(1)
+    raise TimeoutError(f"job {job} still running after {timeout_s} s")
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("submit", help="run a job spec (TOML) here, or submit it to a cluster with --address")
+    s.add_argument("spec", help="job spec file (.toml)")
+    s.add_argument("--address", help="Ray dashboard of the cluster, e.g. http://HEAD:8265 (default: run here)")
+    s.set_defaults(run=cmd_submit)
+
+    r = sub.add_parser("run-spec", help="run a job spec in this process (what a submitted job runs)")
+    r.add_argument("spec")
+    r.set_defaults(run=cmd_run_spec)
+
+    j = sub.add_parser("jobs", help="jobs on a cluster: list, status, logs [--follow], stop")
+    j.add_argument("action", choices=["list", "status", "logs", "stop"])
+    j.add_argument("job", nargs="?", help="submission id (from submit or list)")
+    j.add_argument("--address", required=True, help="Ray dashboard, e.g. http://HEAD:8265")
+    j.add_argument("--follow", action="store_true", help="logs: keep printing until the job ends")
+    j.set_defaults(run=cmd_jobs)

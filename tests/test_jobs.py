@@ -1,0 +1,140 @@
+"""Job specs (TOML) and `adarevd submit` / `adarevd jobs`: here, and on a real `ray start` cluster."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from jobs.cli import main
+from jobs.spec import SpecError, load_spec, secret_environment, to_argv
+from jobs.submit import wait_for
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str, name: str = "job.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+GOOD = """\
+name = "deblur-archive"
+kind = "deblur"
+input = "s3://archive/frames"
+output = "s3://archive/deblurred"
+
+[resources]
+workers = 2
+gpus_per_worker = 0.5
+
+[storage]
+endpoint_url = "http://127.0.0.1:8333"
+key_env = "ARCHIVE_KEY"
+secret_env = "ARCHIVE_SECRET"
+
+[options]
+frames_per_batch = 16
+quarantine_ok = true
+"""
+
+
+def test_a_spec_becomes_the_command_line_and_secrets_stay_in_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = load_spec(write(tmp_path, GOOD))
+    argv = to_argv(spec)
+    assert argv == ["deblur", "s3://archive/frames", "s3://archive/deblurred", "--workers", "2",
+                    "--gpus-per-worker", "0.5", "--frames-per-batch", "16", "--quarantine-ok",
+                    "--storage-option=client_kwargs.endpoint_url=http://127.0.0.1:8333"]  # fmt: skip
+    with pytest.raises(SpecError, match="key_env names \\$ARCHIVE_KEY, which is not set here"):
+        secret_environment(spec)
+    monkeypatch.setenv("ARCHIVE_KEY", "AKIA-test")
+    monkeypatch.setenv("ARCHIVE_SECRET", "s3cr3t-value")
+    assert secret_environment(spec) == {"AWS_ACCESS_KEY_ID": "AKIA-test", "AWS_SECRET_ACCESS_KEY": "s3cr3t-value"}
+    assert "s3cr3t" not in " ".join(argv)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (GOOD.replace("workers = 2", 'workers = "two"'), ":7: resources.workers: expected integer, got 'two'"),
+        (GOOD.replace('kind = "deblur"', 'kind = "paint"'), ":2: kind: 'paint' is not one of"),
+        (GOOD.replace("[options]", "bogus = 1\n[options]"), ":15: storage.bogus: unknown field"),
+        ("bogus = 1\n" + GOOD, ":1: bogus: unknown field"),
+        (GOOD.replace("secret_env", "secret"), ":13: storage.secret: secrets only by environment-variable name"),
+        (GOOD + 'aws_secret = "abc"\n', ":18: options.aws_secret: looks like a secret"),
+        (GOOD.replace('input = "s3://archive/frames"\n', ""), "kind 'deblur' needs 'input'"),
+        ('name = "x"\nkind = "synth"\noutput = [\n', "not valid TOML"),
+        (GOOD.replace('name = "deblur-archive"', 'name = "../up"'), ":1: name: use letters"),
+    ],
+)
+def test_bad_specs_name_the_line_and_field(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(SpecError) as error:
+        load_spec(write(tmp_path, text))
+    assert message in str(error.value) and "job.toml" in str(error.value)
+
+
+def test_submit_without_address_runs_here(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    spec = write(
+        tmp_path, f'name = "s"\nkind = "synth"\noutput = "{tmp_path}/pairs"\n[options]\ncount = 2\nsize = "32x32"\n'
+    )
+    assert main(["submit", str(spec)]) == 0
+    assert (tmp_path / "pairs" / "pairs-000000.tar").exists()
+    assert main(["submit", str(write(tmp_path, "kind = 1\n", "bad.toml"))]) == 2
+    assert "bad.toml:1: kind: expected string" in capsys.readouterr().err
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`ray start --head` (dashboard on loopback) plus one worker node; yields the dashboard URL."""
+    ray = str(Path(sys.executable).with_name("ray"))
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
+                        "RAY_AUTH_MODE": "disabled"}  # fmt: skip
+    port, dashboard = free_port(), free_port()
+    temp = f"/tmp/rj-{os.getpid()}"
+    head = [ray, "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+            "--num-cpus=1", "--include-dashboard=true", f"--temp-dir={temp}", "--disable-usage-stats"]  # fmt: skip
+    subprocess.run(head, check=True, env=env, cwd=ROOT, capture_output=True)
+    try:
+        worker = [ray, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--disable-usage-stats"]
+        subprocess.run(worker, check=True, env=env, cwd=ROOT, capture_output=True)
+        yield f"http://127.0.0.1:{dashboard}"
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True)
+
+
+@pytest.mark.ray
+def test_jobs_on_a_real_cluster(cluster: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    quick = write(tmp_path, f'name = "quick"\nkind = "synth"\noutput = "{tmp_path}/pairs"\n[options]\ncount = 3\n'
+                  'size = "32x32"\n')  # fmt: skip
+    assert main(["submit", str(quick), "--address", cluster]) == 0
+    job = capsys.readouterr().out.split()[1]
+    assert job.startswith("quick-") and wait_for(cluster, job) == "SUCCEEDED"
+    assert (tmp_path / "pairs" / "pairs-000000.tar").exists()
+    assert main(["jobs", "logs", job, "--address", cluster]) == 0
+    assert "wrote 3 pairs" in capsys.readouterr().out
+    assert main(["jobs", "status", job, "--address", cluster]) == 0
+    assert "SUCCEEDED" in capsys.readouterr().out
+
+    slow = write(tmp_path, f'name = "slow"\nkind = "synth"\noutput = "{tmp_path}/many"\n[options]\ncount = 100000\n',
+                 "slow.toml")  # fmt: skip
+    assert main(["submit", str(slow), "--address", cluster]) == 0
+    slow_job = capsys.readouterr().out.split()[1]
+    assert main(["jobs", "stop", slow_job, "--address", cluster]) == 0
+    assert wait_for(cluster, slow_job) == "STOPPED"
+    assert main(["jobs", "list", "--address", cluster]) == 0
+    listing = capsys.readouterr().out
+    assert f"{job}  SUCCEEDED  synth  quick" in listing and f"{slow_job}  STOPPED  synth  slow" in listing
