@@ -84,6 +84,11 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         print(f"{args.job}: {info.status}" + (f" ({info.message})" if info.message else ""))
         return 0
     if args.action == "stop":
+        # A stop while Ray still sets up the job's environment can leave its command running (Ray
+        # 2.60): wait until the job has left PENDING.
+        deadline = time.monotonic() + 120
+        while str(client.get_job_status(args.job)).endswith("PENDING") and time.monotonic() < deadline:
+            time.sleep(0.5)
         stopped = client.stop_job(args.job)
         print(f"{args.job}: {'stop requested' if stopped else 'not running'}")
         return 0

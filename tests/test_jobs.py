@@ -6,10 +6,12 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from ray.job_submission import JobSubmissionClient
 
 from jobs.cli import main
 from jobs.spec import SpecError, load_spec, secret_environment, to_argv
@@ -91,6 +93,19 @@ def test_submit_without_address_runs_here(tmp_path: Path, capsys: pytest.Capture
     assert "bad.toml:1: kind: expected string" in capsys.readouterr().err
 
 
+def running_specs() -> list[str]:
+    """Processes on this machine running a job spec (Linux /proc)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "jobs.cli run-spec" in text:
+            found.append(text)
+    return found
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -133,8 +148,15 @@ def test_jobs_on_a_real_cluster(cluster: str, tmp_path: Path, capsys: pytest.Cap
                  "slow.toml")  # fmt: skip
     assert main(["submit", str(slow), "--address", cluster]) == 0
     slow_job = capsys.readouterr().out.split()[1]
+    client = JobSubmissionClient(cluster)
+    deadline = time.monotonic() + 120
+    # Stop it once it runs (a stop while Ray still sets up the job's environment can leave it running).
+    while "job slow:" not in client.get_job_logs(slow_job) and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert main(["jobs", "stop", slow_job, "--address", cluster]) == 0
     assert wait_for(cluster, slow_job) == "STOPPED"
+    time.sleep(1)
+    assert not running_specs()
     assert main(["jobs", "list", "--address", cluster]) == 0
     listing = capsys.readouterr().out
     assert f"{job}  SUCCEEDED  synth  quick" in listing and f"{slow_job}  STOPPED  synth  slow" in listing
