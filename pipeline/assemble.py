@@ -133,7 +133,7 @@ def assemble(
     with tempfile.TemporaryDirectory(dir=to.parent) as tmp:
         video = Path(tmp) / f"video{to.suffix}"
         pixels = _in_order(store, frames, image)
-        written = _write_mp4v(video, pixels, fps) if codec == "mp4v" else write_video(video, pixels, fps)
+        written = write_video(video, pixels, fps, mp4v=codec == "mp4v")
         if source is not None:
             _mux_audio(video, source, to)
         else:
@@ -165,24 +165,6 @@ def _in_order(store: Store, frames: VideoFrames, image: str | None) -> Iterator[
     while following in pending:
         yield pending.pop(following)
         following += 1
-
-
-def _write_mp4v(path: Path, frames_rgb: Iterator[np.ndarray], fps: float) -> int:
-    writer: cv2.VideoWriter | None = None
-    count = 0
-    try:
-        for frame in frames_rgb:
-            if writer is None:
-                h, w = frame.shape[:2]
-                writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
-                if not writer.isOpened():
-                    raise OSError(f"{path}: OpenCV cannot open an mp4v writer")
-            writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-            count += 1
-    finally:
-        if writer is not None:
-            writer.release()
-    return count
 
 
 def _mux_audio(video: Path, source: Path, to: Path) -> None:

@@ -18,13 +18,16 @@ OPENCV_CODECS = {".mkv": "FFV1", ".avi": "MJPG"}
 SUFFIXES = (".mp4", *OPENCV_CODECS)
 
 
-def write_video(path: Path, frames_rgb: Iterable[np.ndarray], fps: float, *, crf: int = 14) -> int:
+def write_video(path: Path, frames_rgb: Iterable[np.ndarray], fps: float, *, crf: int = 14, mp4v: bool = False) -> int:
     """Write (H, W, 3) uint8 RGB frames to `path`; returns the number written. `crf`: H.264 quality
-    (0 best .. 51 worst; 14 keeps a synthetic blurry frame at about 39 dB)."""
+    (0 best .. 51 worst; 14 keeps a synthetic blurry frame at about 39 dB). `mp4v`: an .mp4 in MPEG-4
+    part 2 through OpenCV instead of H.264."""
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise ValueError(f"{path}: unsupported video extension; use one of {', '.join(SUFFIXES)}")
     path.parent.mkdir(parents=True, exist_ok=True)
+    if suffix == ".mp4" and mp4v:
+        return _write_opencv(path, frames_rgb, fps, "mp4v")
     if suffix == ".mp4":
         return _write_h264(path, frames_rgb, fps, crf)
     return _write_opencv(path, frames_rgb, fps, OPENCV_CODECS[suffix])
