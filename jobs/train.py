@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from jobs.data import add_storage_option
 from jobs.models import CliError, load_model
 from pipeline import evaluate
 from pipeline.storage import Store, parse_storage_options
-from pipeline.trainer import KINDS, Progress, TrainSpec, train
+from pipeline.trainer import KINDS, Progress, TrainSpec, publish_weights, train
 
 CALIBRATION_KEY = "adarevd.calibration"
 
@@ -96,13 +95,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     metadata = {k: v for k, v in read_state_dict(files[0])[1].items() if k.startswith("adarevd.")}
     metadata[CALIBRATION_KEY] = json.dumps(asdict(found) | {"data": store.url, "weights": source})
     metadata.pop(CONFIG_KEY, None)  # save_weights writes the new config
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) / "w.safetensors"
-        adarevd.save_weights(calibrated, local, metadata=metadata)
-        parent, _, name = args.output.rpartition("/")
-        out = Store(parent or ".", parse_storage_options(args.storage_option))
-        out.commit_file(name, str(local))
-        out.remove_tmp_folder()
+    publish_weights(calibrated, args.output, parse_storage_options(args.storage_option), metadata)
     print(f"wrote {args.output}")
     return 0
 

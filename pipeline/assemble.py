@@ -10,7 +10,6 @@ the source file given, its audio streams are copied in (ffmpeg, no re-encoding).
 
 from __future__ import annotations
 
-import json
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ import pyarrow.parquet as pq
 from pipeline import images
 from pipeline.frames import image_member
 from pipeline.shard_job import QUARANTINE_DIR
-from pipeline.shards import iter_samples
+from pipeline.shards import iter_samples, sample_meta
 from pipeline.storage import Store
 from pipeline.video import write_video
 
@@ -56,7 +55,7 @@ def index_video(store: Store, video_id: str) -> VideoFrames:
     for shard in shards:
         with store.open(shard) as stream:
             for sample in iter_samples(stream, shard):
-                meta = _meta(sample.members.get("json"))
+                meta = sample_meta(sample)
                 if meta.get("video_id") != video_id:
                     continue
                 index = int(meta["frame_index"])
@@ -177,16 +176,6 @@ def _mux_audio(video: Path, source: Path, to: Path) -> None:
     if done.returncode != 0:
         raise AssembleError(f"{to}: copying the audio of {source} failed: {done.stderr.strip()[-400:]} "
                             f"(the container may not hold that audio codec: try .mkv)")  # fmt: skip
-
-
-def _meta(data: bytes | None) -> dict:
-    if not data:
-        return {}
-    try:
-        value = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def _ranges(values: list[int]) -> str:

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from pipeline import images, sources
 from pipeline.images import ImageFormat
-from pipeline.shards import Sample, check_key
+from pipeline.shards import Sample, check_key, sample_meta
 from pipeline.sink import ShardLimits, ShardSink
 from pipeline.storage import Store
 
@@ -133,13 +133,7 @@ def frame_sample(frame: sources.Frame, config: IngestConfig) -> tuple[Sample, di
 def passthrough_row(item: sources.Passthrough) -> dict[str, Any]:
     """Index row of a re-sharded sample: what its json says, and its image member's digest."""
     sample = item.sample
-    meta: dict[str, Any] = {}
-    if "json" in sample.members:
-        try:
-            loaded = json.loads(sample.members["json"])
-            meta = loaded if isinstance(loaded, dict) else {}
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            meta = {}
+    meta = sample_meta(sample)
     image = next((m for m in sorted(sample.members) if m.rsplit(".", 1)[-1] in ("png", "jpg", "jpeg")), None)
     data = sample.members[image] if image else b""
     return _row(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import io
+import json
 import posixpath
 import tarfile
 from collections.abc import Iterator, Mapping
@@ -92,6 +93,15 @@ def encode_shard(samples: list[Sample]) -> bytes:
         for sample in samples:
             writer.write(sample)
     return buffer.getvalue()
+
+
+def sample_meta(sample: Sample) -> dict[str, Any]:
+    """The sample's `json` member as a dict; {} when it is missing or not a JSON object."""
+    try:
+        loaded = json.loads(sample.members.get("json") or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
 
 
 def iter_samples(stream: IO[bytes], shard: str) -> Iterator[Sample]:

@@ -60,6 +60,12 @@ def resolve(url: str, options: Mapping[str, Any]) -> tuple[fsspec.AbstractFileSy
         raise StorageError(f"{redact(url)}: cannot open this storage URL: {e}") from e
 
 
+def file_store(url: str, options: Mapping[str, Any]) -> tuple[Store, str]:
+    """(the Store of the folder holding `url`, the file's name in it)."""
+    parent, _, name = url.rpartition("/")
+    return Store(parent or ".", options), name
+
+
 def redact(url: str) -> str:
     """The URL without any user:password@ part, for messages and metadata."""
     parts = urlsplit(url)

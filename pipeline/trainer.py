@@ -29,7 +29,7 @@ from adarevd.training import EncoderPretrainer, Stage, StageConfig, freeze_all_b
 from adarevd.weights import read_state_dict
 from pipeline.checkpoints import Checkpoints
 from pipeline.pair_stream import PairStream, StreamConfig
-from pipeline.storage import Store, redact
+from pipeline.storage import Store, file_store, redact
 
 TrainKind = Literal["encoder", "decoders", "classifier"]
 KINDS: tuple[TrainKind, ...] = ("encoder", "decoders", "classifier")
@@ -215,10 +215,10 @@ def train(
 
 def read_result(spec: TrainSpec) -> TrainResult:
     """The result of a finished stage, from the training history in its output weights."""
-    parent, _, name = spec.output.rpartition("/")
+    store, name = file_store(spec.output, spec.storage_options)
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "weights.safetensors"
-        local.write_bytes(Store(parent or ".", spec.storage_options).read_bytes(name))
+        local.write_bytes(store.read_bytes(name))
         entry = json.loads(read_state_dict(local)[1][HISTORY_KEY])[-1]
     return TrainResult(spec.output, entry["iterations"], entry["resumed_from"], entry["loss"], entry["metric"],
                        entry["seconds"])  # fmt: skip
@@ -243,11 +243,15 @@ def write_output(model: AdaRevD, spec: TrainSpec, outcome: dict[str, Any]) -> No
     entry = spec.identity(outcome["world"]) | {k: _round(v) for k, v in outcome.items()}
     entry["weights"] = [Path(w).name for w in spec.weights]
     history.append(entry)
-    parent, _, name = spec.output.rpartition("/")
+    publish_weights(model, spec.output, spec.storage_options, {HISTORY_KEY: json.dumps(history)})
+
+
+def publish_weights(model: AdaRevD, url: str, options: Mapping[str, Any], metadata: dict[str, str]) -> None:
+    """`adarevd.save_weights` to a file on any fsspec URL, committed whole."""
+    store, name = file_store(url, options)
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "weights.safetensors"
-        adarevd.save_weights(model, local, metadata={HISTORY_KEY: json.dumps(history)})
-        store = Store(parent or ".", spec.storage_options)
+        adarevd.save_weights(model, local, metadata=metadata)
         store.commit_file(name, str(local))
         store.remove_tmp_folder()
 
