@@ -199,7 +199,7 @@ def train(
             loss, metric = _mean_over_workers([loss, metric], world, device)
             elapsed = time.perf_counter() - window_start
             rate = window_steps * spec.batch * world / max(elapsed, 1e-9)
-            if on_progress is not None:  # on every rank: Ray Train wants reports from all workers
+            if on_progress is not None:  # on every rank; the caller decides which one prints
                 on_progress(Progress(step, spec.iterations, loss, metric, rate, start))
             window_start, window_steps = time.perf_counter(), 0
         if checkpoints is not None and rank == 0 and (step % spec.checkpoint_every == 0 or step == spec.iterations):
