@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -160,3 +161,19 @@ def test_jobs_on_a_real_cluster(cluster: str, tmp_path: Path, capsys: pytest.Cap
     assert main(["jobs", "list", "--address", cluster]) == 0
     listing = capsys.readouterr().out
     assert f"{job}  SUCCEEDED  synth  quick" in listing and f"{slow_job}  STOPPED  synth  slow" in listing
+
+
+def test_train_and_eval_specs_run_here(tmp_path: Path) -> None:
+    pairs = tmp_path / "pairs"
+    synth = write(tmp_path, f'name = "p"\nkind = "synth"\noutput = "{pairs}"\n[options]\ncount = 2\nsize = "72x72"\n')
+    assert main(["submit", str(synth)]) == 0
+    weights = tmp_path / "enc.safetensors"
+    train = write(tmp_path, f'name = "t"\nkind = "train"\nstage = "encoder"\ninput = "{pairs}"\noutput = "{weights}"\n'
+                  '[options]\niterations = 2\nbatch = 2\ncrop = 64\n', "train.toml")  # fmt: skip
+    assert to_argv(load_spec(train))[:5] == ["train", "encoder", str(pairs), "--output", str(weights)]
+    assert main(["submit", str(train)]) == 0 and weights.exists()
+    report = tmp_path / "eval.json"
+    evaluate = write(tmp_path, f'name = "e"\nkind = "eval"\ninput = "{pairs}"\nweights = ["{weights}"]\n'
+                     f'[options]\njson = "{report}"\n', "eval.toml")  # fmt: skip
+    assert main(["submit", str(evaluate)]) == 0
+    assert json.loads(report.read_text())["frames"] == 2
