@@ -52,6 +52,13 @@ class Calibration:
     budget_db: float
 
 
+def with_exit_table(model: AdaRevD, exit_table: Sequence[int]) -> AdaRevD:
+    """A copy of `model` (same weights, on the CPU) whose config has `exit_table`."""
+    out = AdaRevD(model.config.with_overrides(exit_table=list(exit_table)))
+    out.load_state_dict(model.state_dict())
+    return out
+
+
 def _db(mse: np.ndarray) -> np.ndarray:
     return -10 * np.log10(mse + 1e-10)
 

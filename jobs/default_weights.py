@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 import adarevd
+from adarevd.calibration import with_exit_table
 from adarevd.training import EncoderPretrainer, Stage, StageConfig, dihedral, freeze_all_but
 from pipeline.evaluate import calibrate, evaluate
 from pipeline.scenes import SAMPLE_IMAGES
@@ -143,8 +144,7 @@ def finish_default_weights(
     found = calibrate(trained, make_pairs(IMAGES, VALIDATION_SEEDS), recipe.calibration_budget_db)
     log(f"calibrated exit table {found.exit_table}: mean depth {found.mean_depth}, "
         f"estimated loss {found.psnr_loss_db} dB")  # fmt: skip
-    model = adarevd.AdaRevD(trained.config.with_overrides(exit_table=list(found.exit_table)))
-    model.load_state_dict(trained.state_dict())
+    model = with_exit_table(trained, found.exit_table)
     metrics = evaluate(model.eval(), make_pairs(IMAGES, HELD_OUT_SEEDS))
     del metrics["by_class"]
     log(f"held-out: {json.dumps(metrics)}")

@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 import adarevd
+from adarevd.calibration import with_exit_table
 from adarevd.weights import CONFIG_KEY, read_state_dict
 from jobs.data import add_storage_option
 from jobs.models import CliError, load_model
@@ -90,8 +91,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(f"class {c}: gain after 1..N columns {list(gains)} dB")
     print(f"exit table {model.config.exit_table} -> {found.exit_table}: mean depth {found.mean_depth}, "
           f"PSNR loss vs full depth {found.psnr_loss_db} dB (budget {found.budget_db})")  # fmt: skip
-    calibrated = adarevd.AdaRevD(model.config.with_overrides(exit_table=list(found.exit_table)))
-    calibrated.load_state_dict(model.state_dict())
+    calibrated = with_exit_table(model, found.exit_table)
     metadata = {k: v for k, v in read_state_dict(files[0])[1].items() if k.startswith("adarevd.")}
     metadata[CALIBRATION_KEY] = json.dumps(asdict(found) | {"data": store.url, "weights": source})
     metadata.pop(CONFIG_KEY, None)  # save_weights writes the new config
