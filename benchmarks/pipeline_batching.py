@@ -74,9 +74,10 @@ class StandInRestorer:
         time.sleep(self.cost(per_frame))
         out: list[FrameOut | Rejected] = []
         for frame, depths in zip(frames, per_frame, strict=True):
+            h, w = frame.rgb.shape[:2]
             histogram = tuple(int((depths == d).sum()) for d in range(COLUMNS + 1))
             score = blur_score(frame.rgb)
-            out.append(FrameOut(frame.sample, frame.member, "", histogram, float(depths.mean()),
+            out.append(FrameOut(frame.sample, frame.member, w, h, "", histogram, float(depths.mean()),
                                 1 - float(depths.mean()) / COLUMNS, score, score, 1.0, 0.0, 0.0, 0.0))  # fmt: skip
         return out
 

@@ -8,6 +8,7 @@ adarevd ingest SRC... --output URL videos/images/shards -> WebDataset frame shar
 adarevd synth --output URL         synthetic paired blur shards (+ a blurry clip)
 adarevd assemble URL --video ID --to FILE   one video from shards back into a file (jobs/data.py)
 adarevd deblur [INPUT OUTPUT]      the distributed deblur job on Ray (jobs/deblur.py)
+adarevd report [OUTPUT] --to DIR   run page + blurry | deblurred | exit-depth pictures (jobs/report.py)
 adarevd train KIND DATA --output W training stages on Ray Train; calibrate; eval (jobs/train.py)
 adarevd submit SPEC [--address URL] a TOML job spec, here or on a cluster; adarevd jobs ... (jobs/submit.py)
 """
@@ -27,9 +28,10 @@ import torch
 
 import adarevd
 from adarevd.classifier import psnr
-from adarevd.tiling import PatchGrid
-from jobs import data, deblur, submit, train
+from jobs import data, deblur, report, submit, train
 from jobs.models import ASSETS, DEFAULT_WEIGHTS, CliError, exit_mode, load_model
+from pipeline.exit_map import exit_map
+from pipeline.frames import PatchMap
 from pipeline.shards import ShardError
 from pipeline.storage import StorageError
 
@@ -58,16 +60,6 @@ def write_image(path: Path, image: torch.Tensor) -> None:
         raise CliError(f"{path}: could not write the image")
 
 
-def depth_map(depths: torch.Tensor, grid: PatchGrid, shape: tuple[int, int], n: int) -> np.ndarray:
-    """Colour picture of each patch's exit depth (dark = early exit), at the image size."""
-    canvas = np.zeros((grid.height, grid.width), np.float32)
-    cells = depths.cpu().numpy()
-    for r, y in enumerate(grid.ys):
-        for c, x in enumerate(grid.xs):
-            canvas[y : y + grid.size_h, x : x + grid.size_w] = cells[r, c] / max(n, 1)
-    return cv2.applyColorMap((canvas[: shape[0], : shape[1]] * 255).astype(np.uint8), cv2.COLORMAP_VIRIDIS)
-
-
 def cmd_restore(args: argparse.Namespace) -> int:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     images = [Path(p) for p in args.images] or [DEMO_BLURRY]
@@ -86,9 +78,10 @@ def cmd_restore(args: argparse.Namespace) -> int:
         result = model.restore(blurry[None], exit=args.exit, encoder_mode=args.encoder_mode)
         seconds = time.perf_counter() - start
         write_image(out_dir / f"{path.stem}.png", result.images[0])
-        cv2.imwrite(
-            str(out_dir / f"{path.stem}.depth.png"), depth_map(result.depths[0], result.grid, blurry.shape[1:], n)
-        )
+        grid = result.grid
+        patches = PatchMap(grid.ys, grid.xs, grid.size_h, grid.size_w, tuple(result.depths[0].flatten().tolist()))
+        rgb = (blurry.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+        cv2.imwrite(str(out_dir / f"{path.stem}.depth.png"), cv2.cvtColor(exit_map(rgb, patches, n), cv2.COLOR_RGB2BGR))
         hist = torch.bincount(result.depths.flatten().cpu(), minlength=n + 1)
         totals += hist
         mean_depth = result.depths.float().mean().item()
@@ -174,6 +167,7 @@ def parser() -> argparse.ArgumentParser:
 
     data.add_parsers(sub)
     deblur.add_parser(sub)
+    report.add_parser(sub)
     train.add_parsers(sub)
     submit.add_parsers(sub)
     return p
@@ -183,7 +177,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.run(args)
-    except (CliError, adarevd.WeightsError, ValueError, FileExistsError, StorageError, ShardError) as e:
+    except (
+        CliError,
+        adarevd.WeightsError,
+        ValueError,
+        FileExistsError,
+        FileNotFoundError,
+        StorageError,
+        ShardError,
+    ) as e:
         print(f"adarevd {args.command}: error: {e}", file=sys.stderr)
         return 2
 

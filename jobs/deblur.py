@@ -143,3 +143,5 @@ def print_summary(summary: RunSummary, output_url: str, wall: float) -> None:
         print("nothing to do: every shard is already done here (resume); remove the output or choose another to redo")
     where = output_url if "://" in output_url else str(Path(output_url).resolve())
     print(f"output: {where} (shards, _manifest/, _run.json)")
+    report = "adarevd report" if output_url == DEMO_OUTPUT else f"adarevd report {output_url} --to REPORT_DIR"
+    print(f"pictures and a run page: {report}")

@@ -36,11 +36,10 @@ from adarevd import AdaRevD, AdaRevDConfig, load_weights
 from pipeline.frames import FrameIn, FrameOut, Rejected
 from pipeline.job import DeblurJob, Resources, RestoreOptions
 from pipeline.restorer import FrameRestorer
-from pipeline.shard_job import MANIFEST_DIR, ShardReport, add_histogram, is_done
+from pipeline.shard_job import MANIFEST_DIR, RUN_FILE, ShardReport, add_histogram, is_done
 from pipeline.shard_task import ProgressActor, ShardWorker
 from pipeline.storage import Store, redact
 
-RUN_FILE = "_run.json"
 Restorer = Callable[[list[FrameIn]], list[FrameOut | Rejected]]
 
 
@@ -56,6 +55,7 @@ class RunSummary:
     seconds: float = 0.0
     processing_seconds: float = 0.0  # after the restorer actors were up
     workers: int = 0
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # stamped on this run's manifest rows
     worker_nodes: dict[str, int] = field(default_factory=dict)  # node id -> restorer actors placed there
 
     @property
@@ -186,10 +186,9 @@ def _process(
     else:
         # Held by this driver for the whole run (Ray warns that a restarted actor needs it: it has it).
         weights = [ray.put(model.state_dict())]
-    run_id = uuid.uuid4().hex[:8]
     actors = [
         RestorerActor.options(
-            name=f"adarevd-restorer-{run_id}-{i}",
+            name=f"adarevd-restorer-{summary.run_id}-{i}",
             num_cpus=resources.cpus_per_worker,
             num_gpus=resources.gpus_per_worker,
             resources={resources.worker_resource: 1} if resources.worker_resource else None,
@@ -207,7 +206,7 @@ def _process(
         for node in _wait_ready(actors, shard_workers, resources, job.stall_timeout_s):
             summary.worker_nodes[node] = summary.worker_nodes.get(node, 0) + 1
         ready = time.perf_counter()
-        context = _Context(job, options, actors, fingerprint, progress)
+        context = _Context(job, options, actors, fingerprint, summary.run_id, progress)
         summary.reports = _drive(context, todo, shard_workers, on_progress)
         summary.processing_seconds = time.perf_counter() - ready
     finally:
@@ -238,6 +237,7 @@ class _Context:
     options: Mapping[str, Any]
     actors: list[Any]
     fingerprint: str
+    run_id: str
     progress: Any
 
 
@@ -259,7 +259,7 @@ def _drive(
             index, shard = queue.popleft()
             worker = free.popleft()
             ref = worker.process.remote(shard, index, context.job, context.options, context.actors,
-                                        context.fingerprint, context.progress, budget)  # fmt: skip
+                                        context.fingerprint, context.run_id, context.progress, budget)  # fmt: skip
             running[ref] = (shard, worker)
         if not running:
             break
@@ -326,6 +326,7 @@ def run_json(
             "image_member": job.image_member,
             "max_frames": job.max_frames,
         },
+        "run_id": summary.run_id,
         "workers": summary.workers,
         "worker_nodes": summary.worker_nodes,
         "shards": {

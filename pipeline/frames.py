@@ -32,11 +32,25 @@ class FrameIn:
 
 
 @dataclass(frozen=True)
+class PatchMap:
+    """Where a frame's patches lie (level-0 pixels of the padded frame, which starts at the frame's
+    top-left corner) and the exit depth of each, row-major: what the report draws."""
+
+    ys: tuple[int, ...]
+    xs: tuple[int, ...]
+    size_h: int
+    size_w: int
+    depths: tuple[int, ...]  # len(ys) * len(xs)
+
+
+@dataclass(frozen=True)
 class FrameOut:
     """A deblurred sample and what the manifest records about it."""
 
     sample: Sample
     member: str
+    width: int
+    height: int
     sha256: str  # of the output image member
     depth_histogram: tuple[int, ...]  # patches per exit depth 0..N
     mean_depth: float
@@ -48,6 +62,7 @@ class FrameOut:
     decode_ms: float
     stitch_ms: float
     notes: tuple[str, ...] = ()
+    patches: PatchMap | None = None
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import torch
 
 from adarevd import AdaRevD
 from adarevd.tiling import PatchGrid, cut
-from pipeline.frames import FrameIn, FrameOut, Rejected, encode_output
+from pipeline.frames import FrameIn, FrameOut, PatchMap, Rejected, encode_output
 from pipeline.job import RestoreOptions
 from pipeline.scores import blur_score, seam_score
 
@@ -135,6 +135,8 @@ class FrameRestorer:
         return FrameOut(
             sample=sample,
             member=item.frame.member,
+            width=w,
+            height=h,
             sha256=hashlib.sha256(sample.members[item.frame.member]).hexdigest(),
             depth_histogram=tuple(histogram),
             mean_depth=mean_depth,
@@ -146,4 +148,7 @@ class FrameRestorer:
             decode_ms=item.decode_ms,
             stitch_ms=(time.perf_counter() - start) * 1e3,
             notes=item.frame.notes,
+            patches=PatchMap(
+                item.grid.ys, item.grid.xs, item.grid.size_h, item.grid.size_w, tuple(item.depths.cpu().tolist())
+            ),
         )

@@ -26,7 +26,7 @@ from pipeline.frames import FrameIn, FrameOut, Rejected, decode_sample
 from pipeline.shards import ShardError, TarShardWriter, encode_shard, iter_samples
 from pipeline.storage import Store
 
-MANIFEST_DIR, QUARANTINE_DIR = "_manifest", "_quarantine"
+MANIFEST_DIR, QUARANTINE_DIR, RUN_FILE = "_manifest", "_quarantine", "_run.json"
 RestoreFn = Callable[[Iterable[list[FrameIn]]], Iterator[list[FrameOut | Rejected]]]
 
 MANIFEST_SCHEMA = pa.schema(
@@ -46,6 +46,15 @@ MANIFEST_SCHEMA = pa.schema(
         ("stitch_ms", pa.float32()),
         ("notes", pa.string()),
         ("model_fingerprint", pa.string()),
+        # Where each patch lies and where it exited (PatchMap): the report's exit-depth pictures.
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("patch_ys", pa.list_(pa.int32())),
+        ("patch_xs", pa.list_(pa.int32())),
+        ("patch_size", pa.list_(pa.int32())),  # (h, w)
+        ("patch_depths", pa.list_(pa.int8())),  # row-major
+        ("run_id", pa.string()),  # the run that wrote the row (a resumed output holds several)
+        ("finished_at", pa.float64()),  # Unix time the shard's writer had the frame: throughput over time
     ]
 )
 QUARANTINE_SCHEMA = pa.schema([("shard", pa.string()), ("key", pa.string()), ("reason", pa.string())])
@@ -116,6 +125,7 @@ def process_shard(
     frames_per_batch: int = 8,
     image_member: str | None = None,
     fingerprint: str = "",
+    run_id: str = "",
     max_frames: int | None = None,
     on_frames: Callable[[int, list[int]], None] | None = None,
 ) -> ShardReport:
@@ -138,12 +148,13 @@ def process_shard(
             items = read_frames(stream, shard, image_member, report, max_frames)
             for results in restore(batched(frames_only(items), frames_per_batch)):
                 batch_histogram: list[int] = []
+                finished_at = time.time()
                 for result in results:
                     if isinstance(result, Rejected):
                         rejected.append(result)
                         continue
                     writer.write(result.sample)
-                    rows.append(_manifest_row(shard, result, fingerprint))
+                    rows.append(_manifest_row(shard, result, fingerprint, run_id, finished_at))
                     report.frames += 1
                     add_histogram(batch_histogram, result.depth_histogram)
                 add_histogram(report.histogram, batch_histogram)
@@ -168,7 +179,8 @@ def process_shard(
     return report
 
 
-def _manifest_row(shard: str, result: FrameOut, fingerprint: str) -> dict[str, Any]:
+def _manifest_row(shard: str, result: FrameOut, fingerprint: str, run_id: str, finished_at: float) -> dict[str, Any]:
+    patches = result.patches
     return {
         "shard": shard,
         "key": result.sample.key,
@@ -185,6 +197,14 @@ def _manifest_row(shard: str, result: FrameOut, fingerprint: str) -> dict[str, A
         "stitch_ms": result.stitch_ms,
         "notes": "; ".join(result.notes) or None,
         "model_fingerprint": fingerprint,
+        "width": result.width,
+        "height": result.height,
+        "patch_ys": list(patches.ys) if patches else None,
+        "patch_xs": list(patches.xs) if patches else None,
+        "patch_size": [patches.size_h, patches.size_w] if patches else None,
+        "patch_depths": list(patches.depths) if patches else None,
+        "run_id": run_id,
+        "finished_at": finished_at,
     }
 
 

@@ -85,6 +85,7 @@ class ShardWorker:
         options: Mapping[str, Any],
         actors: list[Any],
         fingerprint: str,
+        run_id: str,
         progress: Any,
         max_frames: int | None,
     ) -> ShardReport:
@@ -100,6 +101,7 @@ class ShardWorker:
                 frames_per_batch=job.batch_frames(),
                 image_member=job.image_member,
                 fingerprint=fingerprint,
+                run_id=run_id,
                 max_frames=max_frames,
                 on_frames=lambda n, histogram: progress.add.remote(shard, n, histogram),
             )

@@ -13,6 +13,7 @@ import ray
 
 from jobs.cli import DEFAULT_WEIGHTS, main
 from pipeline import deblur, images
+from pipeline.report import read_manifests, write_report
 from pipeline.shard_job import output_names
 from pipeline.shards import Sample, encode_shard
 from pipeline.storage import Store
@@ -83,6 +84,19 @@ def test_every_frame_comes_out_deblurred_with_members_passed_through(
         assert output.exists(output_names(shard)[1])
 
 
+def test_report_of_the_run(reference: tuple[Store, deblur.RunSummary], tmp_path: Path,
+                           capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    output, summary = reference
+    assert main(["report", output.url, "--to", str(tmp_path), "--samples", "3", "--key", "img_tiny"]) == 0
+    assert "warning" not in capsys.readouterr().out  # the input was found where _run.json says
+    pictures = sorted(p.name for p in (tmp_path / "frames").iterdir())
+    assert len(pictures) == 4 and pictures[-1].endswith("img_tiny.png"), pictures
+    rows = read_manifests(output)[0].to_pylist()
+    assert {r["run_id"] for r in rows} == {run_record(output)["run_id"]}
+    page = (tmp_path / "index.html").read_text()
+    assert f"run {summary.run_id} (10 frames)" in page  # the throughput line of this run
+
+
 def test_a_rerun_gives_the_same_bytes_and_resume_redoes_only_missing_shards(
     reference: tuple[Store, deblur.RunSummary], inputs: tuple[Store, dict], model: Model, tmp_path: Path
 ) -> None:
@@ -151,7 +165,12 @@ def test_undecodable_frame_is_quarantined_and_fails_the_exit_status(
 
 @pytest.mark.s3
 def test_s3_in_and_out(
-    local_ray: None, s3: S3Server, inputs: tuple[Store, dict], reference: tuple[Store, deblur.RunSummary], model: Model
+    local_ray: None,
+    s3: S3Server,
+    inputs: tuple[Store, dict],
+    reference: tuple[Store, deblur.RunSummary],
+    model: Model,
+    tmp_path: Path,
 ) -> None:
     local_source, _ = inputs
     prefix = f"s3://{s3.bucket}/deblur-{time.time_ns()}"
@@ -162,3 +181,6 @@ def test_s3_in_and_out(
     assert summary.frames == 10
     assert tar_bytes(output) == tar_bytes(reference[0])
     assert s3.secret_key not in output.read_bytes("_run.json").decode()
+    report = write_report(output, tmp_path, samples=2)  # blurry frames from the S3 input in _run.json
+    assert report.warnings == [] and len(report.pictures) == 2
+    assert s3.secret_key not in report.page.read_text()
