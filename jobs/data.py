@@ -92,6 +92,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--codec", choices=sorted(CODEC_SUFFIX), help="mp4v: MPEG-4 part 2 in .mp4 through OpenCV")
     a.add_argument("--source", help="the source video: checks the frame count and copies its audio")
     a.add_argument("--image-member", help="the image member, when a sample has several")
+    a.add_argument(
+        "--constant-rate", action="store_true", help="write at the nominal fps even where the source's timing varies"
+    )
     add_storage_option(a)
     a.set_defaults(run=cmd_assemble)
 
@@ -107,9 +110,11 @@ def frame_size(text: str) -> tuple[int, int]:
 def cmd_assemble(args: argparse.Namespace) -> int:
     store = Store(args.input, parse_storage_options(args.storage_option))
     source = Path(args.source) if args.source else None
-    written = assemble(store, args.video, Path(args.to), codec=args.codec, source=source, image=args.image_member)
+    done = assemble(store, args.video, Path(args.to), codec=args.codec, source=source, image=args.image_member,
+                    constant_rate=args.constant_rate)  # fmt: skip
     audio = f", audio from {source.name}" if source else ""
-    print(f"wrote {args.to}: {written} frames of {args.video}{audio}")
+    timing = "; variable frame rate: each frame at its source timestamp" if done.variable_rate else ""
+    print(f"wrote {args.to}: {done.frames} frames of {args.video}{audio}{timing}")
     return 0
 
 

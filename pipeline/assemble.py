@@ -4,8 +4,10 @@ Pass 1 reads every sample's `json` (video_id, frame_index, pts_ms, fps) and chec
 video: none doubled, none missing between 0 and the last (nor after it, when the source video is
 given to count its frames); quarantined frames are named with their reason. Pass 2 streams the shards
 again in frame order and writes the video at the source frame rate: lossless FFV1 (.mkv, default),
-H.264 (.mp4, ffmpeg from `imageio-ffmpeg`), mp4v (MPEG-4 part 2 through OpenCV) or MJPG (.avi). With
-the source file given, its audio streams are copied in (ffmpeg, no re-encoding).
+H.264 (.mp4, ffmpeg from `imageio-ffmpeg`), mp4v (MPEG-4 part 2 through OpenCV) or MJPG (.avi). Where
+the frames' timestamps (`pts_ms`, read from the source by ingest) stray from that rate by more than
+half a frame, the source varied its rate: every frame keeps its own timestamp (PyAV; .mkv or .mp4).
+With the source file given, its audio streams are copied in (ffmpeg, no re-encoding).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pipeline.frames import image_member
 from pipeline.shard_job import QUARANTINE_DIR
 from pipeline.shards import iter_samples, sample_meta
 from pipeline.storage import Store
-from pipeline.video import write_video
+from pipeline.video import write_timed_video, write_video
 
 Codec = Literal["ffv1", "h264", "mp4v", "mjpg"]
 CODEC_SUFFIX: dict[Codec, str] = {"ffv1": ".mkv", "h264": ".mp4", "mp4v": ".mp4", "mjpg": ".avi"}
@@ -41,7 +43,7 @@ class VideoFrames:
     video_id: str
     fps: float = 0.0
     where: dict[int, tuple[str, str]] = field(default_factory=dict)  # frame_index -> (shard, key)
-    pts_ms: dict[int, float] = field(default_factory=dict)
+    pts_ms: dict[int, float | None] = field(default_factory=dict)
     doubled: dict[int, list[str]] = field(default_factory=dict)  # frame_index -> keys
     quarantined: dict[int, str] = field(default_factory=dict)  # frame_index -> reason
 
@@ -63,7 +65,8 @@ def index_video(store: Store, video_id: str) -> VideoFrames:
                     found.doubled.setdefault(index, [found.where[index][1]]).append(sample.key)
                     continue
                 found.where[index] = (shard, sample.key)
-                found.pts_ms[index] = float(meta.get("pts_ms") or 0.0)
+                pts = meta.get("pts_ms")
+                found.pts_ms[index] = float(pts) if isinstance(pts, (int, float)) else None
                 found.fps = found.fps or float(meta.get("fps") or 0.0)
     for name in store.glob(f"{QUARANTINE_DIR}/*.parquet"):
         with store.open(name) as handle:
@@ -112,6 +115,20 @@ def count_frames(path: Path) -> int:
     return count
 
 
+def variable_rate(times_ms: list[float | None], fps: float) -> bool:
+    """Whether frame timestamps stray from `fps` by more than half a frame (a variable-rate source)."""
+    if len(times_ms) < 2 or fps <= 0 or any(t is None for t in times_ms):
+        return False
+    interval, start = 1000 / fps, times_ms[0]
+    return any(abs(t - start - i * interval) > interval / 2 for i, t in enumerate(times_ms))  # type: ignore[operator]
+
+
+@dataclass(frozen=True)
+class Assembled:
+    frames: int
+    variable_rate: bool  # True: each frame kept its source timestamp
+
+
 def assemble(
     store: Store,
     video_id: str,
@@ -120,24 +137,34 @@ def assemble(
     codec: Codec | None = None,
     source: Path | None = None,
     image: str | None = None,
-) -> int:
-    """Write the video; returns its frame count. `codec` defaults from `to`'s suffix."""
+    constant_rate: bool = False,
+) -> Assembled:
+    """Write the video. `codec` defaults from `to`'s suffix; `constant_rate` ignores the frames'
+    timestamps even when they vary."""
     codec = codec or next((c for c, s in CODEC_SUFFIX.items() if s == to.suffix.lower()), None)
     if codec is None or CODEC_SUFFIX[codec] != to.suffix.lower():
         raise AssembleError(f"{to}: use .mkv (ffv1), .mp4 (h264, mp4v) or .avi (mjpg) for --codec {codec or '?'}")
     frames = index_video(store, video_id)
     check(frames, count_frames(source) if source is not None else None)
     fps = frames.fps or 25.0
+    times = [frames.pts_ms[i] for i in sorted(frames.where)]
+    timed = not constant_rate and variable_rate(times, fps)
+    if timed and codec == "mjpg":
+        raise AssembleError(f"{to}: the frames of {video_id!r} have variable timestamps, which AVI cannot hold: "
+                            f"write .mkv or .mp4, or pass --constant-rate")  # fmt: skip
     to.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=to.parent) as tmp:
         video = Path(tmp) / f"video{to.suffix}"
         pixels = _in_order(store, frames, image)
-        written = write_video(video, pixels, fps, mp4v=codec == "mp4v")
+        if timed:
+            written = write_timed_video(video, pixels, [t for t in times if t is not None], codec)
+        else:
+            written = write_video(video, pixels, fps, mp4v=codec == "mp4v")
         if source is not None:
             _mux_audio(video, source, to)
         else:
             video.replace(to)
-    return written
+    return Assembled(written, timed)
 
 
 def _in_order(store: Store, frames: VideoFrames, image: str | None) -> Iterator[np.ndarray]:

@@ -216,7 +216,7 @@ def _read_video(source: Source) -> Iterator[Event]:
                 return
             fps = capture.get(cv2.CAP_PROP_FPS) or None
             expected = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
-            count = 0
+            count, pts = 0, 0.0
             while True:
                 ok, bgr = capture.read()
                 if not ok:
@@ -228,7 +228,9 @@ def _read_video(source: Source) -> Iterator[Event]:
             capture.release()
     if count == 0:
         yield Problem(source.url, "no frame could be decoded (empty or damaged video)", video_id=source.video_id)
-    elif expected > count:
+    elif expected > count and not (fps and pts + 2000 / fps >= expected * 1000 / fps):
+        # The header's count is duration x nominal fps: a variable-rate video whose frames run to the
+        # end of that duration has fewer frames and is whole; a cut-off one stops early.
         yield Problem(
             source.url,
             f"truncated or damaged: decoded {count} of the {expected} frames its header announces; "

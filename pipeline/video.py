@@ -3,12 +3,15 @@
 .mp4: H.264 (yuv420p, what archives and players use) through the ffmpeg binary that the
 `imageio-ffmpeg` package ships: OpenCV's wheel has no H.264 encoder. Single-threaded and `-bitexact`,
 so the same frames give the same bytes. .mkv: lossless FFV1 and .avi: MJPG, both through OpenCV.
+`write_timed_video` gives every frame its own timestamp (variable frame rate) through PyAV (FFmpeg's
+libraries; its wheels carry libx264 and FFV1).
 """
 
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from fractions import Fraction
 from pathlib import Path
 
 import cv2
@@ -75,4 +78,46 @@ def _write_h264(path: Path, frames_rgb: Iterable[np.ndarray], fps: float, crf: i
             _, errors = process.communicate()
             if process.returncode != 0:
                 raise OSError(f"{path}: ffmpeg failed ({process.returncode}): {errors.decode(errors='replace')[-500:]}")
+    return count
+
+
+# codec -> (PyAV encoder, pixel format, options): FFV1 stays lossless in RGB; H.264 as `_write_h264`.
+TIMED_CODECS: dict[str, tuple[str, str, dict[str, str]]] = {
+    "ffv1": ("ffv1", "bgr0", {}),
+    "h264": ("libx264", "yuv420p", {"crf": "14", "preset": "slow", "threads": "1"}),
+    "mp4v": ("mpeg4", "yuv420p", {"qscale": "2"}),
+}
+
+
+def write_timed_video(path: Path, frames_rgb: Iterable[np.ndarray], pts_ms: Sequence[float], codec: str) -> int:
+    """Write frames at their own times (ms, any start; a millisecond time base) to .mkv or .mp4 (AVI
+    has no timestamps, only a fixed rate). Returns the number written."""
+    import av
+
+    if codec not in TIMED_CODECS:
+        raise ValueError(f"{path}: variable-rate video needs one of {', '.join(TIMED_CODECS)}, not {codec}")
+    encoder, pix_fmt, options = TIMED_CODECS[codec]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    millis = Fraction(1, 1000)
+    start = pts_ms[0] if pts_ms else 0.0
+    count = 0
+    with av.open(str(path), "w") as container:
+        stream = None
+        last = -1
+        for frame, pts in zip(frames_rgb, pts_ms, strict=False):
+            if stream is None:
+                stream = container.add_stream(encoder, options=options)
+                stream.height, stream.width = frame.shape[:2]
+                stream.pix_fmt = pix_fmt
+                stream.time_base = stream.codec_context.time_base = millis
+            ticks = round(pts - start)
+            if ticks <= last:
+                raise ValueError(f"{path}: frame {count} at {pts} ms does not come after the one before")
+            picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame, np.uint8), format="rgb24")
+            picture = picture.reformat(format=pix_fmt)
+            picture.pts, picture.time_base = ticks, millis
+            container.mux(stream.encode(picture))
+            last, count = ticks, count + 1
+        if stream is not None:
+            container.mux(stream.encode(None))
     return count

@@ -67,7 +67,8 @@ def test_frames_come_back_in_order_losslessly_with_the_audio(ingested: tuple[Pat
 def test_other_codecs(codec: str, suffix: str, marker: str, ingested: tuple[Path, Path], tmp_path: Path) -> None:
     _, shards = ingested
     out = tmp_path / f"clip{suffix}"
-    assert assemble(Store(str(shards)), "clip", out, codec=codec) == 20  # type: ignore[arg-type]
+    done = assemble(Store(str(shards)), "clip", out, codec=codec)  # type: ignore[arg-type]
+    assert (done.frames, done.variable_rate) == (20, False)
     assert len(decode_video(out)) == 20 and any(marker in s for s in streams(out))
 
 
@@ -100,3 +101,39 @@ def test_gaps_doubles_and_quarantine_are_listed(ingested: tuple[Path, Path], tmp
     assert "missing 1 frame(s): 3" in message and f"frame 3: {reason}" in message
     assert not (tmp_path / "c.mkv").exists()
     assert main(["assemble", copy.url, "--video", "nope", "--to", str(tmp_path / "d.mkv")]) == 2
+
+
+def frame_times(path: Path) -> list[float]:
+    import av
+
+    with av.open(str(path)) as container:
+        return [round(float(f.time) * 1000, 1) for f in container.decode(video=0)]
+
+
+@pytest.mark.parametrize("suffix", [".mkv", ".mp4"])
+def test_a_variable_rate_source_keeps_its_timestamps(suffix: str, tmp_path: Path) -> None:
+    # 10 frames at 10 fps nominal with a 0.6 s pause after frame 4 (e.g. a phone clip), plus audio.
+    source = tmp_path / "vfr.mkv"
+    command = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "lavfi", "-i",
+               "testsrc=size=64x48:rate=10:duration=1", "-f", "lavfi", "-i", "sine=frequency=440:duration=1.5",
+               "-vf", "setpts='(N+if(gte(N,5),5,0))/10/TB'", "-fps_mode", "vfr", "-c:v", "ffv1",
+               "-c:a", "flac", str(source)]  # fmt: skip
+    subprocess.run(command, check=True)
+    expected = [0.0, 100.0, 200.0, 300.0, 400.0, 1000.0, 1100.0, 1200.0, 1300.0, 1400.0]
+    assert frame_times(source) == expected
+    shards = tmp_path / "frames"
+    assert main(["ingest", str(source), "--output", str(shards)]) == 0
+    index = pq.read_table(shards / "_index.parquet").to_pylist()
+    assert {r["status"] for r in index} == {"ok"}  # fewer frames than duration x fps, yet whole: no "truncated"
+    out = tmp_path / f"out{suffix}"
+    done = assemble(Store(str(shards)), "vfr", out, source=source if suffix == ".mkv" else None)
+    assert (done.frames, done.variable_rate) == (10, True)
+    assert frame_times(out) == expected
+    if suffix == ".mkv":  # lossless, and the audio came along
+        got = decode_video(out)
+        assert all(np.array_equal(g, s) for g, s in zip(got, decode_video(source), strict=True))
+        assert any("Audio: flac" in s for s in streams(out))
+    with pytest.raises(AssembleError, match="variable timestamps, which AVI cannot hold"):
+        assemble(Store(str(shards)), "vfr", tmp_path / "out.avi")
+    steady = assemble(Store(str(shards)), "vfr", tmp_path / "steady.mkv", constant_rate=True)
+    assert not steady.variable_rate and frame_times(tmp_path / "steady.mkv") == [100.0 * i for i in range(10)]
