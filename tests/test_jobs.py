@@ -90,6 +90,11 @@ def test_submit_without_address_runs_here(tmp_path: Path, capsys: pytest.Capture
     )
     assert main(["submit", str(spec)]) == 0
     assert (tmp_path / "pairs" / "pairs-000000.tar").exists()
+    clip = Path(__file__).parent.parent / "adarevd" / "assets" / "demo_clip.mp4"
+    ingest = write(tmp_path, f'name = "i"\nkind = "ingest"\ninput = "{clip}"\noutput = "{tmp_path}/frames"\n'
+                             f'[options]\nmax_frames_per_shard = 20\n', "ingest.toml")  # fmt: skip
+    assert main(["submit", str(ingest)]) == 0
+    assert sorted(p.name for p in (tmp_path / "frames").glob("*.tar")) == [f"frames-00000{i}.tar" for i in range(3)]
     assert main(["submit", str(write(tmp_path, "kind = 1\n", "bad.toml"))]) == 2
     assert "bad.toml:1: kind: expected string" in capsys.readouterr().err
 
