@@ -48,6 +48,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--exit", default="adaptive", type=exit_mode, help="'adaptive' or a fixed depth 0..N")
     d.add_argument("--encoder-mode", default="frame", choices=["frame", "patch"])
     d.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    d.add_argument(
+        "--max-frame-pixels",
+        type=int,
+        default=RestoreOptions.max_frame_pixels,
+        help="frames with more pixels are encoded per patch in frame mode (default: 4K UHD; 0: no limit)",
+    )
     d.add_argument("--image-member", help="the member to deblur (default: the one png/jpg/... member)")
     d.add_argument("--address", help="Ray cluster: auto, ray://HOST:10001 or HOST:6379 (default: embedded local Ray)")
     d.add_argument("--num-cpus", type=float, help="CPUs of the embedded local Ray (default: all)")
@@ -98,7 +104,12 @@ def cmd_deblur(args: argparse.Namespace) -> int:
     job = deblur.DeblurJob(
         input_url=input_url,
         output_url=output_url,
-        restore=RestoreOptions(exit=args.exit, encoder_mode=args.encoder_mode, precision=args.precision),
+        restore=RestoreOptions(
+            exit=args.exit,
+            encoder_mode=args.encoder_mode,
+            precision=args.precision,
+            max_frame_pixels=args.max_frame_pixels,
+        ),
         resources=deblur.Resources(
             args.workers, args.cpus_per_worker, args.gpus_per_worker, worker_resource=args.worker_resource
         ),

@@ -18,6 +18,9 @@ class RestoreOptions:
     precision: Literal["fp32", "bf16"] = "fp32"
     jpeg_quality: int = 95
     threads: int = 0  # torch threads in this worker; 0 leaves torch's default
+    # Frame mode holds the whole frame's activations; larger frames are encoded per patch (bounded by
+    # the patch size) and say so in their manifest notes. 0 = no limit. Default: 4K UHD.
+    max_frame_pixels: int = 3840 * 2160
 
 
 @dataclass(frozen=True)

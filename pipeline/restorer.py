@@ -34,6 +34,7 @@ class _Encoded:
     features: list[torch.Tensor]  # per level (P, C, k, k)
     depths: torch.Tensor  # (P,)
     encode_ms: float
+    notes: tuple[str, ...] = ()
     residual: torch.Tensor | None = None
     decode_ms: float = 0.0
 
@@ -96,17 +97,32 @@ class FrameRestorer:
         image = torch.from_numpy(np.array(frame.rgb)).to(self.device).permute(2, 0, 1)[None].float().div_(255)
         padded = model.pad(image)
         grid = model.grid(*padded.shape[-2:])
+        notes: list[str] = []
+        budget = self.options.max_frame_pixels
+        per_patch = self.options.encoder_mode == "patch"
+        if not per_patch and budget and frame.rgb.shape[0] * frame.rgb.shape[1] > budget:
+            per_patch = True
+            notes.append(f"encoded per patch: {frame.rgb.shape[1]}x{frame.rgb.shape[0]} is over the frame-mode "
+                         f"budget of {budget} pixels")  # fmt: skip
         with self._autocast():
-            if self.options.encoder_mode == "frame":
-                features = model.cut(model.encode(padded), grid)
-            else:
+            features = None
+            if not per_patch:
+                try:
+                    features = model.cut(model.encode(padded), grid)
+                except (torch.OutOfMemoryError, RuntimeError) as e:
+                    if not _out_of_memory(e):
+                        raise
+                    notes.append("encoded per patch: the whole frame ran out of memory")
+            if features is None:
+                # Memory bounded by the patch size: 8 patches of the padded frame at a time.
                 chunks = [model.encode(c) for c in cut(padded, grid).split(8)]
                 features = [torch.cat(level) for level in zip(*chunks, strict=True)]
             if self.options.exit == "adaptive":
                 depths = model.exit_depths(model.classify(features))
             else:
                 depths = torch.full((features[0].shape[0],), int(self.options.exit), dtype=torch.long)
-        return _Encoded(frame, image, grid, features, depths.to(self.device), (time.perf_counter() - start) * 1e3)
+        elapsed = (time.perf_counter() - start) * 1e3
+        return _Encoded(frame, image, grid, features, depths.to(self.device), elapsed, notes=tuple(notes))
 
     def _decode_pooled(self, group: list[_Encoded]) -> None:
         start = time.perf_counter()
@@ -147,8 +163,17 @@ class FrameRestorer:
             encode_ms=item.encode_ms,
             decode_ms=item.decode_ms,
             stitch_ms=(time.perf_counter() - start) * 1e3,
-            notes=item.frame.notes,
+            notes=item.frame.notes + item.notes,
             patches=PatchMap(
                 item.grid.ys, item.grid.xs, item.grid.size_h, item.grid.size_w, tuple(item.depths.cpu().tolist())
             ),
         )
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator giving up."""
+    return (
+        isinstance(error, torch.OutOfMemoryError)
+        or "can't allocate memory" in str(error)
+        or ("out of memory" in str(error).lower())
+    )

@@ -5,7 +5,9 @@
 `FrameRestorer`, or Ray actors), and streams the results into a local temporary tar. Then it commits,
 in this order: the output shard, the quarantine (if any), and the manifest last. A shard is done only
 when its manifest is committed, so a crash at any point leaves either nothing or a shard that a re-run
-overwrites with the same bytes.
+overwrites with the same bytes. An input tar that breaks off (truncated, corrupt) gets its output up to
+the damage but no manifest: it is not done until the input is mended. An entry refused for its name or
+type is skipped and recorded; the shard goes on.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ class ShardReport:
     bytes_out: int = 0
     seconds: float = 0.0
     complete: bool = True  # False when --max-frames stopped it early
+    damaged: bool = False  # the input tar broke off: the output holds what came before; not marked done
     errors: list[str] = field(default_factory=list)
 
 
@@ -90,7 +93,7 @@ def read_frames(
     seen: set[str] = set()
     count = 0
     try:
-        for sample in iter_samples(stream, shard):
+        for sample in iter_samples(stream, shard, on_bad_entry=lambda e: report.errors.append(str(e))):
             if limit is not None and count >= limit:
                 report.complete = False
                 return
@@ -101,8 +104,10 @@ def read_frames(
             seen.add(sample.key)
             yield decode_sample(sample, image_member)
     except ShardError as e:
-        # Samples before the damage were yielded and are processed; the rest cannot be read.
+        # Samples before the damage were yielded and are processed; the rest cannot be read. No
+        # manifest: the shard is not done, and a re-run after the input is mended redoes it.
         report.errors.append(str(e))
+        report.damaged = True
 
 
 def batched(items: Iterable[FrameIn], size: int) -> Iterator[list[FrameIn]]:
@@ -170,7 +175,7 @@ def process_shard(
             [{"shard": shard, "key": r.key, "reason": r.reason} for r in rejected], schema=QUARANTINE_SCHEMA
         )
         output.commit_bytes(quarantine_index, _parquet(table))
-    if report.complete:
+    if report.complete and not report.damaged:
         table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA).replace_schema_metadata(
             {"adarevd.shard_errors": json.dumps(report.errors)}
         )

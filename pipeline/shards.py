@@ -15,7 +15,7 @@ import io
 import json
 import posixpath
 import tarfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -53,6 +53,8 @@ def check_key(key: str) -> str:
         raise ValueError(f"key {key!r} has an empty, '.' or '..' path part")
     if "." in posixpath.basename(key):
         raise ValueError(f"key {key!r} has a dot; WebDataset would split the member name there")
+    if any("\udc80" <= c <= "\udcff" for c in key):  # how tarfile decodes bytes that are not UTF-8
+        raise ValueError(f"key {key!r} has bytes that are not UTF-8")
     if not key.isprintable():
         raise ValueError(f"key {key!r} has control characters")
     return key
@@ -104,12 +106,17 @@ def sample_meta(sample: Sample) -> dict[str, Any]:
     return loaded if isinstance(loaded, dict) else {}
 
 
-def iter_samples(stream: IO[bytes], shard: str) -> Iterator[Sample]:
+def iter_samples(
+    stream: IO[bytes], shard: str, on_bad_entry: Callable[[ShardError], None] | None = None
+) -> Iterator[Sample]:
     """Samples of one tar stream in file order. Raises ShardError (naming `shard`) on a corrupt or
     truncated tar, a link/device entry or an unsafe path. Samples that came before the fault have been
-    yielded by then. A key that comes back after other keys yields a second sample (callers dedupe)."""
+    yielded by then. A key that comes back after other keys yields a second sample (callers dedupe).
+    With `on_bad_entry`, an entry that is refused for its name or type (never extracted) goes to it
+    and reading goes on; a damaged tar still raises."""
     key: str | None = None
     members: dict[str, bytes] = {}
+    tainted: str | None = None  # a key whose sample lost an entry: left out whole
     try:
         with tarfile.open(fileobj=stream, mode="r|") as tar:
             for info in tar:
@@ -122,9 +129,18 @@ def iter_samples(stream: IO[bytes], shard: str) -> Iterator[Sample]:
                         raise ValueError("is a link or device; shards may hold files only")
                 except ValueError as e:
                     # The sample before a bad entry is complete unless the bad entry belongs to it.
-                    if key is not None and not info.name.startswith(key + "."):
+                    ours = key is not None and info.name.startswith(key + ".")
+                    if key is not None and not ours:
                         yield Sample(key, members)
-                    raise ShardError(f"{shard}: entry {info.name!r}: {e}") from None
+                    if on_bad_entry is None:
+                        raise ShardError(f"{shard}: entry {info.name!r}: {e}") from None
+                    left_out = f"; sample {key!r} is left out with it" if ours else ""
+                    on_bad_entry(ShardError(f"{shard}: entry {info.name!r}: {e}; skipped{left_out}"))
+                    tainted, key, members = (key if ours else None), None, {}
+                    continue
+                if entry_key == tainted:
+                    continue
+                tainted = None
                 if entry_key != key:
                     if key is not None:
                         yield Sample(key, members)

@@ -95,6 +95,30 @@ def test_jpeg_member_stays_jpeg_and_patch_mode_matches(model: adarevd.AdaRevD) -
     assert np.abs(decoded(out).astype(int) - ref_jpeg[..., ::-1]).mean() < 0.5
 
 
+def test_a_frame_over_the_frame_mode_budget_is_encoded_per_patch(
+    model: adarevd.AdaRevD, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    large, small = frame("large", 100, 130, seed=1), frame("small", 40, 50, seed=2)
+    outs = FrameRestorer(model, RestoreOptions(max_frame_pixels=100 * 100))([large, small])
+    assert isinstance(outs[0], FrameOut) and isinstance(outs[1], FrameOut)
+    assert outs[0].notes == ("encoded per patch: 130x100 is over the frame-mode budget of 10000 pixels",)
+    assert np.abs(decoded(outs[0]).astype(int) - restore_u8(model, large.rgb, encoder_mode="patch")).max() <= 1
+    assert outs[1].notes == () and np.abs(decoded(outs[1]).astype(int) - restore_u8(model, small.rgb)).max() <= 1
+    # A whole frame that runs out of memory falls back the same way.
+    restorer = FrameRestorer(model)
+    encode = restorer.model.encode
+
+    def short_of_memory(x: torch.Tensor) -> list[torch.Tensor]:
+        if x.shape[-1] > 64:  # the whole (padded) frame, not a patch
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't allocate memory")
+        return encode(x)
+
+    monkeypatch.setattr(restorer.model, "encode", short_of_memory)
+    out = restorer([large])[0]
+    assert isinstance(out, FrameOut) and out.notes == ("encoded per patch: the whole frame ran out of memory",)
+    assert np.abs(decoded(out).astype(int) - restore_u8(model, large.rgb, encoder_mode="patch")).max() <= 1
+
+
 def test_image_member_choice_and_rejections() -> None:
     assert image_member({"png": b"", "json": b""}, None) == "png"
     assert image_member({"blur.png": b"", "sharp.png": b""}, "blur.png") == "blur.png"

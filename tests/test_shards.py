@@ -72,6 +72,26 @@ def test_reader_refuses_unsafe_entries_after_yielding_the_good_ones(entry: tarfi
     assert [s.key for s in got] == ["good_000000"]
 
 
+def test_a_handler_skips_refused_entries_and_reading_goes_on() -> None:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, kind in [("a_000000.png", tarfile.REGTYPE), ("../up_000000.png", tarfile.REGTYPE),
+                           ("b_000000.png", tarfile.REGTYPE), ("b_000000.json", tarfile.SYMTYPE),
+                           ("b_000000.cls", tarfile.REGTYPE), ("c_000000.png", tarfile.REGTYPE)]:  # fmt: skip
+            info = _entry(name, kind, "/etc/passwd" if kind == tarfile.SYMTYPE else "")
+            info.size = 1 if kind == tarfile.REGTYPE else 0
+            tar.addfile(info, io.BytesIO(b"x") if kind == tarfile.REGTYPE else None)
+    refused: list[ShardError] = []
+    keys = [s.key for s in iter_samples(io.BytesIO(buffer.getvalue()), "s.tar", on_bad_entry=refused.append)]
+    # b lost its json to a refused link: it is left out whole rather than passed on without it.
+    assert keys == ["a_000000", "c_000000"]
+    assert [str(e) for e in refused] == [
+        "s.tar: entry '../up_000000.png': key '../up_000000' has an empty, '.' or '..' path part; skipped",
+        "s.tar: entry 'b_000000.json': is a link or device; shards may hold files only; skipped; "
+        "sample 'b_000000' is left out with it",
+    ]
+
+
 @pytest.mark.parametrize("cut", ["truncated", "garbage", "empty"])
 def test_reader_names_the_shard_of_a_broken_tar(cut: str) -> None:
     data = encode_shard([Sample("big_000000", {"png": bytes(range(256)) * 40}), *SAMPLES])
@@ -80,7 +100,9 @@ def test_reader_names_the_shard_of_a_broken_tar(cut: str) -> None:
         list(iter_samples(io.BytesIO(broken), "bad-000001.tar"))
 
 
-@pytest.mark.parametrize("key", ["", "a.b", "../x", "/abs", "a//b", "x/./y", "tab\there", "back\\slash"])
+@pytest.mark.parametrize(
+    "key", ["", "a.b", "../x", "/abs", "a//b", "x/./y", "tab\there", "back\\slash", "caf\udce9", "bell\a"]
+)
 def test_check_key_rejects_unsafe_keys(key: str) -> None:
     with pytest.raises(ValueError, match="key"):
         check_key(key)
