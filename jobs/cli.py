@@ -32,6 +32,7 @@ from jobs import data, deblur, report, submit, train
 from jobs.models import ASSETS, DEFAULT_WEIGHTS, CliError, exit_mode, load_model
 from pipeline.exit_map import exit_map
 from pipeline.frames import PatchMap
+from pipeline.output_lock import LockLost, OutputLocked
 from pipeline.shards import ShardError
 from pipeline.storage import StorageError
 
@@ -185,6 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         FileNotFoundError,
         StorageError,
         ShardError,
+        OutputLocked,
+        LockLost,
     ) as e:
         print(f"adarevd {args.command}: error: {e}", file=sys.stderr)
         return 2

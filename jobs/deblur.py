@@ -67,6 +67,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--max-frames", type=int, help="stop after this many frames (a preview; not marked done)")
     d.add_argument("--stall-timeout", type=float, default=600.0, help="seconds without progress before failing")
     d.add_argument("--quarantine-ok", action="store_true", help="exit 0 even if frames were quarantined")
+    d.add_argument(
+        "--take-over",
+        action="store_true",
+        help="take OUTPUT over from a run that holds it (only when you know that run died on another machine)",
+    )
     add_storage_option(d)
     d.set_defaults(run=cmd_deblur)
 
@@ -117,6 +122,7 @@ def cmd_deblur(args: argparse.Namespace) -> int:
         image_member=args.image_member,
         max_frames=args.max_frames,
         stall_timeout_s=args.stall_timeout,
+        take_over=args.take_over,
     )
     print(f"model: {model.config.encoder} encoder, width {model.config.width}, {model.num_columns} columns; "
           f"weights: {source}; fingerprint {fingerprint[:12]}")  # fmt: skip
@@ -137,6 +143,8 @@ def cmd_deblur(args: argparse.Namespace) -> int:
 
 def print_summary(summary: RunSummary, output_url: str, wall: float) -> None:
     frames = summary.frames
+    if summary.took_over:
+        print(f"took the output over from {summary.took_over}")
     histogram = summary.histogram
     patches = sum(histogram) or 1
     print(f"shards: {len(summary.reports)} processed, {summary.shards_skipped} already done, "

@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -128,6 +129,18 @@ def load_spec(path: str | Path) -> JobSpec:
         output=data.get("output"), model=data.get("model"), weights=tuple(weights), stage=data.get("stage"),
         resources=sections["resources"], storage=sections["storage"], options=options,
     )  # fmt: skip
+
+
+def check_options(spec: JobSpec, known: Iterable[str]) -> None:
+    """Refuse [resources] and [options] fields that are not long options (`known`) of the command."""
+    known = set(known)
+    text = Path(spec.path).read_text()
+    for table, section in (("resources", spec.resources), ("options", spec.options)):
+        for key in section:
+            if "--" + key.replace("_", "-") not in known:
+                choices = ", ".join(sorted(k[2:].replace("-", "_") for k in known if k != "--help"))
+                raise SpecError(f"{spec.path}:{_line_of(text, table, key)}: {table}.{key}: not an option of "
+                                f"`adarevd {spec.kind}`; known: {choices}")  # fmt: skip
 
 
 def to_argv(spec: JobSpec) -> list[str]:

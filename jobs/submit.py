@@ -18,7 +18,7 @@ import time
 import uuid
 from pathlib import Path
 
-from jobs.spec import load_spec, secret_environment, to_argv
+from jobs.spec import check_options, load_spec, secret_environment, to_argv
 
 PACKAGES = ("adarevd", "pipeline", "jobs")
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,10 +29,19 @@ def run_spec(path: str) -> int:
     from jobs.cli import main
 
     spec = load_spec(path)
+    check_options(spec, known_options(spec.kind))
     os.environ.update(secret_environment(spec))
     argv = to_argv(spec)
     print(f"job {spec.name}: adarevd {' '.join(argv)}", flush=True)
     return main(argv)
+
+
+def known_options(kind: str) -> set[str]:
+    """The long options of `adarevd KIND`, read off the CLI's own parser."""
+    from jobs.cli import parser
+
+    commands = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return {flag for action in commands.choices[kind]._actions for flag in action.option_strings if flag[:2] == "--"}
 
 
 def _client(address: str):
@@ -44,6 +53,7 @@ def _client(address: str):
 
 def submit(path: str, address: str) -> str:
     spec = load_spec(path)
+    check_options(spec, known_options(spec.kind))  # refused here, before anything is uploaded
     with tempfile.TemporaryDirectory(prefix="adarevd-job-") as tmp:
         shutil.copy(path, Path(tmp) / "spec.toml")
         submission_id = f"{spec.name}-{uuid.uuid4().hex[:8]}"

@@ -35,6 +35,7 @@ import adarevd
 from adarevd import AdaRevD, AdaRevDConfig, load_weights
 from pipeline.frames import FrameIn, FrameOut, Rejected
 from pipeline.job import DeblurJob, Resources, RestoreOptions
+from pipeline.output_lock import LockLost, OutputLock
 from pipeline.restorer import FrameRestorer
 from pipeline.shard_job import MANIFEST_DIR, RUN_FILE, ShardReport, add_histogram, is_done
 from pipeline.shard_task import ProgressActor, ShardWorker
@@ -57,6 +58,7 @@ class RunSummary:
     workers: int = 0
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # stamped on this run's manifest rows
     worker_nodes: dict[str, int] = field(default_factory=dict)  # node id -> restorer actors placed there
+    took_over: str | None = None  # the earlier run whose lease on the output this one took, and why
 
     @property
     def frames(self) -> int:
@@ -151,14 +153,24 @@ def run(
     start = time.perf_counter()
     source, output = Store(job.input_url, options), Store(job.output_url, options)
     shards = list_shards(source)
-    todo = [s for s in shards if not is_done(output, s)]
-    summary = RunSummary(shards_total=len(shards), shards_skipped=len(shards) - len(todo))
-    if todo:
-        _process(job, model, fingerprint, todo, summary, weight_files, options, on_progress, make_restorer)
-    summary.seconds = time.perf_counter() - start
-    totals = output_totals(output, config.num_columns)
-    output.commit_bytes(RUN_FILE, run_json(job, summary, fingerprint, config, totals))
-    output.remove_tmp_folder()
+    summary = RunSummary(shards_total=len(shards))
+    # One run at a time on an output: a second one refuses (or takes over a dead one's lease).
+    lock = OutputLock(output, summary.run_id, stale_after_s=job.lock_stale_s)
+    lock.acquire(take_over=job.take_over)
+    summary.took_over = lock.took_over
+    try:
+        with lock.heartbeat():
+            todo = [s for s in shards if not is_done(output, s)]
+            summary.shards_skipped = len(shards) - len(todo)
+            if todo:
+                _process(job, model, fingerprint, todo, summary, weight_files, options, on_progress, make_restorer,
+                         lock)  # fmt: skip
+            summary.seconds = time.perf_counter() - start
+            totals = output_totals(output, config.num_columns)
+            output.commit_bytes(RUN_FILE, run_json(job, summary, fingerprint, config, totals))
+            output.remove_tmp_folder()
+    finally:
+        lock.release()
     return summary
 
 
@@ -172,6 +184,7 @@ def _process(
     options: Mapping[str, Any],
     on_progress: Callable[[int, list[int]], None] | None,
     make_restorer: Callable[[], Restorer] | None,
+    lock: OutputLock,
 ) -> None:
     """Start the actors, run every shard in `todo`, stop the actors; fills `summary`."""
     config = model.config
@@ -201,12 +214,15 @@ def _process(
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     progress = ProgressActor.options(scheduling_strategy=here).remote()
     # With a frame budget, shards run one at a time so that the budget is exact.
-    shard_workers = [ShardWorker.remote() for _ in range(1 if job.max_frames else resources.shards_in_flight)]
+    shard_workers = [
+        ShardWorker.options(name=f"adarevd-shards-{summary.run_id}-{i}").remote()
+        for i in range(1 if job.max_frames else resources.shards_in_flight)
+    ]
     try:
         for node in _wait_ready(actors, shard_workers, resources, job.stall_timeout_s):
             summary.worker_nodes[node] = summary.worker_nodes.get(node, 0) + 1
         ready = time.perf_counter()
-        context = _Context(job, options, actors, fingerprint, summary.run_id, progress)
+        context = _Context(job, options, actors, fingerprint, summary.run_id, progress, lock)
         summary.reports = _drive(context, todo, shard_workers, on_progress)
         summary.processing_seconds = time.perf_counter() - ready
     finally:
@@ -239,6 +255,7 @@ class _Context:
     fingerprint: str
     run_id: str
     progress: Any
+    lock: OutputLock
 
 
 def _drive(
@@ -270,6 +287,8 @@ def _drive(
             reports.append(report)
             if budget is not None:
                 budget -= report.frames + report.quarantined
+        if context.lock.lost:
+            raise LockLost(context.lock.lost)
         counts, depths = ray.get(context.progress.snapshot.remote())
         total = sum(counts.values())
         if on_progress:

@@ -62,6 +62,8 @@ class DeblurJob:
     image_member: str | None = None
     max_frames: int | None = None
     stall_timeout_s: float = 600.0
+    take_over: bool = False  # take the output's lease from a run that holds it (the user knows it died)
+    lock_stale_s: float = 120.0  # a lease whose heartbeat is older than this is free
 
     def batch_frames(self) -> int:
         return self.frames_per_batch or (16 if self.resources.gpus_per_worker > 0 else 1)

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 import fsspec
 import tenacity
 from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 
 TMP_DIR = "_tmp"
 T = TypeVar("T")
@@ -138,6 +139,26 @@ class Store:
         self._call("write", tmp, lambda: self._mkparent(tmp).pipe_file(self.path(tmp), data))
         self._commit(tmp, name)
 
+    def create(self, name: str, data: bytes) -> None:
+        """Write `name` only if nothing is there yet, else FileExistsError; atomic where the store
+        allows: O_EXCL on local folders, a conditional PUT (If-None-Match: *) on S3. Other fsspec stores
+        get fsspec's check-then-write, which two writers can race."""
+
+        def put() -> None:
+            fs, path = self._mkparent(name), self.path(name)
+            if isinstance(fs, LocalFileSystem):
+                with open(path, "xb") as handle:
+                    handle.write(data)
+                return
+            try:
+                fs.pipe_file(path, data, mode="create")
+            except OSError as e:
+                if isinstance(e, FileExistsError) or "pre-condition" in str(e) or "PreconditionFailed" in str(e):
+                    raise FileExistsError(f"{redact(self.url_of(name))} exists") from e
+                raise
+
+        self._call("create", name, put)
+
     def commit_file(self, name: str, local_path: str) -> None:
         """Upload a finished local file to `name`, all or nothing."""
         tmp = self._tmp_name(name)
@@ -189,7 +210,7 @@ def call(verb: str, url: str, fn: Callable[[], T], retry_seconds: float = 60.0) 
     )
     try:
         return retrying(fn)
-    except FileNotFoundError:
+    except (FileNotFoundError, FileExistsError):
         raise
     except Exception as e:
         if not (is_transient(e) or isinstance(e, (OSError, RuntimeError))):

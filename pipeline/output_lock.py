@@ -1,0 +1,168 @@
+"""One deblur run writes an output folder at a time: a lease in `OUT/_lock/`.
+
+A run takes generation g by creating `_lock/<g>.json` create-only (`Store.create`: O_EXCL locally,
+If-None-Match on S3), so of several runs that try at once exactly one wins. The holder refreshes
+`_lock/<g>.beat` while it runs. A later run refuses while the newest generation's holder is alive; it
+takes over (creating g + 1, create-only again, so again only one wins) when the holder is gone: a
+process on this host that no longer exists, a heartbeat older than `stale_after_s` (clocks of the
+machines assumed to agree within that), or `take_over=True` from a user who knows it died. A holder
+that finds a newer generation has lost the output and must stop (`LockLost`); whatever it committed
+is whole (commits are atomic) and the same bytes its successor writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass
+
+from pipeline.storage import Store, redact
+
+LOCK_DIR = "_lock"
+
+
+class OutputLocked(RuntimeError):
+    """Another run holds the output; the message says which, since when, and what to do."""
+
+
+class LockLost(RuntimeError):
+    """Another run took this output over while this one was still running."""
+
+
+@dataclass(frozen=True)
+class Holder:
+    run_id: str
+    host: str
+    pid: int
+    started: float  # Unix time
+
+    def describe(self, beat: float, now: float) -> str:
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.started))
+        return (f"run {self.run_id} (host {self.host}, pid {self.pid}, started {when}, "
+                f"last heartbeat {now - beat:.0f} s ago)")  # fmt: skip
+
+
+class OutputLock:
+    """The lease of one run on `store` (the output folder)."""
+
+    def __init__(self, store: Store, run_id: str, *, stale_after_s: float = 120.0,
+                 clock: Callable[[], float] = time.time) -> None:  # fmt: skip
+        self.store, self.run_id, self.stale_after_s, self.clock = store, run_id, stale_after_s, clock
+        self.generation = 0
+        self.lost: str | None = None  # set by the heartbeat thread when another run took over
+        self.took_over: str | None = None  # whom this run replaced, and why
+
+    def acquire(self, take_over: bool = False) -> None:
+        newest = self._generations()[-1:] or [0]
+        current = newest[0]
+        if current:
+            held = self._read(current)
+            if held is not None:
+                holder, beat = held
+                now = self.clock()
+                why_free = self._gone(holder, beat, now)
+                if why_free or take_over:
+                    self.took_over = f"{holder.describe(beat, now)}: {why_free or '--take-over'}"
+                else:
+                    raise OutputLocked(
+                        f"{redact(self.store.url)} is being written by {holder.describe(beat, now)}. Wait for it "
+                        f"to finish; if it died, re-run after {self.stale_after_s:.0f} s without a heartbeat, or now "
+                        f"with --take-over."
+                    )
+        me = Holder(self.run_id, socket.gethostname(), os.getpid(), self.clock())
+        data = json.dumps(asdict(me), sort_keys=True).encode()
+        try:
+            self.store.create(self._name(current + 1, "json"), data)
+        except FileExistsError:
+            raced = self._read(current + 1)
+            if raced is None or raced[0].run_id != self.run_id:  # (ours: a retried create that had landed)
+                who = raced[0].describe(raced[1], self.clock()) if raced else "another run"
+                raise OutputLocked(f"{redact(self.store.url)}: {who} took this output at the same moment") from None
+        self.generation = current + 1
+        self.beat()
+
+    def beat(self) -> None:
+        """Refresh the heartbeat; raise LockLost if a newer generation exists."""
+        newer = [g for g in self._generations() if g > self.generation]
+        if newer:
+            held = self._read(newer[-1])
+            who = held[0].describe(held[1], self.clock()) if held else "another run"
+            raise LockLost(f"{redact(self.store.url)} was taken over by {who}; this run stops")
+        self.store.commit_bytes(self._name(self.generation, "beat"), json.dumps({"time": self.clock()}).encode())
+
+    @contextmanager
+    def heartbeat(self, every_s: float | None = None) -> Iterator[None]:
+        """Beat in a background thread while the block runs; `lost` says why if the lease went."""
+        stop = threading.Event()
+        interval = every_s or self.stale_after_s / 4
+
+        def loop() -> None:
+            while not stop.wait(interval):
+                try:
+                    self.beat()
+                except LockLost as e:
+                    self.lost = str(e)
+                    return
+                except OSError:
+                    continue  # the store is unreachable for a while: the next beat tries again
+
+        thread = threading.Thread(target=loop, name="adarevd-lock-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+    def release(self) -> None:
+        """Remove this run's generation and the older ones it replaced (not a newer one)."""
+        if not self.generation:
+            return
+        for g in self._generations():
+            if g <= self.generation:
+                for suffix in ("beat", "json"):
+                    with suppress(FileNotFoundError):
+                        self.store.remove(self._name(g, suffix))
+        self.generation = 0
+
+    def _gone(self, holder: Holder, beat: float, now: float) -> str:
+        if holder.host == socket.gethostname() and not _alive(holder.pid):
+            return "its process is gone"
+        if now - beat > self.stale_after_s:
+            return "its heartbeat stopped"
+        return ""
+
+    def _generations(self) -> list[int]:
+        stems = [posixpath.basename(name)[: -len(".json")] for name in self.store.glob(f"{LOCK_DIR}/*.json")]
+        return sorted(int(stem) for stem in stems if stem.isdigit())
+
+    def _read(self, generation: int) -> tuple[Holder, float] | None:
+        try:
+            holder = Holder(**json.loads(self.store.read_bytes(self._name(generation, "json"))))
+        except FileNotFoundError:
+            return None
+        try:
+            beat = float(json.loads(self.store.read_bytes(self._name(generation, "beat")))["time"])
+        except FileNotFoundError:
+            beat = holder.started
+        return holder, beat
+
+    @staticmethod
+    def _name(generation: int, suffix: str) -> str:
+        return f"{LOCK_DIR}/{generation:08d}.{suffix}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
