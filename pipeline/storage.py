@@ -10,6 +10,7 @@ passed alongside URLs; they never appear in messages (`redact`).
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -141,14 +142,20 @@ class Store:
 
     def create(self, name: str, data: bytes) -> None:
         """Write `name` only if nothing is there yet, else FileExistsError; atomic where the store
-        allows: O_EXCL on local folders, a conditional PUT (If-None-Match: *) on S3. Other fsspec stores
+        allows: a hard link on local folders, a conditional PUT (If-None-Match: *) on S3. Other fsspec stores
         get fsspec's check-then-write, which two writers can race."""
 
         def put() -> None:
             fs, path = self._mkparent(name), self.path(name)
             if isinstance(fs, LocalFileSystem):
-                with open(path, "xb") as handle:
+                # A hard link to a finished file: atomic, fails if the name exists, never half-written.
+                part = f"{path}.{uuid.uuid4().hex}.part"
+                with open(part, "wb") as handle:
                     handle.write(data)
+                try:
+                    os.link(part, path)
+                finally:
+                    os.unlink(part)
                 return
             try:
                 fs.pipe_file(path, data, mode="create")
