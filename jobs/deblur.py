@@ -66,6 +66,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     d.add_argument("--max-frames", type=int, help="stop after this many frames (a preview; not marked done)")
     d.add_argument("--stall-timeout", type=float, default=600.0, help="seconds without progress before failing")
+    d.add_argument(
+        "--storage-retry", type=float, default=60.0, help="seconds to retry a store that does not answer (default: 60)"
+    )
     d.add_argument("--quarantine-ok", action="store_true", help="exit 0 even if frames were quarantined")
     d.add_argument(
         "--take-over",
@@ -123,6 +126,7 @@ def cmd_deblur(args: argparse.Namespace) -> int:
         max_frames=args.max_frames,
         stall_timeout_s=args.stall_timeout,
         take_over=args.take_over,
+        storage_retry_s=args.storage_retry,
     )
     print(f"model: {model.config.encoder} encoder, width {model.config.width}, {model.num_columns} columns; "
           f"weights: {source}; fingerprint {fingerprint[:12]}")  # fmt: skip

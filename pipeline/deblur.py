@@ -28,7 +28,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import ray
 import torch
-from ray.exceptions import GetTimeoutError
+from ray.exceptions import GetTimeoutError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import adarevd
@@ -39,7 +39,8 @@ from pipeline.output_lock import LockLost, OutputLock
 from pipeline.restorer import FrameRestorer
 from pipeline.shard_job import MANIFEST_DIR, RUN_FILE, ShardReport, add_histogram, is_done
 from pipeline.shard_task import ProgressActor, ShardWorker
-from pipeline.storage import Store, redact
+from pipeline.shards import ShardError
+from pipeline.storage import StorageError, Store, redact
 
 Restorer = Callable[[list[FrameIn]], list[FrameOut | Rejected]]
 
@@ -151,7 +152,7 @@ def run(
     config, fingerprint = model.config, adarevd.fingerprint(model)
     options = dict(options or {})
     start = time.perf_counter()
-    source, output = Store(job.input_url, options), Store(job.output_url, options)
+    source, output = job.stores(options)
     shards = list_shards(source)
     summary = RunSummary(shards_total=len(shards))
     # One run at a time on an output: a second one refuses (or takes over a dead one's lease).
@@ -282,7 +283,13 @@ def _drive(
             break
         done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
         for ref in done:
-            report = ray.get(ref)
+            try:
+                report = ray.get(ref)
+            except RayTaskError as e:
+                # A store that stayed down or a shard that cannot be read: its own clear message.
+                if isinstance(e.cause, (StorageError, ShardError)):
+                    raise e.cause from None
+                raise
             free.append(running.pop(ref)[1])
             reports.append(report)
             if budget is not None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
+
+from pipeline.storage import Store
 
 ExitMode = Literal["adaptive"] | int
 EncoderMode = Literal["frame", "patch"]
@@ -64,6 +66,12 @@ class DeblurJob:
     stall_timeout_s: float = 600.0
     take_over: bool = False  # take the output's lease from a run that holds it (the user knows it died)
     lock_stale_s: float = 120.0  # a lease whose heartbeat is older than this is free
+    storage_retry_s: float = 60.0  # how long a store that does not answer is retried before the job fails
+
+    def stores(self, options: Mapping[str, Any]) -> tuple[Store, Store]:
+        """(input, output) stores with the job's retry budget."""
+        return (Store(self.input_url, options, self.storage_retry_s),
+                Store(self.output_url, options, self.storage_retry_s))  # fmt: skip
 
     def batch_frames(self) -> int:
         return self.frames_per_batch or (16 if self.resources.gpus_per_worker > 0 else 1)

@@ -22,9 +22,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 
-from pipeline.storage import Store, redact
+from pipeline.storage import StorageError, Store, redact
 
 LOCK_DIR = "_lock"
+_HELD: set[str] = set()  # run ids holding a lease in this process
 
 
 class OutputLocked(RuntimeError):
@@ -85,6 +86,7 @@ class OutputLock:
                 who = raced[0].describe(raced[1], self.clock()) if raced else "another run"
                 raise OutputLocked(f"{redact(self.store.url)}: {who} took this output at the same moment") from None
         self.generation = current + 1
+        _HELD.add(self.run_id)
         self.beat()
 
     def beat(self) -> None:
@@ -109,7 +111,7 @@ class OutputLock:
                 except LockLost as e:
                     self.lost = str(e)
                     return
-                except OSError:
+                except (OSError, StorageError):
                     continue  # the store is unreachable for a while: the next beat tries again
 
         thread = threading.Thread(target=loop, name="adarevd-lock-heartbeat", daemon=True)
@@ -121,19 +123,26 @@ class OutputLock:
             thread.join()
 
     def release(self) -> None:
-        """Remove this run's generation and the older ones it replaced (not a newer one)."""
+        """Remove this run's generation and the older ones it replaced (not a newer one). Best effort:
+        with the store gone, the lease stays and the next run takes it over (its holder is dead)."""
         if not self.generation:
             return
-        for g in self._generations():
-            if g <= self.generation:
-                for suffix in ("beat", "json"):
-                    with suppress(FileNotFoundError):
-                        self.store.remove(self._name(g, suffix))
+        _HELD.discard(self.run_id)
+        try:
+            for g in self._generations():
+                if g <= self.generation:
+                    for suffix in ("beat", "json"):
+                        with suppress(FileNotFoundError):
+                            self.store.remove(self._name(g, suffix))
+        except (OSError, StorageError):
+            pass
         self.generation = 0
 
     def _gone(self, holder: Holder, beat: float, now: float) -> str:
         if holder.host == socket.gethostname() and not _alive(holder.pid):
             return "its process is gone"
+        if holder.host == socket.gethostname() and holder.pid == os.getpid() and holder.run_id not in _HELD:
+            return "it was a run of this process that has ended"
         if now - beat > self.stale_after_s:
             return "its heartbeat stopped"
         return ""

@@ -17,7 +17,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from pipeline.frames import FrameIn, FrameOut, Rejected
 from pipeline.job import DeblurJob
 from pipeline.shard_job import ShardReport, add_histogram, process_shard
-from pipeline.storage import Store, is_transient
+from pipeline.storage import is_transient
 
 
 @ray.remote(num_cpus=0)
@@ -89,7 +89,7 @@ class ShardWorker:
         progress: Any,
         max_frames: int | None,
     ) -> ShardReport:
-        source, output = Store(job.input_url, options), Store(job.output_url, options)
+        source, output = job.stores(options)
 
         def attempt() -> ShardReport:
             return process_shard(

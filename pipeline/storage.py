@@ -53,11 +53,19 @@ def parse_storage_options(pairs: Iterable[str]) -> dict[str, Any]:
     return options
 
 
+LISTING_CACHE_SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
+
+
 def resolve(url: str, options: Mapping[str, Any]) -> tuple[fsspec.AbstractFileSystem, str]:
     """URL -> (filesystem, path), or a StorageError that says what is missing (e.g. gcsfs for gs://).
     fsspec caches filesystem instances per (protocol, options), so resolving again is cheap."""
+    options = dict(options)
+    if urlsplit(url).scheme in LISTING_CACHE_SCHEMES:
+        # Other processes commit into the same folders while a job runs: a cached listing would hide
+        # their objects (and make a listed object look missing). Always ask the store.
+        options.setdefault("use_listings_cache", False)
     try:
-        return url_to_fs(url, **dict(options))
+        return url_to_fs(url, **options)
     except (ImportError, ValueError, TypeError) as e:
         raise StorageError(f"{redact(url)}: cannot open this storage URL: {e}") from e
 

@@ -22,9 +22,11 @@ from pipeline import deblur
 from pipeline.shard_job import MANIFEST_DIR
 from pipeline.storage import Store
 from tests.deblur_setup import Model, bundled_model, make_input, tar_bytes
+from tests.media import read_samples
+from tests.reliability.conftest import Entry, audit
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.reliability, pytest.mark.ray, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +55,7 @@ def cluster() -> Iterator[Cluster]:
 
 
 def test_pools_on_other_nodes_and_a_node_removed_mid_run(
-    cluster: Cluster, setup: tuple[Store, Model], tmp_path: Path
+    cluster: Cluster, setup: tuple[Store, Model], tmp_path: Path, ledger: Entry
 ) -> None:
     source, model = setup
     # Restorer actors need the custom resource "depth_pool", which only the two worker nodes have.
@@ -79,9 +81,15 @@ def test_pools_on_other_nodes_and_a_node_removed_mid_run(
     thread.join()
     assert removed and summary.frames == 10 and summary.quarantined == 0
     assert tar_bytes(faulty) == tar_bytes(reference)
+    keys = set(read_samples(source))
+    ledger.faults, ledger.frames = 1, len(keys)
+    ledger.lost, ledger.duplicates = audit(faulty, keys)
+    assert (ledger.lost, ledger.duplicates) == (0, 0)
 
 
-def test_driver_killed_mid_run_then_resumed_gives_identical_output(setup: tuple[Store, Model], tmp_path: Path) -> None:
+def test_driver_killed_mid_run_then_resumed_gives_identical_output(
+    setup: tuple[Store, Model], tmp_path: Path, ledger: Entry
+) -> None:
     source, _ = setup
     if ray.is_initialized():
         ray.shutdown()
@@ -110,6 +118,10 @@ def test_driver_killed_mid_run_then_resumed_gives_identical_output(setup: tuple[
     skipped = int(re.search(r"(\d+) already done", resumed.stdout.decode()).group(1))
     assert skipped >= done_before
     assert tar_bytes(Store(str(out))) == tar_bytes(Store(str(reference)))
+    keys = set(read_samples(source))
+    ledger.faults, ledger.frames = 1, len(keys)
+    ledger.lost, ledger.duplicates = audit(Store(str(out)), keys)
+    assert (ledger.lost, ledger.duplicates) == (0, 0)
     _kill_leftovers(ray_tmp)
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
