@@ -24,7 +24,7 @@ from jobs.models import ASSETS, exit_mode, load_model
 from pipeline.ingest import INDEX_NAME, IngestConfig, ingest
 from pipeline.job import RestoreOptions
 from pipeline.sink import ShardLimits
-from pipeline.storage import Store, parse_storage_options
+from pipeline.storage import StorageError, Store, parse_storage_options
 
 if TYPE_CHECKING:  # the job module imports Ray; `adarevd ingest` should not pay for that
     from pipeline.deblur import RunSummary
@@ -94,8 +94,8 @@ def expected_frames(store: Store) -> int | None:
     """Frame count from an ingest index next to the shards, if there is one."""
     try:
         table = pq.read_table(io.BytesIO(store.read_bytes(INDEX_NAME)), columns=["shard"])
-    except (FileNotFoundError, OSError):
-        return None
+    except (FileNotFoundError, OSError, StorageError):
+        return None  # only the progress bar's total: the job itself reports an unreachable store
     return sum(s is not None for s in table.column("shard").to_pylist())
 
 
@@ -132,7 +132,7 @@ def cmd_deblur(args: argparse.Namespace) -> int:
           f"weights: {source}; fingerprint {fingerprint[:12]}")  # fmt: skip
     started = time.perf_counter()
     deblur.ensure_ray(args.address, args.num_cpus)
-    total = expected_frames(Store(input_url, options))
+    total = expected_frames(Store(input_url, options, args.storage_retry))
     with tqdm(total=total, unit=" frames", desc="deblur", file=sys.stderr, disable=None) as bar:
 
         def show(done: int, depths: list[int]) -> None:
