@@ -1,5 +1,6 @@
 """The bad-input matrix: real shards with every kind of damage the reliability issue lists, and what
-the deblur job must make of each (a quarantine row, a shard error, or a frame deblurred with a note)."""
+the deblur job must make of each (a quarantine row, a shard error, or a frame deblurred with a note).
+The job runs with --max-frame-pixels 10000 (MAX_FRAME_PIXELS)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pipeline.shards import Sample, encode_shard
 from pipeline.storage import Store
 
 Outcome = Literal["quarantined", "shard_error", "deblurred"]
+MAX_FRAME_PIXELS = 10_000
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,8 @@ def build(store: Store) -> list[Case]:
         ("odd_000000", {"png": png(17, 23)}, "deblurred", ""),
         ("nojson_000000", {"png": png(seed=9)}, "deblurred", ""),
         ("badjson_000000", {"png": png(seed=10), "json": b"{not json"}, "deblurred", ""),
+        # Over the frame-mode budget the matrix run sets (--max-frame-pixels 10000): encoded per patch.
+        ("big_000000", {"png": png(120, 160, seed=14)}, "deblurred", "encoded per patch: 160x120 is over"),
     ]
     samples = [Sample(key, m) for key, m, _, _ in members]
     samples.append(Sample("notimage_000000", {"png": png(seed=11)}))  # the same key again, later in the shard

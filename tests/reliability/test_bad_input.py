@@ -22,7 +22,7 @@ from pipeline import deblur
 from pipeline.shard_job import output_names
 from pipeline.shards import iter_samples
 from pipeline.storage import Store
-from tests.reliability.bad_inputs import build
+from tests.reliability.bad_inputs import MAX_FRAME_PIXELS, build
 from tests.reliability.conftest import Entry, audit
 
 pytestmark = [pytest.mark.reliability, pytest.mark.ray]
@@ -50,7 +50,7 @@ def test_every_bad_input_is_named_and_the_rest_finishes(
     source, output = Store(str(tmp_path / "in")), Store(str(tmp_path / "out"))
     cases = build(source)
     assert main(["deblur", source.url, output.url, "--frames-per-batch", "2", "--workers", "2",
-                 "--cpus-per-worker", "0.5"]) == 3  # fmt: skip
+                 "--cpus-per-worker", "0.5", "--max-frame-pixels", str(MAX_FRAME_PIXELS)]) == 3  # fmt: skip
     printed = capsys.readouterr().out
     record = json.loads(output.read_bytes("_run.json"))
     errors = record["shard_errors"]
