@@ -78,15 +78,21 @@ class OutputLock:
                     )
         me = Holder(self.run_id, socket.gethostname(), os.getpid(), self.clock())
         data = json.dumps(asdict(me), sort_keys=True).encode()
+        # Marked held before the lease exists: another thread of this process that reads the lease
+        # at once must not take it for an ended run of ours.
+        _HELD.add(self.run_id)
         try:
             self.store.create(self._name(current + 1, "json"), data)
         except FileExistsError:
             raced = self._read(current + 1)
             if raced is None or raced[0].run_id != self.run_id:  # (ours: a retried create that had landed)
+                _HELD.discard(self.run_id)
                 who = raced[0].describe(raced[1], self.clock()) if raced else "another run"
                 raise OutputLocked(f"{redact(self.store.url)}: {who} took this output at the same moment") from None
+        except BaseException:
+            _HELD.discard(self.run_id)
+            raise
         self.generation = current + 1
-        _HELD.add(self.run_id)
         self.beat()
 
     def beat(self) -> None:
