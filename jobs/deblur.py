@@ -64,6 +64,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument(
         "--frames-per-batch", type=int, default=0, help="frames pooled per call (default: 1 on CPU, 16 on GPU)"
     )
+    d.add_argument(
+        "--flush-timeout",
+        type=float,
+        default=0.0,
+        help="send a partial batch once its first frame waited this many seconds (default: off, which keeps "
+        "batches, and so the output bytes, independent of timing)",
+    )
     d.add_argument("--max-frames", type=int, help="stop after this many frames (a preview; not marked done)")
     d.add_argument("--stall-timeout", type=float, default=600.0, help="seconds without progress before failing")
     d.add_argument(
@@ -122,6 +129,7 @@ def cmd_deblur(args: argparse.Namespace) -> int:
             args.workers, args.cpus_per_worker, args.gpus_per_worker, worker_resource=args.worker_resource
         ),
         frames_per_batch=args.frames_per_batch,
+        flush_timeout_s=args.flush_timeout,
         image_member=args.image_member,
         max_frames=args.max_frames,
         stall_timeout_s=args.stall_timeout,

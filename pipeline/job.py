@@ -61,6 +61,9 @@ class DeblurJob:
     # batch is slower per patch (memory-bound blocks; 8 frames ran at 0.61x of 1, see ARCHITECTURE),
     # 16 on GPU workers, where pooling fills the device.
     frames_per_batch: int = 0
+    # > 0: a batch also goes out when its first frame has waited this long (frames read ahead in a
+    # thread). Batch composition then depends on timing: pooled results may differ in the last bit.
+    flush_timeout_s: float = 0.0
     image_member: str | None = None
     max_frames: int | None = None
     stall_timeout_s: float = 600.0

@@ -24,6 +24,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.batching import batched
 from pipeline.frames import FrameIn, FrameOut, Rejected, decode_sample
 from pipeline.shards import ShardError, TarShardWriter, encode_shard, iter_samples
 from pipeline.storage import Store
@@ -110,17 +111,6 @@ def read_frames(
         report.damaged = True
 
 
-def batched(items: Iterable[FrameIn], size: int) -> Iterator[list[FrameIn]]:
-    batch: list[FrameIn] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def process_shard(
     shard: str,
     source: Store,
@@ -128,6 +118,7 @@ def process_shard(
     restore: RestoreFn,
     *,
     frames_per_batch: int = 8,
+    flush_s: float = 0.0,
     image_member: str | None = None,
     fingerprint: str = "",
     run_id: str = "",
@@ -151,7 +142,7 @@ def process_shard(
         local = os.path.join(tmp, "out.tar")
         with source.open(shard) as stream, open(local, "wb") as file, TarShardWriter(file) as writer:
             items = read_frames(stream, shard, image_member, report, max_frames)
-            for results in restore(batched(frames_only(items), frames_per_batch)):
+            for results in restore(batched(frames_only(items), frames_per_batch, flush_s)):
                 batch_histogram: list[int] = []
                 finished_at = time.time()
                 for result in results:

@@ -99,6 +99,7 @@ class ShardWorker:
                 # Shard i starts at actor 2i: with >= workers/2 shards in flight every actor has work.
                 actor_restore(actors, start=2 * index, window=2),
                 frames_per_batch=job.batch_frames(),
+                flush_s=job.flush_timeout_s,
                 image_member=job.image_member,
                 fingerprint=fingerprint,
                 run_id=run_id,
