@@ -7,6 +7,8 @@ batches of frames to the restorer actors and write the output. Shard workers ask
 however the restorers fill a node, reads and writes still run: no starvation deadlock on 2 CPUs. A
 stall (no frame finished for `stall_timeout_s`) stops the run with a report of what waits on what.
 
+One run at a time writes an output: the driver holds its lease (`output_lock.py`) for the whole run.
+
 Faults: a restorer actor that dies is restarted by Ray and the call retried (`max_task_retries`); if
 that fails too the shard worker sends the batch to another actor. A shard worker that dies is
 restarted and its shard redone from the start; its output is committed whole, so nothing is written
@@ -342,8 +344,10 @@ def run_json(
     """`_run.json`: this run (a resumed run counts only what it did) and the output's totals."""
     frames = summary.frames
     record = {
-        "input": redact(job.input_url),
-        "output": redact(job.output_url),
+        # Local folders as absolute paths: `adarevd report` finds the input from any directory.
+        "input": redact(_absolute(job.input_url)),
+        "output": redact(_absolute(job.output_url)),
+        "took_over": summary.took_over,
         "model": {"fingerprint": fingerprint, "config": json.loads(config.to_json())},
         "options": {
             "restore": asdict(job.restore),
@@ -370,3 +374,7 @@ def run_json(
         "output_totals": totals,
     }
     return (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _absolute(url: str) -> str:
+    return url if "://" in url else os.path.abspath(url)
