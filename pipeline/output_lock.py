@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 
+from pipeline.processes import alive
 from pipeline.storage import StorageError, Store, redact
 
 LOCK_DIR = "_lock"
@@ -145,7 +146,7 @@ class OutputLock:
         self.generation = 0
 
     def _gone(self, holder: Holder, beat: float, now: float) -> str:
-        if holder.host == socket.gethostname() and not _alive(holder.pid):
+        if holder.host == socket.gethostname() and not alive(holder.pid):
             return "its process is gone"
         if holder.host == socket.gethostname() and holder.pid == os.getpid() and holder.run_id not in _HELD:
             return "it was a run of this process that has ended"
@@ -171,13 +172,3 @@ class OutputLock:
     @staticmethod
     def _name(generation: int, suffix: str) -> str:
         return f"{LOCK_DIR}/{generation:08d}.{suffix}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True

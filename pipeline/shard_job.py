@@ -12,9 +12,11 @@ type is skipped and recorded; the shard goes on.
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -26,10 +28,12 @@ import pyarrow.parquet as pq
 
 from pipeline.batching import batched
 from pipeline.frames import FrameIn, FrameOut, Rejected, decode_sample
+from pipeline.processes import alive
 from pipeline.shards import ShardError, TarShardWriter, encode_shard, iter_samples
 from pipeline.storage import Store
 
 MANIFEST_DIR, QUARANTINE_DIR, RUN_FILE = "_manifest", "_quarantine", "_run.json"
+TEMP_PREFIX = "adarevd-deblur-"  # + <pid>-: a shard's output while it is written
 RestoreFn = Callable[[Iterable[list[FrameIn]]], Iterator[list[FrameOut | Rejected]]]
 
 MANIFEST_SCHEMA = pa.schema(
@@ -138,7 +142,7 @@ def process_shard(
             else:
                 yield item
 
-    with tempfile.TemporaryDirectory(prefix="adarevd-deblur-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{os.getpid()}-") as tmp:
         local = os.path.join(tmp, "out.tar")
         with source.open(shard) as stream, open(local, "wb") as file, TarShardWriter(file) as writer:
             items = read_frames(stream, shard, image_member, report, max_frames)
@@ -215,6 +219,18 @@ def _parquet(table: pa.Table) -> bytes:
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     return buffer.getvalue()
+
+
+def remove_stale_temp(folder: str | None = None) -> list[str]:
+    """Remove the local temporary folders of shard writers whose process is gone (killed mid-shard:
+    their partial output can be as large as a shard). Returns what was removed."""
+    removed = []
+    for path in glob.glob(os.path.join(folder or tempfile.gettempdir(), f"{TEMP_PREFIX}*-*")):
+        pid = os.path.basename(path)[len(TEMP_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def is_done(output: Store, shard: str) -> bool:

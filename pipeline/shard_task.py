@@ -16,7 +16,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from pipeline.frames import FrameIn, FrameOut, Rejected
 from pipeline.job import DeblurJob
-from pipeline.shard_job import ShardReport, add_histogram, process_shard
+from pipeline.shard_job import ShardReport, add_histogram, process_shard, remove_stale_temp
 from pipeline.storage import is_transient
 
 
@@ -76,6 +76,10 @@ class ShardWorker:
     reap a worker process per shard: 0.5 s of CPU each, which capped 16 stand-in workers at 20% of
     their ideal on 2 cores.) A worker lost with its node is restarted and its call retried; the
     shard's output is committed whole, so a retry writes the same bytes once."""
+
+    def __init__(self) -> None:
+        # A worker killed mid-shard (this one's predecessor, after a restart) left its partial output.
+        remove_stale_temp()
 
     def process(
         self,
