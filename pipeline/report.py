@@ -24,6 +24,7 @@ import jinja2
 import markupsafe
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import report_charts
@@ -52,21 +53,23 @@ def write_report(output: Store, to: Path, *, samples: int = 6, keys: Sequence[st
                  input_url: str | None = None) -> Report:  # fmt: skip
     """Write `to/index.html` and `to/frames/*.png` for the deblur output in `output`."""
     run = _read_run(output)
-    manifest, shard_errors = read_manifests(output)
+    # The statistics of every frame, without the per-patch lists: an archive has millions of rows.
+    manifest, shard_errors = read_manifests(output, STATS_COLUMNS)
     quarantine = read_quarantine(output)
     if manifest.num_rows == 0 and not quarantine:
         raise ReportError(f"{redact(output.url)}: no committed manifests under {MANIFEST_DIR}/; is this the "
                           f"output of `adarevd deblur`, and has a shard finished?")  # fmt: skip
-    rows = sorted(manifest.to_pylist(), key=lambda r: (r["shard"], r["key"]))
-    n = _num_columns(run, rows)
-    chosen = choose(rows, samples, keys)
+    manifest = manifest.sort_by([("shard", "ascending"), ("key", "ascending")])
+    n = _num_columns(run, manifest)
+    picks = pa.array(choose(manifest, samples, keys), pa.int64())
+    chosen = _with_patches(output, manifest.take(picks).to_pylist())
     report = Report(to / PAGE)
     (to / "frames").mkdir(parents=True, exist_ok=True)
     for old in (to / "frames").glob("[0-9][0-9][0-9]-*.png"):  # an earlier report's pictures
         old.unlink()
     source_url = input_url or run.get("input")
     frames = _sample_frames(output, source_url, chosen, n, to, report)
-    page = _render(output, run, rows, quarantine, shard_errors, frames, n, source_url, report.warnings)
+    page = _render(output, run, manifest, quarantine, shard_errors, frames, n, source_url, report.warnings)
     report.page.write_text(page, encoding="utf-8")
     return report
 
@@ -78,18 +81,31 @@ def _read_run(output: Store) -> dict[str, Any]:
         return {}  # a run that was stopped before its end: the manifests still tell what was done
 
 
-def read_manifests(output: Store) -> tuple[pa.Table, list[str]]:
-    """Every committed manifest as one table (columns an older manifest lacks are null), and the
-    shard errors recorded in their metadata."""
+PATCH_COLUMNS = ("patch_ys", "patch_xs", "patch_size", "patch_depths")
+STATS_COLUMNS = tuple(name for name in MANIFEST_SCHEMA.names if name not in PATCH_COLUMNS)
+
+
+def read_manifests(output: Store, columns: Sequence[str] | None = None) -> tuple[pa.Table, list[str]]:
+    """Every committed manifest as one table (`columns` of it; those an older manifest lacks are
+    null), and the shard errors recorded in their metadata."""
+    schema = pa.schema([MANIFEST_SCHEMA.field(c) for c in columns or MANIFEST_SCHEMA.names])
     tables, errors = [], []
     for name in output.glob(f"{MANIFEST_DIR}/**/*.parquet"):
-        table = pq.read_table(io.BytesIO(output.read_bytes(name)))
-        errors += json.loads((table.schema.metadata or {}).get(b"adarevd.shard_errors", b"[]"))
-        for column in MANIFEST_SCHEMA:
-            if column.name not in table.column_names:
-                table = table.append_column(column, pa.nulls(table.num_rows, column.type))
-        tables.append(table.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA))
-    return (pa.concat_tables(tables) if tables else MANIFEST_SCHEMA.empty_table()), errors
+        table, found = _read_columns(output, name, schema)
+        errors += found
+        tables.append(table)
+    return (pa.concat_tables(tables) if tables else schema.empty_table()), errors
+
+
+def _read_columns(output: Store, name: str, schema: pa.Schema) -> tuple[pa.Table, list[str]]:
+    file = pq.ParquetFile(io.BytesIO(output.read_bytes(name)))
+    present = [c for c in schema.names if c in file.schema_arrow.names]
+    table = file.read(columns=present)
+    for column in schema:
+        if column.name not in present:
+            table = table.append_column(column, pa.nulls(table.num_rows, column.type))
+    errors = json.loads((file.schema_arrow.metadata or {}).get(b"adarevd.shard_errors", b"[]"))
+    return table.select(schema.names).cast(schema), errors
 
 
 def read_quarantine(output: Store) -> list[dict[str, Any]]:
@@ -99,24 +115,36 @@ def read_quarantine(output: Store) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (r["shard"], r["key"]))
 
 
-def choose(rows: Sequence[dict[str, Any]], samples: int, keys: Sequence[str]) -> list[dict[str, Any]]:
-    """`samples` rows spread evenly over key order (first and last included), then the named keys."""
-    by_key = {r["key"]: r for r in rows}
-    missing = [k for k in keys if k not in by_key]
+def choose(manifest: pa.Table, samples: int, keys: Sequence[str]) -> list[int]:
+    """Row numbers: `samples` spread evenly over key order (first and last included), then the named keys."""
+    rows = manifest.num_rows
+    wanted = pa.array(list(dict.fromkeys(keys)), pa.string())
+    found = pc.index_in(wanted, value_set=manifest.column("key")).to_pylist()
+    missing = [k for k, i in zip(wanted.to_pylist(), found, strict=True) if i is None]
     if missing:
-        raise ReportError(f"--key {', '.join(missing)}: not in the output's manifests ({len(rows)} frames)")
-    count = min(samples, len(rows))
-    picks = sorted({round(i * (len(rows) - 1) / (count - 1)) for i in range(count)}) if count > 1 else [0][:count]
-    chosen = [rows[i] for i in picks]
-    chosen += [by_key[k] for k in dict.fromkeys(keys) if by_key[k] not in chosen]
-    return chosen
+        raise ReportError(f"--key {', '.join(missing)}: not in the output's manifests ({rows} frames)")
+    count = min(samples, rows)
+    picks = sorted({round(i * (rows - 1) / (count - 1)) for i in range(count)}) if count > 1 else [0][:count]
+    return picks + [i for i in found if i not in picks]
 
 
-def _num_columns(run: dict[str, Any], rows: Sequence[dict[str, Any]]) -> int:
+def _with_patches(output: Store, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The chosen rows with their patch columns, read from their shards' manifests only."""
+    schema = pa.schema([MANIFEST_SCHEMA.field(c) for c in ("key", *PATCH_COLUMNS)])
+    patches: dict[str, dict[str, Any]] = {}
+    for shard in {r["shard"] for r in rows}:
+        table, _ = _read_columns(output, output_names(shard)[1], schema)
+        wanted = table.filter(pc.is_in(table.column("key"), value_set=pa.array([r["key"] for r in rows])))
+        patches.update({p["key"]: p for p in wanted.to_pylist()})
+    return [{**r, **patches.get(r["key"], dict.fromkeys(PATCH_COLUMNS))} for r in rows]
+
+
+def _num_columns(run: dict[str, Any], manifest: pa.Table) -> int:
     config = run.get("model", {}).get("config", {})
     if "num_columns" in config:
         return int(config["num_columns"])
-    return max((len(r["depth_histogram"]) - 1 for r in rows if r["depth_histogram"]), default=1)
+    lengths = pc.list_value_length(manifest.column("depth_histogram")).to_numpy(zero_copy_only=False)
+    return max(int(np.nanmax(lengths)) - 1, 1) if len(lengths) else 1
 
 
 @dataclass(frozen=True)
@@ -139,8 +167,8 @@ def _sample_frames(output: Store, source_url: str | None, chosen: Sequence[dict[
     order = {r["key"]: i for i, r in enumerate(chosen)}
     for shard, rows in by_shard.items():
         wanted = {r["key"] for r in rows}
-        deblurred = _find(output, output_names(shard)[0], wanted, report)
-        blurry = _find(source, shard, wanted, report) if source else {}
+        deblurred = _find(output, output_names(shard)[0], wanted, report, "")
+        blurry = _find(source, shard, wanted, report, "; pass --input if the input moved") if source else {}
         for row in rows:
             name = f"frames/{order[row['key']]:03d}-{_safe(row['key'])}.png"  # page order
             frames[row["key"]] = _draw(row, blurry.get(row["key"]), deblurred.get(row["key"]), n, to / name, report)
@@ -148,7 +176,7 @@ def _sample_frames(output: Store, source_url: str | None, chosen: Sequence[dict[
     return [frames[r["key"]] for r in chosen]
 
 
-def _find(store: Store, shard: str, keys: set[str], report: Report) -> dict[str, Sample]:
+def _find(store: Store, shard: str, keys: set[str], report: Report, hint: str) -> dict[str, Sample]:
     """The samples of `keys` in one shard (streamed; stops once all are found). Problems become warnings."""
     found: dict[str, Sample] = {}
     try:
@@ -159,7 +187,7 @@ def _find(store: Store, shard: str, keys: set[str], report: Report) -> dict[str,
                     if len(found) == len(keys):
                         break
     except (FileNotFoundError, StorageError, ShardError, OSError) as e:
-        report.warnings.append(f"{redact(store.url_of(shard))}: cannot read it ({e}); pass --input if it moved")
+        report.warnings.append(f"{redact(store.url_of(shard))}: cannot read it ({e}){hint}")
     return found
 
 
@@ -188,27 +216,27 @@ def _safe(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", key)[:80] or "frame"
 
 
-def _render(output: Store, run: dict[str, Any], rows: Sequence[dict[str, Any]], quarantine: list[dict[str, Any]],
+def _render(output: Store, run: dict[str, Any], manifest: pa.Table, quarantine: list[dict[str, Any]],
             shard_errors: list[str], frames: list[_Frame], n: int, source_url: str | None,
             warnings: list[str]) -> str:  # fmt: skip
-    histogram = [0] * (n + 1)
-    for r in rows:
-        for d, count in enumerate(r["depth_histogram"] or []):
-            histogram[d] += count
-    patches = sum(histogram)
-    mean_depth = sum(d * c for d, c in enumerate(histogram)) / patches if patches else 0.0
-    runs: dict[str, list[float]] = defaultdict(list)
-    for r in rows:
-        if r["finished_at"] is not None:
-            runs[r["run_id"] or "?"].append(r["finished_at"])
+    histogram = _histogram(manifest.column("depth_histogram"), n)
+    patches = int(histogram.sum())
+    mean_depth = float((np.arange(n + 1) * histogram).sum() / patches) if patches else 0.0
+    finished = manifest.filter(pc.is_valid(manifest.column("finished_at")))
+    runs = {
+        str(run_id or "?"): finished.filter(pc.equal(finished.column("run_id"), run_id))
+        .column("finished_at")
+        .to_numpy()
+        for run_id in pc.unique(finished.column("run_id")).to_pylist()
+    }
+    before = _floats(manifest, "blur_before")
+    after = _floats(manifest, "blur_after")
     colours = hex_colours(n)
     charts = {
-        "Patches per exit depth": report_charts.exit_histogram(histogram, colours),
+        "Patches per exit depth": report_charts.exit_histogram(histogram.tolist(), colours),
         "Throughput over time": report_charts.throughput(runs),
-        "Blur score before and after": report_charts.blur_scores(
-            [r["blur_before"] for r in rows], [r["blur_after"] for r in rows]
-        ),
-        "Mean exit depth per frame": report_charts.mean_depths([r["mean_depth"] for r in rows], n),
+        "Blur score before and after": report_charts.blur_scores(before, after),
+        "Mean exit depth per frame": report_charts.mean_depths(_floats(manifest, "mean_depth"), n),
     }
     environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     template = environment.from_string(TEMPLATE.read_text(encoding="utf-8"))
@@ -217,44 +245,53 @@ def _render(output: Store, run: dict[str, Any], rows: Sequence[dict[str, Any]], 
         source=redact(source_url) if source_url else "not recorded",
         run=run,
         run_json=json.dumps(run, indent=2, sort_keys=True),
-        frames=len(rows),
+        frames=manifest.num_rows,
         quarantine=quarantine,
         shard_errors=shard_errors,
-        shards=_per_shard(rows, quarantine, n),
-        histogram=histogram,
+        shards=_per_shard(manifest, quarantine, n),
+        histogram=histogram.tolist(),
         colours=colours,
         num_columns=n,
         mean_depth=mean_depth,
         compute_saved=1 - mean_depth / n if patches else 0.0,
-        blur=_medians(rows),
+        blur={
+            "before": float(np.median(before)) if len(before) else 0.0,
+            "after": float(np.median(after)) if len(after) else 0.0,
+            "sharper": float((after > before).mean()) if len(before) else 0.0,
+        },
         charts={title: _svg_markup(svg) for title, svg in charts.items()},
         samples=frames,
         warnings=warnings,
     )
 
 
-def _per_shard(rows: Sequence[dict[str, Any]], quarantine: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
-    table: dict[str, dict[str, Any]] = {}
-    for r in rows:
-        entry = table.setdefault(r["shard"], {"shard": r["shard"], "frames": 0, "depth": 0.0, "quarantined": 0})
-        entry["frames"] += 1
-        entry["depth"] += r["mean_depth"]
+def _floats(table: pa.Table, column: str) -> np.ndarray:
+    return table.column(column).to_numpy(zero_copy_only=False).astype(np.float64)
+
+
+def _histogram(column: pa.ChunkedArray, n: int) -> np.ndarray:
+    """Patches per depth 0..n summed over every frame's histogram, without a Python loop over frames."""
+    lists = column.combine_chunks()
+    lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False)
+    values = pc.list_flatten(lists).to_numpy(zero_copy_only=False).astype(np.int64)
+    total = np.zeros(n + 1, np.int64)
+    if len(lengths) and (lengths == n + 1).all():
+        return values.reshape(-1, n + 1).sum(axis=0)
+    position = np.concatenate([np.arange(k) for k in lengths if k]) if len(values) else np.zeros(0, np.int64)
+    np.add.at(total, np.minimum(position, n), values)
+    return total
+
+
+def _per_shard(manifest: pa.Table, quarantine: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    grouped = manifest.group_by("shard").aggregate([("key", "count"), ("mean_depth", "mean")]).to_pylist()
+    table = {g["shard"]: {"shard": g["shard"], "frames": g["key_count"], "mean_depth": g["mean_depth_mean"] or 0.0,
+                          "quarantined": 0} for g in grouped}  # fmt: skip
     for q in quarantine:
-        table.setdefault(q["shard"], {"shard": q["shard"], "frames": 0, "depth": 0.0, "quarantined": 0})
+        table.setdefault(q["shard"], {"shard": q["shard"], "frames": 0, "mean_depth": 0.0, "quarantined": 0})
         table[q["shard"]]["quarantined"] += 1
     for entry in table.values():
-        entry["mean_depth"] = entry["depth"] / entry["frames"] if entry["frames"] else 0.0
         entry["saved"] = 1 - entry["mean_depth"] / n if entry["frames"] else 0.0
     return [table[s] for s in sorted(table)]
-
-
-def _medians(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
-    before = np.array([r["blur_before"] for r in rows], np.float64)
-    after = np.array([r["blur_after"] for r in rows], np.float64)
-    if not len(rows):
-        return {"before": 0.0, "after": 0.0, "sharper": 0.0}
-    return {"before": float(np.median(before)), "after": float(np.median(after)),
-            "sharper": float((after > before).mean())}  # fmt: skip
 
 
 def _svg_markup(svg: str) -> markupsafe.Markup:

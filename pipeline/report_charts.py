@@ -41,7 +41,9 @@ def throughput(runs: Mapping[str, Sequence[float]]) -> str:
         if len(edges) < 2:
             edges = np.array([0.0, width])
         counts, _ = np.histogram(t, bins=edges)
-        ax.step(edges[:-1], counts / width, where="post", label=f"run {run_id} ({len(t)} frames)")
+        widths = np.diff(edges)
+        widths[-1] = max(span - edges[-2], width / 4)  # the last bin is cut short by the run's end
+        ax.step(edges[:-1], counts / widths, where="post", label=f"run {run_id} ({len(t)} frames)")
     ax.set_xlabel("seconds since the run's first frame")
     ax.set_ylabel("frames/s")
     ax.set_ylim(bottom=0)
@@ -50,10 +52,18 @@ def throughput(runs: Mapping[str, Sequence[float]]) -> str:
     return _svg(fig)
 
 
+MAX_POINTS = 4000  # an archive has millions of frames: a chart draws an even sample or bins of them
+
+
 def blur_scores(before: Sequence[float], after: Sequence[float]) -> str:
-    """Each frame's blur score (variance of the Laplacian) after vs before; above the diagonal = sharper."""
+    """Each frame's blur score (variance of the Laplacian) after vs before; above the diagonal = sharper.
+    Over MAX_POINTS frames, an evenly spaced sample of them."""
     fig, ax = plt.subplots(figsize=(4.8, 2.8))
     b, a = np.asarray(before, np.float64), np.asarray(after, np.float64)
+    if len(b) > MAX_POINTS:
+        every = -(-len(b) // MAX_POINTS)
+        b, a = b[::every], a[::every]
+        ax.set_title(f"every {every}th frame", fontsize=8)
     keep = (b > 0) & (a > 0)  # log axes; a flat (1-pixel) frame scores 0
     ax.scatter(b[keep], a[keep], s=8, color="#d95f02", alpha=0.7)
     if keep.any():
@@ -68,9 +78,17 @@ def blur_scores(before: Sequence[float], after: Sequence[float]) -> str:
 
 
 def mean_depths(depths: Sequence[float], num_columns: int) -> str:
-    """Mean exit depth of each frame, in key order (for a video: over time)."""
+    """Mean exit depth of each frame, in key order (for a video: over time); over MAX_POINTS frames,
+    the mean of each of MAX_POINTS consecutive runs of frames."""
     fig, ax = plt.subplots(figsize=(4.8, 2.8))
-    ax.plot(np.arange(len(depths)), depths, color="#d95f02", linewidth=1)
+    y = np.asarray(depths, np.float64)
+    x = np.arange(len(y), dtype=np.float64)
+    if len(y) > MAX_POINTS:
+        edges = np.linspace(0, len(y), MAX_POINTS + 1).astype(np.int64)
+        sums, counts = np.add.reduceat(y, edges[:-1]), np.diff(edges)
+        x, y = (edges[:-1] + edges[1:]) / 2, sums / counts
+        ax.set_title(f"means of {len(depths) // MAX_POINTS}+ frames", fontsize=8)
+    ax.plot(x, y, color="#d95f02", linewidth=1)
     ax.set_ylim(0, num_columns)
     ax.set_xlabel("frame (key order)")
     ax.set_ylabel("mean exit depth")

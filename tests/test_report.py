@@ -22,7 +22,7 @@ from pipeline.exit_map import depth_colours, exit_map, owners, panel
 from pipeline.frames import PatchMap
 from pipeline.report import ReportError, read_manifests, write_report
 from pipeline.restorer import FrameRestorer
-from pipeline.shard_job import QUARANTINE_SCHEMA, local_restore, process_shard
+from pipeline.shard_job import MANIFEST_SCHEMA, QUARANTINE_SCHEMA, local_restore, process_shard
 from pipeline.shards import Sample, encode_shard
 from pipeline.storage import Store
 from tests.deblur_setup import bundled_model
@@ -186,3 +186,38 @@ def _references(page: str) -> set[str]:
 
     Parser().feed(page)
     return found
+
+
+def test_a_report_of_many_frames_stays_small(tmp_path: Path) -> None:
+    """200k frames (an hour and a half of video at 30 fps): statistics over all of them, charts of a
+    bounded number of points, patch lists read only for the sampled frames."""
+    output = Store(str(tmp_path / "out"))
+    rng = np.random.default_rng(0)
+    total = np.zeros(5, np.int64)
+    for s in range(20):
+        n = 10_000
+        histograms = rng.multinomial(12, [0.1, 0.3, 0.2, 0.3, 0.1], size=n)
+        total += histograms.sum(axis=0)
+        columns = {name: pa.nulls(n, field.type) for name, field in zip(MANIFEST_SCHEMA.names, MANIFEST_SCHEMA,
+                                                                        strict=True)}  # fmt: skip
+        columns |= {
+            "shard": pa.array([f"s{s:03d}.tar"] * n),
+            "key": pa.array([f"v_{s * n + i:07d}" for i in range(n)]),
+            "depth_histogram": pa.array(histograms.tolist(), pa.list_(pa.int32())),
+            "mean_depth": pa.array((histograms * np.arange(5)).sum(1) / 12, pa.float32()),
+            "blur_before": pa.array(rng.uniform(10, 100, n), pa.float32()),
+            "blur_after": pa.array(rng.uniform(10, 200, n), pa.float32()),
+            "seam_score": pa.array(np.ones(n), pa.float32()),
+            "run_id": pa.array(["r1"] * n),
+            "finished_at": pa.array(1.8e9 + np.arange(s * n, (s + 1) * n) / 30.0),
+        }
+        buffer = io.BytesIO()
+        pq.write_table(pa.table(columns).cast(MANIFEST_SCHEMA), buffer)
+        output.commit_bytes(f"_manifest/s{s:03d}.parquet", buffer.getvalue())
+    report = write_report(output, tmp_path / "report", samples=3)
+    page = report.page.read_text()
+    assert len(page) < 1_500_000, len(page)  # bounded charts, not 200k points
+    assert all(f'<td class="n">{count}</td>' in page for count in total)
+    assert "<b>200000</b>" in page and "every 50th frame" in page and "means of 50+ frames" in page
+    # The sampled frames have no shards here: each is named in a warning, and the page is still written.
+    assert report.pictures == [] and all(any(k in w for w in report.warnings) for k in ("v_0000000", "v_0199999"))
