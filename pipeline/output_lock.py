@@ -94,7 +94,11 @@ class OutputLock:
             _HELD.discard(self.run_id)
             raise
         self.generation = current + 1
-        self.beat()
+        try:
+            self.beat()
+        except LockLost as e:  # taken over between our create and our first beat
+            self.release()
+            raise OutputLocked(str(e)) from None
 
     def beat(self) -> None:
         """Refresh the heartbeat; raise LockLost if a newer generation exists."""
@@ -159,14 +163,18 @@ class OutputLock:
         return sorted(int(stem) for stem in stems if stem.isdigit())
 
     def _read(self, generation: int) -> tuple[Holder, float] | None:
+        name = self._name(generation, "json")
         try:
-            holder = Holder(**json.loads(self.store.read_bytes(self._name(generation, "json"))))
+            holder = Holder(**json.loads(self.store.read_bytes(name)))
+            try:
+                beat = float(json.loads(self.store.read_bytes(self._name(generation, "beat")))["time"])
+            except FileNotFoundError:
+                beat = holder.started
         except FileNotFoundError:
             return None
-        try:
-            beat = float(json.loads(self.store.read_bytes(self._name(generation, "beat")))["time"])
-        except FileNotFoundError:
-            beat = holder.started
+        except (ValueError, TypeError, KeyError) as e:  # not written by us: say so instead of guessing
+            raise OutputLocked(f"{redact(self.store.url_of(name))}: an unreadable lease ({e}); if no run is "
+                               f"writing this output, remove {LOCK_DIR}/ and re-run") from None  # fmt: skip
         return holder, beat
 
     @staticmethod

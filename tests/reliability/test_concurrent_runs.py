@@ -98,6 +98,13 @@ def test_a_live_holder_keeps_the_output_and_a_gone_one_is_replaced(tmp_path: Pat
     third.release()
 
 
+def test_an_unreadable_lease_is_named_not_guessed(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "out"))
+    store.commit_bytes(f"{LOCK_DIR}/00000001.json", b"{not json")
+    with pytest.raises(OutputLocked, match=r"00000001\.json: an unreadable lease .* remove _lock/ and re-run"):
+        OutputLock(store, "next").acquire()
+
+
 def test_a_holder_whose_process_died_on_this_host_is_replaced_at_once(tmp_path: Path) -> None:
     store = Store(str(tmp_path / "out"))
     code = (f"from pipeline.output_lock import OutputLock; from pipeline.storage import Store; "
