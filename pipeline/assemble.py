@@ -12,6 +12,7 @@ With the source file given, its audio streams are copied in (ffmpeg, no re-encod
 
 from __future__ import annotations
 
+import io
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -21,11 +22,13 @@ from typing import Literal
 
 import cv2
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import images
 from pipeline.frames import image_member
-from pipeline.shard_job import QUARANTINE_DIR
+from pipeline.ingest import INDEX_NAME
+from pipeline.shard_job import MANIFEST_DIR, QUARANTINE_DIR, output_names
 from pipeline.shards import iter_samples, sample_meta
 from pipeline.storage import Store
 from pipeline.video import write_timed_video, write_video
@@ -48,13 +51,30 @@ class VideoFrames:
     quarantined: dict[int, str] = field(default_factory=dict)  # frame_index -> reason
 
 
-def index_video(store: Store, video_id: str) -> VideoFrames:
-    """Pass 1: where each frame of `video_id` is, with duplicates and quarantined frames."""
-    found = VideoFrames(video_id)
+def candidate_shards(store: Store, video_id: str) -> list[str]:
+    """The shards that hold frames of `video_id`: from ingest's `_index.parquet` (video_id per row) or
+    the deblur job's manifests (keys `<video_id>_<frame>`), so that one video of a large archive is
+    found without reading every shard; every shard when neither is there."""
     shards = store.glob("*.tar")
     if not shards:
         raise AssembleError(f"{store.url}: no *.tar shards")
-    for shard in shards:
+    listed: set[str] | None = None
+    if store.exists(INDEX_NAME):
+        table = pq.read_table(io.BytesIO(store.read_bytes(INDEX_NAME)), columns=["shard", "video_id"])
+        listed = {r["shard"] for r in table.filter(pc.equal(table["video_id"], video_id)).to_pylist()}
+    elif manifests := store.glob(f"{MANIFEST_DIR}/*.parquet"):
+        listed = set()
+        for name in manifests:
+            table = pq.read_table(io.BytesIO(store.read_bytes(name)), columns=["shard", "key"])
+            mine = table.filter(pc.starts_with(table["key"], f"{video_id}_"))
+            listed |= {output_names(r["shard"])[0] for r in mine.to_pylist()}
+    return shards if listed is None else [s for s in shards if s in listed]
+
+
+def index_video(store: Store, video_id: str) -> VideoFrames:
+    """Pass 1: where each frame of `video_id` is, with duplicates and quarantined frames."""
+    found = VideoFrames(video_id)
+    for shard in candidate_shards(store, video_id):
         with store.open(shard) as stream:
             for sample in iter_samples(stream, shard):
                 meta = sample_meta(sample)

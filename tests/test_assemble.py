@@ -10,6 +10,7 @@ import cv2
 import imageio_ffmpeg
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -17,7 +18,7 @@ from jobs.cli import main
 from pipeline import images
 from pipeline.assemble import AssembleError, assemble
 from pipeline.shard_job import QUARANTINE_SCHEMA
-from pipeline.shards import Sample, encode_shard, iter_samples
+from pipeline.shards import Sample, ShardError, encode_shard, iter_samples
 from pipeline.storage import Store
 from tests.media import decode_video
 
@@ -137,3 +138,30 @@ def test_a_variable_rate_source_keeps_its_timestamps(suffix: str, tmp_path: Path
         assemble(Store(str(shards)), "vfr", tmp_path / "out.avi")
     steady = assemble(Store(str(shards)), "vfr", tmp_path / "steady.mkv", constant_rate=True)
     assert not steady.variable_rate and frame_times(tmp_path / "steady.mkv") == [100.0 * i for i in range(10)]
+
+
+def test_one_video_of_an_archive_is_found_from_the_index_or_the_manifests(
+    ingested: tuple[Path, Path], tmp_path: Path
+) -> None:
+    _, shards = ingested
+    names = sorted(p.name for p in shards.glob("*.tar"))
+    for listing in ("index", "manifests"):
+        archive = Store(str(tmp_path / listing))
+        for name in names:
+            archive.commit_bytes(name, (shards / name).read_bytes())
+        # Another video's shard that is damaged: assembling "clip" must not need to read it.
+        archive.commit_bytes("other-000000.tar", b"\x13\x37" * 700)
+        rows = [{"shard": n, "key": f"clip_{7 * i:06d}", "video_id": "clip"} for i, n in enumerate(names)]
+        rows.append({"shard": "other-000000.tar", "key": "other_000000", "video_id": "other"})
+        table = pa.Table.from_pylist(rows)
+        sink = tmp_path / f"{listing}.parquet"
+        if listing == "index":
+            pq.write_table(table, sink)
+            archive.commit_bytes("_index.parquet", sink.read_bytes())
+        else:
+            for shard in {r["shard"] for r in rows}:
+                pq.write_table(table.filter(pc.equal(table["shard"], shard)).select(["shard", "key"]), sink)
+                archive.commit_bytes(f"_manifest/{shard[:-4]}.parquet", sink.read_bytes())
+        assert assemble(archive, "clip", tmp_path / f"{listing}.mkv").frames == 20, listing
+        with pytest.raises(ShardError, match=r"other-000000\.tar"):  # the damaged shard is there all the same
+            assemble(archive, "other", tmp_path / f"other-{listing}.mkv")
