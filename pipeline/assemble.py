@@ -28,7 +28,8 @@ import pyarrow.parquet as pq
 from pipeline import images
 from pipeline.frames import image_member
 from pipeline.ingest import INDEX_NAME
-from pipeline.shard_job import MANIFEST_DIR, QUARANTINE_DIR, output_names
+from pipeline.manifests import read_manifests, read_quarantine
+from pipeline.shard_job import MANIFEST_DIR, output_names
 from pipeline.shards import iter_samples, sample_meta
 from pipeline.storage import Store
 from pipeline.video import write_timed_video, write_video
@@ -62,12 +63,10 @@ def candidate_shards(store: Store, video_id: str) -> list[str]:
     if store.exists(INDEX_NAME):
         table = pq.read_table(io.BytesIO(store.read_bytes(INDEX_NAME)), columns=["shard", "video_id"])
         listed = {r["shard"] for r in table.filter(pc.equal(table["video_id"], video_id)).to_pylist()}
-    elif manifests := store.glob(f"{MANIFEST_DIR}/*.parquet"):
-        listed = set()
-        for name in manifests:
-            table = pq.read_table(io.BytesIO(store.read_bytes(name)), columns=["shard", "key"])
-            mine = table.filter(pc.starts_with(table["key"], f"{video_id}_"))
-            listed |= {output_names(r["shard"])[0] for r in mine.to_pylist()}
+    elif store.glob(f"{MANIFEST_DIR}/*.parquet"):
+        table, _ = read_manifests(store, ["shard", "key"])
+        mine = table.filter(pc.starts_with(table["key"], f"{video_id}_"))
+        listed = {output_names(shard)[0] for shard in pc.unique(mine["shard"]).to_pylist()}
     return shards if listed is None else [s for s in shards if s in listed]
 
 
@@ -88,13 +87,10 @@ def index_video(store: Store, video_id: str) -> VideoFrames:
                 pts = meta.get("pts_ms")
                 found.pts_ms[index] = float(pts) if isinstance(pts, (int, float)) else None
                 found.fps = found.fps or float(meta.get("fps") or 0.0)
-    for name in store.glob(f"{QUARANTINE_DIR}/*.parquet"):
-        with store.open(name) as handle:
-            rows = pq.read_table(handle).to_pylist()
-        for row in rows:
-            key = str(row.get("key", ""))
-            if key.startswith(f"{video_id}_") and key[len(video_id) + 1 :].isdigit():
-                found.quarantined[int(key[len(video_id) + 1 :])] = str(row.get("reason", ""))
+    for row in read_quarantine(store):
+        key = str(row.get("key", ""))
+        if key.startswith(f"{video_id}_") and key[len(video_id) + 1 :].isdigit():
+            found.quarantined[int(key[len(video_id) + 1 :])] = str(row.get("reason", ""))
     return found
 
 

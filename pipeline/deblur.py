@@ -17,7 +17,6 @@ twice.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import time
@@ -27,7 +26,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import pyarrow.parquet as pq
 import ray
 import torch
 from ray.exceptions import GetTimeoutError, RayTaskError
@@ -37,9 +35,10 @@ import adarevd
 from adarevd import AdaRevD, AdaRevDConfig, load_weights
 from pipeline.frames import FrameIn, FrameOut, Rejected
 from pipeline.job import DeblurJob, Resources, RestoreOptions
+from pipeline.manifests import exit_histogram, read_manifests
 from pipeline.output_lock import LockLost, OutputLock
 from pipeline.restorer import FrameRestorer
-from pipeline.shard_job import MANIFEST_DIR, RUN_FILE, ShardReport, add_histogram, is_done
+from pipeline.shard_job import RUN_FILE, ShardReport, add_histogram, is_done
 from pipeline.shard_task import ProgressActor, ShardWorker
 from pipeline.shards import ShardError
 from pipeline.storage import StorageError, Store, redact
@@ -319,13 +318,9 @@ def _stall_report(running: list[str], counts: Mapping[str, int], timeout: float)
 
 def output_totals(output: Store, num_columns: int) -> dict[str, Any]:
     """Frames and exit histogram over every committed manifest: the whole output, all runs."""
-    frames, histogram = 0, []
-    for name in output.glob(f"{MANIFEST_DIR}/**/*.parquet"):
-        table = pq.read_table(io.BytesIO(output.read_bytes(name)), columns=["depth_histogram"])
-        for row in table.column("depth_histogram").to_pylist():
-            frames += 1
-            add_histogram(histogram, row)
-    return {"frames": frames, **_depth_stats(histogram, num_columns)}
+    table, _ = read_manifests(output, ["depth_histogram"])
+    histogram = exit_histogram(table.column("depth_histogram"), num_columns).tolist()
+    return {"frames": table.num_rows, **_depth_stats(histogram, num_columns)}
 
 
 def _depth_stats(histogram: list[int], num_columns: int) -> dict[str, Any]:

@@ -10,7 +10,6 @@ page does not need it.
 
 from __future__ import annotations
 
-import io
 import json
 import re
 from collections import defaultdict
@@ -25,12 +24,19 @@ import markupsafe
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline import report_charts
 from pipeline.exit_map import hex_colours, panel
 from pipeline.frames import FrameIn, PatchMap, decode_sample
-from pipeline.shard_job import MANIFEST_DIR, MANIFEST_SCHEMA, QUARANTINE_DIR, RUN_FILE, output_names
+from pipeline.manifests import (
+    PATCH_COLUMNS,
+    STATS_COLUMNS,
+    exit_histogram,
+    read_columns,
+    read_manifests,
+    read_quarantine,
+)
+from pipeline.shard_job import MANIFEST_DIR, MANIFEST_SCHEMA, RUN_FILE, output_names
 from pipeline.shards import Sample, ShardError, iter_samples
 from pipeline.storage import StorageError, Store, redact
 
@@ -81,40 +87,6 @@ def _read_run(output: Store) -> dict[str, Any]:
         return {}  # a run that was stopped before its end: the manifests still tell what was done
 
 
-PATCH_COLUMNS = ("patch_ys", "patch_xs", "patch_size", "patch_depths")
-STATS_COLUMNS = tuple(name for name in MANIFEST_SCHEMA.names if name not in PATCH_COLUMNS)
-
-
-def read_manifests(output: Store, columns: Sequence[str] | None = None) -> tuple[pa.Table, list[str]]:
-    """Every committed manifest as one table (`columns` of it; those an older manifest lacks are
-    null), and the shard errors recorded in their metadata."""
-    schema = pa.schema([MANIFEST_SCHEMA.field(c) for c in columns or MANIFEST_SCHEMA.names])
-    tables, errors = [], []
-    for name in output.glob(f"{MANIFEST_DIR}/**/*.parquet"):
-        table, found = _read_columns(output, name, schema)
-        errors += found
-        tables.append(table)
-    return (pa.concat_tables(tables) if tables else schema.empty_table()), errors
-
-
-def _read_columns(output: Store, name: str, schema: pa.Schema) -> tuple[pa.Table, list[str]]:
-    file = pq.ParquetFile(io.BytesIO(output.read_bytes(name)))
-    present = [c for c in schema.names if c in file.schema_arrow.names]
-    table = file.read(columns=present)
-    for column in schema:
-        if column.name not in present:
-            table = table.append_column(column, pa.nulls(table.num_rows, column.type))
-    errors = json.loads((file.schema_arrow.metadata or {}).get(b"adarevd.shard_errors", b"[]"))
-    return table.select(schema.names).cast(schema), errors
-
-
-def read_quarantine(output: Store) -> list[dict[str, Any]]:
-    rows = []
-    for name in output.glob(f"{QUARANTINE_DIR}/**/*.parquet"):
-        rows += pq.read_table(io.BytesIO(output.read_bytes(name))).to_pylist()
-    return sorted(rows, key=lambda r: (r["shard"], r["key"]))
-
-
 def choose(manifest: pa.Table, samples: int, keys: Sequence[str]) -> list[int]:
     """Row numbers: `samples` spread evenly over key order (first and last included), then the named keys."""
     rows = manifest.num_rows
@@ -133,7 +105,7 @@ def _with_patches(output: Store, rows: list[dict[str, Any]]) -> list[dict[str, A
     schema = pa.schema([MANIFEST_SCHEMA.field(c) for c in ("key", *PATCH_COLUMNS)])
     patches: dict[str, dict[str, Any]] = {}
     for shard in {r["shard"] for r in rows}:
-        table, _ = _read_columns(output, output_names(shard)[1], schema)
+        table, _ = read_columns(output, output_names(shard)[1], schema)
         wanted = table.filter(pc.is_in(table.column("key"), value_set=pa.array([r["key"] for r in rows])))
         patches.update({p["key"]: p for p in wanted.to_pylist()})
     return [{**r, **patches.get(r["key"], dict.fromkeys(PATCH_COLUMNS))} for r in rows]
@@ -219,7 +191,7 @@ def _safe(key: str) -> str:
 def _render(output: Store, run: dict[str, Any], manifest: pa.Table, quarantine: list[dict[str, Any]],
             shard_errors: list[str], frames: list[_Frame], n: int, source_url: str | None,
             warnings: list[str]) -> str:  # fmt: skip
-    histogram = _histogram(manifest.column("depth_histogram"), n)
+    histogram = exit_histogram(manifest.column("depth_histogram"), n)
     patches = int(histogram.sum())
     mean_depth = float((np.arange(n + 1) * histogram).sum() / patches) if patches else 0.0
     finished = manifest.filter(pc.is_valid(manifest.column("finished_at")))
@@ -267,19 +239,6 @@ def _render(output: Store, run: dict[str, Any], manifest: pa.Table, quarantine: 
 
 def _floats(table: pa.Table, column: str) -> np.ndarray:
     return table.column(column).to_numpy(zero_copy_only=False).astype(np.float64)
-
-
-def _histogram(column: pa.ChunkedArray, n: int) -> np.ndarray:
-    """Patches per depth 0..n summed over every frame's histogram, without a Python loop over frames."""
-    lists = column.combine_chunks()
-    lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False)
-    values = pc.list_flatten(lists).to_numpy(zero_copy_only=False).astype(np.int64)
-    total = np.zeros(n + 1, np.int64)
-    if len(lengths) and (lengths == n + 1).all():
-        return values.reshape(-1, n + 1).sum(axis=0)
-    position = np.concatenate([np.arange(k) for k in lengths if k]) if len(values) else np.zeros(0, np.int64)
-    np.add.at(total, np.minimum(position, n), values)
-    return total
 
 
 def _per_shard(manifest: pa.Table, quarantine: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:

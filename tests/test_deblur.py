@@ -13,7 +13,8 @@ import ray
 
 from jobs.cli import DEFAULT_WEIGHTS, main
 from pipeline import deblur, images
-from pipeline.report import read_manifests, write_report
+from pipeline.manifests import read_manifests
+from pipeline.report import write_report
 from pipeline.shard_job import output_names
 from pipeline.shards import Sample, encode_shard
 from pipeline.storage import Store

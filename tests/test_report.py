@@ -20,7 +20,8 @@ import skimage.data
 from pipeline import images
 from pipeline.exit_map import depth_colours, exit_map, owners, panel
 from pipeline.frames import PatchMap
-from pipeline.report import ReportError, read_manifests, write_report
+from pipeline.manifests import read_manifests
+from pipeline.report import ReportError, write_report
 from pipeline.restorer import FrameRestorer
 from pipeline.shard_job import MANIFEST_SCHEMA, QUARANTINE_SCHEMA, local_restore, process_shard
 from pipeline.shards import Sample, encode_shard

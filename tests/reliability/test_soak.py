@@ -15,7 +15,7 @@ import ray
 
 from jobs.cli import DEFAULT_WEIGHTS
 from pipeline import deblur, images
-from pipeline.report import read_manifests
+from pipeline.manifests import read_manifests
 from pipeline.shards import Sample, encode_shard
 from pipeline.storage import Store
 from tests.deblur_setup import bundled_model
