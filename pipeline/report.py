@@ -96,7 +96,10 @@ def choose(manifest: pa.Table, samples: int, keys: Sequence[str]) -> list[int]:
     if missing:
         raise ReportError(f"--key {', '.join(missing)}: not in the output's manifests ({rows} frames)")
     count = min(samples, rows)
-    picks = sorted({round(i * (rows - 1) / (count - 1)) for i in range(count)}) if count > 1 else [0][:count]
+    if count > 1:
+        picks = sorted({round(i * (rows - 1) / (count - 1)) for i in range(count)})
+    else:
+        picks = [0] if count == 1 else []
     return picks + [i for i in found if i not in picks]
 
 
