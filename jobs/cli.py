@@ -54,10 +54,14 @@ def read_image(path: Path) -> torch.Tensor:
     return torch.from_numpy(image.astype(np.float32) / scale).permute(2, 0, 1)
 
 
+def to_rgb8(image: torch.Tensor) -> np.ndarray:
+    """(3, H, W) float in [0, 1] -> (H, W, 3) uint8 RGB."""
+    return (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
 def write_image(path: Path, image: torch.Tensor) -> None:
-    array = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), cv2.cvtColor(array, cv2.COLOR_RGB2BGR)):
+    if not cv2.imwrite(str(path), cv2.cvtColor(to_rgb8(image), cv2.COLOR_RGB2BGR)):
         raise CliError(f"{path}: could not write the image")
 
 
@@ -81,8 +85,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
         write_image(out_dir / f"{path.stem}.png", result.images[0])
         grid = result.grid
         patches = PatchMap(grid.ys, grid.xs, grid.size_h, grid.size_w, tuple(result.depths[0].flatten().tolist()))
-        rgb = (blurry.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-        cv2.imwrite(str(out_dir / f"{path.stem}.depth.png"), cv2.cvtColor(exit_map(rgb, patches, n), cv2.COLOR_RGB2BGR))
+        picture = exit_map(to_rgb8(blurry), patches, n)
+        cv2.imwrite(str(out_dir / f"{path.stem}.depth.png"), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
         hist = torch.bincount(result.depths.flatten().cpu(), minlength=n + 1)
         totals += hist
         mean_depth = result.depths.float().mean().item()
