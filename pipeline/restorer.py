@@ -109,7 +109,7 @@ class FrameRestorer:
             if not per_patch:
                 try:
                     features = model.cut(model.encode(padded), grid)
-                except (torch.OutOfMemoryError, RuntimeError) as e:
+                except RuntimeError as e:  # torch.OutOfMemoryError is one too
                     if not _out_of_memory(e):
                         raise
                     notes.append("encoded per patch: the whole frame ran out of memory")
