@@ -29,7 +29,7 @@ from pipeline import images
 from pipeline.frames import image_member
 from pipeline.ingest import INDEX_NAME
 from pipeline.manifests import read_manifests, read_quarantine
-from pipeline.shard_job import MANIFEST_DIR, output_names
+from pipeline.shard_job import output_names
 from pipeline.shards import iter_samples, sample_meta
 from pipeline.storage import Store
 from pipeline.video import write_timed_video, write_video
@@ -63,8 +63,7 @@ def candidate_shards(store: Store, video_id: str) -> list[str]:
     if store.exists(INDEX_NAME):
         table = pq.read_table(io.BytesIO(store.read_bytes(INDEX_NAME)), columns=["shard", "video_id"])
         listed = {r["shard"] for r in table.filter(pc.equal(table["video_id"], video_id)).to_pylist()}
-    elif store.glob(f"{MANIFEST_DIR}/*.parquet"):
-        table, _ = read_manifests(store, ["shard", "key"])
+    elif (table := read_manifests(store, ["shard", "key"])[0]).num_rows:
         mine = table.filter(pc.starts_with(table["key"], f"{video_id}_"))
         listed = {output_names(shard)[0] for shard in pc.unique(mine["shard"]).to_pylist()}
     return shards if listed is None else [s for s in shards if s in listed]
