@@ -11,7 +11,6 @@ import argparse
 import io
 import sys
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pyarrow.parquet as pq
@@ -24,7 +23,7 @@ from jobs.models import ASSETS, exit_mode, load_model
 from pipeline.ingest import INDEX_NAME, IngestConfig, ingest
 from pipeline.job import RestoreOptions
 from pipeline.sink import ShardLimits
-from pipeline.storage import StorageError, Store, parse_storage_options
+from pipeline.storage import StorageError, Store, absolute, parse_storage_options
 
 if TYPE_CHECKING:  # the job module imports Ray; `adarevd ingest` should not pay for that
     from pipeline.deblur import RunSummary
@@ -172,7 +171,6 @@ def print_summary(summary: RunSummary, output_url: str, wall: float) -> None:
         print(f"shard error: {error}")
     if not summary.reports and summary.shards_skipped:
         print("nothing to do: every shard is already done here (resume); remove the output or choose another to redo")
-    where = output_url if "://" in output_url else str(Path(output_url).resolve())
-    print(f"output: {where} (shards, _manifest/, _run.json)")
+    print(f"output: {absolute(output_url)} (shards, _manifest/, _run.json)")
     report = "adarevd report" if output_url == DEMO_OUTPUT else f"adarevd report {output_url} --to REPORT_DIR"
     print(f"pictures and a run page: {report}")

@@ -41,7 +41,7 @@ from pipeline.restorer import FrameRestorer
 from pipeline.shard_job import RUN_FILE, ShardReport, add_histogram, is_done
 from pipeline.shard_task import ProgressActor, ShardWorker
 from pipeline.shards import ShardError
-from pipeline.storage import StorageError, Store, redact
+from pipeline.storage import StorageError, Store, absolute, redact
 
 Restorer = Callable[[list[FrameIn]], list[FrameOut | Rejected]]
 
@@ -340,8 +340,8 @@ def run_json(
     frames = summary.frames
     record = {
         # Local folders as absolute paths: `adarevd report` finds the input from any directory.
-        "input": redact(_absolute(job.input_url)),
-        "output": redact(_absolute(job.output_url)),
+        "input": redact(absolute(job.input_url)),
+        "output": redact(absolute(job.output_url)),
         "took_over": summary.took_over,
         "model": {"fingerprint": fingerprint, "config": json.loads(config.to_json())},
         "options": {
@@ -369,7 +369,3 @@ def run_json(
         "output_totals": totals,
     }
     return (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
-
-
-def _absolute(url: str) -> str:
-    return url if "://" in url else os.path.abspath(url)

@@ -76,6 +76,11 @@ def file_store(url: str, options: Mapping[str, Any]) -> tuple[Store, str]:
     return Store(parent or ".", options), name
 
 
+def absolute(url: str) -> str:
+    """A local path made absolute (it then means the same from any directory); URLs unchanged."""
+    return url if "://" in url else os.path.abspath(url)
+
+
 def redact(url: str) -> str:
     """The URL without any user:password@ part, for messages and metadata."""
     parts = urlsplit(url)
