@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -35,6 +36,18 @@ def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torc
 def tiny(device: torch.device) -> adarevd.AdaRevD:
     torch.manual_seed(0)
     return randomize(adarevd.build("adarevd-tiny")).to(device).eval()
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    """An embedded 2-CPU Ray for one test module (Ray is imported only by the modules that use it)."""
+    import ray
+
+    from pipeline import deblur
+
+    deblur.ensure_ray(None, num_cpus=2)
+    yield
+    ray.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -8,17 +8,14 @@ import io
 import json
 import os
 import pickle
-from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 
 import adarevd
 from jobs.cli import main
-from pipeline import deblur
 from pipeline.shard_job import output_names
 from pipeline.shards import iter_samples
 from pipeline.storage import Store
@@ -26,13 +23,6 @@ from tests.reliability.bad_inputs import MAX_FRAME_PIXELS, build
 from tests.reliability.conftest import Entry, audit
 
 pytestmark = [pytest.mark.reliability, pytest.mark.ray]
-
-
-@pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    deblur.ensure_ray(None, num_cpus=2)
-    yield
-    ray.shutdown()
 
 
 def samples(store: Store, name: str) -> dict[str, dict[str, bytes]]:

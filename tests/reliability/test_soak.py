@@ -5,7 +5,6 @@ long run, and neither the driver's open files nor Ray's object store may grow wi
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,13 +22,6 @@ from tests.reliability.conftest import Entry, audit
 
 pytestmark = [pytest.mark.reliability, pytest.mark.ray, pytest.mark.slow]
 PER_SHARD, BASE = 16, 64  # 1x = 64 frames in 4 shards; 10x = 640 in 40
-
-
-@pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    deblur.ensure_ray(None, num_cpus=2)
-    yield
-    ray.shutdown()
 
 
 def make_frames(store: Store, count: int) -> set[str]:
