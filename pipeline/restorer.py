@@ -146,8 +146,9 @@ class FrameRestorer:
         rgb = np.ascontiguousarray(rgb)
         sample = encode_output(item.frame, rgb, self.options.jpeg_quality)
         n = self.num_columns
-        histogram = torch.bincount(item.depths.cpu(), minlength=n + 1).tolist()
-        mean_depth = float(item.depths.float().mean())
+        depths = item.depths.cpu()  # one copy off the device for the histogram, mean and patch map
+        histogram = torch.bincount(depths, minlength=n + 1).tolist()
+        mean_depth = float(depths.float().mean())
         return FrameOut(
             sample=sample,
             member=item.frame.member,
@@ -164,9 +165,7 @@ class FrameRestorer:
             decode_ms=item.decode_ms,
             stitch_ms=(time.perf_counter() - start) * 1e3,
             notes=item.frame.notes + item.notes,
-            patches=PatchMap(
-                item.grid.ys, item.grid.xs, item.grid.size_h, item.grid.size_w, tuple(item.depths.cpu().tolist())
-            ),
+            patches=PatchMap(item.grid.ys, item.grid.xs, item.grid.size_h, item.grid.size_w, tuple(depths.tolist())),
         )
 
 
