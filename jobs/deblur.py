@@ -61,6 +61,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--gpus-per-worker", type=float, default=0.0, help="fractions are fine, e.g. 0.5")
     d.add_argument("--worker-resource", help="custom node resource the restorer actors need (1 each)")
     d.add_argument(
+        "--routing",
+        default="fused",
+        choices=["fused", "depth-pools"],
+        help="fused (default, measured fastest): each restorer runs every stage of its batch; depth-pools: "
+        "encoder actors, then one pool of --workers actors per exit depth, sized by the exit mix",
+    )
+    d.add_argument("--encoders", type=int, default=1, help="depth-pools: encode+classify+stitch actors (default 1)")
+    d.add_argument("--cpus-per-encoder", type=float, default=1.0)
+    d.add_argument("--gpus-per-encoder", type=float, default=0.0)
+    d.add_argument(
         "--frames-per-batch", type=int, default=0, help="frames pooled per call (default: 1 on CPU, 16 on GPU)"
     )
     d.add_argument(
@@ -125,8 +135,15 @@ def cmd_deblur(args: argparse.Namespace) -> int:
             max_frame_pixels=args.max_frame_pixels,
         ),
         resources=deblur.Resources(
-            args.workers, args.cpus_per_worker, args.gpus_per_worker, worker_resource=args.worker_resource
+            args.workers,
+            args.cpus_per_worker,
+            args.gpus_per_worker,
+            worker_resource=args.worker_resource,
+            encoders=args.encoders,
+            cpus_per_encoder=args.cpus_per_encoder,
+            gpus_per_encoder=args.gpus_per_encoder,
         ),
+        routing=args.routing,
         frames_per_batch=args.frames_per_batch,
         flush_timeout_s=args.flush_timeout,
         image_member=args.image_member,
@@ -158,13 +175,19 @@ def print_summary(summary: RunSummary, output_url: str, wall: float) -> None:
         print(f"took the output over from {summary.took_over}")
     histogram = summary.histogram
     patches = sum(histogram) or 1
+    actors = f"workers: {summary.workers}"
+    if summary.encoders:
+        actors = f"encoders: {summary.encoders}, depth-pool actors: {summary.workers}"
     print(f"shards: {len(summary.reports)} processed, {summary.shards_skipped} already done, "
-          f"{summary.shards_total} in all; workers: {summary.workers}")  # fmt: skip
+          f"{summary.shards_total} in all; {actors}")  # fmt: skip
     print(f"frames: {frames} in {summary.seconds:.1f} s ({frames / max(summary.seconds, 1e-9):.2f} frames/s; "
           f"{wall:.1f} s with Ray start-up)")  # fmt: skip
     print("exit depth   " + " ".join(f"{d:>7}" for d in range(len(histogram))))
     print("patches      " + " ".join(f"{n:>7}" for n in histogram))
     print("share        " + " ".join(f"{100 * n / patches:>6.1f}%" for n in histogram))
+    if summary.pool_plans:
+        plans = " -> ".join("/".join(map(str, p)) for p in summary.pool_plans[-4:])
+        print(f"depth pools (actors for depth 1..{len(histogram) - 1}): {plans}")
     if summary.quarantined:
         print(f"quarantined: {summary.quarantined} frame(s); see {output_url}/_quarantine/ (original bytes + reasons)")
     for error in summary.shard_errors:

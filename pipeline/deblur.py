@@ -33,6 +33,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import adarevd
 from adarevd import AdaRevD, AdaRevDConfig, load_weights
+from pipeline.depth_pools import DepthGroup, EncodedBatch
+from pipeline.depth_router import Pools
 from pipeline.frames import FrameIn, FrameOut, Rejected
 from pipeline.job import DeblurJob, Resources, RestoreOptions
 from pipeline.manifests import exit_histogram, read_manifests
@@ -58,9 +60,11 @@ class RunSummary:
     seconds: float = 0.0
     processing_seconds: float = 0.0  # after the restorer actors were up
     workers: int = 0
+    encoders: int = 0  # depth-pools layout
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # stamped on this run's manifest rows
     worker_nodes: dict[str, int] = field(default_factory=dict)  # node id -> restorer actors placed there
     took_over: str | None = None  # the earlier run whose lease on the output this one took, and why
+    pool_plans: list[list[int]] = field(default_factory=list)  # depth pools: actors per depth 1..N, each plan
 
     @property
     def frames(self) -> int:
@@ -91,6 +95,18 @@ class RestorerActor:
 
     def restore(self, frames: list[FrameIn]) -> list[FrameOut | Rejected]:
         return self.restorer(frames)
+
+    # The depth-pools layout (the restorer is a FrameRestorer): see pipeline/depth_router.py.
+    def encode_by_depth(self, frames: list[FrameIn]) -> list[EncodedBatch | DepthGroup]:
+        return self.restorer.encode_by_depth(frames)  # type: ignore[attr-defined]
+
+    def decode_depth(self, group: DepthGroup) -> DepthGroup:
+        return self.restorer.decode_depth(group)  # type: ignore[attr-defined]
+
+    def finish_routed(
+        self, frames: list[FrameIn], batch: EncodedBatch, *residuals: DepthGroup
+    ) -> list[FrameOut | Rejected]:
+        return self.restorer.finish_routed(frames, batch, *residuals)  # type: ignore[attr-defined]
 
     def node(self) -> str:
         """The id of the node this actor runs on (also: it has started)."""
@@ -190,8 +206,8 @@ def _process(
 ) -> None:
     """Start the actors, run every shard in `todo`, stop the actors; fills `summary`."""
     config = model.config
-    resources = job.resources.resolve(ray.cluster_resources())
-    summary.workers = resources.workers
+    resources = job.resources.resolve(ray.cluster_resources(), job.routing)
+    summary.workers, summary.encoders = resources.workers, resources.encoders
     restore = job.restore
     if not restore.threads:
         restore = RestoreOptions(**{**asdict(restore), "threads": max(1, int(resources.cpus_per_worker))})
@@ -201,17 +217,24 @@ def _process(
     else:
         # Held by this driver for the whole run (Ray warns that a restarted actor needs it: it has it).
         weights = [ray.put(model.state_dict())]
-    actors = [
-        RestorerActor.options(
-            name=f"adarevd-restorer-{summary.run_id}-{i}",
-            num_cpus=resources.cpus_per_worker,
-            num_gpus=resources.gpus_per_worker,
-            resources={resources.worker_resource: 1} if resources.worker_resource else None,
-            max_restarts=-1,
-            max_task_retries=3,
-        ).remote(make_restorer or ModelRestorer(config, weights, restore))
-        for i in range(resources.workers)
-    ]
+    make = make_restorer or ModelRestorer(config, weights, restore)
+    pin = {resources.worker_resource: 1} if resources.worker_resource else None
+
+    def start(role: str, count: int, cpus: float, gpus: float) -> list[Any]:
+        return [
+            RestorerActor.options(
+                name=f"adarevd-{role}-{summary.run_id}-{i}",
+                num_cpus=cpus,
+                num_gpus=gpus,
+                resources=pin,
+                max_restarts=-1,
+                max_task_retries=3,
+            ).remote(make)
+            for i in range(count)
+        ]
+
+    actors = start("restorer", resources.workers, resources.cpus_per_worker, resources.gpus_per_worker)
+    encoders = start("encoder", resources.encoders, resources.cpus_per_encoder, resources.gpus_per_encoder)
     # The progress counter lives beside the driver: losing a worker node must not lose it.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     progress = ProgressActor.options(scheduling_strategy=here).remote()
@@ -221,14 +244,18 @@ def _process(
         for i in range(1 if job.max_frames else resources.shards_in_flight)
     ]
     try:
-        for node in _wait_ready(actors, shard_workers, resources, job.stall_timeout_s):
+        nodes = _wait_ready([*actors, *encoders], shard_workers, resources, job.stall_timeout_s)
+        for node in nodes[: len(actors)]:
             summary.worker_nodes[node] = summary.worker_nodes.get(node, 0) + 1
+        pools = Pools(actors, nodes[: len(actors)], encoders, nodes[len(actors) :], config.num_columns,
+                      tuple(config.exit_table))  # fmt: skip
         ready = time.perf_counter()
-        context = _Context(job, options, actors, fingerprint, summary.run_id, progress, lock)
+        context = _Context(job, options, pools, fingerprint, summary.run_id, progress, lock)
         summary.reports = _drive(context, todo, shard_workers, on_progress)
         summary.processing_seconds = time.perf_counter() - ready
+        summary.pool_plans = ray.get(progress.pool_plans.remote())
     finally:
-        for actor in [*actors, *shard_workers, progress]:
+        for actor in [*actors, *encoders, *shard_workers, progress]:
             ray.kill(actor)
 
 
@@ -239,11 +266,18 @@ def _wait_ready(actors: list[Any], shard_workers: list[Any], resources: Resource
         ray.get([w.node.remote() for w in shard_workers], timeout=timeout)
         return nodes
     except GetTimeoutError:
+        encoders = (
+            f" and {resources.encoders} encoder(s) asking for {resources.cpus_per_encoder} CPU and "
+            f"{resources.gpus_per_encoder} GPU each"
+            if resources.encoders
+            else ""
+        )
         raise StallError(
-            f"{len(actors)} restorer actor(s) asking for {resources.cpus_per_worker} CPU and "
-            f"{resources.gpus_per_worker} GPU each did not start within {timeout:.0f} s; the cluster has "
-            f"{ray.available_resources()} free of {ray.cluster_resources()}. Ask for fewer workers "
-            f"(--workers) or less per worker (--cpus-per-worker, --gpus-per-worker)."
+            f"{resources.workers} restorer actor(s) asking for {resources.cpus_per_worker} CPU and "
+            f"{resources.gpus_per_worker} GPU each{encoders} did not start within {timeout:.0f} s; the "
+            f"cluster has {ray.available_resources()} free of {ray.cluster_resources()}. Ask for fewer "
+            f"workers (--workers, --encoders) or less per worker (--cpus-per-worker, --gpus-per-worker, "
+            f"--cpus-per-encoder, --gpus-per-encoder)."
         ) from None
 
 
@@ -253,7 +287,7 @@ class _Context:
 
     job: DeblurJob
     options: Mapping[str, Any]
-    actors: list[Any]
+    pools: Pools
     fingerprint: str
     run_id: str
     progress: Any
@@ -277,7 +311,7 @@ def _drive(
         while queue and free and (budget is None or budget > 0):
             index, shard = queue.popleft()
             worker = free.popleft()
-            ref = worker.process.remote(shard, index, context.job, context.options, context.actors,
+            ref = worker.process.remote(shard, index, context.job, context.options, context.pools,
                                         context.fingerprint, context.run_id, context.progress, budget)  # fmt: skip
             running[ref] = (shard, worker)
         if not running:
@@ -347,12 +381,15 @@ def run_json(
         "options": {
             "restore": asdict(job.restore),
             "resources": asdict(job.resources),
+            "routing": job.routing,
             "frames_per_batch": job.batch_frames(),
             "image_member": job.image_member,
             "max_frames": job.max_frames,
         },
         "run_id": summary.run_id,
         "workers": summary.workers,
+        "encoders": summary.encoders,
+        "pool_plans": summary.pool_plans,
         "worker_nodes": summary.worker_nodes,
         "shards": {
             "total": summary.shards_total,

@@ -4,13 +4,16 @@ every shard task and actor cheaply."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from pipeline.storage import Store
 
 ExitMode = Literal["adaptive"] | int
 EncoderMode = Literal["frame", "patch"]
+# fused: each restorer actor runs a batch through every stage (the default: measured fastest, see
+# docs/ARCHITECTURE.md). depth-pools: encoder actors -> one pool per exit depth -> encoder actors.
+Routing = Literal["fused", "depth-pools"]
 
 
 @dataclass(frozen=True)
@@ -27,28 +30,34 @@ class RestoreOptions:
 
 @dataclass(frozen=True)
 class Resources:
-    workers: int = 0  # restorer actors; 0 = as many as fit the cluster's CPUs (or GPUs)
+    # Restorer actors (depth-pools layout: the depth pools' actors); 0 = as many as fit the cluster's
+    # CPUs (or GPUs) once the encoders have theirs.
+    workers: int = 0
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
-    shards_in_flight: int = 0  # 0 = workers + 1
+    shards_in_flight: int = 0  # 0 = workers + 1 (depth pools: encoders + 1)
     worker_resource: str | None = None  # a custom node resource the actors need (1 each): pins them to nodes
+    # Depth-pools layout only: the encode + classify + stitch actors.
+    encoders: int = 1
+    cpus_per_encoder: float = 1.0
+    gpus_per_encoder: float = 0.0
 
-    def resolve(self, cluster: Mapping[str, float]) -> Resources:
+    def resolve(self, cluster: Mapping[str, float], routing: Routing = "fused") -> Resources:
+        split = routing == "depth-pools"
+        encoders = max(1, self.encoders) if split else 0
         workers = self.workers
         if not workers:
-            limits = [int(cluster.get("CPU", 1) // self.cpus_per_worker) if self.cpus_per_worker else 1]
+            cpus = cluster.get("CPU", 1) - encoders * self.cpus_per_encoder
+            limits = [int(cpus // self.cpus_per_worker) if self.cpus_per_worker else 1]
             if self.gpus_per_worker:
-                limits.append(int(cluster.get("GPU", 0) // self.gpus_per_worker))
+                limits.append(int((cluster.get("GPU", 0) - encoders * self.gpus_per_encoder) // self.gpus_per_worker))
             if self.worker_resource:
-                limits.append(int(cluster.get(self.worker_resource, 0)))
+                limits.append(int(cluster.get(self.worker_resource, 0)) - encoders)
             workers = max(1, min(limits))
-        return Resources(
-            workers,
-            self.cpus_per_worker,
-            self.gpus_per_worker,
-            self.shards_in_flight or workers + 1,
-            self.worker_resource,
-        )
+        return replace(
+            self, workers=workers, shards_in_flight=self.shards_in_flight or (encoders if split else workers) + 1,
+            encoders=encoders,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,7 @@ class DeblurJob:
     output_url: str
     restore: RestoreOptions = field(default_factory=RestoreOptions)
     resources: Resources = field(default_factory=Resources)
+    routing: Routing = "fused"
     # Frames whose patches are pooled in one call. 0 = by device: 1 on CPU workers, where a larger
     # batch is slower per patch (memory-bound blocks; 8 frames ran at 0.61x of 1, see ARCHITECTURE),
     # 16 on GPU workers, where pooling fills the device.
@@ -77,4 +87,6 @@ class DeblurJob:
                 Store(self.output_url, options, self.storage_retry_s))  # fmt: skip
 
     def batch_frames(self) -> int:
-        return self.frames_per_batch or (16 if self.resources.gpus_per_worker > 0 else 1)
+        r = self.resources
+        gpu = r.gpus_per_worker > 0 or (self.routing == "depth-pools" and r.gpus_per_encoder > 0)
+        return self.frames_per_batch or (16 if gpu else 1)

@@ -21,6 +21,7 @@ import torch
 
 from adarevd import AdaRevD
 from adarevd.tiling import PatchGrid, cut
+from pipeline.depth_pools import DepthGroup, EncodedBatch, EncodedFrame, GroupPart
 from pipeline.frames import FrameIn, FrameOut, PatchMap, Rejected, encode_output
 from pipeline.job import RestoreOptions
 from pipeline.scores import blur_score, seam_score
@@ -56,13 +57,7 @@ class FrameRestorer:
 
     @torch.no_grad()
     def __call__(self, frames: Sequence[FrameIn]) -> list[FrameOut | Rejected]:
-        results: dict[str, FrameOut | Rejected] = {}
-        encoded: list[_Encoded] = []
-        for frame in frames:
-            try:
-                encoded.append(self._encode(frame))
-            except (RuntimeError, ValueError) as e:
-                results[frame.key] = Rejected(frame.key, f"encoder failed: {e}", frame.sample)
+        encoded, results = self._encode_all(frames)
         # Pool the patches of every frame with the same patch shape (frames smaller than a patch differ).
         groups: dict[tuple[int, int], list[_Encoded]] = defaultdict(list)
         for item in encoded:
@@ -77,6 +72,92 @@ class FrameRestorer:
                         self._decode_pooled([item])
                     except RuntimeError as e:
                         results[item.frame.key] = Rejected(item.frame.key, f"decoder failed: {e}", item.frame.sample)
+        self._finish_all(encoded, results)
+        return [results[f.key] for f in frames]
+
+    # ---- the depth-pools layout: the same work in three calls, on different actors ------------------
+
+    @torch.no_grad()
+    def encode_by_depth(self, frames: Sequence[FrameIn]) -> list[EncodedBatch | DepthGroup]:
+        """Encode + classify a batch: [EncodedBatch, DepthGroup(1), ..., DepthGroup(N)], the features
+        of each depth's patches pooled over the batch's frames (numpy: shard workers hold no torch)."""
+        encoded, rejected = self._encode_all(frames)
+        batch = EncodedBatch(
+            tuple(EncodedFrame(e.frame.key, _shape(e), e.depths.cpu().numpy(), e.encode_ms, e.notes) for e in encoded),
+            tuple(rejected.values()),
+        )
+        by_shape: dict[tuple[int, int], list[_Encoded]] = defaultdict(list)
+        for item in encoded:
+            by_shape[_shape(item)].append(item)
+        groups: list[EncodedBatch | DepthGroup] = [batch]
+        for depth in range(1, self.num_columns + 1):
+            parts = []
+            for shape, items in by_shape.items():
+                masks = [item.depths == depth for item in items]
+                counts = tuple(int(m.sum()) for m in masks)
+                if sum(counts):
+                    levels = zip(*(item.features for item in items), strict=True)
+                    # fp32 on the wire: bf16 has no numpy type, and the cast is exact.
+                    arrays = tuple(
+                        torch.cat([f[m] for f, m in zip(level, masks, strict=True)]).float().cpu().numpy()
+                        for level in levels
+                    )
+                    parts.append(GroupPart(shape, arrays, counts))
+            groups.append(DepthGroup(depth, tuple(parts)))
+        return groups
+
+    @torch.no_grad()
+    def decode_depth(self, group: DepthGroup) -> DepthGroup:
+        """Columns 1..k and head k over a depth-k group: its residuals, part by part."""
+        start = time.perf_counter()
+        parts = []
+        for part in group.parts:
+            # Arrays from Ray's object store are read-only views; torch wants writable memory.
+            features = [torch.from_numpy(np.array(a)).to(self.device) for a in part.arrays]
+            depths = torch.full((features[0].shape[0],), group.depth, dtype=torch.long, device=self.device)
+            with self._autocast():
+                residual = self.model.decode(*self.model.initial_state(features), depths).float()
+            parts.append(GroupPart(part.shape, (residual.cpu().numpy(),), part.counts))
+        return DepthGroup(group.depth, tuple(parts), (time.perf_counter() - start) * 1e3)
+
+    @torch.no_grad()
+    def finish_routed(
+        self, frames: Sequence[FrameIn], batch: EncodedBatch, *residuals: DepthGroup
+    ) -> list[FrameOut | Rejected]:
+        """Stitch and encode a batch from its depth pools' residuals (depth 0 is a zero residual)."""
+        results: dict[str, FrameOut | Rejected] = {r.key: r for r in batch.rejected}
+        by_key = {f.key: f for f in frames}
+        items: dict[str, _Encoded] = {}
+        for e in batch.frames:
+            image, _, grid = self._image(by_key[e.key])
+            depths = torch.from_numpy(np.array(e.depths)).to(self.device)
+            residual = torch.zeros(len(e.depths), 3, *e.shape, device=self.device)
+            items[e.key] = _Encoded(by_key[e.key], image, grid, [], depths, e.encode_ms, e.notes, residual)
+        for group in residuals:
+            patches = max(group.patches, 1)
+            for part in group.parts:
+                owners = [items[e.key] for e in batch.frames if e.shape == part.shape]
+                chunks = torch.from_numpy(np.array(part.arrays[0])).to(self.device).split(list(part.counts))
+                for item, chunk, count in zip(owners, chunks, part.counts, strict=True):
+                    assert item.residual is not None
+                    item.residual[item.depths == group.depth] = chunk
+                    item.decode_ms += group.decode_ms * count / patches  # this frame's share of the call
+        self._finish_all(list(items.values()), results)
+        return [results[f.key] for f in frames]
+
+    # ---- shared steps ---------------------------------------------------------------------------------
+
+    def _encode_all(self, frames: Sequence[FrameIn]) -> tuple[list[_Encoded], dict[str, FrameOut | Rejected]]:
+        results: dict[str, FrameOut | Rejected] = {}
+        encoded: list[_Encoded] = []
+        for frame in frames:
+            try:
+                encoded.append(self._encode(frame))
+            except (RuntimeError, ValueError) as e:
+                results[frame.key] = Rejected(frame.key, f"encoder failed: {e}", frame.sample)
+        return encoded, results
+
+    def _finish_all(self, encoded: list[_Encoded], results: dict[str, FrameOut | Rejected]) -> None:
         for item in encoded:
             if item.frame.key in results:
                 continue
@@ -84,7 +165,13 @@ class FrameRestorer:
                 results[item.frame.key] = self._finish(item)
             except (RuntimeError, ValueError) as e:
                 results[item.frame.key] = Rejected(item.frame.key, f"stitch or encode failed: {e}", item.frame.sample)
-        return [results[f.key] for f in frames]
+
+    def _image(self, frame: FrameIn) -> tuple[torch.Tensor, torch.Tensor, PatchGrid]:
+        """The frame as (1, 3, H, W) in [0, 1] on the device, padded, and the padded frame's patch grid."""
+        # Frames from Ray's object store are read-only views; torch wants a writable array.
+        image = torch.from_numpy(np.array(frame.rgb)).to(self.device).permute(2, 0, 1)[None].float().div_(255)
+        padded = self.model.pad(image)
+        return image, padded, self.model.grid(*padded.shape[-2:])
 
     def _autocast(self) -> torch.autocast:
         enabled = self.options.precision == "bf16"
@@ -93,10 +180,7 @@ class FrameRestorer:
     def _encode(self, frame: FrameIn) -> _Encoded:
         start = time.perf_counter()
         model = self.model
-        # Frames from Ray's object store are read-only views; torch wants a writable array.
-        image = torch.from_numpy(np.array(frame.rgb)).to(self.device).permute(2, 0, 1)[None].float().div_(255)
-        padded = model.pad(image)
-        grid = model.grid(*padded.shape[-2:])
+        image, padded, grid = self._image(frame)
         notes: list[str] = []
         budget = self.options.max_frame_pixels
         per_patch = self.options.encoder_mode == "patch"
@@ -167,6 +251,10 @@ class FrameRestorer:
             notes=item.frame.notes + item.notes,
             patches=PatchMap(item.grid.ys, item.grid.xs, item.grid.size_h, item.grid.size_w, tuple(depths.tolist())),
         )
+
+
+def _shape(item: _Encoded) -> tuple[int, int]:
+    return item.grid.size_h, item.grid.size_w
 
 
 def _out_of_memory(error: BaseException) -> bool:

@@ -14,9 +14,10 @@ import ray
 import tenacity
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
+from pipeline.depth_router import Pools, depth_pool_restore
 from pipeline.frames import FrameIn, FrameOut, Rejected
 from pipeline.job import DeblurJob
-from pipeline.shard_job import ShardReport, add_histogram, process_shard, remove_stale_temp
+from pipeline.shard_job import RestoreFn, ShardReport, add_histogram, process_shard, remove_stale_temp
 from pipeline.storage import is_transient
 
 
@@ -27,13 +28,21 @@ class ProgressActor:
     def __init__(self) -> None:
         self.frames: dict[str, int] = {}
         self.depths: list[int] = []
+        self.plans: list[list[int]] = []  # depth-pools layout: each new plan (actors per depth 1..N)
 
     def add(self, shard: str, frames: int, histogram: list[int]) -> None:
         self.frames[shard] = self.frames.get(shard, 0) + frames
         add_histogram(self.depths, histogram)
 
+    def plan(self, sizes: list[int]) -> None:
+        if not self.plans or self.plans[-1] != sizes:
+            self.plans.append(list(sizes))
+
     def snapshot(self) -> tuple[dict[str, int], list[int]]:
         return dict(self.frames), list(self.depths)
+
+    def pool_plans(self) -> list[list[int]]:
+        return [list(p) for p in self.plans]
 
 
 def actor_restore(actors: Sequence[Any], start: int, window: int, retries: int = 3) -> Callable:
@@ -70,6 +79,14 @@ def actor_restore(actors: Sequence[Any], start: int, window: int, retries: int =
     return run
 
 
+def restore_fn(pools: Pools, index: int, progress: Any) -> RestoreFn:
+    """Shard `index`'s way to the actors. Fused: shard i starts at actor 2i, so that with >= workers/2
+    shards in flight every actor has work. Depth pools: shard i starts at encoder i."""
+    if pools.encoders:
+        return depth_pool_restore(pools, start=index, progress=progress)
+    return actor_restore(pools.restorers, start=2 * index, window=2)
+
+
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=3)
 class ShardWorker:
     """Runs shards one after another in one long-lived process. (A task per shard made Ray start and
@@ -87,7 +104,7 @@ class ShardWorker:
         index: int,
         job: DeblurJob,
         options: Mapping[str, Any],
-        actors: list[Any],
+        pools: Pools,
         fingerprint: str,
         run_id: str,
         progress: Any,
@@ -100,8 +117,7 @@ class ShardWorker:
                 shard,
                 source,
                 output,
-                # Shard i starts at actor 2i: with >= workers/2 shards in flight every actor has work.
-                actor_restore(actors, start=2 * index, window=2),
+                restore_fn(pools, index, progress),
                 frames_per_batch=job.batch_frames(),
                 flush_s=job.flush_timeout_s,
                 image_member=job.image_member,

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import glob
 import json
+import os
+import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+import ray
 import torch
 
 import adarevd
 from jobs.cli import DEFAULT_WEIGHTS
 from pipeline import images
 from pipeline.ingest import IngestConfig, ingest
+from pipeline.shard_job import TEMP_PREFIX
 from pipeline.shards import Sample, encode_shard
 from pipeline.sink import ShardLimits
 from pipeline.storage import Store
@@ -69,3 +76,48 @@ def pixels(members: dict[str, bytes]) -> np.ndarray:
 
 def run_record(store: Store) -> dict:
     return json.loads(store.read_bytes("_run.json"))
+
+
+def shard_work_started(before: set[str], timeout: float = 60.0) -> bool:
+    """Wait until a shard worker opens a local output folder not in `before` (the actors are up and the
+    first batch is on its way)."""
+    pattern = os.path.join(tempfile.gettempdir(), f"{TEMP_PREFIX}*")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if set(glob.glob(pattern)) - before:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+class ActorKiller:
+    """Kills one actor per name prefix, in order, once shard work has started, each with Ray's restart
+    allowed; `mid_run` says whether the run was still going at every kill."""
+
+    def __init__(self, *prefixes: str, pause: float = 0.3) -> None:
+        self.prefixes, self.pause = prefixes, pause
+        self.killed: list[str] = []
+        self.finished = threading.Event()
+        self.mid_run = True
+        self.before = set(glob.glob(os.path.join(tempfile.gettempdir(), f"{TEMP_PREFIX}*")))
+        self.thread = threading.Thread(target=self._kill)
+
+    def __enter__(self) -> ActorKiller:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.finished.set()
+        self.thread.join()
+
+    def _kill(self) -> None:
+        if not shard_work_started(self.before):
+            return
+        for prefix in self.prefixes:
+            time.sleep(self.pause)
+            names = sorted(n for n in ray.util.list_named_actors() if n.startswith(prefix))
+            if not names:
+                return
+            self.mid_run = self.mid_run and not self.finished.is_set()
+            ray.kill(ray.get_actor(names[0]), no_restart=False)
+            self.killed.append(names[0])

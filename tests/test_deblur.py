@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 
 from jobs.cli import DEFAULT_WEIGHTS, main
 from pipeline import deblur, images
@@ -17,7 +15,16 @@ from pipeline.report import write_report
 from pipeline.shard_job import output_names
 from pipeline.shards import Sample, encode_shard
 from pipeline.storage import Store
-from tests.deblur_setup import Model, bundled_model, make_input, pixels, restore_u8, run_record, tar_bytes
+from tests.deblur_setup import (
+    ActorKiller,
+    Model,
+    bundled_model,
+    make_input,
+    pixels,
+    restore_u8,
+    run_record,
+    tar_bytes,
+)
 from tests.media import read_samples
 from tests.s3server import S3Server
 
@@ -131,25 +138,10 @@ def test_a_killed_actor_loses_and_duplicates_nothing(
 ) -> None:
     output, _ = reference
     source, _ = inputs
-    killed: list[str] = []
-
-    def killer() -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and len(killed) < 2:
-            for name in ray.util.list_named_actors():
-                if name.startswith("adarevd-restorer-") and name not in killed:
-                    time.sleep(1.0)  # let it start work
-                    ray.kill(ray.get_actor(name), no_restart=False)
-                    killed.append(name)
-                    break
-            time.sleep(0.2)
-
-    thread = threading.Thread(target=killer)
-    thread.start()
     faulty = Store(str(tmp_path / "faulty"))
-    summary = run(job(source, faulty, resources=deblur.Resources(workers=2, cpus_per_worker=0.5)), model)
-    thread.join()
-    assert len(killed) == 2
+    with ActorKiller("adarevd-restorer-", "adarevd-restorer-") as killer:
+        summary = run(job(source, faulty, resources=deblur.Resources(workers=2, cpus_per_worker=0.5)), model)
+    assert len(killer.killed) == 2 and killer.mid_run
     assert summary.frames == 10 and summary.quarantined == 0
     assert tar_bytes(faulty) == tar_bytes(output)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import shutil
@@ -19,7 +20,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from pipeline import deblur
-from pipeline.shard_job import MANIFEST_DIR
+from pipeline.shard_job import MANIFEST_DIR, TEMP_PREFIX
 from pipeline.storage import Store
 from tests.deblur_setup import Model, bundled_model, make_input, tar_bytes
 from tests.media import read_samples
@@ -37,9 +38,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Store, Model]:
     return store, bundled_model()
 
 
-def run(source: Store, output: Store, model: Model, **resources: object) -> deblur.RunSummary:
+def run(source: Store, output: Store, model: Model, routing: str = "fused", **resources: object) -> deblur.RunSummary:
     job = deblur.DeblurJob(source.url, output.url, frames_per_batch=3, stall_timeout_s=120,
-                           resources=deblur.Resources(**resources))  # fmt: skip
+                           resources=deblur.Resources(**resources), routing=routing)  # type: ignore[arg-type]  # fmt: skip
     return deblur.run(job, model.model)
 
 
@@ -54,37 +55,49 @@ def cluster() -> Iterator[Cluster]:
     c.shutdown()
 
 
+@pytest.mark.parametrize("routing", ["fused", "depth-pools"])
 def test_pools_on_other_nodes_and_a_node_removed_mid_run(
-    cluster: Cluster, setup: tuple[Store, Model], tmp_path: Path, ledger: Entry
+    cluster: Cluster, setup: tuple[Store, Model], tmp_path: Path, ledger: Entry, routing: str
 ) -> None:
     source, model = setup
-    # Restorer actors need the custom resource "depth_pool", which only the two worker nodes have.
-    nodes = [cluster.add_node(num_cpus=2, resources={"depth_pool": 2}) for _ in range(2)]
+    # Restorer actors (and encoders) need the custom resource "depth_pool", which only the two worker
+    # nodes have; one node can take them all when the other is gone.
+    nodes = [cluster.add_node(num_cpus=2, resources={"depth_pool": 3}) for _ in range(2)]
     cluster.wait_for_nodes()
     head_id = ray.get_runtime_context().get_node_id()
     reference = Store(str(tmp_path / "reference"))
-    summary = run(source, reference, model, workers=2, cpus_per_worker=0.5, worker_resource="depth_pool")
+    options = {"workers": 2, "cpus_per_worker": 0.5, "cpus_per_encoder": 0.5, "worker_resource": "depth_pool"}
+    summary = run(source, reference, model, routing, **options)
     assert summary.frames == 10 and head_id not in summary.worker_nodes
     assert sum(summary.worker_nodes.values()) == 2
 
-    removed: list[str] = []
+    removed: list[bool] = []  # whether the run was still going when the node went
+    finished = threading.Event()
 
     def remove_a_node() -> None:
-        time.sleep(4.0)  # actors are up and working by then
+        # Shard workers open their local output folders once the actors are up: work has started.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not glob.glob(os.path.join(tempfile.gettempdir(), f"{TEMP_PREFIX}*")):
+            time.sleep(0.02)
+        time.sleep(0.3)
         cluster.remove_node(nodes[1])
-        removed.append("done")
+        removed.append(not finished.is_set())
 
     thread = threading.Thread(target=remove_a_node)
     thread.start()
     faulty = Store(str(tmp_path / "faulty"))
-    summary = run(source, faulty, model, workers=2, cpus_per_worker=0.5, worker_resource="depth_pool")
+    summary = run(source, faulty, model, routing, **options)
+    finished.set()
     thread.join()
-    assert removed and summary.frames == 10 and summary.quarantined == 0
+    assert removed == [True], "the node must go mid-run"
+    assert summary.frames == 10 and summary.quarantined == 0
     assert tar_bytes(faulty) == tar_bytes(reference)
     keys = set(read_samples(source))
     ledger.faults, ledger.frames = 1, len(keys)
     ledger.lost, ledger.duplicates = audit(faulty, keys)
     assert (ledger.lost, ledger.duplicates) == (0, 0)
+    for node in nodes[:1]:  # the next parameter brings its own nodes
+        cluster.remove_node(node)
 
 
 def test_driver_killed_mid_run_then_resumed_gives_identical_output(
