@@ -3,8 +3,10 @@
 - compute bound: `model.restore` frame by frame in this process (all cores), frames already decoded in
   memory, no I/O: the most the machine can do with this model and exit mode.
 - pipeline: `adarevd deblur`'s `run()` on an embedded local Ray, reading and writing local shards, in
-  two worker layouts (N actors x 1 CPU, 1 actor x N CPUs). Reported on its whole wall time and on its
-  processing time (after the actors are up: start-up is paid once per run, not per frame).
+  three layouts: fused with N actors x 1 CPU and with 1 actor x N CPUs, and `--routing depth-pools`
+  (one encoder and 2N - 1 depth-pool actors at 0.5 CPU each, the depth-k patches of
+  `--pool-frames` frames per call). Reported on its whole wall time and on its processing time (after
+  the actors are up: start-up is paid once per run, not per frame).
 - naive Ray Data: `read_webdataset -> map_batches(model.restore) -> write_webdataset`, with an actor
   pool of the same size, fractional CPUs (a pool that takes every CPU starves its read/write tasks).
 
@@ -101,6 +103,7 @@ def main() -> None:
     p.add_argument("--size", type=frame_size, default=(240, 320), help="WIDTHxHEIGHT")
     p.add_argument("--exit", default="adaptive")
     p.add_argument("--frames-per-batch", type=int, default=0, help="0: the job's default for the device")
+    p.add_argument("--pool-frames", type=int, default=4, help="depth-pools layout: frames per batch")
     args = p.parse_args()
     exit = args.exit if args.exit == "adaptive" else int(args.exit)
     cpus = os.cpu_count() or 1
@@ -118,17 +121,22 @@ def main() -> None:
         bound = compute_bound(model, load_frames(source), exit)
         print(f"compute bound: {args.frames / bound:.2f} frames/s", flush=True)
         deblur.ensure_ray(None, num_cpus=cpus)
-        layouts = {f"{cpus}x1cpu": deblur.Resources(workers=cpus, cpus_per_worker=1.0),
-                   f"1x{cpus}cpu": deblur.Resources(workers=1, cpus_per_worker=float(cpus))}  # fmt: skip
+        pools = deblur.Resources(workers=2 * cpus - 1, cpus_per_worker=0.5, cpus_per_encoder=0.5)
+        layouts = {
+            f"{cpus}x1cpu": ("fused", deblur.Resources(workers=cpus, cpus_per_worker=1.0), args.frames_per_batch),
+            f"1x{cpus}cpu": ("fused", deblur.Resources(workers=1, cpus_per_worker=float(cpus)), args.frames_per_batch),
+            "depth-pools": ("depth-pools", pools, args.pool_frames),
+        }
         pipeline = {}
-        for name, resources in layouts.items():
+        for name, (routing, resources, batch) in layouts.items():
             job = deblur.DeblurJob(
                 source.url, str(work / f"out-{name}"), restore=RestoreOptions(exit=exit),
-                resources=resources, frames_per_batch=args.frames_per_batch,
+                resources=resources, frames_per_batch=batch, routing=routing,  # type: ignore[arg-type]
             )  # fmt: skip
             summary = deblur.run(job, model, weight_files=[str(DEFAULT_WEIGHTS)])
             assert summary.frames == args.frames
-            pipeline[name] = {"wall_s": summary.seconds, "processing_s": summary.processing_seconds}
+            pipeline[name] = {"wall_s": summary.seconds, "processing_s": summary.processing_seconds,
+                              "pool_plans": summary.pool_plans[-3:]}  # fmt: skip
             print(f"pipeline {name}: {pipeline[name]}", flush=True)
         naive = naive_ray_data(source, work / "naive", exit, actors=cpus, cpus=0.9)
         best = min(pipeline, key=lambda k: pipeline[k]["wall_s"])
@@ -141,10 +149,18 @@ def main() -> None:
                 "exit": args.exit,
                 "frames_per_batch": args.frames_per_batch,
                 "compute_bound_fps": round(fps(bound), 3),
+                "pool_frames": args.pool_frames,
                 "pipeline": {
-                    k: {"fps_wall": round(fps(v["wall_s"]), 3), "fps_processing": round(fps(v["processing_s"]), 3)}
+                    k: {
+                        "fps_wall": round(fps(v["wall_s"]), 3),
+                        "fps_processing": round(fps(v["processing_s"]), 3),
+                        **({"last_pool_plans": v["pool_plans"]} if v["pool_plans"] else {}),
+                    }
                     for k, v in pipeline.items()
                 },
+                "fused_over_depth_pools": round(
+                    pipeline["depth-pools"]["processing_s"] / pipeline[f"{cpus}x1cpu"]["processing_s"], 3
+                ),
                 "naive_ray_data_fps": round(fps(naive), 3),
                 "best_layout": best,
                 "ratio_vs_compute_bound": {

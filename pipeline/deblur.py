@@ -1,9 +1,10 @@
 """`adarevd deblur` on Ray: input shards -> deblurred shards + manifests + `_run.json`.
 
-Ray lives here and in `shard_task.py`, nowhere else in `pipeline/`. The driver lists the input
-shards, skips those whose manifest is committed (resume), starts the restorer actors (the model, once
-per actor) and a few shard workers (`shard_task.py`) that each stream one shard at a time, send
-batches of frames to the restorer actors and write the output. Shard workers ask for no CPU, so
+Ray lives here, in `shard_task.py` and `depth_router.py` (and `train_ray.py` for training), nowhere
+else in `pipeline/`. The driver lists the input shards, skips those whose manifest is committed
+(resume), starts the restorer actors (the model, once per actor; with `routing="depth-pools"` also
+encoder actors) and a few shard workers (`shard_task.py`) that each stream one shard at a time, send
+batches of frames to the actors and write the output. Shard workers ask for no CPU, so
 however the restorers fill a node, reads and writes still run: no starvation deadlock on 2 CPUs. A
 stall (no frame finished for `stall_timeout_s`) stops the run with a report of what waits on what.
 
