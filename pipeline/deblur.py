@@ -221,17 +221,20 @@ def _process(
     make = make_restorer or ModelRestorer(config, weights, restore)
     pin = {resources.worker_resource: 1} if resources.worker_resource else None
 
+    def names(role: str, count: int) -> list[str]:
+        return [f"adarevd-{role}-{summary.run_id}-{i}" for i in range(count)]
+
     def start(role: str, count: int, cpus: float, gpus: float) -> list[Any]:
         return [
             RestorerActor.options(
-                name=f"adarevd-{role}-{summary.run_id}-{i}",
+                name=name,
                 num_cpus=cpus,
                 num_gpus=gpus,
                 resources=pin,
                 max_restarts=-1,
                 max_task_retries=3,
             ).remote(make)
-            for i in range(count)
+            for name in names(role, count)
         ]
 
     actors = start("restorer", resources.workers, resources.cpus_per_worker, resources.gpus_per_worker)
@@ -249,7 +252,8 @@ def _process(
         for node in nodes[: len(actors)]:
             summary.worker_nodes[node] = summary.worker_nodes.get(node, 0) + 1
         pools = Pools(actors, nodes[: len(actors)], encoders, nodes[len(actors) :], config.num_columns,
-                      tuple(config.exit_table))  # fmt: skip
+                      tuple(config.exit_table), names("restorer", len(actors)),
+                      names("encoder", len(encoders)))  # fmt: skip
         ready = time.perf_counter()
         context = _Context(job, options, pools, fingerprint, summary.run_id, progress, lock)
         summary.reports = _drive(context, todo, shard_workers, on_progress)
@@ -339,14 +343,17 @@ def _drive(
         if total != last_total or done:
             last_total, last_change = total, time.monotonic()
         elif time.monotonic() - last_change > context.job.stall_timeout_s:
-            raise StallError(_stall_report([s for s, _ in running.values()], counts, context.job.stall_timeout_s))
+            waits = ray.get(context.progress.waiting.remote())
+            shards = [s for s, _ in running.values()]
+            raise StallError(_stall_report(shards, counts, waits, context.job.stall_timeout_s))
     return sorted(reports, key=lambda r: r.shard)
 
 
-def _stall_report(running: list[str], counts: Mapping[str, int], timeout: float) -> str:
+def _stall_report(running: list[str], counts: Mapping[str, int], waits: Mapping[str, str], timeout: float) -> str:
     lines = [f"no frame finished for {timeout:.0f} s. Waiting:"]
     for shard in running:
-        lines.append(f"  shard {shard}: {counts.get(shard, 0)} frames done, waiting on restorer actors")
+        what = waits.get(shard, "reading its input or starting (no call outstanding for long)")
+        lines.append(f"  shard {shard}: {counts.get(shard, 0)} frames done, waiting on {what}")
     lines.append(f"  cluster resources free: {ray.available_resources()} of {ray.cluster_resources()}")
     return "\n".join(lines)
 

@@ -20,6 +20,7 @@ import contextlib
 from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import ray
@@ -28,6 +29,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, ObjectLostErro
 from pipeline.depth_pools import EncodedBatch, ExitMix, assign
 from pipeline.frames import FrameIn, FrameOut, Rejected
 from pipeline.shard_job import RestoreFn
+from pipeline.waits import OnWait, batch_label, patient_get
 
 LOST = (RayActorError, ActorDiedError, ActorUnavailableError, ObjectLostError, OwnerDiedError)
 
@@ -44,11 +46,19 @@ class Pools:
     encoder_nodes: list[str] = field(default_factory=list)
     num_columns: int = 0
     exit_table: tuple[int, ...] = ()
+    restorer_names: list[str] = field(default_factory=list)  # for stall reports
+    encoder_names: list[str] = field(default_factory=list)
 
-    def local_restorers(self, node: str) -> list[Any]:
-        """Pool actors on `node`, or all of them if it has none."""
-        here = [a for a, n in zip(self.restorers, self.restorer_nodes, strict=True) if n == node]
-        return here or list(self.restorers)
+    def local_restorers(self, node: str) -> list[int]:
+        """Indices of the pool actors on `node`, or of all of them if it has none."""
+        here = [i for i, n in enumerate(self.restorer_nodes) if n == node]
+        return here or list(range(len(self.restorers)))
+
+    def restorer_name(self, i: int) -> str:
+        return self.restorer_names[i] if i < len(self.restorer_names) else f"restorer actor {i}"
+
+    def encoder_name(self, i: int) -> str:
+        return self.encoder_names[i] if i < len(self.encoder_names) else f"encoder actor {i}"
 
 
 @dataclass
@@ -59,12 +69,21 @@ class _Flight:
     frames: Any = None  # ObjectRef of the batch: sent to the encoder twice, stored once
     encoded: list[Any] = field(default_factory=list)  # [EncodedBatch ref, group 1 ref, ..., group N ref]
     result: Any = None  # ref of the finished batch, once routed
+    decoding: list[tuple[int, int, Any]] = field(default_factory=list)  # (depth, pool actor, ref) once routed
     fallback: str | None = None  # why the batch went the fused way, once it has
 
 
-def depth_pool_restore(pools: Pools, start: int, window: int = 3, retries: int = 3, progress: Any = None) -> RestoreFn:
+def depth_pool_restore(
+    pools: Pools,
+    start: int,
+    window: int = 3,
+    retries: int = 3,
+    progress: Any = None,
+    on_wait: OnWait | None = None,
+    patience: float = 10.0,
+) -> RestoreFn:
     """A RestoreFn over depth pools: `window` batches in flight, results in order. `progress` (the
-    run's ProgressActor) is told each new pool plan."""
+    run's ProgressActor) is told each new pool plan; `on_wait` what a slow answer is waited on."""
     mix = ExitMix(pools.exit_table, pools.num_columns)
     turns: dict[tuple[str, int], int] = defaultdict(int)  # (node, depth) -> next actor of that pool
     encoder_turn = start
@@ -79,9 +98,22 @@ def depth_pool_restore(pools: Pools, start: int, window: int = 3, retries: int =
         flight.encoded = actor.encode_by_depth.options(num_returns=pools.num_columns + 1).remote(flight.frames)
         flight.result = None
 
+    def label(flight: _Flight) -> str:
+        return batch_label([f.key for f in flight.batch])
+
+    def encoding(flight: _Flight) -> str:
+        return f"{pools.encoder_name(flight.encoder)} to encode batch {label(flight)}"
+
+    def waited_on(flight: _Flight) -> str:
+        """What a routed batch is still waiting for: a depth pool's actor, or the encoder's stitch."""
+        for depth, actor, ref in flight.decoding:
+            if not ray.wait([ref], timeout=0)[0]:
+                return f"depth-{depth} pool actor {pools.restorer_name(actor)} for batch {label(flight)}"
+        return f"{pools.encoder_name(flight.encoder)} to stitch batch {label(flight)}"
+
     def route(flight: _Flight) -> None:
         nonlocal last_plan
-        encoded: EncodedBatch = ray.get(flight.encoded[0])
+        encoded: EncodedBatch = patient_get(flight.encoded[0], partial(encoding, flight), on_wait, patience)
         mix.observe(encoded)
         node = pools.encoder_nodes[flight.encoder]
         local = pools.local_restorers(node)
@@ -90,13 +122,14 @@ def depth_pool_restore(pools: Pools, start: int, window: int = 3, retries: int =
             last_plan = sizes
             progress.plan.remote(sizes)
         members = assign(sizes, len(local))
-        residuals = []
+        flight.decoding = []
         for depth in encoded.depths_present():
             pool = members[depth - 1]
             actor = local[pool[turns[node, depth] % len(pool)]]
             turns[node, depth] += 1
-            residuals.append(actor.decode_depth.remote(flight.encoded[depth]))
+            flight.decoding.append((depth, actor, pools.restorers[actor].decode_depth.remote(flight.encoded[depth])))
         encoder = pools.encoders[flight.encoder]
+        residuals = [ref for _, _, ref in flight.decoding]
         flight.result = encoder.finish_routed.remote(flight.frames, flight.encoded[0], *residuals)
 
     def ready(flight: _Flight) -> bool:
@@ -107,7 +140,7 @@ def depth_pool_restore(pools: Pools, start: int, window: int = 3, retries: int =
             try:
                 if flight.result is None:
                     route(flight)
-                results = ray.get(flight.result)
+                results = patient_get(flight.result, partial(waited_on, flight), on_wait, patience)
                 if flight.fallback is None:
                     return results
                 note = f"decoded on the fused path: {flight.fallback}"
@@ -123,6 +156,7 @@ def depth_pool_restore(pools: Pools, start: int, window: int = 3, retries: int =
                 # A call failed inside (e.g. a pooled group ran out of memory): the fused path
                 # decodes frame by frame and rejects only what fails.
                 flight.fallback = f"{type(e.cause).__name__}: {e.cause}"[:300]
+                flight.decoding = []
                 flight.result = pools.encoders[flight.encoder].restore.remote(flight.batch)
 
     def run(batches: Iterable[list[FrameIn]]) -> Iterator[list[FrameOut | Rejected]]:

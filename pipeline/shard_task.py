@@ -7,7 +7,8 @@ so each costs tens of MB, not a model runtime's hundreds.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
+from functools import partial
 from typing import Any
 
 import ray
@@ -19,6 +20,7 @@ from pipeline.frames import FrameIn, FrameOut, Rejected
 from pipeline.job import DeblurJob
 from pipeline.shard_job import RestoreFn, ShardReport, add_histogram, process_shard, remove_stale_temp
 from pipeline.storage import is_transient
+from pipeline.waits import OnWait, batch_label, patient_get
 
 
 @ray.remote(num_cpus=0)
@@ -29,6 +31,7 @@ class ProgressActor:
         self.frames: dict[str, int] = {}
         self.depths: list[int] = []
         self.plans: list[list[int]] = []  # depth-pools layout: each new plan (actors per depth 1..N)
+        self.waits: dict[str, str] = {}  # shard -> what it has been waiting on for a while
 
     def add(self, shard: str, frames: int, histogram: list[int]) -> None:
         self.frames[shard] = self.frames.get(shard, 0) + frames
@@ -44,30 +47,50 @@ class ProgressActor:
     def pool_plans(self) -> list[list[int]]:
         return [list(p) for p in self.plans]
 
+    def wait(self, shard: str, what: str | None) -> None:
+        if what is None:
+            self.waits.pop(shard, None)
+        else:
+            self.waits[shard] = what
 
-def actor_restore(actors: Sequence[Any], start: int, window: int, retries: int = 3) -> Callable:
-    """A RestoreFn over Ray actors: `window` batches in flight, results in order, a dead actor's batch
-    resent to the next actor."""
+    def waiting(self) -> dict[str, str]:
+        return dict(self.waits)
+
+
+def actor_restore(
+    pools: Pools,
+    start: int,
+    window: int,
+    retries: int = 3,
+    on_wait: OnWait | None = None,
+    patience: float = 10.0,
+) -> RestoreFn:
+    """A RestoreFn over the fused restorer actors: `window` batches in flight, results in order, a dead
+    actor's batch resent to the next actor; `on_wait` hears what a slow answer is waited on."""
+    actors = pools.restorers
 
     def run(batches: Iterable[list[FrameIn]]) -> Iterator[list[FrameOut | Rejected]]:
-        pending: deque[tuple[Any, list[FrameIn], int]] = deque()
+        pending: deque[tuple[Any, list[FrameIn], int, int]] = deque()
         turn = start
 
-        def submit(batch: list[FrameIn], attempt: int) -> tuple[Any, list[FrameIn], int]:
+        def submit(batch: list[FrameIn], attempt: int) -> tuple[Any, list[FrameIn], int, int]:
             nonlocal turn
-            actor = actors[turn % len(actors)]
+            index = turn % len(actors)
             turn += 1
-            return actor.restore.remote(batch), batch, attempt
+            return actors[index].restore.remote(batch), batch, attempt, index
 
-        def resolve(item: tuple[Any, list[FrameIn], int]) -> list[FrameOut | Rejected]:
-            ref, batch, attempt = item
+        def waited_on(index: int, batch: list[FrameIn]) -> str:
+            return f"{pools.restorer_name(index)} for batch {batch_label([f.key for f in batch])}"
+
+        def resolve(item: tuple[Any, list[FrameIn], int, int]) -> list[FrameOut | Rejected]:
+            ref, batch, attempt, index = item
             while True:
                 try:
-                    return ray.get(ref)
+                    return patient_get(ref, partial(waited_on, index, batch), on_wait, patience)
                 except (RayActorError, ActorDiedError, ActorUnavailableError):
                     if attempt >= retries:
                         raise
-                    ref, batch, attempt = submit(batch, attempt + 1)
+                    ref, batch, attempt, index = submit(batch, attempt + 1)
 
         for batch in batches:
             pending.append(submit(batch, 0))
@@ -79,12 +102,12 @@ def actor_restore(actors: Sequence[Any], start: int, window: int, retries: int =
     return run
 
 
-def restore_fn(pools: Pools, index: int, progress: Any) -> RestoreFn:
+def restore_fn(pools: Pools, index: int, progress: Any, on_wait: OnWait, patience: float) -> RestoreFn:
     """Shard `index`'s way to the actors. Fused: shard i starts at actor 2i, so that with >= workers/2
     shards in flight every actor has work. Depth pools: shard i starts at encoder i."""
     if pools.encoders:
-        return depth_pool_restore(pools, start=index, progress=progress)
-    return actor_restore(pools.restorers, start=2 * index, window=2)
+        return depth_pool_restore(pools, start=index, progress=progress, on_wait=on_wait, patience=patience)
+    return actor_restore(pools, start=2 * index, window=2, on_wait=on_wait, patience=patience)
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=3)
@@ -111,13 +134,15 @@ class ShardWorker:
         max_frames: int | None,
     ) -> ShardReport:
         source, output = job.stores(options)
+        # Report a wait well before it would count as a stall.
+        patience = min(10.0, job.stall_timeout_s / 4)
 
         def attempt() -> ShardReport:
             return process_shard(
                 shard,
                 source,
                 output,
-                restore_fn(pools, index, progress),
+                restore_fn(pools, index, progress, lambda what: progress.wait.remote(shard, what), patience),
                 frames_per_batch=job.batch_frames(),
                 flush_s=job.flush_timeout_s,
                 image_member=job.image_member,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 import ray
 import torch
 
@@ -57,6 +58,13 @@ def make_input(folder: Path, store: Store) -> dict[str, np.ndarray]:
     ]  # fmt: skip
     store.commit_bytes("images-000000.tar", encode_shard(samples))
     return {key: pixels(members).copy() for key, members in read_samples(store).items()}
+
+
+def input_shards(factory: pytest.TempPathFactory, name: str) -> tuple[Store, dict[str, np.ndarray]]:
+    """`make_input` in a fresh temporary folder: the shards' store and key -> input RGB."""
+    folder = factory.mktemp(name)
+    store = Store(str(folder / "shards"))
+    return store, make_input(folder, store)
 
 
 def tar_bytes(store: Store) -> dict[str, bytes]:

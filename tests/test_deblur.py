@@ -19,7 +19,7 @@ from tests.deblur_setup import (
     ActorKiller,
     Model,
     bundled_model,
-    make_input,
+    input_shards,
     pixels,
     restore_u8,
     run_record,
@@ -38,9 +38,7 @@ def model() -> Model:
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Store, dict[str, np.ndarray]]:
-    folder = tmp_path_factory.mktemp("deblur-in")
-    store = Store(str(folder / "shards"))
-    return store, make_input(folder, store)
+    return input_shards(tmp_path_factory, "deblur-in")
 
 
 def job(source: Store, output: Store, **kw: object) -> deblur.DeblurJob:

@@ -24,7 +24,16 @@ from pipeline.manifests import read_manifests
 from pipeline.restorer import FrameRestorer
 from pipeline.shards import Sample
 from pipeline.storage import Store
-from tests.deblur_setup import ActorKiller, Model, bundled_model, make_input, pixels, restore_u8, run_record, tar_bytes
+from tests.deblur_setup import (
+    ActorKiller,
+    Model,
+    bundled_model,
+    input_shards,
+    pixels,
+    restore_u8,
+    run_record,
+    tar_bytes,
+)
 from tests.media import read_samples
 
 
@@ -111,9 +120,7 @@ def make_failing() -> FailingDecoder:
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Store, dict[str, np.ndarray]]:
-    folder = tmp_path_factory.mktemp("pools-in")
-    store = Store(str(folder / "shards"))
-    return store, make_input(folder, store)
+    return input_shards(tmp_path_factory, "pools-in")
 
 
 def pools_job(source: Store, output: Store, **kw: object) -> deblur.DeblurJob:

@@ -22,7 +22,7 @@ from ray.cluster_utils import Cluster
 from pipeline import deblur
 from pipeline.shard_job import MANIFEST_DIR, TEMP_PREFIX
 from pipeline.storage import Store
-from tests.deblur_setup import Model, bundled_model, make_input, tar_bytes
+from tests.deblur_setup import Model, bundled_model, input_shards, tar_bytes
 from tests.media import read_samples
 from tests.reliability.conftest import Entry, audit
 
@@ -32,10 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Store, Model]:
-    folder = tmp_path_factory.mktemp("cluster-in")
-    store = Store(str(folder / "shards"))
-    make_input(folder, store)
-    return store, bundled_model()
+    return input_shards(tmp_path_factory, "cluster-in")[0], bundled_model()
 
 
 def run(source: Store, output: Store, model: Model, routing: str = "fused", **resources: object) -> deblur.RunSummary:

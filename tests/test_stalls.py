@@ -1,0 +1,105 @@
+"""A run that stops making progress fails with a report of what waits on what, on a real local Ray."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from pipeline import deblur
+from pipeline.depth_pools import DepthGroup
+from pipeline.frames import FrameIn, FrameOut, Rejected
+from pipeline.restorer import FrameRestorer
+from pipeline.shard_job import output_names
+from pipeline.storage import Store
+from tests.deblur_setup import Model, bundled_model, input_shards
+from tests.media import read_samples
+
+pytestmark = pytest.mark.ray
+STALL_S = 10.0  # also the actors' start-up budget: three of them load torch on 2 cores
+
+
+class HangsOnFrame5(FrameRestorer):
+    """Never answers for a batch with frame street_000005 (shard video-000001.tar)."""
+
+    def __call__(self, frames: Sequence[FrameIn]) -> list[FrameOut | Rejected]:
+        if any(f.key == "street_000005" for f in frames):
+            time.sleep(3600)
+        return super().__call__(frames)
+
+
+class HangsAtDepth3(FrameRestorer):
+    def decode_depth(self, group: DepthGroup) -> DepthGroup:
+        if group.depth == 3:
+            time.sleep(3600)
+        return super().decode_depth(group)
+
+
+def make_hanging_fused() -> HangsOnFrame5:
+    return HangsOnFrame5(bundled_model().model)
+
+
+def make_hanging_pool() -> HangsAtDepth3:
+    return HangsAtDepth3(bundled_model().model)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Store, Model]:
+    return input_shards(tmp_path_factory, "stall-in")[0], bundled_model()
+
+
+def stall_job(source: Store, output: Path, **kw: object) -> deblur.DeblurJob:
+    return deblur.DeblurJob(source.url, str(output), frames_per_batch=3, stall_timeout_s=STALL_S, **kw)  # type: ignore[arg-type]
+
+
+def test_a_restorer_that_never_answers_is_named_in_the_stall_report(
+    local_ray: None, setup: tuple[Store, Model], tmp_path: Path
+) -> None:
+    source, model = setup
+    job = stall_job(source, tmp_path / "out", resources=deblur.Resources(workers=2, cpus_per_worker=0.5))
+    start = time.monotonic()
+    with pytest.raises(deblur.StallError) as caught:
+        deblur.run(job, model.model, make_restorer=make_hanging_fused)
+    assert time.monotonic() - start < 60
+    report = str(caught.value)
+    assert f"no frame finished for {STALL_S:.0f} s" in report
+    line = next(line for line in report.splitlines() if "video-000001.tar" in line)
+    assert re.search(
+        r"0 frames done, waiting on adarevd-restorer-\w+-\d for batch street_000004\.\.street_000006", line
+    ), report
+    # The stuck shard is not done (the others may be: calls queued behind the hung one wait too). The
+    # lease is free: a re-run (with a restorer that answers) takes the output at once and does the rest.
+    output = Store(str(tmp_path / "out"))
+    assert not output.exists(output_names("video-000001.tar")[1])
+    done = [s for s in ("video-000000.tar", "images-000000.tar") if output.exists(output_names(s)[1])]
+    again = deblur.run(stall_job(source, tmp_path / "out"), model.model)
+    assert (again.shards_skipped, len(again.reports), again.took_over) == (len(done), 3 - len(done), None)
+    assert len(read_samples(output)) == 10
+
+
+def test_a_depth_pool_that_never_answers_is_named_in_the_stall_report(
+    local_ray: None, setup: tuple[Store, Model], tmp_path: Path
+) -> None:
+    source, model = setup
+    resources = deblur.Resources(workers=2, cpus_per_worker=0.5, cpus_per_encoder=0.5)
+    job = stall_job(source, tmp_path / "out", resources=resources, routing="depth-pools")
+    with pytest.raises(deblur.StallError) as caught:
+        deblur.run(job, model.model, make_restorer=make_hanging_pool)
+    report = str(caught.value)
+    waiting = [line for line in report.splitlines() if "waiting on" in line]
+    assert waiting and all(re.search(r"waiting on depth-3 pool actor adarevd-restorer-\w+-\d for batch ", line)
+                           for line in waiting), report  # fmt: skip
+
+
+def test_actors_that_cannot_be_placed_are_reported_with_the_cluster_free_resources(
+    local_ray: None, setup: tuple[Store, Model], tmp_path: Path
+) -> None:
+    source, model = setup
+    job = stall_job(source, tmp_path / "out", resources=deblur.Resources(workers=1, cpus_per_worker=64))
+    job = dataclasses.replace(job, stall_timeout_s=3.0)
+    with pytest.raises(deblur.StallError, match=r"1 restorer actor\(s\) asking for 64 CPU .* within 3 s.*'CPU': 2.0"):
+        deblur.run(job, model.model)
