@@ -64,6 +64,7 @@ class RunSummary:
     encoders: int = 0  # depth-pools layout
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # stamped on this run's manifest rows
     worker_nodes: dict[str, int] = field(default_factory=dict)  # node id -> restorer actors placed there
+    encoder_nodes: dict[str, int] = field(default_factory=dict)  # node id -> encoder actors (depth pools)
     took_over: str | None = None  # the earlier run whose lease on the output this one took, and why
     pool_plans: list[list[int]] = field(default_factory=list)  # depth pools: actors per depth 1..N, each plan
 
@@ -220,6 +221,9 @@ def _process(
         weights = [ray.put(model.state_dict())]
     make = make_restorer or ModelRestorer(config, weights, restore)
     pin = {resources.worker_resource: 1} if resources.worker_resource else None
+    # Depth pools: spread encoders and pool actors over the nodes, so that each node holds encoders
+    # and pool actors and a batch's features stay on the node that encoded it.
+    spread = "SPREAD" if job.routing == "depth-pools" else None
 
     def names(role: str, count: int) -> list[str]:
         return [f"adarevd-{role}-{summary.run_id}-{i}" for i in range(count)]
@@ -231,6 +235,7 @@ def _process(
                 num_cpus=cpus,
                 num_gpus=gpus,
                 resources=pin,
+                scheduling_strategy=spread,
                 max_restarts=-1,
                 max_task_retries=3,
             ).remote(make)
@@ -251,6 +256,8 @@ def _process(
         nodes = _wait_ready([*actors, *encoders], shard_workers, resources, job.stall_timeout_s)
         for node in nodes[: len(actors)]:
             summary.worker_nodes[node] = summary.worker_nodes.get(node, 0) + 1
+        for node in nodes[len(actors) :]:
+            summary.encoder_nodes[node] = summary.encoder_nodes.get(node, 0) + 1
         pools = Pools(actors, nodes[: len(actors)], encoders, nodes[len(actors) :], config.num_columns,
                       tuple(config.exit_table), names("restorer", len(actors)),
                       names("encoder", len(encoders)))  # fmt: skip
@@ -399,6 +406,7 @@ def run_json(
         "encoders": summary.encoders,
         "pool_plans": summary.pool_plans,
         "worker_nodes": summary.worker_nodes,
+        "encoder_nodes": summary.encoder_nodes,
         "shards": {
             "total": summary.shards_total,
             "skipped_done": summary.shards_skipped,

@@ -59,14 +59,17 @@ def test_pools_on_other_nodes_and_a_node_removed_mid_run(
     source, model = setup
     # Restorer actors (and encoders) need the custom resource "depth_pool", which only the two worker
     # nodes have; one node can take them all when the other is gone.
-    nodes = [cluster.add_node(num_cpus=2, resources={"depth_pool": 3}) for _ in range(2)]
+    nodes = [cluster.add_node(num_cpus=2, resources={"depth_pool": 4}) for _ in range(2)]
     cluster.wait_for_nodes()
     head_id = ray.get_runtime_context().get_node_id()
     reference = Store(str(tmp_path / "reference"))
-    options = {"workers": 2, "cpus_per_worker": 0.5, "cpus_per_encoder": 0.5, "worker_resource": "depth_pool"}
+    options = {"workers": 2, "cpus_per_worker": 0.5, "encoders": 2, "cpus_per_encoder": 0.5,
+               "worker_resource": "depth_pool"}  # fmt: skip
     summary = run(source, reference, model, routing, **options)
     assert summary.frames == 10 and head_id not in summary.worker_nodes
     assert sum(summary.worker_nodes.values()) == 2
+    if routing == "depth-pools":  # spread: each worker node holds an encoder and a pool actor
+        assert summary.encoder_nodes == summary.worker_nodes == {n.node_id: 1 for n in nodes}, summary
 
     removed: list[bool] = []  # whether the run was still going when the node went
     finished = threading.Event()
