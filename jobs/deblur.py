@@ -187,7 +187,7 @@ def print_summary(summary: RunSummary, output_url: str, wall: float) -> None:
     print("share        " + " ".join(f"{100 * n / patches:>6.1f}%" for n in histogram))
     if summary.pool_plans:
         plans = " -> ".join("/".join(map(str, p)) for p in summary.pool_plans[-4:])
-        print(f"depth pools (actors for depth 1..{len(histogram) - 1}): {plans}")
+        print(f"depth pools (actors for depth 1..{len(histogram) - 1}; 0: borrows another's): {plans}")
     if summary.quarantined:
         print(f"quarantined: {summary.quarantined} frame(s); see {output_url}/_quarantine/ (original bytes + reasons)")
     for error in summary.shard_errors:

@@ -96,7 +96,7 @@ def depth_pool_restore(
         flight.frames = ray.put(flight.batch)
         actor = pools.encoders[flight.encoder]
         flight.encoded = actor.encode_by_depth.options(num_returns=pools.num_columns + 1).remote(flight.frames)
-        flight.result = None
+        flight.result, flight.decoding, flight.fallback = None, [], None
 
     def label(flight: _Flight) -> str:
         return batch_label([f.key for f in flight.batch])
