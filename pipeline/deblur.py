@@ -65,6 +65,7 @@ class RunSummary:
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # stamped on this run's manifest rows
     worker_nodes: dict[str, int] = field(default_factory=dict)  # node id -> restorer actors placed there
     encoder_nodes: dict[str, int] = field(default_factory=dict)  # node id -> encoder actors (depth pools)
+    devices: dict[str, int] = field(default_factory=dict)  # 'cuda' / 'cpu' -> actors whose model runs there
     took_over: str | None = None  # the earlier run whose lease on the output this one took, and why
     pool_plans: list[list[int]] = field(default_factory=list)  # depth pools: actors per depth 1..N, each plan
 
@@ -113,6 +114,11 @@ class RestorerActor:
     def node(self) -> str:
         """The id of the node this actor runs on (also: it has started)."""
         return ray.get_runtime_context().get_node_id()
+
+    def device(self) -> str:
+        """Where the model runs: 'cuda' or 'cpu' (a stand-in without a device: 'none')."""
+        device = getattr(self.restorer, "device", None)
+        return device.type if isinstance(device, torch.device) else "none"
 
 
 @dataclass(frozen=True)
@@ -258,6 +264,8 @@ def _process(
             summary.worker_nodes[node] = summary.worker_nodes.get(node, 0) + 1
         for node in nodes[len(actors) :]:
             summary.encoder_nodes[node] = summary.encoder_nodes.get(node, 0) + 1
+        for device in ray.get([a.device.remote() for a in [*actors, *encoders]]):
+            summary.devices[device] = summary.devices.get(device, 0) + 1
         pools = Pools(actors, nodes[: len(actors)], encoders, nodes[len(actors) :], config.num_columns,
                       tuple(config.exit_table), names("restorer", len(actors)),
                       names("encoder", len(encoders)))  # fmt: skip
@@ -407,6 +415,7 @@ def run_json(
         "pool_plans": summary.pool_plans,
         "worker_nodes": summary.worker_nodes,
         "encoder_nodes": summary.encoder_nodes,
+        "devices": summary.devices,
         "shards": {
             "total": summary.shards_total,
             "skipped_done": summary.shards_skipped,
