@@ -59,7 +59,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--workers", type=int, default=0, help="restorer actors (default: as many as fit)")
     d.add_argument("--cpus-per-worker", type=float, default=1.0)
     d.add_argument("--gpus-per-worker", type=float, default=0.0, help="fractions are fine, e.g. 0.5")
-    d.add_argument("--worker-resource", help="custom node resource the restorer actors need (1 each)")
+    d.add_argument(
+        "--worker-resource",
+        help="custom node resource the model actors (restorers, encoders) need (1 each): pins them to nodes",
+    )
     d.add_argument(
         "--routing",
         default="fused",
