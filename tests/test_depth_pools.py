@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ from tests.deblur_setup import (
     tar_bytes,
 )
 from tests.media import read_samples
+from tests.s3server import S3Server
 
 
 def encoded(*depths: list[int]) -> EncodedBatch:
@@ -194,3 +196,18 @@ def test_a_failing_depth_pool_falls_back_to_the_fused_path(
     noted = {r["key"] for r in rows if "decoded on the fused path: RuntimeError: depth 3 pool" in r["notes"]}
     deep = {r["key"] for r in rows if r["depth_histogram"][3] > 0}
     assert deep and deep <= noted, (deep, noted)
+
+
+@pytest.mark.ray
+@pytest.mark.s3
+def test_depth_pools_from_and_to_s3_give_the_local_bytes(
+    local_ray: None, s3: S3Server, inputs: tuple[Store, dict], reference: tuple[Store, deblur.RunSummary],
+    model: Model,
+) -> None:  # fmt: skip
+    prefix = f"s3://{s3.bucket}/pools-{time.time_ns()}"
+    source, output = Store(f"{prefix}/in", s3.storage_options), Store(f"{prefix}/out", s3.storage_options)
+    for name, data in tar_bytes(inputs[0]).items():
+        source.commit_bytes(name, data)
+    summary = deblur.run(pools_job(source, output), model.model, options=s3.storage_options)
+    assert summary.frames == 10 and tar_bytes(output) == tar_bytes(reference[0])
+    assert s3.secret_key not in output.read_bytes("_run.json").decode()
