@@ -1,12 +1,15 @@
 """The deblur job vs its compute bound and vs a naive Ray Data pipeline, on the same frames, one run.
 
-- compute bound: `model.restore` frame by frame in this process (all cores), frames already decoded in
-  memory, no I/O: the most the machine can do with this model and exit mode.
+- compute bound (the goal's): `model.restore` frame by frame in this process (all cores), frames
+  already decoded in memory, no I/O. Also, for context, the same restores split over one process per
+  core with one thread each (how the pipeline's actors spread the work), which on small frames can
+  be faster than one process with every thread.
 - pipeline: `adarevd deblur`'s `run()` on an embedded local Ray, reading and writing local shards, in
   three layouts: fused with N actors x 1 CPU and with 1 actor x N CPUs, and `--routing depth-pools`
-  (one encoder and 2N - 1 depth-pool actors at 0.5 CPU each, the depth-k patches of
-  `--pool-frames` frames per call). Reported on its whole wall time and on its processing time (after
-  the actors are up: start-up is paid once per run, not per frame).
+  (one encoder and 2N - 1 depth-pool actors at 0.5 CPU each), the latter with the job's default
+  batch for the device and with the depth-k patches of `--pool-frames` frames per call. Reported on
+  its whole wall time and on its processing time (after the actors are up: start-up is paid once per
+  run, not per frame).
 - naive Ray Data: `read_webdataset -> map_batches(model.restore) -> write_webdataset`, with an actor
   pool of the same size, fractional CPUs (a pool that takes every CPU starves its read/write tasks).
 
@@ -16,11 +19,13 @@
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import ray
@@ -49,6 +54,41 @@ def load_frames(store: Store) -> list[np.ndarray]:
                 bgr = cv2.imdecode(np.frombuffer(sample.members["png"], np.uint8), cv2.IMREAD_COLOR)
                 frames.append(np.ascontiguousarray(bgr[..., ::-1]))
     return frames
+
+
+def _restore_share(frames: list[np.ndarray], exit: str | int, ready: Any, go: Any, done: Any) -> None:
+    torch.set_num_threads(1)
+    model = adarevd.AdaRevD(adarevd.read_config(DEFAULT_WEIGHTS))
+    adarevd.load_weights(model, DEFAULT_WEIGHTS)
+    tensors = [torch.from_numpy(f).permute(2, 0, 1)[None].float() / 255 for f in frames]
+    with torch.no_grad():
+        model.eval().restore(tensors[0], exit=exit)  # warm-up
+        ready.release()
+        go.wait()
+        for t in tensors:
+            model.restore(t, exit=exit)
+    done.release()
+
+
+def compute_bound_processes(frames: list[np.ndarray], exit: str | int, processes: int) -> float:
+    """The same restores split over `processes` processes of one thread each (frames in memory):
+    what this machine does with the model when the work is spread like the pipeline's actors."""
+    context = multiprocessing.get_context("spawn")
+    ready, done, go = context.Semaphore(0), context.Semaphore(0), context.Event()
+    workers = [context.Process(target=_restore_share, args=(frames[i::processes], exit, ready, go, done))
+               for i in range(processes)]  # fmt: skip
+    for w in workers:
+        w.start()
+    for _ in workers:
+        ready.acquire()
+    start = time.perf_counter()
+    go.set()
+    for _ in workers:
+        done.acquire()
+    seconds = time.perf_counter() - start
+    for w in workers:
+        w.join()
+    return seconds
 
 
 def compute_bound(model: adarevd.AdaRevD, frames: list[np.ndarray], exit: str | int) -> float:
@@ -118,14 +158,18 @@ def main() -> None:
         adarevd.load_weights(model, DEFAULT_WEIGHTS)
         model.eval()
 
-        bound = compute_bound(model, load_frames(source), exit)
+        frames = load_frames(source)
+        bound = compute_bound(model, frames, exit)
         print(f"compute bound: {args.frames / bound:.2f} frames/s", flush=True)
+        spread = compute_bound_processes(frames, exit, cpus)
+        print(f"{cpus} processes x 1 thread: {args.frames / spread:.2f} frames/s", flush=True)
         deblur.ensure_ray(None, num_cpus=cpus)
         pools = deblur.Resources(workers=2 * cpus - 1, cpus_per_worker=0.5, cpus_per_encoder=0.5)
         layouts = {
             f"{cpus}x1cpu": ("fused", deblur.Resources(workers=cpus, cpus_per_worker=1.0), args.frames_per_batch),
             f"1x{cpus}cpu": ("fused", deblur.Resources(workers=1, cpus_per_worker=float(cpus)), args.frames_per_batch),
             "depth-pools": ("depth-pools", pools, args.pool_frames),
+            "depth-pools-default-batch": ("depth-pools", pools, args.frames_per_batch),
         }
         pipeline = {}
         for name, (routing, resources, batch) in layouts.items():
@@ -149,6 +193,7 @@ def main() -> None:
                 "exit": args.exit,
                 "frames_per_batch": args.frames_per_batch,
                 "compute_bound_fps": round(fps(bound), 3),
+                f"restore_{cpus}_processes_x_1_thread_fps": round(fps(spread), 3),
                 "pool_frames": args.pool_frames,
                 "pipeline": {
                     k: {
@@ -159,7 +204,9 @@ def main() -> None:
                     for k, v in pipeline.items()
                 },
                 "fused_over_depth_pools": round(
-                    pipeline["depth-pools"]["processing_s"] / pipeline[f"{cpus}x1cpu"]["processing_s"], 3
+                    min(pipeline[k]["processing_s"] for k in ("depth-pools", "depth-pools-default-batch"))
+                    / pipeline[f"{cpus}x1cpu"]["processing_s"],
+                    3,
                 ),
                 "naive_ray_data_fps": round(fps(naive), 3),
                 "best_layout": best,
@@ -168,6 +215,7 @@ def main() -> None:
                     "processing": round(bound / pipeline[best]["processing_s"], 3),
                     "goal": ">= 0.9",
                 },
+                "ratio_vs_processes_x_1_thread": round(spread / pipeline[best]["processing_s"], 3),
                 "ratio_vs_naive_ray_data": {
                     "wall": round(naive / pipeline[best]["wall_s"], 3),
                     "goal": ">= 1.0 on CPU",
