@@ -117,8 +117,9 @@ class RestorerActor:
 
     def device(self) -> str:
         """Where the model runs: 'cuda' or 'cpu' (a stand-in without a device: 'none')."""
-        device = getattr(self.restorer, "device", None)
-        return device.type if isinstance(device, torch.device) else "none"
+        # No torch name in this class's methods: a handle to this actor, unpickled in a torch-free shard
+        # worker, made it import torch (about 1 s and hundreds of MB each) when one was here.
+        return str(getattr(getattr(self.restorer, "device", None), "type", "none"))
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 
 from jobs.cli import DEFAULT_WEIGHTS, main
 from pipeline import deblur, images
@@ -183,3 +185,24 @@ def test_s3_in_and_out(
     report = write_report(output, tmp_path, samples=2)  # blurry frames from the S3 input in _run.json
     assert report.warnings == [] and len(report.pictures) == 2
     assert s3.secret_key not in report.page.read_text()
+
+
+@ray.remote(num_cpus=0)
+class _ModuleProbe:
+    """A fresh worker, torch-free like a shard worker: which heavy modules does a handle pull in?"""
+
+    def loaded(self, *handles: object) -> bool:
+        return "torch" in sys.modules
+
+
+def test_shard_workers_stay_torch_free_when_given_restorer_handles(local_ray: None) -> None:
+    # Shard workers receive the restorer actors' handles; unpickling one must not import torch
+    # (a torch name in a RestorerActor method once did: about 1 s and hundreds of MB per worker).
+    from pipeline.deblur import RestorerActor
+
+    probe = _ModuleProbe.remote()
+    assert not ray.get(probe.loaded.remote()), "the probe's worker already had torch: the test proves nothing"
+    actor = RestorerActor.options(num_cpus=0).remote(lambda: lambda frames: frames)
+    assert not ray.get(probe.loaded.remote([actor]))
+    ray.kill(actor)
+    ray.kill(probe)
