@@ -22,7 +22,7 @@ import json
 import os
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -261,12 +261,9 @@ def _process(
     ]
     try:
         nodes = _wait_ready([*actors, *encoders], shard_workers, resources, job.stall_timeout_s)
-        for node in nodes[: len(actors)]:
-            summary.worker_nodes[node] = summary.worker_nodes.get(node, 0) + 1
-        for node in nodes[len(actors) :]:
-            summary.encoder_nodes[node] = summary.encoder_nodes.get(node, 0) + 1
-        for device in ray.get([a.device.remote() for a in [*actors, *encoders]]):
-            summary.devices[device] = summary.devices.get(device, 0) + 1
+        summary.worker_nodes = dict(Counter(nodes[: len(actors)]))
+        summary.encoder_nodes = dict(Counter(nodes[len(actors) :]))
+        summary.devices = dict(Counter(ray.get([a.device.remote() for a in [*actors, *encoders]])))
         pools = Pools(actors, nodes[: len(actors)], encoders, nodes[len(actors) :], config.num_columns,
                       tuple(config.exit_table), names("restorer", len(actors)),
                       names("encoder", len(encoders)))  # fmt: skip

@@ -22,7 +22,7 @@ from ray.cluster_utils import Cluster
 from pipeline import deblur
 from pipeline.shard_job import MANIFEST_DIR, TEMP_PREFIX
 from pipeline.storage import Store
-from tests.deblur_setup import Model, bundled_model, input_shards, tar_bytes
+from tests.deblur_setup import Model, bundled_model, input_shards, shard_work_started, tar_bytes
 from tests.media import read_samples
 from tests.reliability.conftest import Entry, audit
 
@@ -74,11 +74,10 @@ def test_pools_on_other_nodes_and_a_node_removed_mid_run(
     removed: list[bool] = []  # whether the run was still going when the node went
     finished = threading.Event()
 
+    before = set(glob.glob(os.path.join(tempfile.gettempdir(), f"{TEMP_PREFIX}*")))
+
     def remove_a_node() -> None:
-        # Shard workers open their local output folders once the actors are up: work has started.
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not glob.glob(os.path.join(tempfile.gettempdir(), f"{TEMP_PREFIX}*")):
-            time.sleep(0.02)
+        shard_work_started(before)
         time.sleep(0.3)
         cluster.remove_node(nodes[1])
         removed.append(not finished.is_set())
