@@ -24,7 +24,7 @@ import time
 import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import ray
@@ -142,6 +142,11 @@ class ModelRestorer:
         return FrameRestorer(model, self.options, device)
 
 
+def actor_options(options: RestoreOptions, cpus: float) -> RestoreOptions:
+    """An actor's restore options: unless given, torch threads are the actor's own CPUs (at least 1)."""
+    return replace(options, threads=options.threads or max(1, int(cpus)))
+
+
 def list_shards(source: Store) -> list[str]:
     shards = [name for name in source.glob("**/*.tar") if not name.startswith(("_", "."))]
     if not shards:
@@ -217,16 +222,16 @@ def _process(
     config = model.config
     resources = job.resources.resolve(ray.cluster_resources(), job.routing)
     summary.workers, summary.encoders = resources.workers, resources.encoders
-    restore = job.restore
-    if not restore.threads:
-        restore = RestoreOptions(**{**asdict(restore), "threads": max(1, int(resources.cpus_per_worker))})
     weights: tuple[str, ...] | list[Any]
     if weight_files and len(ray.nodes()) == 1:
         weights = tuple(os.path.abspath(f) for f in weight_files)
     else:
         # Held by this driver for the whole run (Ray warns that a restarted actor needs it: it has it).
         weights = [ray.put(model.state_dict())]
-    make = make_restorer or ModelRestorer(config, weights, restore)
+
+    def maker(cpus: float) -> Callable[[], Restorer]:
+        return make_restorer or ModelRestorer(config, weights, actor_options(job.restore, cpus))
+
     pin = {resources.worker_resource: 1} if resources.worker_resource else None
     # Depth pools: spread encoders and pool actors over the nodes, so that each node holds encoders
     # and pool actors and a batch's features stay on the node that encoded it.
@@ -245,7 +250,7 @@ def _process(
                 scheduling_strategy=spread,
                 max_restarts=-1,
                 max_task_retries=3,
-            ).remote(make)
+            ).remote(maker(cpus))
             for name in names(role, count)
         ]
 

@@ -71,6 +71,7 @@ class _Flight:
     result: Any = None  # ref of the finished batch, once routed
     decoding: list[tuple[int, int, Any]] = field(default_factory=list)  # (depth, pool actor, ref) once routed
     fallback: str | None = None  # why the batch went the fused way, once it has
+    observed: bool = False  # its exit depths are in the mix (a re-encoded batch is not counted again)
 
 
 def depth_pool_restore(
@@ -114,7 +115,9 @@ def depth_pool_restore(
     def route(flight: _Flight) -> None:
         nonlocal last_plan
         encoded: EncodedBatch = patient_get(flight.encoded[0], partial(encoding, flight), on_wait, patience)
-        mix.observe(encoded)
+        if not flight.observed:
+            mix.observe(encoded)
+            flight.observed = True
         node = pools.encoder_nodes[flight.encoder]
         local = pools.local_restorers(node)
         sizes = mix.sizes(len(local))

@@ -21,6 +21,7 @@ from pipeline.depth_pools import (
     work_per_depth,
 )
 from pipeline.frames import FrameIn, FrameOut
+from pipeline.job import RestoreOptions
 from pipeline.manifests import read_manifests
 from pipeline.restorer import FrameRestorer
 from pipeline.shards import Sample
@@ -68,6 +69,13 @@ def test_pools_rebalance_when_the_exit_mix_shifts() -> None:
     hard = mix.sizes(6)
     assert easy[0] == max(easy) >= 3 and hard[3] == max(hard) >= 3, (easy, hard)
     assert mix.histogram()[1] == pytest.approx(64 / 6)  # the easy frames left the window
+
+
+def test_each_actor_runs_as_many_torch_threads_as_it_has_cpus_unless_told() -> None:
+    # Encoders and pool actors may differ in size (--cpus-per-encoder, --cpus-per-worker).
+    assert deblur.actor_options(RestoreOptions(), 3).threads == 3
+    assert deblur.actor_options(RestoreOptions(), 0.5).threads == 1
+    assert deblur.actor_options(RestoreOptions(threads=2, exit=3), 6) == RestoreOptions(threads=2, exit=3)
 
 
 def test_batch_summaries() -> None:
