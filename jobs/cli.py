@@ -16,6 +16,7 @@ adarevd submit SPEC [--address URL] a TOML job spec, here or on a cluster; adare
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -66,7 +67,7 @@ def write_image(path: Path, image: torch.Tensor) -> None:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     images = [Path(p) for p in args.images] or [DEMO_BLURRY]
     references = [Path(p) for p in args.reference] or ([DEMO_SHARP] if not args.images else [])
     if references and len(references) != len(images):
@@ -121,12 +122,27 @@ def pretty_json(text: str) -> str:
         return text
 
 
-def cmd_make_default_weights(args: argparse.Namespace) -> int:
-    from jobs.default_weights import make_default_weights
+def resolve_device(name: str) -> torch.device:
+    """`auto` is CUDA when there is one, else the CPU."""
+    return torch.device(name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
 
-    make_default_weights(Path(args.output))
-    print(f"wrote {args.output}")
+
+def cmd_make_default_weights(args: argparse.Namespace) -> int:
+    from jobs.default_weights import RECIPES, make_default_weights
+
+    recipe = dataclasses.replace(RECIPES[args.recipe], **recipe_overrides(args))
+    device = resolve_device(args.device)
+    print(f"recipe {args.recipe} on {device}: {recipe}")
+    metrics = make_default_weights(Path(args.output), recipe, device=str(device))
+    print(f"wrote {args.output}: held-out {json.dumps(metrics)}")
     return 0
+
+
+RECIPE_FIELDS = ("batch", "crop", "pretrain_iterations", "stage1_iterations", "stage2_iterations", "seed")
+
+
+def recipe_overrides(args: argparse.Namespace) -> dict[str, int]:
+    return {name: getattr(args, name) for name in RECIPE_FIELDS if getattr(args, name) is not None}
 
 
 def cmd_make_demo_image(args: argparse.Namespace) -> int:
@@ -164,6 +180,10 @@ def parser() -> argparse.ArgumentParser:
         "make-default-weights", help="re-train the bundled adarevd-tiny weights (about an hour on 2 cores)"
     )
     w.add_argument("--output", default=str(DEFAULT_WEIGHTS))
+    w.add_argument("--recipe", default="cpu", choices=["cpu", "gpu"], help="preset (default: %(default)s)")
+    w.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, auto (default: %(default)s)")
+    for name in RECIPE_FIELDS:
+        w.add_argument(f"--{name.replace('_', '-')}", type=int, help="override the recipe's value")
     w.set_defaults(run=cmd_make_default_weights)
 
     d = sub.add_parser("make-demo-image", help="re-make the bundled demo image pair")

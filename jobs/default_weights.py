@@ -37,7 +37,10 @@ ASSETS = Path(__file__).resolve().parents[1] / "adarevd" / "assets"
 
 @dataclass(frozen=True)
 class Recipe:
+    """Everything the default weights' training depends on (with the seeds above). Presets: `RECIPES`."""
+
     seed: int = 0
+    images: tuple[str, ...] = IMAGES  # scenes for training, validation and held-out frames
     crop: int = 96  # blur reaches 32 px: crops need room around it
     batch: int = 8
     pretrain_iterations: int = 6000
@@ -48,17 +51,28 @@ class Recipe:
     calibration_budget_db: float = 0.03  # patch-based estimate; whole frames lose a little more
 
 
+RECIPES: dict[str, Recipe] = {
+    # What made the bundled file: about an hour on 2 CPU cores.
+    "cpu": Recipe(),
+    # For one GPU: 4x the batch, larger crops and 2-3x the steps (about 16x the pixels seen). Sized
+    # by estimate to finish in minutes on a data-centre card; the README says whether it has been run.
+    "gpu": Recipe(crop=128, batch=32, pretrain_iterations=12000, stage1_iterations=8000, stage2_iterations=1600),
+}
+
+
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(image).permute(2, 0, 1).float().div(255)
 
 
-def make_pairs(names: tuple[str, ...], seeds: range) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def make_pairs(
+    names: tuple[str, ...], seeds: range, device: torch.device | str = "cpu"
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     pairs = []
     for name in names:
         sharp = load_image(name)
         for seed in seeds:
             blurry, truth = synthesize(sharp, seed=seed)
-            pairs.append((to_tensor(blurry), to_tensor(truth)))
+            pairs.append((to_tensor(blurry).to(device), to_tensor(truth).to(device)))
     return pairs
 
 
@@ -84,21 +98,30 @@ def run_stage(name: str, step: Callable[[], float], iterations: int, log: Callab
     return float(np.mean(recent))
 
 
-def make_default_weights(output: Path, recipe: Recipe = Recipe(), log: Callable[[str], None] = print) -> dict:
-    """Train adarevd-tiny by the recipe, calibrate its exit table and write it, with provenance, to
-    `output` (safetensors). Returns the held-out metrics."""
-    return finish_default_weights(train_default_weights(recipe, log), output, recipe, log)
+def make_default_weights(
+    output: Path, recipe: Recipe = Recipe(), log: Callable[[str], None] = print, device: str = "cpu"
+) -> dict:
+    """Train adarevd-tiny by the recipe on `device`, calibrate its exit table and write it, with
+    provenance, to `output` (safetensors). Returns the held-out metrics."""
+    trained = train_default_weights(recipe, log, device)
+    return finish_default_weights(trained, output, recipe, log, trained_on=device_name(device))
 
 
-def train_default_weights(recipe: Recipe, log: Callable[[str], None] = print) -> adarevd.AdaRevD:
-    """The three training stages of the recipe."""
+def device_name(device: str) -> str:
+    """`cpu`, or the CUDA card's name (recorded in the weights' provenance)."""
+    dev = torch.device(device)
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
+
+
+def train_default_weights(recipe: Recipe, log: Callable[[str], None] = print, device: str = "cpu") -> adarevd.AdaRevD:
+    """The three training stages of the recipe on `device`; the trained model comes back on the CPU."""
     torch.manual_seed(recipe.seed)
     g = torch.Generator().manual_seed(recipe.seed)
-    train = make_pairs(IMAGES, TRAIN_SEEDS)
-    log(f"{len(train)} training frames")
+    train = make_pairs(recipe.images, TRAIN_SEEDS, device)
+    log(f"{len(train)} training frames on {device_name(device)}")
     config = adarevd.PRESETS["adarevd-tiny"]
 
-    pre = EncoderPretrainer(config)
+    pre = EncoderPretrainer(config).to(device)
     stage = Stage(pre, pre.parameters(), StageConfig(iterations=recipe.pretrain_iterations, lr=recipe.pretrain_lr))
     run_stage(
         "encoder",
@@ -107,7 +130,7 @@ def train_default_weights(recipe: Recipe, log: Callable[[str], None] = print) ->
         log,
     )
 
-    model = adarevd.AdaRevD(config)
+    model = adarevd.AdaRevD(config).to(device)
     model.encoder.load_state_dict(stage.averaged().encoder.state_dict())
     freeze_all_but(model, model.conv_features, model.subdenets, model.outputs)
     stage = Stage(model, model.parameters(), StageConfig(iterations=recipe.stage1_iterations, lr=recipe.stage1_lr))
@@ -134,23 +157,28 @@ def train_default_weights(recipe: Recipe, log: Callable[[str], None] = print) ->
     )
     model.load_state_dict(stage.averaged().state_dict())
     model.requires_grad_(True)
-    return model
+    return model.cpu()
 
 
 def finish_default_weights(
-    trained: adarevd.AdaRevD, output: Path, recipe: Recipe, log: Callable[[str], None] = print
+    trained: adarevd.AdaRevD,
+    output: Path,
+    recipe: Recipe,
+    log: Callable[[str], None] = print,
+    trained_on: str = "cpu",
 ) -> dict:
-    """Calibrate the exit table on validation frames, evaluate on held-out frames, write the weights."""
-    found = calibrate(trained, make_pairs(IMAGES, VALIDATION_SEEDS), recipe.calibration_budget_db)
+    """Calibrate the exit table on validation frames, evaluate on held-out frames (both on the CPU),
+    write the weights."""
+    found = calibrate(trained, make_pairs(recipe.images, VALIDATION_SEEDS), recipe.calibration_budget_db)
     log(f"calibrated exit table {found.exit_table}: mean depth {found.mean_depth}, "
         f"estimated loss {found.psnr_loss_db} dB")  # fmt: skip
     model = with_exit_table(trained, found.exit_table)
-    metrics = evaluate(model.eval(), make_pairs(IMAGES, HELD_OUT_SEEDS))
+    metrics = evaluate(model.eval(), make_pairs(recipe.images, HELD_OUT_SEEDS))
     del metrics["by_class"]
     log(f"held-out: {json.dumps(metrics)}")
     provenance = {
         "recipe": asdict(recipe),
-        "images": IMAGES,
+        "trained_on": trained_on,
         "train_seeds": [TRAIN_SEEDS.start, TRAIN_SEEDS.stop],
         "validation_seeds": [VALIDATION_SEEDS.start, VALIDATION_SEEDS.stop],
         "held_out_seeds": [HELD_OUT_SEEDS.start, HELD_OUT_SEEDS.stop],
