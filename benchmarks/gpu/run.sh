@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The GPU checks, as one device command (prepare .whl/ here first with benchmarks/gpu/wheels.sh):
+#   run: command "bash benchmarks/gpu/run.sh tests bench", carry [".whl"], timeout_s 540
+# Parts, in the order given: tests (the CUDA tests: the deblur job on fractional GPUs and a short
+# training recipe on the card), bench (benchmarks.deblur_pipeline --device cuda), recipe (the `gpu`
+# default-weights recipe; its weights and held-out numbers come back in $OUT). Logs, JSON and
+# status.txt (each part's exit status and seconds) land in $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/adarevd-gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0
+site=/tmp/adarevd-site
+if [ ! -d "$site/ray" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || exit 1
+  python3 benchmarks/gpu/wheelhouse.py unpack .whl/ray-*.slim.zip "$site" || exit 1
+fi
+export PYTHONPATH="$site:$PWD"
+{ nvidia-smi -L; python3 -c "import torch, ray; print('torch', torch.__version__, 'ray', ray.__version__, torch.cuda.get_device_name())"; } 2>&1 | tee "$OUT/machine.txt"
+
+part() {
+  local name=$1; shift
+  local start=$SECONDS
+  echo "== $name: $*"
+  "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n 25 "$OUT/$name.log"
+  echo "$name rc=$rc seconds=$((SECONDS - start))" | tee -a "$OUT/status.txt"
+}
+
+for what in "$@"; do
+  case $what in
+    tests) part tests env ADAREVD_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider \
+             tests/test_deblur_gpu.py tests/test_default_weights.py ;;
+    bench) part bench python3 -m benchmarks.deblur_pipeline --device cuda --frames 96 --size 640x360
+           cp benchmarks/results/deblur_pipeline_gpu.json "$OUT/" 2>/dev/null ;;
+    recipe) part recipe python3 -m jobs.cli make-default-weights --recipe gpu --device cuda \
+              --output "$OUT/adarevd-tiny-gpu.safetensors" ;;
+    *) echo "unknown part $what (tests, bench, recipe)"; exit 2 ;;
+  esac
+done
