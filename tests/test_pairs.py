@@ -111,6 +111,9 @@ def test_bundled_demo_clip_is_what_its_recorded_command_makes(tmp_path: Path) ->
     again = decode_video(tmp_path / "again.mp4")
     clip = synthesize_clip(load_sample(meta["scene"]), meta["seed"], frames=meta["frames"],
                            size=(meta["height"], meta["width"]), spec=BlurSpec())  # fmt: skip
+    # Two H.264 encodes agree exactly only on bit-identical frames. OpenCV 5.1 moved a few of synth's
+    # pixels by one level against 5.0 (the bundled clip's), and the encodes then agree to about 42 dB;
+    # each is about 38 dB from the synthesized frames, and a clip of the next seed is under 12 dB away.
     for bundled, fresh, (blurry, _) in zip(decoded, again, clip, strict=True):
         assert psnr(bundled[..., ::-1], blurry) > 35
-        assert psnr(fresh, bundled) > 45
+        assert psnr(fresh, bundled) > 38
