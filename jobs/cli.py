@@ -123,8 +123,21 @@ def pretty_json(text: str) -> str:
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` is CUDA when there is one, else the CPU."""
-    return torch.device(name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    """`auto` is CUDA when there is one, else the CPU; a device this machine lacks is a CliError."""
+    try:
+        device = torch.device(name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise CliError(f"--device {name}: not a device; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise CliError(f"--device {name}: this machine has {count} CUDA device(s) visible to torch "
+                           f"{torch.__version__}; use --device cpu or auto")  # fmt: skip
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise CliError(f"--device {name}: MPS is not available here; use --device cpu or auto")
+    elif device.type not in ("cpu", "mps"):
+        raise CliError(f"--device {name}: only cpu, cuda and mps are supported")
+    return device
 
 
 def cmd_make_default_weights(args: argparse.Namespace) -> int:

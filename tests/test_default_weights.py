@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 import adarevd
-from jobs.cli import DEFAULT_WEIGHTS, RECIPE_FIELDS, parser, recipe_overrides
+from jobs.cli import DEFAULT_WEIGHTS, RECIPE_FIELDS, main, parser, recipe_overrides
 from jobs.default_weights import RECIPES, Recipe, device_name, make_default_weights
 from jobs.models import load_model
 
@@ -59,3 +59,13 @@ def test_the_cli_offers_every_recipe_and_overrides_its_fields() -> None:
     args = parser().parse_args(["make-default-weights", "--recipe", "gpu", "--stage1-iterations", "7"])
     assert recipe_overrides(args) == {"stage1_iterations": 7}
     assert set(RECIPE_FIELDS) <= set(asdict(Recipe()))
+
+
+def test_a_device_this_machine_lacks_is_refused_before_any_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last card: "cuda:0" where there is none
+    for device, message in ((missing, "CUDA device(s) visible"), ("bogus", "not a device"), ("meta", "only cpu")):
+        out = tmp_path / f"{device}.safetensors"
+        assert main(["make-default-weights", "--device", device, "--output", str(out)]) == 2
+        assert message in capsys.readouterr().err and not out.exists()
