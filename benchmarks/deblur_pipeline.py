@@ -158,14 +158,17 @@ Layouts = dict[str, tuple[str, deblur.Resources, int]]  # name -> (routing, reso
 
 def layouts(device: torch.device, cpus: int, frames_per_batch: int, pool_frames: int) -> Layouts:
     if device.type == "cuda":
-        # Actors share the card in fractions, as they would on a cluster's GPU node.
-        gpu = lambda n, cpu: deblur.Resources(workers=n, cpus_per_worker=cpu, gpus_per_worker=1 / n)  # noqa: E731
+
+        def gpu(n: int) -> deblur.Resources:
+            """n actors sharing the card in fractions, as on a cluster's GPU node."""
+            return deblur.Resources(workers=n, cpus_per_worker=2.0, gpus_per_worker=1 / n)
+
         pools = deblur.Resources(workers=3, cpus_per_worker=1, gpus_per_worker=0.25, encoders=1, cpus_per_encoder=1,
                                  gpus_per_encoder=0.25)  # fmt: skip
         return {
-            "1x1gpu": ("fused", gpu(1, 2.0), frames_per_batch),
-            "2x0.5gpu": ("fused", gpu(2, 2.0), frames_per_batch),
-            "4x0.25gpu": ("fused", gpu(4, 2.0), frames_per_batch),
+            "1x1gpu": ("fused", gpu(1), frames_per_batch),
+            "2x0.5gpu": ("fused", gpu(2), frames_per_batch),
+            "4x0.25gpu": ("fused", gpu(4), frames_per_batch),
             "depth-pools": ("depth-pools", pools, frames_per_batch),
         }
     pools = deblur.Resources(workers=2 * cpus - 1, cpus_per_worker=0.5, cpus_per_encoder=0.5)

@@ -129,7 +129,7 @@ def resolve_device(name: str) -> torch.device:
     except RuntimeError:
         raise CliError(f"--device {name}: not a device; use cpu, cuda, cuda:N or auto") from None
     if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        count = torch.cuda.device_count()  # 0 without CUDA (a CPU build, or no card)
         if (device.index or 0) >= count:
             raise CliError(f"--device {name}: this machine has {count} CUDA device(s) visible to torch "
                            f"{torch.__version__}; use --device cpu or auto")  # fmt: skip
