@@ -2,7 +2,8 @@
 
 A checkpoint is four members: `model.safetensors` (the module being trained), `ema.safetensors` (its
 EMA copy), `optimizer.safetensors` (AdamW moments and step counts) and `state.json` (step, optimiser
-hyper-parameters, the schedule, the torch RNG and whatever the caller adds). Loading them into a
+hyper-parameters, the schedule, the torch CPU RNG, the CUDA RNG of the model's card when it trains on
+one (UFPNet's kernel noise draws there), and whatever the caller adds). Loading them into a
 freshly built `Stage` continues the run exactly where it stopped.
 """
 
@@ -38,6 +39,8 @@ def stage_state(stage: Stage, step: int, extra: dict[str, Any] | None = None) ->
         "torch_rng": torch.get_rng_state().tolist(),
         "extra": extra or {},
     }
+    if (device := _device(stage)).type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device).tolist()
     return {
         "model.safetensors": _tensors(stage.model.state_dict()),
         "ema.safetensors": _tensors(stage.ema.state_dict()),
@@ -64,7 +67,14 @@ def load_stage_state(stage: Stage, members: dict[str, bytes]) -> dict[str, Any]:
         raise TrainStateError(f"checkpoint does not fit this model or stage: {e}") from e
     stage.schedule.load_state_dict(state["schedule"])
     torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+    # A run resumed on another kind of device draws other numbers anyway: its CUDA state has no use.
+    if "cuda_rng" in state and (device := _device(stage)).type == "cuda":
+        torch.cuda.set_rng_state(torch.tensor(state["cuda_rng"], dtype=torch.uint8), device)
     return state
+
+
+def _device(stage: Stage) -> torch.device:
+    return next(stage.model.parameters()).device
 
 
 def _tensors(tensors: dict[str, torch.Tensor]) -> bytes:

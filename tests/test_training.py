@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+
 import torch
 
 import adarevd
+from adarevd.train_state import load_stage_state, stage_state
 from adarevd.training import EncoderPretrainer, Stage, StageConfig, deblur_loss, dihedral, freeze_all_but
 
 
@@ -42,3 +46,35 @@ def test_dihedral_gives_eight_distinct_views() -> None:
     x = torch.arange(9.0).reshape(1, 3, 3)
     views = {tuple(dihedral(x, k).flatten().tolist()) for k in range(8)}
     assert len(views) == 8
+
+
+def test_a_checkpoint_carries_the_random_state_that_the_kernel_noise_draws_from(device: torch.device) -> None:
+    """UFPNet's kernel noise draws on the model's device (the CUDA generator on a GPU): a stage resumed
+    from `stage_state` after other draws continues bit for bit as the unbroken one."""
+    config = replace(adarevd.PRESETS["adarevd-tiny"], encoder="ufpnet", kernel_noise=True)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.rand(2, 3, 32, 32, generator=g).to(device), torch.rand(2, 3, 32, 32, generator=g).to(device))
+               for _ in range(4)]  # fmt: skip
+
+    def stage() -> Stage:
+        torch.manual_seed(0)
+        pre = EncoderPretrainer(config).to(device)
+        return Stage(pre, pre.parameters(), StageConfig(iterations=4))
+
+    torch.manual_seed(5)
+    unbroken = stage()
+    for blurry, sharp in batches:
+        unbroken.train_step(blurry, sharp)
+
+    torch.manual_seed(5)
+    first = stage()
+    for blurry, sharp in batches[:2]:
+        first.train_step(blurry, sharp)
+    members = stage_state(first, step=2)
+    torch.randn(1000, device=device), torch.randn(1000)  # what else the process drew meanwhile
+    resumed = stage()
+    load_stage_state(resumed, members)
+    for blurry, sharp in batches[2:]:
+        resumed.train_step(blurry, sharp)
+    assert all(torch.equal(a, b) for a, b in zip(unbroken.model.parameters(), resumed.model.parameters(), strict=True))
+    assert ("cuda_rng" in json.loads(members["state.json"])) == (device.type == "cuda")

@@ -31,7 +31,7 @@ part() {
 for what in "$@"; do
   case $what in
     tests) part tests env ADAREVD_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider \
-             tests/test_deblur_gpu.py tests/test_default_weights.py ;;
+             tests/test_deblur_gpu.py tests/test_default_weights.py tests/test_training.py ;;
     bench) part bench python3 -m benchmarks.deblur_pipeline --device cuda --frames 96 --size 640x360
            cp benchmarks/results/deblur_pipeline_gpu.json "$OUT/" 2>/dev/null ;;
     recipe) part recipe python3 -m jobs.cli make-default-weights --recipe gpu --device cuda \
