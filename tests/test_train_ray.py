@@ -1,16 +1,20 @@
-"""`adarevd train` on Ray Train: 2 CPU workers (gloo) give exactly what 2 plain processes give."""
+"""`adarevd train` on Ray Train: 2 CPU workers (gloo) give exactly what 2 plain processes give, on one
+node and on two nodes of a cluster with data, checkpoints and output in S3."""
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
 import ray
+import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from ray.cluster_utils import Cluster
 from safetensors.torch import load_file
 
 from adarevd.weights import read_state_dict
@@ -20,6 +24,7 @@ from pipeline.sink import ShardLimits
 from pipeline.storage import Store
 from pipeline.train_ray import TrainResources, fit
 from pipeline.trainer import HISTORY_KEY, TrainSpec, train
+from tests.s3server import S3Server
 
 pytestmark = pytest.mark.ray
 
@@ -57,3 +62,35 @@ def test_two_ray_train_workers_match_two_plain_processes(tmp_path: Path) -> None
     train(single)
     c = load_file(str(tmp_path / "one.safetensors"))
     assert not all(torch.equal(a[k], c[k]) for k in a)  # the second worker's data made a difference
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_two_workers_on_two_nodes_with_everything_in_s3_match_two_plain_processes(s3: S3Server) -> None:
+    """Each worker node has one CPU and the head none, so the two workers can only run one a node."""
+    prefix = f"s3://{s3.bucket}/train-{time.time_ns()}"
+    options = s3.storage_options
+    write_pairs(
+        Store(f"{prefix}/pairs", options), SynthConfig(count=4, size=(72, 72), limits=ShardLimits(max_samples=2))
+    )
+    common = dict(kind="encoder", data=f"{prefix}/pairs", iterations=4, batch=2, crop=64, log_every=2,
+                  storage_options=options)  # fmt: skip
+    on_nodes = TrainSpec(output=f"{prefix}/nodes.safetensors", checkpoints=f"{prefix}/ck", **common)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    try:
+        for _ in range(2):
+            cluster.add_node(num_cpus=1)
+        ray.init(address=cluster.address, logging_level="WARNING")
+        assert len({n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")}) == 2
+        result = fit(on_nodes, TrainResources(workers=2, cpus_per_worker=1))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert result.steps == 4
+    store = Store(prefix, options)
+    assert store.exists("ck/latest.json")
+    plain = TrainSpec(output=f"{prefix}/plain.safetensors", **common)
+    mp.spawn(_rank, args=(plain, 29400 + (os.getpid() + 250) % 500), nprocs=2)
+    a, b = (safetensors.torch.load(store.read_bytes(name)) for name in ("nodes.safetensors", "plain.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
