@@ -146,7 +146,8 @@ def cmd_make_default_weights(args: argparse.Namespace) -> int:
     recipe = dataclasses.replace(RECIPES[args.recipe], **recipe_overrides(args))
     device = resolve_device(args.device)
     print(f"recipe {args.recipe} on {device}: {recipe}")
-    metrics = make_default_weights(Path(args.output), recipe, device=str(device))
+    work = Path(args.work) if args.work else None
+    metrics = make_default_weights(Path(args.output), recipe, device=str(device), work=work)
     print(f"wrote {args.output}: held-out {json.dumps(metrics)}")
     return 0
 
@@ -195,6 +196,8 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--output", default=str(DEFAULT_WEIGHTS))
     w.add_argument("--recipe", default="cpu", choices=["cpu", "gpu"], help="preset (default: %(default)s)")
     w.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, auto (default: %(default)s)")
+    w.add_argument("--work", help="folder that keeps each finished stage: a re-run with it skips them and ends "
+                   "with the weights of an unbroken run")  # fmt: skip
     for name in RECIPE_FIELDS:
         w.add_argument(f"--{name.replace('_', '-')}", type=int, help="override the recipe's value")
     w.set_defaults(run=cmd_make_default_weights)

@@ -11,6 +11,7 @@ the README.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import safetensors
+import safetensors.torch
 import torch
 
 import adarevd
@@ -54,9 +57,13 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     # What made the bundled file: about an hour on 2 CPU cores.
     "cpu": Recipe(),
-    # For one GPU: 4x the batch, larger crops and 2-3x the steps (about 16x the pixels seen). Sized
-    # by estimate to finish in minutes on a data-centre card; the README says whether it has been run.
-    "gpu": Recipe(crop=128, batch=32, pretrain_iterations=12000, stage1_iterations=8000, stage2_iterations=1600),
+    # For one GPU, sized by estimate (never run yet): at width 8 a step is bound by the host's kernel
+    # launches, not the card, so its time hardly grows with the batch. Counted with TorchDispatchMode
+    # (foreach AdamW, as on CUDA), a step runs 1906 ops in pre-training, 5926 in stage 1 and 1675 in
+    # stage 2; at about 10 us of host time an op that is 19 / 59 / 17 ms a step, so 8x the batch at
+    # 128-pixel crops (14x the pixels a step) for about 4 minutes of training (8 at 20 us an op),
+    # within one device call. `--work` keeps each finished stage if a run is cut short.
+    "gpu": Recipe(crop=128, batch=64, pretrain_iterations=6000, stage1_iterations=2000, stage2_iterations=800),
 }
 
 
@@ -99,11 +106,16 @@ def run_stage(name: str, step: Callable[[], float], iterations: int, log: Callab
 
 
 def make_default_weights(
-    output: Path, recipe: Recipe = Recipe(), log: Callable[[str], None] = print, device: str = "cpu"
+    output: Path,
+    recipe: Recipe = Recipe(),
+    log: Callable[[str], None] = print,
+    device: str = "cpu",
+    work: Path | None = None,
 ) -> dict:
     """Train adarevd-tiny by the recipe on `device`, calibrate its exit table and write it, with
-    provenance, to `output` (safetensors). Returns the held-out metrics."""
-    trained = train_default_weights(recipe, log, device)
+    provenance, to `output` (safetensors). Returns the held-out metrics. `work`: keep each finished
+    stage there, and skip the stages a previous run of the same recipe kept."""
+    trained = train_default_weights(recipe, log, device, work)
     return finish_default_weights(trained, output, recipe, log, trained_on=device_name(device))
 
 
@@ -113,35 +125,45 @@ def device_name(device: str) -> str:
     return torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
 
 
-def train_default_weights(recipe: Recipe, log: Callable[[str], None] = print, device: str = "cpu") -> adarevd.AdaRevD:
-    """The three training stages of the recipe on `device`; the trained model comes back on the CPU."""
+def train_default_weights(
+    recipe: Recipe, log: Callable[[str], None] = print, device: str = "cpu", work: Path | None = None
+) -> adarevd.AdaRevD:
+    """The three training stages of the recipe on `device`; the trained model comes back on the CPU.
+    With `work`, each finished stage is kept there and a re-run skips the stages found (see `Marks`)."""
     torch.manual_seed(recipe.seed)
     g = torch.Generator().manual_seed(recipe.seed)
     train = make_pairs(recipe.images, TRAIN_SEEDS, device)
     log(f"{len(train)} training frames on {device_name(device)}")
     config = adarevd.PRESETS["adarevd-tiny"]
+    marks = Marks(work, recipe, device, g)
 
-    pre = EncoderPretrainer(config).to(device)
-    stage = Stage(pre, pre.parameters(), StageConfig(iterations=recipe.pretrain_iterations, lr=recipe.pretrain_lr))
-    run_stage(
-        "encoder",
-        lambda: stage.train_step(*crops(train, recipe.batch, recipe.crop, g)),
-        recipe.pretrain_iterations,
-        log,
-    )
+    if (encoder := marks.load("encoder", log)) is None:
+        pre = EncoderPretrainer(config).to(device)
+        stage = Stage(pre, pre.parameters(), StageConfig(iterations=recipe.pretrain_iterations, lr=recipe.pretrain_lr))
+        run_stage(
+            "encoder",
+            lambda: stage.train_step(*crops(train, recipe.batch, recipe.crop, g)),
+            recipe.pretrain_iterations,
+            log,
+        )
+        encoder = stage.averaged().encoder.state_dict()
+        marks.save("encoder", encoder)
 
     model = adarevd.AdaRevD(config).to(device)
-    model.encoder.load_state_dict(stage.averaged().encoder.state_dict())
-    freeze_all_but(model, model.conv_features, model.subdenets, model.outputs)
-    stage = Stage(model, model.parameters(), StageConfig(iterations=recipe.stage1_iterations, lr=recipe.stage1_lr))
-    # Plain autograd here: the same gradients as the reversible path (tested), faster at this size.
-    run_stage(
-        "columns",
-        lambda: stage.train_step(*crops(train, recipe.batch, recipe.crop, g), reversible=False),
-        recipe.stage1_iterations,
-        log,
-    )
-    model.load_state_dict(stage.averaged().state_dict())
+    model.encoder.load_state_dict(encoder)
+    if (columns := marks.load("columns", log)) is None:
+        freeze_all_but(model, model.conv_features, model.subdenets, model.outputs)
+        stage = Stage(model, model.parameters(), StageConfig(iterations=recipe.stage1_iterations, lr=recipe.stage1_lr))
+        # Plain autograd here: the same gradients as the reversible path (tested), faster at this size.
+        run_stage(
+            "columns",
+            lambda: stage.train_step(*crops(train, recipe.batch, recipe.crop, g), reversible=False),
+            recipe.stage1_iterations,
+            log,
+        )
+        columns = stage.averaged().state_dict()
+        marks.save("columns", columns)
+    model.load_state_dict(columns)
 
     freeze_all_but(model, model.ape)
     stage = Stage(
@@ -158,6 +180,52 @@ def train_default_weights(recipe: Recipe, log: Callable[[str], None] = print, de
     model.load_state_dict(stage.averaged().state_dict())
     model.requires_grad_(True)
     return model.cpu()
+
+
+class Marks:
+    """Finished stages of one recipe run in a folder (`--work`): `encoder.safetensors` after the
+    pre-training, `columns.safetensors` after stage 1, each with the recipe, the device and every
+    random state the later stages draw from (the crop generator, torch's CPU RNG and the card's), so
+    a run stopped anywhere and re-run with the same folder ends with the weights of an unbroken run.
+    A folder holding another recipe's or device's stages is refused."""
+
+    def __init__(self, folder: Path | None, recipe: Recipe, device: str, generator: torch.Generator) -> None:
+        self.folder, self.generator = folder, generator
+        self.device = torch.device(device)
+        self.made_by = {"recipe": json.dumps(asdict(recipe), sort_keys=True), "device": device_name(device)}
+
+    def save(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        if self.folder is None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        rng = {"generator": self.generator.get_state().tolist(), "torch": torch.get_rng_state().tolist()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device).tolist()
+        tmp = self.folder / f".{name}.safetensors.tmp"
+        cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        safetensors.torch.save_file(cpu, str(tmp), metadata=self.made_by | {"rng": json.dumps(rng)})
+        os.replace(tmp, self.folder / f"{name}.safetensors")
+
+    def load(self, name: str, log: Callable[[str], None]) -> dict[str, torch.Tensor] | None:
+        """The stage's tensors (on the device) with the random states put back, or None if not kept."""
+        path = self.folder / f"{name}.safetensors" if self.folder is not None else None
+        if path is None or not path.exists():
+            return None
+        with safetensors.safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+        for key, value in self.made_by.items():
+            if metadata.get(key) != value:
+                raise ValueError(
+                    f"{path} was made with another {key} ({metadata.get(key)!r}, this run: {value!r}); "
+                    "use another --work folder, or the options that made it"
+                )
+        rng = json.loads(metadata["rng"])
+        self.generator.set_state(torch.tensor(rng["generator"], dtype=torch.uint8))
+        torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
+        if "cuda" in rng:
+            torch.cuda.set_rng_state(torch.tensor(rng["cuda"], dtype=torch.uint8), self.device)
+        log(f"{name}: kept in {path}, not trained again")
+        return safetensors.torch.load_file(str(path), device=str(self.device))
 
 
 def finish_default_weights(

@@ -4,12 +4,14 @@ ADAREVD_TEST_DEVICE=cuda), and the bundled file says it was made by the `cpu` pr
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 import adarevd
 from jobs.cli import DEFAULT_WEIGHTS, RECIPE_FIELDS, main, parser, recipe_overrides
@@ -69,3 +71,36 @@ def test_a_device_this_machine_lacks_is_refused_before_any_training(
         out = tmp_path / f"{device}.safetensors"
         assert main(["make-default-weights", "--device", device, "--output", str(out)]) == 2
         assert message in capsys.readouterr().err and not out.exists()
+
+
+class Stopped(Exception):
+    pass
+
+
+def test_a_recipe_stopped_after_each_stage_resumes_from_its_work_folder_to_the_unbroken_weights(
+    tmp_path: Path,
+) -> None:
+    recipe = Recipe(images=("camera",), batch=2, crop=64, pretrain_iterations=3, stage1_iterations=3,
+                    stage2_iterations=3)  # fmt: skip
+    make_default_weights(tmp_path / "unbroken.safetensors", recipe, lambda line: None)
+
+    def stop_when(prefix: str) -> Callable[[str], None]:
+        def log(line: str) -> None:
+            if line.startswith(prefix):
+                raise Stopped(line)
+
+        return log
+
+    work, out = tmp_path / "work", tmp_path / "resumed.safetensors"
+    for stage in ("columns", "classifier"):  # the first line of a stage comes after the one before is kept
+        with pytest.raises(Stopped):
+            make_default_weights(out, recipe, stop_when(stage), work=work)
+    assert sorted(p.name for p in work.iterdir()) == ["columns.safetensors", "encoder.safetensors"]
+    lines: list[str] = []
+    make_default_weights(out, recipe, lines.append, work=work)
+    assert [line.split(":")[0] for line in lines if "not trained again" in line] == ["encoder", "columns"]
+    a, b = load_file(str(tmp_path / "unbroken.safetensors")), load_file(str(out))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    with pytest.raises(ValueError, match=r"encoder.safetensors was made with another recipe.*another --work folder"):
+        make_default_weights(out, replace(recipe, seed=1), lines.append, work=work)

@@ -3,8 +3,8 @@
 #   run: command "bash benchmarks/gpu/run.sh tests bench", carry [".whl"], timeout_s 540
 # Parts, in the order given: tests (the CUDA tests: the deblur job on fractional GPUs and a short
 # training recipe on the card), bench (benchmarks.deblur_pipeline --device cuda), recipe (the `gpu`
-# default-weights recipe; its weights and held-out numbers come back in $OUT). Logs, JSON and
-# status.txt (each part's exit status and seconds) land in $OUT.
+# default-weights recipe; its weights, held-out numbers and finished stages come back in $OUT).
+# Logs, JSON and status.txt (each part's exit status and seconds) land in $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/adarevd-gpu-out}
@@ -34,8 +34,11 @@ for what in "$@"; do
              tests/test_deblur_gpu.py tests/test_default_weights.py tests/test_training.py ;;
     bench) part bench python3 -m benchmarks.deblur_pipeline --device cuda --frames 96 --size 640x360
            cp benchmarks/results/deblur_pipeline_gpu.json "$OUT/" 2>/dev/null ;;
-    recipe) part recipe python3 -m jobs.cli make-default-weights --recipe gpu --device cuda \
-              --output "$OUT/adarevd-tiny-gpu.safetensors" ;;
+    recipe) # Finished stages land in $OUT/recipe-work, which comes back even if the call is cut short:
+            # put them in .recipe-work/ here and carry it, and the next call starts after them.
+            mkdir -p "$OUT/recipe-work"; [ -d .recipe-work ] && cp .recipe-work/*.safetensors "$OUT/recipe-work/"
+            part recipe python3 -m jobs.cli make-default-weights --recipe gpu --device cuda \
+              --work "$OUT/recipe-work" --output "$OUT/adarevd-tiny-gpu.safetensors" ;;
     *) echo "unknown part $what (tests, bench, recipe)"; exit 2 ;;
   esac
 done
