@@ -6,6 +6,9 @@ grid divided by 2^l. Blending: along each overlap the ending patch fades linspac
 starting one linspace(0, 1, n) (n = the real overlap width); a side with one patch gets weight 1 (the
 reference fades it to zero at the border, a defect). The sum is divided by the summed weights, which is
 1 wherever two patches overlap and keeps the blend a weighted mean where three do (a short snapped side).
+The patches are added colour by colour, no two of a colour overlapping, so no pixel takes two adds in
+one `index_add_`: on CUDA, where that op adds with atomics in no fixed order, the sum is still the same
+bits every run (the job's outputs are byte-reproducible on a GPU too).
 """
 
 from __future__ import annotations
@@ -64,14 +67,30 @@ def cut(feature: torch.Tensor, grid: PatchGrid, level: int = 0) -> torch.Tensor:
 
 def stitch(patches: torch.Tensor, grid: PatchGrid) -> torch.Tensor:
     """Blend (B * rows * cols, C, kh, kw) level-0 patches into (B, C, H, W)."""
-    weights, index, total = _blend_plan(grid, patches.device)
+    weights, total, order, counts, indices = _blend_plan(grid, patches.device)
     n = grid.num_patches
     b, c = patches.shape[0] // n, patches.shape[1]
     values = patches.float().reshape(b, n, c, -1) * weights.reshape(1, n, 1, -1)
-    values = values.permute(0, 2, 1, 3).reshape(b, c, -1)  # (B, C, patches * kh * kw)
+    values = values.permute(0, 2, 1, 3)[:, :, order]  # (B, C, patches in colour order, kh * kw)
     canvas = torch.zeros(b, c, grid.height * grid.width, device=patches.device)
-    canvas.index_add_(2, index, values)
+    # Each pixel gets at most one add per call: the same sum on every run.
+    for part, index in zip(values.split(counts, dim=2), indices, strict=True):
+        canvas.index_add_(2, index, part.reshape(b, c, -1))
     return (canvas / total).reshape(b, c, grid.height, grid.width).to(patches.dtype)
+
+
+def colours(starts: tuple[int, ...], size: int) -> tuple[int, ...]:
+    """A colour for each patch along one side, the fewest such that patches of one colour do not
+    overlap (greedy over the sorted starts: two colours, three where the snapped last patch needs it)."""
+    ends: list[int] = []  # per colour, where its last patch ends
+    out = []
+    for start in starts:
+        colour = next((k for k, end in enumerate(ends) if end <= start), len(ends))
+        if colour == len(ends):
+            ends.append(0)
+        ends[colour] = start + size
+        out.append(colour)
+    return tuple(out)
 
 
 def _axis_index(starts: tuple[int, ...], size: int, scale: int, device: torch.device) -> torch.Tensor:
@@ -92,14 +111,28 @@ def _ramps(starts: tuple[int, ...], size: int) -> torch.Tensor:
     return w
 
 
+Plan = tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int], tuple[torch.Tensor, ...]]
+
+
 @functools.lru_cache(maxsize=32)
-def _blend_plan(grid: PatchGrid, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-patch weights (rows*cols, 1, kh, kw), flat canvas index of every patch pixel, summed weights."""
+def _blend_plan(grid: PatchGrid, device: torch.device) -> Plan:
+    """Per-patch weights (rows*cols, 1, kh, kw) and summed weights; the patches (row-major ids) ordered
+    colour by colour, how many of each colour, and the flat canvas index of each colour's pixels."""
     wy, wx = _ramps(grid.ys, grid.size_h), _ramps(grid.xs, grid.size_w)
     weights = (wy[:, None, :, None] * wx[None, :, None, :]).reshape(grid.num_patches, 1, grid.size_h, grid.size_w)
+    index = patch_pixels(grid)
+    total = torch.zeros(grid.height * grid.width).index_add_(0, index.reshape(-1), weights.reshape(-1))
+    cy, cx = colours(grid.ys, grid.size_h), colours(grid.xs, grid.size_w)
+    colour = [(y, x) for y in cy for x in cx]  # row-major, as the patches
+    groups = [[i for i, c in enumerate(colour) if c == key] for key in sorted(set(colour))]
+    order = torch.tensor([i for group in groups for i in group])
+    indices = tuple(index[group].reshape(-1).to(device) for group in groups)
+    # Every pixel is covered with weight > 0 (ramps reach 0 only where a neighbour has weight 1).
+    return weights.to(device), total.clamp_min(1e-12).to(device), order.to(device), [len(g) for g in groups], indices
+
+
+def patch_pixels(grid: PatchGrid) -> torch.Tensor:
+    """(rows*cols, kh*kw): the flat canvas index of every pixel of each patch, row-major."""
     rows = _axis_index(grid.ys, grid.size_h, 1, torch.device("cpu"))
     cols = _axis_index(grid.xs, grid.size_w, 1, torch.device("cpu"))
-    index = (rows[:, None, :, None] * grid.width + cols[None, :, None, :]).reshape(-1)
-    total = torch.zeros(grid.height * grid.width).index_add_(0, index, weights.reshape(-1))
-    # Every pixel is covered with weight > 0 (ramps reach 0 only where a neighbour has weight 1).
-    return weights.to(device), index.to(device), total.clamp_min(1e-12).to(device)
+    return (rows[:, None, :, None] * grid.width + cols[None, :, None, :]).reshape(grid.num_patches, -1)
