@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -23,6 +24,18 @@ from adarevd.classifier import psnr, psnr_classes
 from adarevd.config import AdaRevDConfig
 from adarevd.encoders import Encoder
 from adarevd.model import AdaRevD
+
+
+def make_deterministic(device: torch.device | str) -> None:
+    """On CUDA, pick deterministic kernels (cuDNN's, cuBLAS's and PyTorch's own; an op that has none
+    warns), so a resumed run repeats the unbroken one bit for bit there too, as it does on the CPU.
+    Process-wide; call it before the first CUDA work. A no-op on the CPU."""
+    if torch.device(device).type != "cuda":
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def deblur_loss(restored: Sequence[torch.Tensor], sharp: torch.Tensor, fft_weight: float = 0.01) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch
 
 import adarevd
 from adarevd.calibration import with_exit_table
-from adarevd.training import EncoderPretrainer, Stage, StageConfig, dihedral, freeze_all_but
+from adarevd.training import EncoderPretrainer, Stage, StageConfig, dihedral, freeze_all_but, make_deterministic
 from pipeline.evaluate import calibrate, evaluate
 from pipeline.scenes import SAMPLE_IMAGES
 from pipeline.scenes import load_sample as load_image
@@ -130,6 +130,7 @@ def train_default_weights(
 ) -> adarevd.AdaRevD:
     """The three training stages of the recipe on `device`; the trained model comes back on the CPU.
     With `work`, each finished stage is kept there and a re-run skips the stages found (see `Marks`)."""
+    make_deterministic(device)
     torch.manual_seed(recipe.seed)
     g = torch.Generator().manual_seed(recipe.seed)
     train = make_pairs(recipe.images, TRAIN_SEEDS, device)

@@ -25,7 +25,7 @@ from torch import nn
 import adarevd
 from adarevd import AdaRevD, AdaRevDConfig
 from adarevd.train_state import load_stage_state, stage_state
-from adarevd.training import EncoderPretrainer, Stage, StageConfig, freeze_all_but
+from adarevd.training import EncoderPretrainer, Stage, StageConfig, freeze_all_but, make_deterministic
 from adarevd.weights import read_state_dict
 from pipeline.checkpoints import Checkpoints
 from pipeline.pair_stream import PairStream, StreamConfig
@@ -164,6 +164,7 @@ def train(
     `on_progress` is called on every rank every `log_every` steps, with the mean over workers."""
     start_time = time.perf_counter()
     device = device or torch.device("cpu")
+    make_deterministic(device)  # on a GPU too, a resumed run gives the unbroken run's weights
     torch.manual_seed(spec.seed)
     model, trained = build(spec)
     trained.to(device)

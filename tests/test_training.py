@@ -7,7 +7,15 @@ import torch
 
 import adarevd
 from adarevd.train_state import load_stage_state, stage_state
-from adarevd.training import EncoderPretrainer, Stage, StageConfig, deblur_loss, dihedral, freeze_all_but
+from adarevd.training import (
+    EncoderPretrainer,
+    Stage,
+    StageConfig,
+    deblur_loss,
+    dihedral,
+    freeze_all_but,
+    make_deterministic,
+)
 
 
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -51,6 +59,7 @@ def test_dihedral_gives_eight_distinct_views() -> None:
 def test_a_checkpoint_carries_the_random_state_that_the_kernel_noise_draws_from(device: torch.device) -> None:
     """UFPNet's kernel noise draws on the model's device (the CUDA generator on a GPU): a stage resumed
     from `stage_state` after other draws continues bit for bit as the unbroken one."""
+    make_deterministic(device)  # what the training jobs do first: deterministic kernels on CUDA
     config = replace(adarevd.PRESETS["adarevd-tiny"], encoder="ufpnet", kernel_noise=True)
     g = torch.Generator().manual_seed(1)
     batches = [(torch.rand(2, 3, 32, 32, generator=g).to(device), torch.rand(2, 3, 32, 32, generator=g).to(device))
