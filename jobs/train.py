@@ -44,7 +44,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         def show(p: Progress) -> None:
             print(format_progress(p, spec.kind), flush=True)
 
-        result = train(spec, on_progress=show)
+        # One worker trains in this process, on the GPU when one is asked for.
+        if args.gpus_per_worker > 0 and not torch.cuda.is_available():
+            raise CliError(f"--gpus-per-worker {args.gpus_per_worker:g}: torch {torch.__version__} sees no CUDA "
+                           "device here; leave it out to train on the CPU")  # fmt: skip
+        device = torch.device("cuda" if args.gpus_per_worker > 0 else "cpu")
+        result = train(spec, device=device, on_progress=show)
     else:
         from pipeline.deblur import ensure_ray
         from pipeline.train_ray import TrainResources, fit

@@ -130,6 +130,20 @@ def test_classifier_thresholds_go_into_the_output_config(paired: str, encoder_we
         train(spec(paired, tmp_path, kind="classifier", weights=(encoder_weights,), psnr_thresholds=(10.0, 20.0)))
 
 
+def test_one_worker_asked_for_a_gpu_trains_on_it_or_is_refused_where_there_is_none(
+    paired: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "gpu.safetensors"
+    argv = ["train", "encoder", paired, "--output", str(out), "--iterations", "2", "--batch", "2", "--crop", "64",
+            "--gpus-per-worker", "1"]  # fmt: skip
+    code = main(argv)
+    if torch.cuda.is_available():
+        assert code == 0 and out.exists()
+    else:  # not silently on the CPU
+        assert code == 2 and not out.exists()
+        assert "--gpus-per-worker 1: torch" in capsys.readouterr().err
+
+
 def test_stages_that_need_an_encoder_say_so(paired: str, tmp_path: Path) -> None:
     with pytest.raises(TrainError, match="needs --weights with a trained encoder"):
         spec(paired, tmp_path, kind="decoders")
