@@ -33,11 +33,11 @@ part() {
 
 for what in "$@"; do
   case $what in
-    tests) part tests "${TESTS_LIMIT_S:-240}" env ADAREVD_TEST_DEVICE=cuda \
+    tests) part tests "${TESTS_LIMIT_S:-270}" env ADAREVD_TEST_DEVICE=cuda \
              python3 -m pytest -q -p no:cacheprovider \
              tests/test_deblur_gpu.py tests/test_default_weights.py tests/test_training.py \
              "tests/test_train.py::test_one_worker_asked_for_a_gpu_trains_on_it_or_is_refused_where_there_is_none" ;;
-    bench) part bench "${BENCH_LIMIT_S:-300}" \
+    bench) part bench "${BENCH_LIMIT_S:-270}" \
              python3 -m benchmarks.deblur_pipeline --device cuda --frames 96 --size 640x360
            cp benchmarks/results/deblur_pipeline_gpu.json "$OUT/" 2>/dev/null ;;
     recipe) # Finished stages land in $OUT/recipe-work, which comes back even if the call is cut short:
