@@ -212,8 +212,13 @@ class Marks:
         path = self.folder / f"{name}.safetensors" if self.folder is not None else None
         if path is None or not path.exists():
             return None
-        with safetensors.safe_open(str(path), "pt") as f:
-            metadata = f.metadata() or {}
+        try:
+            with safetensors.safe_open(str(path), "pt") as f:
+                metadata = f.metadata() or {}
+        except (OSError, safetensors.SafetensorError) as e:
+            raise ValueError(f"{path} is not a kept stage ({e}); delete it, or use another --work folder") from e
+        if "rng" not in metadata:
+            raise ValueError(f"{path} holds no random states: not a kept stage; use another --work folder")
         for key, value in self.made_by.items():
             if metadata.get(key) != value:
                 raise ValueError(

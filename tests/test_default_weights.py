@@ -104,3 +104,6 @@ def test_a_recipe_stopped_after_each_stage_resumes_from_its_work_folder_to_the_u
 
     with pytest.raises(ValueError, match=r"encoder.safetensors was made with another recipe.*another --work folder"):
         make_default_weights(out, replace(recipe, seed=1), lines.append, work=work)
+    (work / "columns.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match=r"columns.safetensors is not a kept stage"):
+        make_default_weights(out, recipe, lines.append, work=work)
