@@ -88,10 +88,28 @@ class StageConfig:
     betas: tuple[float, float] = (0.9, 0.9)
     min_lr: float = 1e-7
     ema_decay: float = 0.999
+    # Warm the EMA up: decay min(ema_decay, (1 + n) / (10 + n)) after n updates. Plain 0.999 keeps 37%
+    # of its weight on the first 2000 of 3000 steps and gave +0.51 dB where the raw weights gave +0.94
+    # (encoder pre-training, 14 held-out frames); warmed up it gave +0.93.
+    ema_warmup: bool = True
     grad_clip: float | None = None
 
 
 GradSync = Callable[[list[nn.Parameter]], None]
+
+
+def ema_with_warmup(decay: float) -> Callable[[list[torch.Tensor], list[torch.Tensor], torch.Tensor], None]:
+    """AveragedModel's multi_avg_fn for an EMA whose decay after n updates is min(decay, (1+n)/(10+n)):
+    it follows the weights closely early on and settles at `decay` after about 10/(1-decay) steps."""
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        n = int(num_averaged)
+        d = min(decay, (1 + n) / (10 + n))
+        for a, c in zip(averaged, current, strict=True):
+            a.lerp_(c, 1 - d)
+
+    return update
 
 
 class Stage:
@@ -116,7 +134,8 @@ class Stage:
         self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
             self.optimizer, T_max=config.iterations, eta_min=config.min_lr
         )
-        self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+        average = ema_with_warmup(config.ema_decay) if config.ema_warmup else get_ema_multi_avg_fn(config.ema_decay)
+        self.ema = AveragedModel(model, multi_avg_fn=average, use_buffers=True)
 
     def _apply(self, loss: torch.Tensor) -> float:
         self.optimizer.zero_grad(set_to_none=True)

@@ -155,8 +155,9 @@ def cmd_make_default_weights(args: argparse.Namespace) -> int:
 RECIPE_FIELDS = ("batch", "crop", "pretrain_iterations", "stage1_iterations", "stage2_iterations", "seed")
 
 
-def recipe_overrides(args: argparse.Namespace) -> dict[str, int]:
-    return {name: getattr(args, name) for name in RECIPE_FIELDS if getattr(args, name) is not None}
+def recipe_overrides(args: argparse.Namespace) -> dict[str, int | bool]:
+    fields = (*RECIPE_FIELDS, "ema_warmup")
+    return {name: getattr(args, name) for name in fields if getattr(args, name, None) is not None}
 
 
 def cmd_make_demo_image(args: argparse.Namespace) -> int:
@@ -200,6 +201,7 @@ def parser() -> argparse.ArgumentParser:
                    "with the weights of an unbroken run")  # fmt: skip
     for name in RECIPE_FIELDS:
         w.add_argument(f"--{name.replace('_', '-')}", type=int, help="override the recipe's value")
+    w.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, help="override the recipe's EMA warm-up")
     w.set_defaults(run=cmd_make_default_weights)
 
     d = sub.add_parser("make-demo-image", help="re-make the bundled demo image pair")

@@ -34,7 +34,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         kind=args.kind, data=args.data, output=args.output, checkpoints=args.checkpoints, preset=args.model,
         weights=tuple(args.weights), iterations=args.iterations, batch=args.batch, crop=args.crop, lr=args.lr,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed, reversible=not args.plain,
-        checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+        checkpoint_every=args.checkpoint_every, log_every=args.log_every, ema_warmup=args.ema_warmup,
         psnr_thresholds=tuple(args.psnr_thresholds) if args.psnr_thresholds else None,
         storage_options=parse_storage_options(args.storage_option),
     )  # fmt: skip
@@ -128,6 +128,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--weight-decay", type=float)
     t.add_argument("--grad-clip", type=float, help="clip the gradient norm (default: none; classifier 0.01)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="EMA decay min(0.999, (1+n)/(10+n)) after n steps (default); off: 0.999 always")  # fmt: skip
     t.add_argument("--plain", action="store_true", help="plain autograd instead of the reversible backward")
     t.add_argument("--psnr-thresholds", type=float, nargs="+", help="classifier: PSNR class boundaries, K-1 "
                    "increasing values (default: the model's, 20 25 30 35 40)")  # fmt: skip

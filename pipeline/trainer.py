@@ -62,6 +62,7 @@ class TrainSpec:
     weight_decay: float | None = None
     grad_clip: float | None = None
     ema_decay: float = 0.999
+    ema_warmup: bool = True  # see StageConfig
     seed: int = 0
     reversible: bool = True
     checkpoint_every: int = 500
@@ -92,12 +93,13 @@ class TrainSpec:
             weight_decay=self.weight_decay if self.weight_decay is not None else base.weight_decay,
             grad_clip=self.grad_clip if self.grad_clip is not None else base.grad_clip,
             ema_decay=self.ema_decay,
+            ema_warmup=self.ema_warmup,
         )
 
     def identity(self, world: int) -> dict[str, Any]:
         """What a checkpoint must agree on to be resumed (everything that changes the result)."""
         keep = ("kind", "preset", "weights", "iterations", "batch", "crop", "lr", "weight_decay", "grad_clip",
-                "ema_decay", "seed", "reversible", "repeats", "psnr_thresholds")  # fmt: skip
+                "ema_decay", "ema_warmup", "seed", "reversible", "repeats", "psnr_thresholds")  # fmt: skip
         identity = {k: v for k, v in asdict(self).items() if k in keep} | {"data": redact(self.data), "world": world}
         return json.loads(json.dumps(identity))  # as a checkpoint gives it back (tuples are lists)
 

@@ -49,8 +49,10 @@ def test_a_short_recipe_trains_calibrates_and_writes_loadable_weights(device: to
 def test_the_bundled_weights_come_from_the_cpu_recipe() -> None:
     made = provenance(DEFAULT_WEIGHTS)
     cpu = asdict(RECIPES["cpu"])
-    # Files written before `images` joined the recipe recorded it beside the recipe.
-    assert made["recipe"] | {"images": made.get("images", made["recipe"].get("images"))} == json.loads(json.dumps(cpu))
+    # Files written before `images` joined the recipe recorded it beside the recipe; before `ema_warmup`
+    # joined it, every EMA was plain.
+    recorded = made["recipe"] | {"images": made.get("images", made["recipe"].get("images"))}
+    assert {"ema_warmup": False} | recorded == json.loads(json.dumps(cpu))
 
 
 def test_the_cli_offers_every_recipe_and_overrides_its_fields() -> None:
@@ -60,6 +62,8 @@ def test_the_cli_offers_every_recipe_and_overrides_its_fields() -> None:
         parser().parse_args(["make-default-weights", "--recipe", "nonesuch"])
     args = parser().parse_args(["make-default-weights", "--recipe", "gpu", "--stage1-iterations", "7"])
     assert recipe_overrides(args) == {"stage1_iterations": 7}
+    args = parser().parse_args(["make-default-weights", "--recipe", "cpu", "--ema-warmup"])
+    assert recipe_overrides(args) == {"ema_warmup": True}
     assert set(RECIPE_FIELDS) <= set(asdict(Recipe()))
 
 

@@ -13,6 +13,7 @@ from adarevd.training import (
     StageConfig,
     deblur_loss,
     dihedral,
+    ema_with_warmup,
     freeze_all_but,
     make_deterministic,
 )
@@ -87,3 +88,31 @@ def test_a_checkpoint_carries_the_random_state_that_the_kernel_noise_draws_from(
         resumed.train_step(blurry, sharp)
     assert all(torch.equal(a, b) for a, b in zip(unbroken.model.parameters(), resumed.model.parameters(), strict=True))
     assert ("cuda_rng" in json.loads(members["state.json"])) == (device.type == "cuda")
+
+
+def test_the_warmed_up_ema_follows_the_weights_early_and_settles_at_its_decay() -> None:
+    update = ema_with_warmup(0.999)
+    averaged, current = [torch.zeros(3)], [torch.ones(3)]
+    update(averaged, current, torch.tensor(1))  # after the first (copying) update: decay 2/11
+    torch.testing.assert_close(averaged[0], torch.full((3,), 9 / 11))
+    late = [torch.zeros(3)]
+    update(late, current, torch.tensor(100_000))  # long after the warm-up: the plain 0.999
+    torch.testing.assert_close(late[0], torch.full((3,), 0.001))
+    # In a stage: after 20 steps the warmed-up EMA sits near the weights, the plain one near the start.
+    torch.manual_seed(0)
+    pre = EncoderPretrainer(adarevd.PRESETS["adarevd-tiny"])
+    stages = {warm: Stage(pre, pre.parameters(), StageConfig(iterations=20, lr=1e-2, ema_warmup=warm))
+              for warm in (True, False)}  # fmt: skip
+    start = {k: v.clone() for k, v in pre.state_dict().items()}
+    blurry, sharp = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+    for _ in range(20):
+        stages[True].train_step(blurry, sharp)
+        stages[False].ema.update_parameters(pre)  # the same weights, averaged the plain way
+
+    def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+        return sum(float((a[k].float() - b[k].float()).abs().sum()) for k in a)
+
+    now = pre.state_dict()
+    warm, plain = (stages[w].averaged().state_dict() for w in (True, False))
+    assert distance(warm, now) < 0.5 * distance(plain, now)
+    assert distance(plain, start) < distance(warm, start)
