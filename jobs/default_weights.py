@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -98,13 +99,15 @@ def crops(pairs: list, batch: int, size: int, g: torch.Generator) -> tuple[torch
     return torch.stack(blurry), torch.stack(sharp)
 
 
-def run_stage(name: str, step: Callable[[], float], iterations: int, log: Callable[[str], None]) -> float:
+def run_stage(name: str, stage: Stage, step: Callable[[], float], log: Callable[[str], None]) -> dict:
+    """`step` (one step of `stage`) for the stage's iterations, logging progress; the EMA weights."""
+    iterations = stage.config.iterations
     start, recent = time.perf_counter(), []
     for i in range(1, iterations + 1):
         recent = [*recent[-49:], step()]
         if i % 250 == 0 or i == iterations:
             log(f"{name}: {i}/{iterations} loss {np.mean(recent):.4f} ({time.perf_counter() - start:.0f} s)")
-    return float(np.mean(recent))
+    return stage.averaged().state_dict()
 
 
 def make_default_weights(
@@ -139,20 +142,12 @@ def train_default_weights(
     log(f"{len(train)} training frames on {device_name(device)}")
     config = adarevd.PRESETS["adarevd-tiny"]
     marks = Marks(work, recipe, device, g)
+    settings = partial(StageConfig, ema_warmup=recipe.ema_warmup)
 
     if (encoder := marks.load("encoder", log)) is None:
         pre = EncoderPretrainer(config).to(device)
-        stage = Stage(
-            pre,
-            pre.parameters(),
-            StageConfig(recipe.pretrain_iterations, recipe.pretrain_lr, ema_warmup=recipe.ema_warmup),
-        )
-        run_stage(
-            "encoder",
-            lambda: stage.train_step(*crops(train, recipe.batch, recipe.crop, g)),
-            recipe.pretrain_iterations,
-            log,
-        )
+        stage = Stage(pre, pre.parameters(), settings(recipe.pretrain_iterations, recipe.pretrain_lr))
+        run_stage("encoder", stage, lambda: stage.train_step(*crops(train, recipe.batch, recipe.crop, g)), log)
         encoder = stage.averaged().encoder.state_dict()
         marks.save("encoder", encoder)
 
@@ -160,35 +155,17 @@ def train_default_weights(
     model.encoder.load_state_dict(encoder)
     if (columns := marks.load("columns", log)) is None:
         freeze_all_but(model, model.conv_features, model.subdenets, model.outputs)
-        stage = Stage(
-            model,
-            model.parameters(),
-            StageConfig(recipe.stage1_iterations, recipe.stage1_lr, ema_warmup=recipe.ema_warmup),
-        )
+        stage = Stage(model, model.parameters(), settings(recipe.stage1_iterations, recipe.stage1_lr))
         # Plain autograd here: the same gradients as the reversible path (tested), faster at this size.
-        run_stage(
-            "columns",
-            lambda: stage.train_step(*crops(train, recipe.batch, recipe.crop, g), reversible=False),
-            recipe.stage1_iterations,
-            log,
-        )
-        columns = stage.averaged().state_dict()
+        step = lambda: stage.train_step(*crops(train, recipe.batch, recipe.crop, g), reversible=False)  # noqa: E731
+        columns = run_stage("columns", stage, step, log)
         marks.save("columns", columns)
     model.load_state_dict(columns)
 
     freeze_all_but(model, model.ape)
-    stage = Stage(
-        model,
-        model.parameters(),
-        StageConfig(recipe.stage2_iterations, 3e-4, 3e-4, grad_clip=0.01, ema_warmup=recipe.ema_warmup),
-    )
-    run_stage(
-        "classifier",
-        lambda: stage.classifier_step(*crops(train, recipe.batch, config.patch_size, g)),
-        recipe.stage2_iterations,
-        log,
-    )
-    model.load_state_dict(stage.averaged().state_dict())
+    stage = Stage(model, model.parameters(), settings(recipe.stage2_iterations, 3e-4, 3e-4, grad_clip=0.01))
+    step = lambda: stage.classifier_step(*crops(train, recipe.batch, config.patch_size, g))  # noqa: E731
+    model.load_state_dict(run_stage("classifier", stage, step, log))
     model.requires_grad_(True)
     return model.cpu()
 
