@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 import ray
-import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from ray.cluster_utils import Cluster
-from safetensors.torch import load_file
+from safetensors.torch import load, load_file
 
 from adarevd.weights import read_state_dict
 from pipeline import deblur
@@ -92,5 +91,5 @@ def test_two_workers_on_two_nodes_with_everything_in_s3_match_two_plain_processe
     assert store.exists("ck/latest.json")
     plain = TrainSpec(output=f"{prefix}/plain.safetensors", **common)
     mp.spawn(_rank, args=(plain, 29400 + (os.getpid() + 250) % 500), nprocs=2)
-    a, b = (safetensors.torch.load(store.read_bytes(name)) for name in ("nodes.safetensors", "plain.safetensors"))
+    a, b = (load(store.read_bytes(name)) for name in ("nodes.safetensors", "plain.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
