@@ -23,6 +23,7 @@ import numpy as np
 import safetensors
 import safetensors.torch
 import torch
+from torch import nn
 
 import adarevd
 from adarevd.calibration import with_exit_table
@@ -99,15 +100,15 @@ def crops(pairs: list, batch: int, size: int, g: torch.Generator) -> tuple[torch
     return torch.stack(blurry), torch.stack(sharp)
 
 
-def run_stage(name: str, stage: Stage, step: Callable[[], float], log: Callable[[str], None]) -> dict:
-    """`step` (one step of `stage`) for the stage's iterations, logging progress; the EMA weights."""
+def run_stage(name: str, stage: Stage, step: Callable[[], float], log: Callable[[str], None]) -> nn.Module:
+    """`step` (one step of `stage`) for the stage's iterations, logging progress; the EMA model."""
     iterations = stage.config.iterations
     start, recent = time.perf_counter(), []
     for i in range(1, iterations + 1):
         recent = [*recent[-49:], step()]
         if i % 250 == 0 or i == iterations:
             log(f"{name}: {i}/{iterations} loss {np.mean(recent):.4f} ({time.perf_counter() - start:.0f} s)")
-    return stage.averaged().state_dict()
+    return stage.averaged()
 
 
 def make_default_weights(
@@ -147,8 +148,8 @@ def train_default_weights(
     if (encoder := marks.load("encoder", log)) is None:
         pre = EncoderPretrainer(config).to(device)
         stage = Stage(pre, pre.parameters(), settings(recipe.pretrain_iterations, recipe.pretrain_lr))
-        run_stage("encoder", stage, lambda: stage.train_step(*crops(train, recipe.batch, recipe.crop, g)), log)
-        encoder = stage.averaged().encoder.state_dict()
+        step = lambda: stage.train_step(*crops(train, recipe.batch, recipe.crop, g))  # noqa: E731
+        encoder = run_stage("encoder", stage, step, log).encoder.state_dict()
         marks.save("encoder", encoder)
 
     model = adarevd.AdaRevD(config).to(device)
@@ -158,14 +159,14 @@ def train_default_weights(
         stage = Stage(model, model.parameters(), settings(recipe.stage1_iterations, recipe.stage1_lr))
         # Plain autograd here: the same gradients as the reversible path (tested), faster at this size.
         step = lambda: stage.train_step(*crops(train, recipe.batch, recipe.crop, g), reversible=False)  # noqa: E731
-        columns = run_stage("columns", stage, step, log)
+        columns = run_stage("columns", stage, step, log).state_dict()
         marks.save("columns", columns)
     model.load_state_dict(columns)
 
     freeze_all_but(model, model.ape)
     stage = Stage(model, model.parameters(), settings(recipe.stage2_iterations, 3e-4, 3e-4, grad_clip=0.01))
     step = lambda: stage.classifier_step(*crops(train, recipe.batch, config.patch_size, g))  # noqa: E731
-    model.load_state_dict(run_stage("classifier", stage, step, log))
+    model.load_state_dict(run_stage("classifier", stage, step, log).state_dict())
     model.requires_grad_(True)
     return model.cpu()
 
