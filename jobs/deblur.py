@@ -21,6 +21,7 @@ import adarevd
 from jobs.data import add_storage_option
 from jobs.models import ASSETS, exit_mode, load_model
 from pipeline.ingest import INDEX_NAME, IngestConfig, ingest
+from pipeline.input_shards import split_input
 from pipeline.job import RestoreOptions
 from pipeline.sink import ShardLimits
 from pipeline.storage import StorageError, Store, absolute, parse_storage_options
@@ -40,7 +41,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "input shard (same keys; other members copied byte for byte), _manifest/*.parquet, _quarantine/, "
         "_run.json. Shards whose manifest is already in OUTPUT_URL are skipped (resume).",
     )
-    d.add_argument("input", nargs="?", help="folder URL of input shards (default: the bundled demo clip, ingested)")
+    d.add_argument(
+        "input",
+        nargs="?",
+        help="folder URL of input shards, or a pattern naming some (.../video-{000000..000099}.tar, "
+        ".../*.tar; names stay relative to the folder before the first wildcard); default: the bundled "
+        "demo clip, ingested",
+    )
     d.add_argument("output", nargs="?", help=f"output folder URL (default: {DEMO_OUTPUT})")
     d.add_argument("--model", default="adarevd-tiny", choices=sorted(adarevd.PRESETS))
     d.add_argument("--weights", nargs="+", default=[], help="weights files (default: the bundled adarevd-tiny)")
@@ -58,7 +65,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--num-cpus", type=float, help="CPUs of the embedded local Ray (default: all)")
     d.add_argument("--workers", type=int, default=0, help="restorer actors (default: as many as fit)")
     d.add_argument("--cpus-per-worker", type=float, default=1.0)
-    d.add_argument("--gpus-per-worker", type=float, default=0.0, help="fractions are fine, e.g. 0.5")
+    d.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        help="fractions are fine, e.g. 0.5; 0: CPUs only (default, with neither GPU option given: on a "
+        "cluster with GPUs a GPU per restorer, depth-pools a quarter per encoder and pool actor; else 0)",
+    )
     d.add_argument(
         "--worker-resource",
         help="custom node resource the model actors (restorers, encoders) need (1 each): pins them to nodes",
@@ -72,7 +84,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     d.add_argument("--encoders", type=int, default=1, help="depth-pools: encode+classify+stitch actors (default 1)")
     d.add_argument("--cpus-per-encoder", type=float, default=1.0)
-    d.add_argument("--gpus-per-encoder", type=float, default=0.0)
+    d.add_argument("--gpus-per-encoder", type=float, help="depth-pools (default: see --gpus-per-worker)")
     d.add_argument(
         "--frames-per-batch", type=int, default=0, help="frames pooled per call (default: 1 on CPU, 16 on GPU)"
     )
@@ -159,7 +171,8 @@ def cmd_deblur(args: argparse.Namespace) -> int:
           f"weights: {source}; fingerprint {fingerprint[:12]}")  # fmt: skip
     started = time.perf_counter()
     deblur.ensure_ray(args.address, args.num_cpus)
-    total = expected_frames(Store(input_url, options, args.storage_retry))
+    root, pattern = split_input(input_url)
+    total = None if pattern else expected_frames(Store(root, options, args.storage_retry))  # a pattern: some
     with tqdm(total=total, unit=" frames", desc="deblur", file=sys.stderr, disable=None) as bar:
 
         def show(done: int, depths: list[int]) -> None:
@@ -181,6 +194,8 @@ def print_summary(summary: RunSummary, output_url: str, wall: float) -> None:
     actors = f"workers: {summary.workers}"
     if summary.encoders:
         actors = f"encoders: {summary.encoders}, depth-pool actors: {summary.workers}"
+    if summary.devices:
+        actors += " (model on " + ", ".join(f"{d}: {n}" for d, n in sorted(summary.devices.items())) + ")"
     print(f"shards: {len(summary.reports)} processed, {summary.shards_skipped} already done, "
           f"{summary.shards_total} in all; {actors}")  # fmt: skip
     print(f"frames: {frames} in {summary.seconds:.1f} s ({frames / max(summary.seconds, 1e-9):.2f} frames/s; "

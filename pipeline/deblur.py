@@ -37,7 +37,8 @@ from adarevd import AdaRevD, AdaRevDConfig, load_weights
 from pipeline.depth_pools import DepthGroup, EncodedBatch
 from pipeline.depth_router import Pools
 from pipeline.frames import FrameIn, FrameOut, Rejected
-from pipeline.job import DeblurJob, Resources, RestoreOptions
+from pipeline.input_shards import list_shards, split_input
+from pipeline.job import DeblurJob, DeviceError, Resources, RestoreOptions, StallError
 from pipeline.manifests import exit_histogram, read_manifests
 from pipeline.output_lock import LockLost, OutputLock
 from pipeline.restorer import FrameRestorer
@@ -47,10 +48,6 @@ from pipeline.shards import ShardError
 from pipeline.storage import StorageError, Store, absolute, redact
 
 Restorer = Callable[[list[FrameIn]], list[FrameOut | Rejected]]
-
-
-class StallError(RuntimeError):
-    """No progress for too long; the message says what is waiting on what."""
 
 
 @dataclass
@@ -147,13 +144,6 @@ def actor_options(options: RestoreOptions, cpus: float) -> RestoreOptions:
     return replace(options, threads=options.threads or max(1, int(cpus)))
 
 
-def list_shards(source: Store) -> list[str]:
-    shards = [name for name in source.glob("**/*.tar") if not name.startswith(("_", "."))]
-    if not shards:
-        raise FileNotFoundError(f"{redact(source.url)}: no .tar shards found; run `adarevd ingest` first")
-    return shards
-
-
 def ensure_ray(address: str | None, num_cpus: float | None = None) -> None:
     """Connect to a cluster (`auto`, `ray://...`, `HOST:PORT`) or start an embedded local Ray."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -183,8 +173,9 @@ def run(
     config, fingerprint = model.config, adarevd.fingerprint(model)
     options = dict(options or {})
     start = time.perf_counter()
+    job = job.resolved(ray.cluster_resources())  # GPU shares and actor counts for this cluster
     source, output = job.stores(options)
-    shards = list_shards(source)
+    shards = list_shards(source, split_input(job.input_url)[1])
     summary = RunSummary(shards_total=len(shards))
     # One run at a time on an output: a second one refuses (or takes over a dead one's lease).
     lock = OutputLock(output, summary.run_id, stale_after_s=job.lock_stale_s)
@@ -220,7 +211,7 @@ def _process(
 ) -> None:
     """Start the actors, run every shard in `todo`, stop the actors; fills `summary`."""
     config = model.config
-    resources = job.resources.resolve(ray.cluster_resources(), job.routing)
+    resources = job.resources
     summary.workers, summary.encoders = resources.workers, resources.encoders
     weights: tuple[str, ...] | list[Any]
     if weight_files and len(ray.nodes()) == 1:
@@ -268,7 +259,10 @@ def _process(
         nodes = _wait_ready([*actors, *encoders], shard_workers, resources, job.stall_timeout_s)
         summary.worker_nodes = dict(Counter(nodes[: len(actors)]))
         summary.encoder_nodes = dict(Counter(nodes[len(actors) :]))
-        summary.devices = dict(Counter(ray.get([a.device.remote() for a in [*actors, *encoders]])))
+        devices = ray.get([a.device.remote() for a in [*actors, *encoders]])
+        summary.devices = dict(Counter(devices))
+        _check_devices(devices, [resources.gpus_per_worker or 0.0] * len(actors)
+                       + [resources.gpus_per_encoder or 0.0] * len(encoders))  # fmt: skip
         pools = Pools(actors, nodes[: len(actors)], encoders, nodes[len(actors) :], config.num_columns,
                       tuple(config.exit_table), names("restorer", len(actors)),
                       names("encoder", len(encoders)))  # fmt: skip
@@ -302,6 +296,16 @@ def _wait_ready(actors: list[Any], shard_workers: list[Any], resources: Resource
             f"workers (--workers, --encoders) or less per worker (--cpus-per-worker, --gpus-per-worker, "
             f"--cpus-per-encoder, --gpus-per-encoder)."
         ) from None
+
+
+def _check_devices(devices: list[str], gpu_shares: list[float]) -> None:
+    """An actor given a GPU share whose model runs on the CPU: stop before any shard, saying why."""
+    if any(share and device == "cpu" for device, share in zip(devices, gpu_shares, strict=True)):
+        raise DeviceError(
+            f"the model actors were given GPU shares (up to {max(gpu_shares):g} each) but torch in them sees "
+            f"no CUDA device: a CPU build of torch (the driver has {torch.__version__}) or no driver where "
+            "they run. Install a CUDA build of torch there, or run on CPUs with --gpus-per-worker 0."
+        )
 
 
 @dataclass(frozen=True)
@@ -400,7 +404,8 @@ def run_json(
     frames = summary.frames
     record = {
         # Local folders as absolute paths: `adarevd report` finds the input from any directory.
-        "input": redact(absolute(job.input_url)),
+        "input": redact(absolute(split_input(job.input_url)[0])),  # the folder shard names are relative to
+        "input_pattern": split_input(job.input_url)[1],  # the shards a pattern named (None: all in the folder)
         "output": redact(absolute(job.output_url)),
         "took_over": summary.took_over,
         "model": {"fingerprint": fingerprint, "config": json.loads(config.to_json())},

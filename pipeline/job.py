@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from pipeline.input_shards import split_input
 from pipeline.storage import Store
 
 ExitMode = Literal["adaptive"] | int
@@ -14,6 +15,14 @@ EncoderMode = Literal["frame", "patch"]
 # fused: each restorer actor runs a batch through every stage (the default: measured fastest, see
 # docs/ARCHITECTURE.md). depth-pools: encoder actors -> one pool per exit depth -> encoder actors.
 Routing = Literal["fused", "depth-pools"]
+
+
+class StallError(RuntimeError):
+    """No progress for too long; the message says what is waiting on what."""
+
+
+class DeviceError(RuntimeError):
+    """The actors were given GPUs that their torch cannot use."""
 
 
 @dataclass(frozen=True)
@@ -34,35 +43,52 @@ class Resources:
     # CPUs (or GPUs) once the encoders have theirs.
     workers: int = 0
     cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
+    # GPU shares. None (both): the cluster's GPUs if it has any (fused: a GPU per restorer; depth pools:
+    # a quarter per encoder and pool actor), else none. Give either and the other defaults to 0.
+    gpus_per_worker: float | None = None
     shards_in_flight: int = 0  # 0 = workers + 1 (depth pools: encoders + 1)
     worker_resource: str | None = None  # a custom node resource the actors need (1 each): pins them to nodes
     # Depth-pools layout only: the encode + classify + stitch actors.
     encoders: int = 1
     cpus_per_encoder: float = 1.0
-    gpus_per_encoder: float = 0.0
+    gpus_per_encoder: float | None = None
 
     def resolve(self, cluster: Mapping[str, float], routing: Routing = "fused") -> Resources:
+        """Every number decided: GPU shares, actor counts (as many as fit), shards in flight."""
         split = routing == "depth-pools"
         encoders = max(1, self.encoders) if split else 0
+        gpus_per_worker, gpus_per_encoder = self.gpu_shares(cluster.get("GPU", 0), split)
         workers = self.workers
         if not workers:
             cpus = cluster.get("CPU", 1) - encoders * self.cpus_per_encoder
             limits = [int(cpus // self.cpus_per_worker) if self.cpus_per_worker else 1]
-            if self.gpus_per_worker:
-                limits.append(int((cluster.get("GPU", 0) - encoders * self.gpus_per_encoder) // self.gpus_per_worker))
+            if gpus_per_worker:
+                gpus = cluster.get("GPU", 0) - encoders * gpus_per_encoder
+                limits.append(int(gpus / gpus_per_worker + 1e-9))  # 1e-9: 0.75 / 0.25 may floor to 2
             if self.worker_resource:
                 limits.append(int(cluster.get(self.worker_resource, 0)) - encoders)
             workers = max(1, min(limits))
         return replace(
-            self, workers=workers, shards_in_flight=self.shards_in_flight or (encoders if split else workers) + 1,
-            encoders=encoders,
+            self, workers=workers, gpus_per_worker=gpus_per_worker, gpus_per_encoder=gpus_per_encoder,
+            shards_in_flight=self.shards_in_flight or (encoders if split else workers) + 1, encoders=encoders,
         )  # fmt: skip
+
+    def gpu_shares(self, cluster_gpus: float, split: bool) -> tuple[float, float]:
+        """(per restorer or pool actor, per encoder): as given, or by the cluster (see the fields)."""
+        if self.gpus_per_worker is None and self.gpus_per_encoder is None:
+            if cluster_gpus < 1:
+                return 0.0, 0.0
+            return (0.25, 0.25) if split else (1.0, 0.0)
+        return self.gpus_per_worker or 0.0, (self.gpus_per_encoder or 0.0) if split else 0.0
+
+    def uses_gpus(self) -> bool:
+        """Resolved resources only: does any model actor hold a GPU share?"""
+        return bool(self.gpus_per_worker or (self.encoders and self.gpus_per_encoder))
 
 
 @dataclass(frozen=True)
 class DeblurJob:
-    input_url: str
+    input_url: str  # a folder of shards, or a pattern naming some (pipeline/input_shards.py)
     output_url: str
     restore: RestoreOptions = field(default_factory=RestoreOptions)
     resources: Resources = field(default_factory=Resources)
@@ -83,10 +109,13 @@ class DeblurJob:
 
     def stores(self, options: Mapping[str, Any]) -> tuple[Store, Store]:
         """(input, output) stores with the job's retry budget."""
-        return (Store(self.input_url, options, self.storage_retry_s),
+        return (Store(split_input(self.input_url)[0], options, self.storage_retry_s),
                 Store(self.output_url, options, self.storage_retry_s))  # fmt: skip
 
     def batch_frames(self) -> int:
-        r = self.resources
-        gpu = r.gpus_per_worker > 0 or (self.routing == "depth-pools" and r.gpus_per_encoder > 0)
-        return self.frames_per_batch or (16 if gpu else 1)
+        """Frames per call; on a resolved job (`resolved`), the default follows the actors' device."""
+        return self.frames_per_batch or (16 if self.resources.uses_gpus() else 1)
+
+    def resolved(self, cluster: Mapping[str, float]) -> DeblurJob:
+        """This job with its resources decided for the cluster (`Resources.resolve`)."""
+        return replace(self, resources=self.resources.resolve(cluster, self.routing))

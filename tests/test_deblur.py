@@ -117,6 +117,25 @@ def test_a_rerun_gives_the_same_bytes_and_resume_redoes_only_missing_shards(
     assert record["output_totals"]["exit_histogram"] == run_record(output)["exit_histogram"]
 
 
+def test_a_shard_pattern_deblurs_only_the_shards_it_names(
+    reference: tuple[Store, deblur.RunSummary], inputs: tuple[Store, dict], tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+) -> None:  # fmt: skip
+    source, _ = inputs
+    out = Store(str(tmp_path / "some"))
+    missing = f"{source.url}/video-{{000001..000003}}.tar"  # 000002 and 000003 do not exist
+    assert main(["deblur", missing, out.url]) == 2
+    assert "2 of the shards video-{000001..000003}.tar names do not exist" in capsys.readouterr().err
+    assert not out.glob("**/*")  # refused before anything was written
+    assert main(["deblur", f"{source.url}/{{video-000001,images-*}}.tar", out.url, "--frames-per-batch", "3"]) == 0
+    want = {k: v for k, v in tar_bytes(reference[0]).items() if k in ("video-000001.tar", "images-000000.tar")}
+    assert tar_bytes(out) == want  # same names and bytes as the whole-folder run's shards
+    record = run_record(out)
+    assert (record["input"], record["input_pattern"]) == (source.url, "{video-000001,images-*}.tar")
+    assert main(["report", out.url, "--to", str(tmp_path / "report"), "--key", "img_tiny"]) == 0
+    assert "warning" not in capsys.readouterr().out  # the blurry frames found under the recorded root
+
+
 def test_a_flush_timeout_run_gives_every_frame(
     reference: tuple[Store, deblur.RunSummary], inputs: tuple[Store, dict], model: Model, tmp_path: Path
 ) -> None:

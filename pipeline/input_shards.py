@@ -1,0 +1,70 @@
+"""Which input shards a deblur run reads: every `.tar` under a folder URL, or the shards a pattern names.
+
+A pattern is a URL ending in `.tar`, with wildcards or WebDataset's brace ranges, or none (one shard):
+`s3://archive/frames/video-{000000..000099}.tar`, `s3://archive/frames/*/video-*.tar`. The folder
+before the first wildcard is the input's root: shard names (and so output names) are relative to it,
+as they are under a folder URL. A brace expansion that names no shard stops the run before anything
+starts, naming what is missing: a mistyped range must not quietly deblur a different archive.
+"""
+
+from __future__ import annotations
+
+from braceexpand import braceexpand
+
+from pipeline.storage import Store, redact
+
+WILDCARDS = "*?[{"
+MAX_NAMED = 5  # missing names quoted in an error
+
+
+def split_input(url: str) -> tuple[str, str | None]:
+    """(root folder URL, the pattern relative to it; None for a folder URL). A URL ending in `.tar` is
+    a pattern (or one shard); any other is a folder, whatever characters its names hold."""
+    if not url.rstrip("/").endswith(".tar"):
+        return url, None
+    first = min((i for i, c in enumerate(url) if c in WILDCARDS), default=len(url))
+    cut = url.rfind("/", 0, first)
+    if cut == -1 and "://" not in url:
+        return ".", url  # shards in the working directory
+    root = url[:cut] if cut > 0 else ""
+    if root.rstrip("/") == "" or root.rstrip("/").endswith(":"):  # '/', 's3:/', 'file://'
+        raise ValueError(
+            f"{redact(url)}: a shard pattern starts with the folder (or bucket) its shards are in; its "
+            "first wildcard or brace comes after that"
+        )
+    return root, url[cut + 1 :]
+
+
+def list_shards(source: Store, pattern: str | None = None) -> list[str]:
+    """Shard names relative to `source`, sorted: every `.tar` below it (not `_*`/`.*` names, which are
+    a run's own files), or those `pattern` names."""
+    if pattern is None:
+        shards = [name for name in source.glob("**/*.tar") if not name.startswith(("_", "."))]
+        if not shards:
+            raise FileNotFoundError(f"{redact(source.url)}: no .tar shards found; run `adarevd ingest` first")
+        return shards
+    found: set[str] = set()
+    missing: list[str] = []
+    for name in braceexpand(pattern):
+        if not name.endswith(".tar"):
+            raise ValueError(f"{redact(source.url_of(name))}: a shard pattern must name .tar files")
+        matched = _matches(source, name)
+        found.update(matched)
+        if not matched:
+            missing.append(name)
+    if missing:
+        more = len(missing) - MAX_NAMED
+        named = ", ".join(missing[:MAX_NAMED]) + (f" and {more} more" if more > 0 else "")
+        raise FileNotFoundError(
+            f"{redact(source.url)}: {len(missing)} of the shards {pattern} names do not exist ({named}); "
+            "mend the pattern, or give the folder URL to take every shard in it"
+        )
+    return sorted(found)
+
+
+def _matches(source: Store, name: str) -> list[str]:
+    """The shards one brace expansion names: a glob's matches (but a run's own `_*`/`.*` files), or the
+    name if it exists."""
+    if any(c in name for c in "*?["):
+        return [m for m in source.glob(name) if not m.startswith(("_", "."))]
+    return [name] if source.exists(name) else []

@@ -1,0 +1,85 @@
+"""Which shards a deblur run reads: a folder's, or those a pattern names (local and on S3)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.input_shards import list_shards, split_input
+from pipeline.storage import Store
+from tests.s3server import S3Server
+
+NAMES = ["a/video-000000.tar", "a/video-000001.tar", "a/video-000002.tar", "b/images-000000.tar", "notes.txt",
+         "_manifest/a/video-000000.parquet", "_quarantine/a/video-000001.tar"]  # fmt: skip
+
+
+def filled(store: Store) -> Store:
+    for name in NAMES:
+        store.commit_bytes(name, name.encode())
+    return store
+
+
+@pytest.mark.parametrize(
+    ("url", "split"),
+    [
+        ("s3://bucket/frames", ("s3://bucket/frames", None)),
+        ("/data/clips [2020]", ("/data/clips [2020]", None)),  # a folder, brackets and all
+        ("s3://bucket/frames/video-{000000..000099}.tar", ("s3://bucket/frames", "video-{000000..000099}.tar")),
+        ("s3://bucket/frames/*/video-*.tar", ("s3://bucket/frames", "*/video-*.tar")),
+        ("s3://bucket/frames/video-000003.tar", ("s3://bucket/frames", "video-000003.tar")),  # one shard
+        ("video-*.tar", (".", "video-*.tar")),
+    ],
+)
+def test_a_url_is_a_folder_or_a_pattern_under_its_root(url: str, split: tuple[str, str | None]) -> None:
+    assert split_input(url) == split
+
+
+@pytest.mark.parametrize("url", ["s3://buck*/x.tar", "s3://{a,b}/x.tar", "/*.tar", "file:///v-{0..2}.tar"])
+def test_a_pattern_without_a_folder_before_its_wildcard_is_refused(url: str) -> None:
+    with pytest.raises(ValueError, match="starts with the folder"):
+        split_input(url)
+
+
+def test_a_folder_gives_every_shard_but_the_runs_own_files(tmp_path: Path) -> None:
+    store = filled(Store(str(tmp_path)))
+    assert list_shards(store) == ["a/video-000000.tar", "a/video-000001.tar", "a/video-000002.tar",
+                                  "b/images-000000.tar"]  # fmt: skip
+    with pytest.raises(FileNotFoundError, match=r"no \.tar shards found"):
+        list_shards(Store(str(tmp_path / "b" / "none")))
+
+
+def test_a_pattern_gives_the_shards_it_names_once_each_in_order(tmp_path: Path) -> None:
+    store = filled(Store(str(tmp_path)))
+    assert list_shards(store, "a/video-{000002,000000}.tar") == ["a/video-000000.tar", "a/video-000002.tar"]
+    assert list_shards(store, "{a/video-00000[01],*/*-000000}.tar") == [
+        "a/video-000000.tar", "a/video-000001.tar", "b/images-000000.tar"]  # fmt: skip
+    assert list_shards(store, "b/images-000000.tar") == ["b/images-000000.tar"]
+    assert list_shards(store, "**/*-000001.tar") == ["a/video-000001.tar"]  # not the _quarantine copy
+
+
+def test_a_pattern_naming_missing_shards_says_which_and_what_to_do(tmp_path: Path) -> None:
+    store = filled(Store(str(tmp_path)))
+    with pytest.raises(FileNotFoundError) as caught:
+        list_shards(store, "a/video-{000000..000009}.tar")
+    message = str(caught.value)
+    assert "7 of the shards a/video-{000000..000009}.tar names do not exist" in message
+    assert "a/video-000003.tar, a/video-000004.tar" in message and "and 2 more" in message
+    assert "mend the pattern" in message
+    with pytest.raises(FileNotFoundError, match=r"c/\*\.tar"):  # a glob that matches nothing counts too
+        list_shards(store, "{a/video-000000,c/*}.tar")
+    with pytest.raises(ValueError, match=r"must name \.tar files"):
+        list_shards(store, "{notes.txt,a/video-000000.tar}")
+
+
+@pytest.mark.s3
+def test_patterns_on_s3(s3: S3Server) -> None:
+    store = filled(Store(f"s3://{s3.bucket}/shards-{time.time_ns()}", s3.storage_options))
+    root, pattern = split_input(store.url + "/a/video-{000001..000002}.tar")
+    assert (root, pattern) == (store.url + "/a", "video-{000001..000002}.tar")
+    assert list_shards(Store(root, s3.storage_options), pattern) == ["video-000001.tar", "video-000002.tar"]
+    assert list_shards(store, "*/*.tar") == ["a/video-000000.tar", "a/video-000001.tar", "a/video-000002.tar",
+                                             "b/images-000000.tar"]  # fmt: skip
+    with pytest.raises(FileNotFoundError, match=r"a/video-000003\.tar"):
+        list_shards(store, "a/video-{000002..000003}.tar")

@@ -1,0 +1,87 @@
+"""How a deblur job's resources are decided for a cluster: GPU shares by default where there are GPUs,
+actor counts by what fits, the batch default by device; and a GPU share that torch cannot use stops the
+run before any shard, saying what to do."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.job import DeblurJob, Resources
+from pipeline.storage import Store
+from tests.deblur_setup import bundled_model, input_shards, run_record
+
+
+def resolved(cluster: dict[str, float], routing: str = "fused", **kw: float) -> Resources:
+    return Resources(**kw).resolve(cluster, routing)  # type: ignore[arg-type]
+
+
+def test_a_cpu_cluster_gets_one_restorer_per_cpu_and_no_gpu() -> None:
+    r = resolved({"CPU": 4})
+    assert (r.workers, r.gpus_per_worker, r.gpus_per_encoder, r.encoders, r.shards_in_flight) == (4, 0, 0, 0, 5)
+    assert not r.uses_gpus()
+    assert DeblurJob("in", "out").resolved({"CPU": 4}).batch_frames() == 1
+
+
+def test_a_gpu_cluster_gets_a_gpu_per_restorer_and_gpu_batches_by_default() -> None:
+    r = resolved({"CPU": 16, "GPU": 2})
+    assert (r.workers, r.gpus_per_worker, r.gpus_per_encoder) == (2, 1.0, 0.0)
+    assert DeblurJob("in", "out").resolved({"CPU": 16, "GPU": 2}).batch_frames() == 16
+    # Fewer CPUs than GPUs: the CPUs limit the actors.
+    assert resolved({"CPU": 1, "GPU": 4}).workers == 1
+
+
+def test_depth_pools_on_a_gpu_share_each_card_in_quarters() -> None:
+    r = resolved({"CPU": 16, "GPU": 1}, "depth-pools")
+    assert (r.encoders, r.gpus_per_encoder, r.workers, r.gpus_per_worker) == (1, 0.25, 3, 0.25)
+    assert DeblurJob("in", "out", routing="depth-pools").resolved({"CPU": 16, "GPU": 1}).batch_frames() == 16
+
+
+def test_given_gpu_shares_are_kept_and_the_other_defaults_to_none() -> None:
+    cpus_only = resolved({"CPU": 8, "GPU": 2}, gpus_per_worker=0)
+    assert (cpus_only.workers, cpus_only.gpus_per_worker, cpus_only.uses_gpus()) == (8, 0.0, False)
+    pools = resolved({"CPU": 8, "GPU": 1}, "depth-pools", gpus_per_worker=0.5)
+    assert (pools.gpus_per_worker, pools.gpus_per_encoder, pools.workers) == (0.5, 0.0, 2)
+    assert resolved({"CPU": 8, "GPU": 2}, gpus_per_worker=0.5).workers == 4
+    assert resolved({"CPU": 8, "GPU": 1}, gpus_per_worker=1 / 3).workers == 3  # not 2 by float rounding
+    # Given counts stay as given; a fused job holds no encoder share.
+    assert resolved({"CPU": 8}, "fused", workers=3, gpus_per_encoder=0.5) == Resources(
+        workers=3, gpus_per_worker=0.0, gpus_per_encoder=0.0, encoders=0, shards_in_flight=4
+    )
+
+
+@pytest.fixture(scope="module")
+def ray_with_a_gpu() -> Iterator[None]:
+    """An embedded Ray that offers one GPU: on a machine without CUDA, a GPU torch cannot use."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.ray
+def test_the_job_takes_the_clusters_gpu_by_default_and_stops_if_torch_cannot_use_it(
+    ray_with_a_gpu: None, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    from pipeline import deblur
+
+    source, originals = input_shards(tmp_path_factory, "gpu-default-in")
+    output = Store(str(tmp_path / "out"))
+    job = DeblurJob(source.url, output.url, stall_timeout_s=120)
+    if torch.cuda.is_available():  # on the device machine: the default run is on the card
+        summary = deblur.run(job, bundled_model().model)
+        assert summary.frames == len(originals) and summary.devices == {"cuda": 1}
+        assert run_record(output)["options"]["frames_per_batch"] == 16
+        return
+    with pytest.raises(deblur.DeviceError, match=r"GPU shares \(up to 1 each\).*--gpus-per-worker 0"):
+        deblur.run(job, bundled_model().model)
+    assert not output.glob("*.tar") and not output.glob("_manifest/*")  # stopped before any shard
+    # The lease is free, and asking for CPUs runs the job on the same cluster.
+    cpus = DeblurJob(source.url, output.url, resources=Resources(gpus_per_worker=0), stall_timeout_s=120)
+    summary = deblur.run(cpus, bundled_model().model)
+    assert (summary.frames, summary.devices, summary.workers) == (len(originals), {"cpu": 2}, 2)
+    assert run_record(output)["options"]["resources"]["gpus_per_worker"] == 0.0
