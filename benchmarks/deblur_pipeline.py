@@ -274,7 +274,7 @@ def main() -> None:
                 "device": str(device),
                 "frames_per_batch": args.frames_per_batch,
                 "repeats": args.repeats,
-                "compute_bound_fps": round(fps(bound), 3),  # the median run's pair of bounds, averaged
+                "compute_bound_fps": round(fps(bound), 3),  # the median over the runs of their pair's mean
                 "compute_bound_fps_each": [round(fps(b), 3) for b in bounds],  # before, between, after the runs
                 **({f"restore_{cpus}_processes_x_1_thread_fps": round(fps(spread), 3)} if spread else {}),
                 "pool_frames": args.pool_frames,

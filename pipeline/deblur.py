@@ -402,10 +402,11 @@ def run_json(
 ) -> bytes:
     """`_run.json`: this run (a resumed run counts only what it did) and the output's totals."""
     frames = summary.frames
+    root, pattern = split_input(job.input_url)
     record = {
         # Local folders as absolute paths: `adarevd report` finds the input from any directory.
-        "input": redact(absolute(split_input(job.input_url)[0])),  # the folder shard names are relative to
-        "input_pattern": split_input(job.input_url)[1],  # the shards a pattern named (None: all in the folder)
+        "input": redact(absolute(root)),  # the folder that shard names are relative to
+        "input_pattern": pattern,  # the shards a pattern named (None: all in the folder)
         "output": redact(absolute(job.output_url)),
         "took_over": summary.took_over,
         "model": {"fingerprint": fingerprint, "config": json.loads(config.to_json())},

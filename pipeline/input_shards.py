@@ -39,7 +39,7 @@ def list_shards(source: Store, pattern: str | None = None) -> list[str]:
     """Shard names relative to `source`, sorted: every `.tar` below it (not `_*`/`.*` names, which are
     a run's own files), or those `pattern` names."""
     if pattern is None:
-        shards = [name for name in source.glob("**/*.tar") if not name.startswith(("_", "."))]
+        shards = _inputs(source.glob("**/*.tar"))
         if not shards:
             raise FileNotFoundError(f"{redact(source.url)}: no .tar shards found; run `adarevd ingest` first")
         return shards
@@ -66,5 +66,10 @@ def _matches(source: Store, name: str) -> list[str]:
     """The shards one brace expansion names: a glob's matches (but a run's own `_*`/`.*` files), or the
     name if it exists."""
     if any(c in name for c in "*?["):
-        return [m for m in source.glob(name) if not m.startswith(("_", "."))]
+        return _inputs(source.glob(name))
     return [name] if source.exists(name) else []
+
+
+def _inputs(names: list[str]) -> list[str]:
+    """Without a run's own files (`_manifest/`, `_quarantine/`, `.tmp`...), should the input hold any."""
+    return [name for name in names if not name.startswith(("_", "."))]

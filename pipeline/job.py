@@ -83,7 +83,7 @@ class Resources:
 
     def uses_gpus(self) -> bool:
         """Resolved resources only: does any model actor hold a GPU share?"""
-        return bool(self.gpus_per_worker or (self.encoders and self.gpus_per_encoder))
+        return bool(self.gpus_per_worker or self.gpus_per_encoder)  # resolve zeroes a fused job's encoder share
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ def test_depth_pools_on_a_gpu_share_each_card_in_quarters() -> None:
     assert DeblurJob("in", "out", routing="depth-pools").resolved({"CPU": 16, "GPU": 1}).batch_frames() == 16
 
 
-def test_given_gpu_shares_are_kept_and_the_other_defaults_to_none() -> None:
+def test_given_gpu_shares_are_kept_and_the_other_defaults_to_zero() -> None:
     cpus_only = resolved({"CPU": 8, "GPU": 2}, gpus_per_worker=0)
     assert (cpus_only.workers, cpus_only.gpus_per_worker, cpus_only.uses_gpus()) == (8, 0.0, False)
     pools = resolved({"CPU": 8, "GPU": 1}, "depth-pools", gpus_per_worker=0.5)
