@@ -11,6 +11,8 @@ import argparse
 import io
 import sys
 import time
+from collections import Counter
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import pyarrow.parquet as pq
@@ -21,7 +23,6 @@ import adarevd
 from jobs.data import add_storage_option
 from jobs.models import ASSETS, exit_mode, load_model
 from pipeline.ingest import INDEX_NAME, IngestConfig, ingest
-from pipeline.input_shards import split_input
 from pipeline.job import RestoreOptions
 from pipeline.sink import ShardLimits
 from pipeline.storage import StorageError, Store, absolute, parse_storage_options
@@ -121,13 +122,17 @@ def demo_input() -> str:
     return DEMO_INPUT
 
 
-def expected_frames(store: Store) -> int | None:
-    """Frame count from an ingest index next to the shards, if there is one."""
+def expected_frames(store: Store, shards: Sequence[str]) -> int | None:
+    """The frames in `shards` by the ingest index beside them; None (no total for the progress bar)
+    without an index, or when it does not list every one of them."""
     try:
         table = pq.read_table(io.BytesIO(store.read_bytes(INDEX_NAME)), columns=["shard"])
     except (FileNotFoundError, OSError, StorageError):
         return None  # only the progress bar's total: the job itself reports an unreachable store
-    return sum(s is not None for s in table.column("shard").to_pylist())
+    per_shard = Counter(s for s in table.column("shard").to_pylist() if s is not None)
+    if not all(shard in per_shard for shard in shards):
+        return None
+    return sum(per_shard[shard] for shard in shards)
 
 
 def cmd_deblur(args: argparse.Namespace) -> int:
@@ -138,8 +143,6 @@ def cmd_deblur(args: argparse.Namespace) -> int:
         raise ValueError("give both INPUT_URL and OUTPUT_URL, or neither (the bundled demo)")
     input_url = args.input or demo_input()
     output_url = args.output or DEMO_OUTPUT
-    model, source, weight_files = load_model(args.model, args.weights, torch.device("cpu"))
-    fingerprint = adarevd.fingerprint(model)
     job = deblur.DeblurJob(
         input_url=input_url,
         output_url=output_url,
@@ -167,19 +170,21 @@ def cmd_deblur(args: argparse.Namespace) -> int:
         take_over=args.take_over,
         storage_retry_s=args.storage_retry,
     )
+    shards = job.shards(options)  # before the model and Ray: a mistyped input stops at once
+    model, source, weight_files = load_model(args.model, args.weights, torch.device("cpu"))
+    fingerprint = adarevd.fingerprint(model)
     print(f"model: {model.config.encoder} encoder, width {model.config.width}, {model.num_columns} columns; "
           f"weights: {source}; fingerprint {fingerprint[:12]}")  # fmt: skip
     started = time.perf_counter()
     deblur.ensure_ray(args.address, args.num_cpus)
-    root, pattern = split_input(input_url)
-    total = None if pattern else expected_frames(Store(root, options, args.storage_retry))  # a pattern: some
+    total = expected_frames(job.stores(options)[0], shards)
     with tqdm(total=total, unit=" frames", desc="deblur", file=sys.stderr, disable=None) as bar:
 
         def show(done: int, depths: list[int]) -> None:
             bar.set_postfix_str(f"patches by exit depth {depths}", refresh=False)
             bar.update(done - bar.n)
 
-        summary = deblur.run(job, model, weight_files=weight_files, options=options, on_progress=show)
+        summary = deblur.run(job, model, weight_files=weight_files, options=options, on_progress=show, shards=shards)
     print_summary(summary, output_url, time.perf_counter() - started)
     failed = summary.shard_errors or (summary.quarantined and not args.quarantine_ok)
     return 3 if failed else 0

@@ -37,7 +37,7 @@ from adarevd import AdaRevD, AdaRevDConfig, load_weights
 from pipeline.depth_pools import DepthGroup, EncodedBatch
 from pipeline.depth_router import Pools
 from pipeline.frames import FrameIn, FrameOut, Rejected
-from pipeline.input_shards import list_shards, split_input
+from pipeline.input_shards import split_input
 from pipeline.job import DeblurJob, DeviceError, Resources, RestoreOptions, StallError
 from pipeline.manifests import exit_histogram, read_manifests
 from pipeline.output_lock import LockLost, OutputLock
@@ -165,17 +165,19 @@ def run(
     options: Mapping[str, Any] | None = None,
     on_progress: Callable[[int, list[int]], None] | None = None,
     make_restorer: Callable[[], Restorer] | None = None,
+    shards: Sequence[str] | None = None,
 ) -> RunSummary:
     """Run the job on the connected Ray cluster (call `ensure_ray` first). `model` carries the loaded
     weights; `weight_files` (the files it was loaded from) let actors on a one-node cluster read them
     directly instead of through the object store. `make_restorer` replaces the model in the actors
-    (benchmarks use a stand-in whose cost is known)."""
+    (benchmarks use a stand-in whose cost is known). `shards`: the input shards, where the caller has
+    listed them already (`job.shards`, to refuse a bad input before it starts Ray)."""
     config, fingerprint = model.config, adarevd.fingerprint(model)
     options = dict(options or {})
     start = time.perf_counter()
     job = job.resolved(ray.cluster_resources())  # GPU shares and actor counts for this cluster
-    source, output = job.stores(options)
-    shards = list_shards(source, split_input(job.input_url)[1])
+    output = job.stores(options)[1]
+    shards = list(job.shards(options) if shards is None else shards)
     summary = RunSummary(shards_total=len(shards))
     # One run at a time on an output: a second one refuses (or takes over a dead one's lease).
     lock = OutputLock(output, summary.run_id, stale_after_s=job.lock_stale_s)

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from pipeline.input_shards import split_input
+from pipeline.input_shards import list_shards, split_input
 from pipeline.storage import Store
 
 ExitMode = Literal["adaptive"] | int
@@ -111,6 +111,11 @@ class DeblurJob:
         """(input, output) stores with the job's retry budget."""
         return (Store(split_input(self.input_url)[0], options, self.storage_retry_s),
                 Store(self.output_url, options, self.storage_retry_s))  # fmt: skip
+
+    def shards(self, options: Mapping[str, Any]) -> list[str]:
+        """The input shards this job reads (`list_shards`); a pattern naming a missing shard, or a folder
+        with none, raises here."""
+        return list_shards(self.stores(options)[0], split_input(self.input_url)[1])
 
     def batch_frames(self) -> int:
         """Frames per call; on a resolved job (`resolved`), the default follows the actors' device."""

@@ -97,29 +97,38 @@ def plan(urls: Sequence[str], options: Mapping[str, Any]) -> tuple[list[Source],
     """Expand URLs into sources in a stable order; files that are none of video/image/shard are problems."""
     sources: list[Source] = []
     problems: list[Problem] = []
+    seen: set[tuple[str, str]] = set()  # (protocol, path): a file that several URLs name is read once
     for url in urls:
         fs, _ = resolve(url, options)
         files, missing = storage.call("list", url, lambda url=url, fs=fs: _expand(url, fs, options))
-        problems += [Problem(redact(m), "not found") for m in missing]
-        sources += _classify(fs, files, problems)
+        problems += [Problem(redact(m), reason) for m, reason in missing]
+        new = []
+        for path in files:
+            if (str(fs.protocol), path) not in seen:
+                seen.add((str(fs.protocol), path))
+                new.append(path)
+        sources += _classify(fs, new, problems)
     return _assign_ids(sources), problems
 
 
-def _expand(url: str, fs: Any, options: Mapping[str, Any]) -> tuple[list[str], list[str]]:
-    """(files under `url` in a stable order, brace expansions that do not exist)."""
+def _expand(url: str, fs: Any, options: Mapping[str, Any]) -> tuple[list[str], list[tuple[str, str]]]:
+    """(files under `url` in a stable order, (brace expansion, why) for those that name nothing)."""
     files: list[str] = []
     folders: list[str] = []
-    missing: list[str] = []
+    missing: list[tuple[str, str]] = []
     for expanded in braceexpand(url):
         _, path = resolve(expanded, options)
         if any(c in path for c in "*?["):
-            files += sorted(fs.glob(path))
+            matched = sorted(fs.glob(path))
+            files += matched
+            if not matched:
+                missing.append((expanded, "matches no file"))
         elif fs.isdir(path):
             folders.append(path)
         elif fs.exists(path):
             files.append(path)
         else:
-            missing.append(expanded)
+            missing.append((expanded, "not found"))
     for folder in folders:
         files += sorted(fs.find(folder), key=natural_key)
     return files, missing

@@ -115,6 +115,15 @@ def test_bad_inputs_are_recorded_and_the_rest_is_ingested(tmp_path: Path, memory
     assert (summary.skipped, summary.frames) == (5, 4 + len(cut_frames) + 3)
 
 
+def test_a_url_that_names_nothing_is_recorded_and_the_rest_is_ingested(tmp_path: Path, memory_store: Store) -> None:
+    write_video(tmp_path / "a.mp4", frames(2))
+    urls = [f"{tmp_path}/{{a,b}}.mp4", f"{tmp_path}/*.mkv", f"{tmp_path}/*.mp4"]  # b.mp4: none; no .mkv at all
+    summary = ingest(urls, memory_store)
+    skipped = {r["source"]: r["reason"] for r in index_rows(memory_store) if r["status"] == "skipped"}
+    assert skipped == {f"{tmp_path}/b.mp4": "not found", f"{tmp_path}/*.mkv": "matches no file"}
+    assert (summary.frames, summary.skipped) == (2, 2)  # a.mp4 once, though two URLs name it
+
+
 def test_dotted_and_duplicate_names_get_safe_unique_ids(tmp_path: Path, memory_store: Store) -> None:
     for folder in ("x", "y"):
         (tmp_path / folder).mkdir()

@@ -7,8 +7,15 @@ from pathlib import Path
 
 import pytest
 
+import jobs.deblur
+import pipeline.deblur
+from jobs.cli import main
+from jobs.deblur import expected_frames
+from pipeline.ingest import IngestConfig, ingest
 from pipeline.input_shards import list_shards, split_input
+from pipeline.sink import ShardLimits
 from pipeline.storage import Store
+from tests.media import frames, write_video
 from tests.s3server import S3Server
 
 NAMES = ["a/video-000000.tar", "a/video-000001.tar", "a/video-000002.tar", "b/images-000000.tar", "notes.txt",
@@ -83,3 +90,31 @@ def test_patterns_on_s3(s3: S3Server) -> None:
                                              "b/images-000000.tar"]  # fmt: skip
     with pytest.raises(FileNotFoundError, match=r"a/video-000003\.tar"):
         list_shards(store, "a/video-{000002..000003}.tar")
+
+
+def test_the_cli_refuses_a_bad_input_before_it_loads_the_model_or_starts_ray(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    def not_yet(*_: object, **__: object) -> None:
+        raise AssertionError("the input should have been refused before this")
+
+    monkeypatch.setattr(jobs.deblur, "load_model", not_yet)
+    monkeypatch.setattr(pipeline.deblur, "ensure_ray", not_yet)
+    filled(Store(str(tmp_path / "in")))
+    out = tmp_path / "out"
+    assert main(["deblur", f"{tmp_path}/in/a/video-{{000001..000004}}.tar", str(out)]) == 2
+    assert "2 of the shards video-{000001..000004}.tar names do not exist" in capsys.readouterr().err
+    assert main(["deblur", str(tmp_path / "in" / "b" / "none"), str(out)]) == 2
+    assert "no .tar shards found" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_the_progress_total_counts_the_frames_of_the_shards_a_run_reads(tmp_path: Path) -> None:
+    clip = write_video(tmp_path / "clip.mp4", frames(7))
+    store = Store(str(tmp_path / "frames"))
+    ingest([str(clip)], store, IngestConfig(limits=ShardLimits(max_samples=3)))  # shards of 3, 3, 1 frames
+    assert expected_frames(store, list_shards(store)) == 7
+    assert expected_frames(store, list_shards(store, "frames-00000{0,2}.tar")) == 4
+    store.commit_bytes("other-000000.tar", (tmp_path / "frames" / "frames-000002.tar").read_bytes())
+    assert expected_frames(store, list_shards(store)) is None  # a shard the index does not list: no total
+    assert expected_frames(Store(str(tmp_path / "no-index")), ["frames-000000.tar"]) is None
