@@ -9,6 +9,8 @@ starts, naming what is missing: a mistyped range must not quietly deblur a diffe
 
 from __future__ import annotations
 
+import os
+
 from braceexpand import braceexpand
 
 from pipeline.storage import Store, redact
@@ -60,6 +62,41 @@ def list_shards(source: Store, pattern: str | None = None) -> list[str]:
             "mend the pattern, or give the folder URL to take every shard in it"
         )
     return sorted(found)
+
+
+def without_output(shards: list[str], source: Store, output: Store) -> list[str]:
+    """`shards` (names in `source`) less those in the output folder, where it lies inside the input folder
+    (`frames/` and `frames/deblurred/`: a re-run must not take the results for input). Raises if an
+    output shard would be written over an input shard, as when the two folders are one."""
+    (protocol, src), (out_protocol, out) = _place(source), _place(output)
+    if protocol != out_protocol:
+        return shards
+    inside = _relative(out, src)
+    if inside:
+        shards = [name for name in shards if not name.startswith(inside + "/")]
+    names = set(shards)
+    clash = [name for name in shards if _relative(f"{out}/{name}", src) in names]
+    if clash:
+        raise ValueError(
+            f"{redact(output.url_of(clash[0]))}: the deblurred shard would be written over an input shard "
+            f"({len(clash)} of {len(shards)} would be); give an output folder that is not the input folder, "
+            f"e.g. {redact(source.url)}-deblurred"
+        )
+    return shards
+
+
+def _place(store: Store) -> tuple[str, str]:
+    """(protocol, folder path) to compare two stores by; local paths with links and '..' resolved."""
+    fs, root = store.fs, store.root
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol, os.path.realpath(root) if protocol in ("file", "local") else root
+
+
+def _relative(path: str, folder: str) -> str | None:
+    """`path` relative to `folder` ('' for the folder itself), or None if it lies outside."""
+    if path == folder:
+        return ""
+    return path[len(folder) + 1 :] if path.startswith(folder.rstrip("/") + "/") else None
 
 
 def _matches(source: Store, name: str) -> list[str]:

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from pipeline.input_shards import list_shards, split_input
+from pipeline.input_shards import list_shards, split_input, without_output
 from pipeline.storage import Store
 
 ExitMode = Literal["adaptive"] | int
@@ -113,9 +113,10 @@ class DeblurJob:
                 Store(self.output_url, options, self.storage_retry_s))  # fmt: skip
 
     def shards(self, options: Mapping[str, Any]) -> list[str]:
-        """The input shards this job reads (`list_shards`); a pattern naming a missing shard, or a folder
-        with none, raises here."""
-        return list_shards(self.stores(options)[0], split_input(self.input_url)[1])
+        """The input shards this job reads (`list_shards`), never the output's own (`without_output`); a
+        pattern naming a missing shard, a folder with none, or an output over the input raises here."""
+        source, output = self.stores(options)
+        return without_output(list_shards(source, split_input(self.input_url)[1]), source, output)
 
     def batch_frames(self) -> int:
         """Frames per call; on a resolved job (`resolved`), the default follows the actors' device."""

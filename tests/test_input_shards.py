@@ -12,7 +12,8 @@ import pipeline.deblur
 from jobs.cli import main
 from jobs.deblur import expected_frames
 from pipeline.ingest import IngestConfig, ingest
-from pipeline.input_shards import list_shards, split_input
+from pipeline.input_shards import list_shards, split_input, without_output
+from pipeline.job import DeblurJob
 from pipeline.sink import ShardLimits
 from pipeline.storage import Store
 from tests.media import frames, write_video
@@ -118,3 +119,33 @@ def test_the_progress_total_counts_the_frames_of_the_shards_a_run_reads(tmp_path
     store.commit_bytes("other-000000.tar", (tmp_path / "frames" / "frames-000002.tar").read_bytes())
     assert expected_frames(store, list_shards(store)) is None  # a shard the index does not list: no total
     assert expected_frames(Store(str(tmp_path / "no-index")), ["frames-000000.tar"]) is None
+
+
+def test_an_output_inside_the_input_is_not_read_as_input_on_the_next_run(tmp_path: Path) -> None:
+    filled(Store(str(tmp_path)))
+    Store(str(tmp_path / "a" / "deblurred")).commit_bytes("video-000000.tar", b"a result")
+    job = DeblurJob(f"{tmp_path}/a", f"{tmp_path}/a/x/../deblurred")  # '..' or not, the same folder
+    assert job.shards({}) == ["video-000000.tar", "video-000001.tar", "video-000002.tar"]
+    assert DeblurJob(f"{tmp_path}/a/*.tar", f"{tmp_path}/a/deblurred").shards({}) == job.shards({})
+    assert DeblurJob(str(tmp_path), f"{tmp_path}/a/deblurred").shards({}) == [
+        "a/video-000000.tar", "a/video-000001.tar", "a/video-000002.tar", "b/images-000000.tar"]  # fmt: skip
+    apart = Store("memory://adarevd-test-apart" + str(tmp_path))  # another filesystem: nothing to leave out
+    assert without_output(["a/video-000000.tar"], Store(str(tmp_path)), apart) == ["a/video-000000.tar"]
+
+
+def test_an_output_that_would_overwrite_input_shards_is_refused_before_anything_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    store = filled(Store(str(tmp_path / "in")))
+    assert main(["deblur", f"{tmp_path}/in/a", f"{tmp_path}/in/b/../a/"]) == 2  # the input folder itself
+    error = capsys.readouterr().err
+    assert "video-000000.tar: the deblurred shard would be written over an input shard (3 of 3" in error
+    assert f"e.g. {tmp_path}/in/a-deblurred" in error
+    # An input inside the output clashes where the input holds a folder named like itself: the output
+    # of input shard a/video-000000.tar of in/a would be in/a/video-000000.tar, another input shard.
+    store.commit_bytes("a/a/video-000000.tar", b"nested")
+    with pytest.raises(ValueError, match=r"in/a/video-000000.tar: the deblurred shard would be written over"):
+        DeblurJob(f"{tmp_path}/in/a", f"{tmp_path}/in").shards({})
+    assert DeblurJob(f"{tmp_path}/in/b", f"{tmp_path}/in").shards({}) == ["images-000000.tar"]  # no clash
+    files = {str(f.relative_to(tmp_path / "in")): f.read_bytes() for f in (tmp_path / "in").rglob("*") if f.is_file()}
+    assert files == {name: name.encode() for name in NAMES} | {"a/a/video-000000.tar": b"nested"}  # nothing written
