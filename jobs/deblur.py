@@ -50,11 +50,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "demo clip, ingested",
     )
     d.add_argument("output", nargs="?", help=f"output folder URL (default: {DEMO_OUTPUT})")
-    d.add_argument("--model", default="adarevd-tiny", choices=sorted(adarevd.PRESETS))
+    d.add_argument(
+        "--model",
+        default="adarevd-tiny",
+        choices=sorted(adarevd.PRESETS),
+        help="model preset (default adarevd-tiny, which has bundled weights; the others need --weights)",
+    )
     d.add_argument("--weights", nargs="+", default=[], help="weights files (default: the bundled adarevd-tiny)")
-    d.add_argument("--exit", default="adaptive", type=exit_mode, help="'adaptive' or a fixed depth 0..N")
-    d.add_argument("--encoder-mode", default="frame", choices=["frame", "patch"])
-    d.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    d.add_argument(
+        "--exit",
+        default="adaptive",
+        type=exit_mode,
+        help="'adaptive' (default: each patch exits at the depth its class is given) or a fixed depth 0..N",
+    )
+    d.add_argument(
+        "--encoder-mode",
+        default="frame",
+        choices=["frame", "patch"],
+        help="frame (default): the encoder sees the whole frame; patch: one patch at a time (less memory)",
+    )
+    d.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="fp32 (default) or bf16 autocast")
     d.add_argument(
         "--max-frame-pixels",
         type=int,
@@ -65,7 +80,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--address", help="Ray cluster: auto, ray://HOST:10001 or HOST:6379 (default: embedded local Ray)")
     d.add_argument("--num-cpus", type=float, help="CPUs of the embedded local Ray (default: all)")
     d.add_argument("--workers", type=int, default=0, help="restorer actors (default: as many as fit)")
-    d.add_argument("--cpus-per-worker", type=float, default=1.0)
+    d.add_argument(
+        "--cpus-per-worker", type=float, default=1.0, help="CPUs per restorer actor, also its torch threads (default 1)"
+    )
     d.add_argument(
         "--gpus-per-worker",
         type=float,
@@ -84,7 +101,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "encoder actors, then one pool of --workers actors per exit depth, sized by the exit mix",
     )
     d.add_argument("--encoders", type=int, default=1, help="depth-pools: encode+classify+stitch actors (default 1)")
-    d.add_argument("--cpus-per-encoder", type=float, default=1.0)
+    d.add_argument("--cpus-per-encoder", type=float, default=1.0, help="depth-pools: CPUs per encoder (default 1)")
     d.add_argument("--gpus-per-encoder", type=float, help="depth-pools (default: see --gpus-per-worker)")
     d.add_argument(
         "--frames-per-batch", type=int, default=0, help="frames pooled per call (default: 1 on CPU, 16 on GPU)"
@@ -97,7 +114,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "batches, and so the output bytes, independent of timing)",
     )
     d.add_argument("--max-frames", type=int, help="stop after this many frames (a preview; not marked done)")
-    d.add_argument("--stall-timeout", type=float, default=600.0, help="seconds without progress before failing")
+    d.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=600.0,
+        help="seconds without a finished frame before the run stops with a report of what waits on what (default: 600)",
+    )
     d.add_argument(
         "--storage-retry", type=float, default=60.0, help="seconds to retry a store that does not answer (default: 60)"
     )
