@@ -12,11 +12,13 @@ import hashlib
 import io
 import json
 import os
+import posixpath
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from typing import Any
 
 import pyarrow as pa
@@ -26,7 +28,7 @@ from pipeline import images, sources
 from pipeline.images import ImageFormat
 from pipeline.shards import Sample, check_key, sample_meta
 from pipeline.sink import ShardLimits, ShardSink
-from pipeline.storage import Store
+from pipeline.storage import Store, location
 
 INDEX_NAME = "_index.parquet"
 
@@ -199,6 +201,7 @@ def ingest(
             f"{output.url} already holds {existing[0]} (an earlier ingest); choose another --output or pass --overwrite"
         )
     plan, problems = sources.plan(urls, options or {})
+    _refuse_writing_over(plan, output, config.prefix)
     summary = IngestSummary(problems=list(problems))
     rows = [problem_row(p) for p in problems]
     seen_keys: set[str] = set()
@@ -236,6 +239,24 @@ def ingest(
     summary.notes = sum(r["status"] == "note" for r in rows)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _refuse_writing_over(plan: list[sources.Source], output: Store, prefix: str) -> None:
+    """Re-sharding shards in place (`--overwrite` into their own folder, same prefix) would commit new
+    shards over old ones that are not read yet: refused before anything is written."""
+    folder = output.location()
+    for source in plan:
+        protocol, path = location(source.fs, source.paths[0])
+        name = posixpath.basename(path)
+        if (
+            source.kind == "shard"
+            and (protocol, posixpath.dirname(path)) == folder
+            and fnmatch(name, f"{prefix}-*.tar")
+        ):
+            raise ValueError(
+                f"{source.url}: an input shard where this ingest writes its own {prefix}-*.tar shards, which "
+                "would replace it before it is read; ingest into another --output folder (or with another --prefix)"
+            )
 
 
 Encoded = tuple[Sample, dict[str, Any]]

@@ -9,8 +9,6 @@ starts, naming what is missing: a mistyped range must not quietly deblur a diffe
 
 from __future__ import annotations
 
-import os
-
 from braceexpand import braceexpand
 
 from pipeline.storage import Store, redact
@@ -68,7 +66,7 @@ def without_output(shards: list[str], source: Store, output: Store) -> list[str]
     """`shards` (names in `source`) less those in the output folder, where it lies inside the input folder
     (`frames/` and `frames/deblurred/`: a re-run must not take the results for input). Raises if an
     output shard would be written over an input shard, as when the two folders are one."""
-    (protocol, src), (out_protocol, out) = _place(source), _place(output)
+    (protocol, src), (out_protocol, out) = source.location(), output.location()
     if protocol != out_protocol:
         return shards
     inside = _relative(out, src)
@@ -83,13 +81,6 @@ def without_output(shards: list[str], source: Store, output: Store) -> list[str]
             f"e.g. {redact(source.url)}-deblurred"
         )
     return shards
-
-
-def _place(store: Store) -> tuple[str, str]:
-    """(protocol, folder path) to compare two stores by; local paths with links and '..' resolved."""
-    fs, root = store.fs, store.root
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol, os.path.realpath(root) if protocol in ("file", "local") else root
 
 
 def _relative(path: str, folder: str) -> str | None:

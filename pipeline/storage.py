@@ -76,6 +76,12 @@ def file_store(url: str, options: Mapping[str, Any]) -> tuple[Store, str]:
     return Store(parent or ".", options), name
 
 
+def location(fs: fsspec.AbstractFileSystem, path: str) -> tuple[str, str]:
+    """(protocol, path) to tell whether two places are one: local paths with links and '..' resolved."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol, os.path.realpath(path) if isinstance(fs, LocalFileSystem) else path.rstrip("/") or path
+
+
 def absolute(url: str) -> str:
     """A local path made absolute (it then means the same from any directory); URLs unchanged."""
     return url if "://" in url else os.path.abspath(url)
@@ -113,6 +119,10 @@ class Store:
     def _resolved(self) -> tuple[fsspec.AbstractFileSystem, str]:
         fs, path = resolve(self.url, self.options)
         return fs, path.rstrip("/") or path
+
+    def location(self) -> tuple[str, str]:
+        """This folder's `location`: equal for two stores that are the same folder."""
+        return location(*self._resolved())
 
     def path(self, name: str) -> str:
         return f"{self.root}/{name}" if name else self.root

@@ -3,6 +3,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -156,6 +157,20 @@ def test_an_earlier_ingest_is_kept_unless_overwrite(tmp_path: Path, memory_store
     ingest([str(short)], memory_store, IngestConfig(limits=ShardLimits(2), overwrite=True))
     assert memory_store.glob("*.tar") == ["frames-000000.tar"]  # stale shards 1 and 2 removed
     assert list(read_samples(memory_store)) == ["short_000000"]
+
+
+def test_resharding_into_the_input_folder_is_refused_and_the_shards_stay(tmp_path: Path) -> None:
+    shards = Store(str(tmp_path / "frames"))
+    ingest([str(write_video(tmp_path / "clip.mp4", frames(12)))], shards, IngestConfig(limits=ShardLimits(6)))
+    before = {name: shards.read_bytes(name) for name in shards.glob("*")}
+    again = IngestConfig(limits=ShardLimits(2), overwrite=True)  # smaller shards: 000001 is written early
+    with pytest.raises(ValueError, match=r"frames-000000.tar: an input shard where this ingest writes its own"):
+        ingest([f"{shards.url}/*.tar"], shards, again)
+    assert {name: shards.read_bytes(name) for name in shards.glob("*")} == before
+    summary = ingest([f"{shards.url}/frames-*.tar"], shards, replace(again, prefix="small"))  # no clash
+    assert (summary.frames, len(shards.glob("small-*.tar"))) == (12, 6)
+    assert {name: shards.read_bytes(name) for name in shards.glob("frames-*.tar")} == {
+        name: data for name, data in before.items() if name.startswith("frames-")}  # fmt: skip
 
 
 def test_cli_ingest_summarises_and_fails_when_nothing_was_ingested(
