@@ -95,6 +95,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     a.add_argument(
         "--constant-rate", action="store_true", help="write at the nominal fps even where the source's timing varies"
     )
+    a.add_argument("--overwrite", action="store_true", help="replace the --to file if it exists")
     add_storage_option(a)
     a.set_defaults(run=cmd_assemble)
 
@@ -111,7 +112,7 @@ def cmd_assemble(args: argparse.Namespace) -> int:
     store = Store(args.input, parse_storage_options(args.storage_option))
     source = Path(args.source) if args.source else None
     done = assemble(store, args.video, Path(args.to), codec=args.codec, source=source, image=args.image_member,
-                    constant_rate=args.constant_rate)  # fmt: skip
+                    constant_rate=args.constant_rate, overwrite=args.overwrite)  # fmt: skip
     audio = f", audio from {source.name}" if source else ""
     timing = "; variable frame rate: each frame at its source timestamp" if done.variable_rate else ""
     print(f"wrote {args.to}: {done.frames} frames of {args.video}{audio}{timing}")

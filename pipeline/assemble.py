@@ -153,12 +153,18 @@ def assemble(
     source: Path | None = None,
     image: str | None = None,
     constant_rate: bool = False,
+    overwrite: bool = False,
 ) -> Assembled:
-    """Write the video. `codec` defaults from `to`'s suffix; `constant_rate` ignores the frames'
-    timestamps even when they vary."""
+    """Write the video (complete, or nothing at `to`). `codec` defaults from `to`'s suffix;
+    `constant_rate` ignores the frames' timestamps even when they vary; an existing `to` is replaced
+    only with `overwrite`, and never when it is `source`."""
     codec = codec or next((c for c, s in CODEC_SUFFIX.items() if s == to.suffix.lower()), None)
     if codec is None or CODEC_SUFFIX[codec] != to.suffix.lower():
         raise AssembleError(f"{to}: use .mkv (ffv1), .mp4 (h264, mp4v) or .avi (mjpg) for --codec {codec or '?'}")
+    if source is not None and to.exists() and to.samefile(source):
+        raise AssembleError(f"{to}: this is the --source video, which is read for its audio; write to another file")
+    if to.exists() and not overwrite:
+        raise AssembleError(f"{to}: already exists; choose another --to, or pass --overwrite to replace it")
     frames = index_video(store, video_id)
     check(frames, count_frames(source) if source is not None else None)
     fps = frames.fps or 25.0
@@ -176,9 +182,10 @@ def assemble(
         else:
             written = write_video(video, pixels, fps, mp4v=codec == "mp4v")
         if source is not None:
-            _mux_audio(video, source, to)
-        else:
-            video.replace(to)
+            muxed = Path(tmp) / f"muxed{to.suffix}"
+            _mux_audio(video, source, muxed)
+            video = muxed
+        video.replace(to)
     return Assembled(written, timed)
 
 

@@ -62,6 +62,26 @@ def test_frames_come_back_in_order_losslessly_with_the_audio(ingested: tuple[Pat
     assert cv2.VideoCapture(str(out)).get(cv2.CAP_PROP_FPS) == pytest.approx(10, abs=0.01)
 
 
+def test_an_existing_file_is_replaced_only_when_asked_and_never_the_source(
+    ingested: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    source, shards = ingested
+    out = tmp_path / "clip.mkv"
+    out.write_bytes(b"someone's video")
+    assert main(["assemble", str(shards), "--video", "clip", "--to", str(out)]) == 2
+    assert "already exists; choose another --to, or pass --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == b"someone's video"
+    assert main(["assemble", str(shards), "--video", "clip", "--to", str(out), "--overwrite"]) == 0
+    assert len(decode_video(out)) == 20
+    original = source.read_bytes()
+    for extra in ([], ["--overwrite"]):
+        to = str(tmp_path / ".." / source.parent.name / source.name)  # the source, spelt another way
+        assert main(["assemble", str(shards), "--video", "clip", "--to", to, "--source", str(source), *extra]) == 2
+        assert "this is the --source video" in capsys.readouterr().err
+    assert source.read_bytes() == original
+    assert [p.name for p in tmp_path.iterdir()] == ["clip.mkv"]  # no temporary left behind
+
+
 @pytest.mark.parametrize(
     ("codec", "suffix", "marker"), [("h264", ".mp4", "Video: h264"), ("mp4v", ".mp4", "Video: mpeg4")]
 )
