@@ -76,6 +76,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--patch-size", type=int, default=64, help="tile size of the per-patch PSNR grid")
     s.add_argument("--scenes", default=",".join(SAMPLE_IMAGES), help="comma-separated scikit-image samples")
     s.add_argument("--max-frames-per-shard", type=int, default=1000)
+    s.add_argument("--overwrite", action="store_true", help="replace an earlier set of pairs in --output")
     s.add_argument("--video", type=Path, help="also write a blurry clip (.mp4 H.264, .mkv lossless FFV1, .avi MJPG)")
     s.add_argument("--video-sharp", type=Path, help="and its sharp ground truth here")
     s.add_argument("--video-frames", type=int, default=48, help="clip length in frames (default: 48)")
@@ -136,7 +137,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         )
         store = Store(args.output, parse_storage_options(args.storage_option))
         with tqdm(total=config.count, unit=" pairs", desc="synth", file=sys.stderr, disable=None) as bar:
-            shards = write_pairs(store, config, progress=bar.update)
+            shards = write_pairs(store, config, progress=bar.update, overwrite=args.overwrite)
         print(f"wrote {config.count} pairs in {len(shards)} shard(s) and _index.parquet to {args.output}")
     if args.video is not None:
         clip = ClipConfig(args.video_scene, args.video_frames, args.fps, args.video_size, args.seed, spec)

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from pipeline import images, sources
 from pipeline.images import ImageFormat
 from pipeline.shards import Sample, check_key, sample_meta
-from pipeline.sink import ShardLimits, ShardSink
+from pipeline.sink import ShardLimits, ShardSink, refuse_earlier, remove_stale
 from pipeline.storage import Store, location
 
 INDEX_NAME = "_index.parquet"
@@ -195,11 +195,7 @@ def ingest(
 ) -> IngestSummary:
     """Ingest every source under `urls` (read with `options`) into shards + index under `output`."""
     start = time.perf_counter()
-    existing = output.glob(f"{config.prefix}-*.tar") + output.glob(INDEX_NAME)
-    if existing and not config.overwrite:
-        raise FileExistsError(
-            f"{output.url} already holds {existing[0]} (an earlier ingest); choose another --output or pass --overwrite"
-        )
+    refuse_earlier(output, config.prefix, INDEX_NAME, config.overwrite)
     plan, problems = sources.plan(urls, options or {})
     _refuse_writing_over(plan, output, config.prefix)
     summary = IngestSummary(problems=list(problems))
@@ -233,8 +229,7 @@ def ingest(
     output.commit_bytes(INDEX_NAME, index_bytes(rows))
     output.remove_tmp_folder()
     if config.overwrite:
-        for stale in sorted(set(output.glob(f"{config.prefix}-*.tar")) - set(summary.shards)):
-            output.remove(stale)
+        remove_stale(output, config.prefix, summary.shards)
     summary.skipped = sum(p.skipped for p in summary.problems)
     summary.notes = sum(r["status"] == "note" for r in rows)
     summary.seconds = time.perf_counter() - start

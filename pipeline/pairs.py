@@ -22,7 +22,7 @@ from pipeline import images
 from pipeline.ingest import INDEX_NAME
 from pipeline.scenes import SAMPLE_IMAGES, fit, load_sample
 from pipeline.shards import Sample, check_key
-from pipeline.sink import ShardLimits, ShardSink
+from pipeline.sink import ShardLimits, ShardSink, refuse_earlier, remove_stale
 from pipeline.storage import Store
 from pipeline.synth import BlurSpec, synthesize_clip, synthesize_pair
 from pipeline.video import write_video
@@ -102,10 +102,15 @@ def pair_sample(i: int, config: SynthConfig, scenes: dict[str, np.ndarray]) -> S
     )
 
 
-def write_pairs(output: Store, config: SynthConfig, progress: Callable[[int], None] | None = None) -> list[str]:
-    """Write `config.count` pairs as shards + an index; returns the shard names."""
+def write_pairs(
+    output: Store, config: SynthConfig, progress: Callable[[int], None] | None = None, *, overwrite: bool = False
+) -> list[str]:
+    """Write `config.count` pairs as shards + an index; returns the shard names. An output holding an
+    earlier set is refused unless `overwrite` (then its shards are replaced, none left over)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    refuse_earlier(output, config.prefix, INDEX_NAME, overwrite)
 
     scenes = {name: load_sample(name) for name in dict.fromkeys(config.scenes)}
     rows = []
@@ -122,6 +127,8 @@ def write_pairs(output: Store, config: SynthConfig, progress: Callable[[int], No
     pq.write_table(pa.Table.from_pylist(rows), buffer)
     output.commit_bytes(INDEX_NAME, buffer.getvalue())
     output.remove_tmp_folder()
+    if overwrite:
+        remove_stale(output, config.prefix, sink.committed)
     return sink.committed
 
 

@@ -27,6 +27,22 @@ class ShardLimits:
             raise ValueError(f"shard limits must be positive, got {self}")
 
 
+def refuse_earlier(store: Store, prefix: str, index: str, overwrite: bool) -> None:
+    """An earlier run's `<prefix>-*.tar` shards or index in `store` stop a new run unless `overwrite`:
+    new shards over some of the old ones would leave a mix of the two."""
+    earlier = store.glob(f"{prefix}-*.tar") + store.glob(index)
+    if earlier and not overwrite:
+        raise FileExistsError(
+            f"{store.url} already holds {earlier[0]} (an earlier run's); choose another --output or pass --overwrite"
+        )
+
+
+def remove_stale(store: Store, prefix: str, keep: list[str]) -> None:
+    """After an `overwrite` run: remove the earlier run's shards that this one did not write again."""
+    for stale in sorted(set(store.glob(f"{prefix}-*.tar")) - set(keep)):
+        store.remove(stale)
+
+
 class ShardSink:
     """Append samples; `add` returns the name of the shard the sample went into."""
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -13,6 +14,7 @@ from adarevd.classifier import psnr_bucket
 from jobs.cli import main
 from pipeline.pairs import ClipConfig, SynthConfig, patch_psnr, psnr, write_clip, write_pairs
 from pipeline.scenes import load_sample
+from pipeline.sink import ShardLimits
 from pipeline.storage import Store
 from pipeline.synth import BlurSpec, synthesize_clip
 from tests.media import decode_video, read_samples
@@ -32,6 +34,19 @@ def test_same_options_same_bytes_other_seed_other_bytes(memory_store: Store) -> 
     third = Store(memory_store.url + "-c")
     write_pairs(third, SynthConfig(**{**SMALL.__dict__, "seed": 1}))
     assert third.read_bytes("pairs-000000.tar") != memory_store.read_bytes("pairs-000000.tar")
+
+
+def test_an_earlier_set_is_kept_unless_overwrite_which_leaves_none_of_it(memory_store: Store) -> None:
+    four = SynthConfig(count=4, size=(64, 64), limits=ShardLimits(max_samples=1))
+    write_pairs(memory_store, four)
+    before = {name: memory_store.read_bytes(name) for name in memory_store.glob("*")}
+    one = replace(four, count=1, seed=5)
+    with pytest.raises(FileExistsError, match=r"already holds pairs-000000.tar .*pass --overwrite"):
+        write_pairs(memory_store, one)
+    assert {name: memory_store.read_bytes(name) for name in memory_store.glob("*")} == before
+    assert write_pairs(memory_store, one, overwrite=True) == ["pairs-000000.tar"]
+    assert sorted(memory_store.glob("*")) == ["_index.parquet", "pairs-000000.tar"]  # no shard of the first set
+    assert sorted(read_samples(memory_store)) == ["synth-s5_000000"]
 
 
 def test_pairs_carry_trajectory_and_psnr_that_match_the_pixels(memory_store: Store) -> None:
