@@ -192,9 +192,9 @@ def cmd_deblur(args: argparse.Namespace) -> int:
         take_over=args.take_over,
         storage_retry_s=args.storage_retry,
     )
-    shards = job.shards(options)  # before the model and Ray: a mistyped input stops at once
     model, source, weight_files = load_model(args.model, args.weights, torch.device("cpu"))
     fingerprint = adarevd.fingerprint(model)
+    shards = job.shards(options)  # before Ray starts: a mistyped input stops at once
     print(f"model: {model.config.encoder} encoder, width {model.config.width}, {model.num_columns} columns; "
           f"weights: {source}; fingerprint {fingerprint[:12]}")  # fmt: skip
     started = time.perf_counter()

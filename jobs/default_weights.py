@@ -248,7 +248,9 @@ def finish_default_weights(
         "calibration": asdict(found),
         "command": "adarevd make-default-weights",
     }
-    adarevd.save_weights(model, output, metadata={"adarevd.provenance": json.dumps(provenance)})
+    tmp = output.with_name(f".{output.name}.tmp")  # then moved: the bundled file is never half-written
+    adarevd.save_weights(model, tmp, metadata={"adarevd.provenance": json.dumps(provenance)})
+    os.replace(tmp, output)
     return metrics
 
 

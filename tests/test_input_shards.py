@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-import jobs.deblur
 import pipeline.deblur
 from jobs.cli import main
 from jobs.deblur import expected_frames
@@ -93,13 +92,12 @@ def test_patterns_on_s3(s3: S3Server) -> None:
         list_shards(store, "a/video-{000002..000003}.tar")
 
 
-def test_the_cli_refuses_a_bad_input_before_it_loads_the_model_or_starts_ray(
+def test_the_cli_refuses_a_bad_input_before_it_starts_ray(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     def not_yet(*_: object, **__: object) -> None:
         raise AssertionError("the input should have been refused before this")
 
-    monkeypatch.setattr(jobs.deblur, "load_model", not_yet)
     monkeypatch.setattr(pipeline.deblur, "ensure_ray", not_yet)
     filled(Store(str(tmp_path / "in")))
     out = tmp_path / "out"
