@@ -87,7 +87,8 @@ def _relative(path: str, folder: str) -> str | None:
     """`path` relative to `folder` ('' for the folder itself), or None if it lies outside."""
     if path == folder:
         return ""
-    return path[len(folder) + 1 :] if path.startswith(folder.rstrip("/") + "/") else None
+    prefix = folder.rstrip("/") + "/"
+    return path[len(prefix) :] if path.startswith(prefix) else None
 
 
 def _matches(source: Store, name: str) -> list[str]:

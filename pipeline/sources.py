@@ -97,15 +97,15 @@ def plan(urls: Sequence[str], options: Mapping[str, Any]) -> tuple[list[Source],
     """Expand URLs into sources in a stable order; files that are none of video/image/shard are problems."""
     sources: list[Source] = []
     problems: list[Problem] = []
-    seen: set[tuple[str, str]] = set()  # (protocol, path): a file that several URLs name is read once
+    seen: set[tuple[str, str]] = set()  # storage.location of each file: one that several URLs name is read once
     for url in urls:
         fs, _ = resolve(url, options)
         files, missing = storage.call("list", url, lambda url=url, fs=fs: _expand(url, fs, options))
         problems += [Problem(redact(m), reason) for m, reason in missing]
         new = []
         for path in files:
-            if (str(fs.protocol), path) not in seen:
-                seen.add((str(fs.protocol), path))
+            if (where := storage.location(fs, path)) not in seen:
+                seen.add(where)
                 new.append(path)
         sources += _classify(fs, new, problems)
     return _assign_ids(sources), problems
