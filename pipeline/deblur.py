@@ -42,7 +42,7 @@ from pipeline.job import DeblurJob, DeviceError, Resources, RestoreOptions, Stal
 from pipeline.manifests import exit_histogram, read_manifests
 from pipeline.output_lock import LockLost, OutputLock
 from pipeline.restorer import FrameRestorer
-from pipeline.shard_job import RUN_FILE, ShardReport, add_histogram, is_done
+from pipeline.shard_job import RUN_FILE, ShardReport, add_histogram, is_done, refuse_foreign
 from pipeline.shard_task import ProgressActor, ShardWorker
 from pipeline.shards import ShardError
 from pipeline.storage import StorageError, Store, absolute, redact
@@ -179,6 +179,7 @@ def run(
     output = job.stores(options)[1]
     shards = list(job.shards(options) if shards is None else shards)
     summary = RunSummary(shards_total=len(shards))
+    refuse_foreign(output, shards)  # before the lease: nothing is written into another dataset's folder
     # One run at a time on an output: a second one refuses (or takes over a dead one's lease).
     lock = OutputLock(output, summary.run_id, stale_after_s=job.lock_stale_s)
     lock.acquire(take_over=job.take_over)

@@ -28,9 +28,10 @@ import pyarrow.parquet as pq
 
 from pipeline.batching import batched
 from pipeline.frames import FrameIn, FrameOut, Rejected, decode_sample
+from pipeline.output_lock import LOCK_DIR
 from pipeline.processes import alive
 from pipeline.shards import ShardError, TarShardWriter, encode_shard, iter_samples
-from pipeline.storage import Store
+from pipeline.storage import Store, redact
 
 MANIFEST_DIR, QUARANTINE_DIR, RUN_FILE = "_manifest", "_quarantine", "_run.json"
 TEMP_PREFIX = "adarevd-deblur-"  # + <pid>-: a shard's output while it is written
@@ -235,6 +236,23 @@ def remove_stale_temp(folder: str | None = None) -> list[str]:
 
 def is_done(output: Store, shard: str) -> bool:
     return output.exists(output_names(shard)[1])
+
+
+def refuse_foreign(output: Store, shards: list[str]) -> None:
+    """Raise if `output` holds shards at the names these input shards write to while no deblur run has
+    written it (no `_manifest/`, `_run.json` or `_lock/`, which a run that died leaves): another
+    dataset's shards, which the run would replace."""
+    if not shards or any(output.exists(name) for name in (MANIFEST_DIR, RUN_FILE, LOCK_DIR)):
+        return
+    there = set(output.glob("**/*.tar"))
+    foreign = [shard for shard in shards if output_names(shard)[0] in there]
+    if foreign:
+        raise FileExistsError(
+            f"{redact(output.url_of(output_names(foreign[0])[0]))}: the output folder already holds this shard "
+            f"({len(foreign)} of the {len(shards)} this run writes) but no deblur run's _manifest/ or {RUN_FILE}, so "
+            "they are not deblurred output and the run would replace them; give an empty folder or an earlier "
+            "deblur output (if a run of yours stopped before its first manifest, remove its shards and run again)"
+        )
 
 
 def local_restore(restorer: Callable[[list[FrameIn]], list[FrameOut | Rejected]]) -> RestoreFn:

@@ -136,6 +136,21 @@ def test_a_shard_pattern_deblurs_only_the_shards_it_names(
     assert "warning" not in capsys.readouterr().out  # the blurry frames found under the recorded root
 
 
+def test_an_output_folder_holding_another_datasets_shards_is_refused(
+    local_ray: None, inputs: tuple[Store, dict], model: Model, tmp_path: Path
+) -> None:
+    source, _ = inputs
+    (tmp_path / "other").mkdir()  # someone's frames under a name this run would write
+    (tmp_path / "other" / "video-000001.tar").write_bytes(tar_bytes(source)["video-000001.tar"])
+    other = Store(str(tmp_path / "other"))
+    with pytest.raises(
+        FileExistsError, match=r"other/video-000001.tar: the output folder already holds this shard \(1 of"
+    ):
+        run(job(source, other), model)
+    assert [f.name for f in (tmp_path / "other").rglob("*")] == ["video-000001.tar"]  # nothing written
+    assert other.read_bytes("video-000001.tar") == tar_bytes(source)["video-000001.tar"]
+
+
 def test_a_flush_timeout_run_gives_every_frame(
     reference: tuple[Store, deblur.RunSummary], inputs: tuple[Store, dict], model: Model, tmp_path: Path
 ) -> None:
