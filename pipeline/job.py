@@ -118,6 +118,20 @@ class DeblurJob:
         source, output = self.stores(options)
         return without_output(list_shards(source, split_input(self.input_url)[1]), source, output)
 
+    def made_with(self, fingerprint: str) -> dict[str, Any]:
+        """What decides an output frame's pixels, recorded in each manifest: a resume must not mix
+        outputs made otherwise. Batch size, routing and resources are left out: they move only the
+        last bit of float rounding, and a run may resume on other hardware."""
+        r = self.restore
+        return {
+            "model_fingerprint": fingerprint,
+            "exit": r.exit,
+            "encoder_mode": r.encoder_mode,
+            "precision": r.precision,
+            "jpeg_quality": r.jpeg_quality,
+            "image_member": self.image_member,
+        }
+
     def batch_frames(self) -> int:
         """Frames per call; on a resolved job (`resolved`), the default follows the actors' device."""
         return self.frames_per_batch or (16 if self.resources.uses_gpus() else 1)

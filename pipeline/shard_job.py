@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,9 +31,11 @@ from pipeline.frames import FrameIn, FrameOut, Rejected, decode_sample
 from pipeline.output_lock import LOCK_DIR
 from pipeline.processes import alive
 from pipeline.shards import ShardError, TarShardWriter, encode_shard, iter_samples
-from pipeline.storage import Store, redact
+from pipeline.storage import Store, location, redact
 
 MANIFEST_DIR, QUARANTINE_DIR, RUN_FILE = "_manifest", "_quarantine", "_run.json"
+# A manifest's metadata: the input shard it was made from and how (`DeblurJob.made_with`), for resume.
+SOURCE_KEY, MADE_WITH_KEY = "adarevd.source", "adarevd.made_with"
 TEMP_PREFIX = "adarevd-deblur-"  # + <pid>-: a shard's output while it is written
 RestoreFn = Callable[[Iterable[list[FrameIn]]], Iterator[list[FrameOut | Rejected]]]
 
@@ -129,6 +131,7 @@ def process_shard(
     run_id: str = "",
     max_frames: int | None = None,
     on_frames: Callable[[int, list[int]], None] | None = None,
+    made_with: Mapping[str, Any] | None = None,
 ) -> ShardReport:
     start = time.perf_counter()
     report = ShardReport(shard)
@@ -173,7 +176,11 @@ def process_shard(
         output.commit_bytes(quarantine_index, _parquet(table))
     if report.complete and not report.damaged:
         table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA).replace_schema_metadata(
-            {"adarevd.shard_errors": json.dumps(report.errors)}
+            {
+                "adarevd.shard_errors": json.dumps(report.errors),
+                SOURCE_KEY: file_location(source, shard),
+                MADE_WITH_KEY: json.dumps(made_with or {}, sort_keys=True),
+            }
         )
         output.commit_bytes(manifest_name, _parquet(table))  # last: the shard is done
     report.seconds = time.perf_counter() - start
@@ -236,6 +243,34 @@ def remove_stale_temp(folder: str | None = None) -> list[str]:
 
 def is_done(output: Store, shard: str) -> bool:
     return output.exists(output_names(shard)[1])
+
+
+def file_location(store: Store, name: str) -> str:
+    """`protocol://path` of a file, links and '..' resolved: the same for two spellings of one file."""
+    protocol, path = location(store.fs, store.path(name))
+    return f"{protocol}://{path}"
+
+
+def check_resume(output: Store, source: Store, shard: str, made_with: Mapping[str, Any]) -> None:
+    """Raise unless the done `shard`'s manifest says it came from this input shard, made as this run
+    makes it: a resume must not skip another input's shard of the same name, nor mix outputs of other
+    weights or options. (Manifests written before these records existed are taken as they are.)"""
+    manifest = output_names(shard)[1]
+    metadata = pq.read_schema(io.BytesIO(output.read_bytes(manifest))).metadata or {}
+    came_from = metadata.get(SOURCE_KEY.encode(), b"").decode()
+    if came_from and came_from != file_location(source, shard):
+        raise FileExistsError(
+            f"{redact(output.url_of(manifest))}: {shard} was deblurred from {came_from}, not from this run's "
+            f"{file_location(source, shard)}, and would be skipped as done; give another output folder"
+        )
+    recorded = json.loads(metadata.get(MADE_WITH_KEY.encode(), b"{}"))
+    changed = [f"{key} {recorded[key]!r} (this run: {value!r})" for key, value in made_with.items()
+               if key in recorded and recorded[key] != value]  # fmt: skip
+    if changed:
+        raise ValueError(
+            f"{redact(output.url)}: its shards were deblurred with {', '.join(changed)}; resuming would mix "
+            "the two in one output. Give another output folder, or the same options to resume"
+        )
 
 
 def refuse_foreign(output: Store, shards: list[str]) -> None:

@@ -150,6 +150,7 @@ class ShardWorker:
                 run_id=run_id,
                 max_frames=max_frames,
                 on_frames=lambda n, histogram: progress.add.remote(shard, n, histogram),
+                made_with=job.made_with(fingerprint),
             )
 
         # A store that drops the connection in the middle of a shard's stream: redo the shard (its

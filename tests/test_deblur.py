@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -149,6 +150,27 @@ def test_an_output_folder_holding_another_datasets_shards_is_refused(
         run(job(source, other), model)
     assert [f.name for f in (tmp_path / "other").rglob("*")] == ["video-000001.tar"]  # nothing written
     assert other.read_bytes("video-000001.tar") == tar_bytes(source)["video-000001.tar"]
+
+
+def test_a_resume_refuses_other_weights_options_or_an_input_with_the_same_names(
+    reference: tuple[Store, deblur.RunSummary], inputs: tuple[Store, dict], model: Model, tmp_path: Path
+) -> None:
+    source, _ = inputs
+    copy = Store(str(shutil.copytree(reference[0].url, tmp_path / "out")))
+    copy.remove(output_names("video-000001.tar")[1])  # one shard left to do: a resume
+    before = {f: f.read_bytes() for f in (tmp_path / "out").rglob("*") if f.is_file()}
+    with pytest.raises(ValueError, match=r"deblurred with exit 'adaptive' \(this run: 2\); resuming would mix"):
+        run(job(source, copy, restore=deblur.RestoreOptions(exit=2)), model)
+    elsewhere = Store(str(shutil.copytree(source.url, tmp_path / "other-input")))  # the same shard names
+    with pytest.raises(
+        FileExistsError, match=r"images-000000.tar was deblurred from file://.*deblur-in.*, not from this run"
+    ):
+        run(job(elsewhere, copy), model)
+    assert {f: f.read_bytes() for f in (tmp_path / "out").rglob("*") if f.is_file()} == before  # nothing written
+    (tmp_path / "link").symlink_to(source.url)
+    summary = run(job(Store(str(tmp_path / "link")), copy), model)  # the same input, through a link: resumes
+    assert (summary.shards_skipped, len(summary.reports)) == (2, 1)
+    assert tar_bytes(copy) == tar_bytes(reference[0])
 
 
 def test_a_flush_timeout_run_gives_every_frame(
