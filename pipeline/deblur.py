@@ -176,7 +176,7 @@ def run(
     options = dict(options or {})
     start = time.perf_counter()
     job = job.resolved(ray.cluster_resources())  # GPU shares and actor counts for this cluster
-    output = job.stores(options)[1]
+    source, output = job.stores(options)
     shards = list(job.shards(options) if shards is None else shards)
     summary = RunSummary(shards_total=len(shards))
     refuse_foreign(output, shards)  # before the lease: nothing is written into another dataset's folder
@@ -190,7 +190,7 @@ def run(
             pending = set(todo)
             done = next((s for s in shards if s not in pending), None)
             if done is not None:  # the first done shard stands for the run that made it
-                check_resume(output, job.stores(options)[0], done, job.made_with(fingerprint))
+                check_resume(output, source, done, job.made_with(fingerprint))
             summary.shards_skipped = len(shards) - len(todo)
             if todo:
                 _process(job, model, fingerprint, todo, summary, weight_files, options, on_progress, make_restorer,

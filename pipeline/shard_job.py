@@ -31,7 +31,7 @@ from pipeline.frames import FrameIn, FrameOut, Rejected, decode_sample
 from pipeline.output_lock import LOCK_DIR
 from pipeline.processes import alive
 from pipeline.shards import ShardError, TarShardWriter, encode_shard, iter_samples
-from pipeline.storage import Store, location, redact
+from pipeline.storage import Store, redact
 
 MANIFEST_DIR, QUARANTINE_DIR, RUN_FILE = "_manifest", "_quarantine", "_run.json"
 # A manifest's metadata: the input shard it was made from and how (`DeblurJob.made_with`), for resume.
@@ -247,7 +247,7 @@ def is_done(output: Store, shard: str) -> bool:
 
 def file_location(store: Store, name: str) -> str:
     """`protocol://path` of a file, links and '..' resolved: the same for two spellings of one file."""
-    protocol, path = location(store.fs, store.path(name))
+    protocol, path = store.location(name)
     return f"{protocol}://{path}"
 
 
@@ -257,11 +257,11 @@ def check_resume(output: Store, source: Store, shard: str, made_with: Mapping[st
     weights or options. (Manifests written before these records existed are taken as they are.)"""
     manifest = output_names(shard)[1]
     metadata = pq.read_schema(io.BytesIO(output.read_bytes(manifest))).metadata or {}
-    came_from = metadata.get(SOURCE_KEY.encode(), b"").decode()
-    if came_from and came_from != file_location(source, shard):
+    came_from, here = metadata.get(SOURCE_KEY.encode(), b"").decode(), file_location(source, shard)
+    if came_from and came_from != here:
         raise FileExistsError(
             f"{redact(output.url_of(manifest))}: {shard} was deblurred from {came_from}, not from this run's "
-            f"{file_location(source, shard)}, and would be skipped as done; give another output folder"
+            f"{here}, and would be skipped as done; give another output folder"
         )
     recorded = json.loads(metadata.get(MADE_WITH_KEY.encode(), b"{}"))
     changed = [f"{key} {recorded[key]!r} (this run: {value!r})" for key, value in made_with.items()

@@ -120,9 +120,9 @@ class Store:
         fs, path = resolve(self.url, self.options)
         return fs, path.rstrip("/") or path
 
-    def location(self) -> tuple[str, str]:
-        """This folder's `location`: equal for two stores that are the same folder."""
-        return location(*self._resolved())
+    def location(self, name: str = "") -> tuple[str, str]:
+        """The `location` of this folder (or of `name` in it): equal for two spellings of one place."""
+        return location(self.fs, self.path(name))
 
     def path(self, name: str) -> str:
         return f"{self.root}/{name}" if name else self.root
