@@ -216,6 +216,9 @@ def print_summary(summary: RunSummary, output_url: str, wall: float) -> None:
     frames = summary.frames
     if summary.took_over:
         print(f"took the output over from {summary.took_over}")
+    if summary.input_moved_from:
+        print(f"resuming an output deblurred from another place ({summary.input_moved_from}, the first done shard); "
+              "this input's shard there has the same bytes")  # fmt: skip
     histogram = summary.histogram
     patches = sum(histogram) or 1
     actors = f"workers: {summary.workers}"

@@ -64,6 +64,7 @@ class RunSummary:
     encoder_nodes: dict[str, int] = field(default_factory=dict)  # node id -> encoder actors (depth pools)
     devices: dict[str, int] = field(default_factory=dict)  # 'cuda' / 'cpu' -> actors whose model runs there
     took_over: str | None = None  # the earlier run whose lease on the output this one took, and why
+    input_moved_from: str | None = None  # resume: where the done shards were read (the same bytes as here)
     pool_plans: list[list[int]] = field(default_factory=list)  # depth pools: actors per depth 1..N, each plan
 
     @property
@@ -190,7 +191,7 @@ def run(
             pending = set(todo)
             done = next((s for s in shards if s not in pending), None)
             if done is not None:  # the first done shard stands for the run that made it
-                check_resume(output, source, done, job.made_with(fingerprint))
+                summary.input_moved_from = check_resume(output, source, done, job.made_with(fingerprint))
             summary.shards_skipped = len(shards) - len(todo)
             if todo:
                 _process(job, model, fingerprint, todo, summary, weight_files, options, on_progress, make_restorer,
@@ -416,6 +417,7 @@ def run_json(
         "input_pattern": pattern,  # the shards a pattern named (None: all in the folder)
         "output": redact(absolute(job.output_url)),
         "took_over": summary.took_over,
+        "input_moved_from": summary.input_moved_from,
         "model": {"fingerprint": fingerprint, "config": json.loads(config.to_json())},
         "options": {
             "restore": asdict(job.restore),

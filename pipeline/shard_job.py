@@ -20,13 +20,14 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.batching import batched
+from pipeline.digests import Digest, DigestReader, digest_of
 from pipeline.frames import FrameIn, FrameOut, Rejected, decode_sample
 from pipeline.output_lock import LOCK_DIR
 from pipeline.processes import alive
@@ -35,7 +36,7 @@ from pipeline.storage import Store, redact
 
 MANIFEST_DIR, QUARANTINE_DIR, RUN_FILE = "_manifest", "_quarantine", "_run.json"
 # A manifest's metadata: the input shard it was made from and how (`DeblurJob.made_with`), for resume.
-SOURCE_KEY, MADE_WITH_KEY = "adarevd.source", "adarevd.made_with"
+SOURCE_KEY, SOURCE_DIGEST_KEY, MADE_WITH_KEY = "adarevd.source", "adarevd.source_digest", "adarevd.made_with"
 TEMP_PREFIX = "adarevd-deblur-"  # + <pid>-: a shard's output while it is written
 RestoreFn = Callable[[Iterable[list[FrameIn]]], Iterator[list[FrameOut | Rejected]]]
 
@@ -149,7 +150,8 @@ def process_shard(
     with tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{os.getpid()}-") as tmp:
         local = os.path.join(tmp, "out.tar")
         with source.open(shard) as stream, open(local, "wb") as file, TarShardWriter(file) as writer:
-            items = read_frames(stream, shard, image_member, report, max_frames)
+            reader = DigestReader(stream)
+            items = read_frames(reader, shard, image_member, report, max_frames)
             for results in restore(batched(frames_only(items), frames_per_batch, flush_s)):
                 batch_histogram: list[int] = []
                 finished_at = time.time()
@@ -164,6 +166,7 @@ def process_shard(
                 add_histogram(report.histogram, batch_histogram)
                 if on_frames:
                     on_frames(len(results), batch_histogram)
+            read = reader.digest() if report.complete and not report.damaged else None
         output.commit_file(out_name, local)
         report.bytes_out = os.path.getsize(local)
     report.quarantined = len(rejected)
@@ -179,6 +182,7 @@ def process_shard(
             {
                 "adarevd.shard_errors": json.dumps(report.errors),
                 SOURCE_KEY: file_location(source, shard),
+                SOURCE_DIGEST_KEY: json.dumps(asdict(read)) if read else "",
                 MADE_WITH_KEY: json.dumps(made_with or {}, sort_keys=True),
             }
         )
@@ -251,19 +255,33 @@ def file_location(store: Store, name: str) -> str:
     return f"{protocol}://{path}"
 
 
-def check_resume(output: Store, source: Store, shard: str, made_with: Mapping[str, Any]) -> None:
+def check_resume(output: Store, source: Store, shard: str, made_with: Mapping[str, Any]) -> str | None:
     """Raise unless the done `shard`'s manifest says it came from this input shard, made as this run
     makes it: a resume must not skip another input's shard of the same name, nor mix outputs of other
-    weights or options. (Manifests written before these records existed are taken as they are.)"""
+    weights or options. An input shard at another place than recorded is the same one when its bytes
+    are (size, then sha256: one read); its recorded place is returned then (the input moved). At the
+    recorded place, a size that differs means the input was replaced. (Manifests written before these
+    records existed are checked for what they hold.)"""
     manifest = output_names(shard)[1]
-    metadata = pq.read_schema(io.BytesIO(output.read_bytes(manifest))).metadata or {}
-    came_from, here = metadata.get(SOURCE_KEY.encode(), b"").decode(), file_location(source, shard)
-    if came_from and came_from != here:
+    metadata = {k.decode(): v.decode() for k, v in
+                (pq.read_schema(io.BytesIO(output.read_bytes(manifest))).metadata or {}).items()}  # fmt: skip
+    came_from, here = metadata.get(SOURCE_KEY, ""), file_location(source, shard)
+    moved = came_from if came_from and came_from != here else None
+    if metadata.get(SOURCE_DIGEST_KEY):
+        then, size = Digest(**json.loads(metadata[SOURCE_DIGEST_KEY])), source.size(shard)
+        now = _input_digest(source, shard) if moved and size == then.size else None
+        if size != then.size or (now is not None and now != then):
+            raise FileExistsError(
+                f"{redact(output.url_of(manifest))}: {shard} was deblurred from {came_from} ({then}); this run's "
+                f"{here} ({now or f'{size} bytes'}) is another file, and would be skipped as done; give another "
+                "output folder"
+            )
+    elif moved:
         raise FileExistsError(
             f"{redact(output.url_of(manifest))}: {shard} was deblurred from {came_from}, not from this run's "
             f"{here}, and would be skipped as done; give another output folder"
         )
-    recorded = json.loads(metadata.get(MADE_WITH_KEY.encode(), b"{}"))
+    recorded = json.loads(metadata.get(MADE_WITH_KEY, "{}"))
     changed = [f"{key} {recorded[key]!r} (this run: {value!r})" for key, value in made_with.items()
                if key in recorded and recorded[key] != value]  # fmt: skip
     if changed:
@@ -271,6 +289,12 @@ def check_resume(output: Store, source: Store, shard: str, made_with: Mapping[st
             f"{redact(output.url)}: its shards were deblurred with {', '.join(changed)}; resuming would mix "
             "the two in one output. Give another output folder, or the same options to resume"
         )
+    return moved
+
+
+def _input_digest(source: Store, shard: str) -> Digest:
+    with source.open(shard) as stream:
+        return digest_of(stream)
 
 
 def refuse_foreign(output: Store, shards: list[str]) -> None:

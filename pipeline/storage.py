@@ -139,6 +139,9 @@ class Store:
         found = self._call("list", pattern, lambda: self.fs.glob(self.path(pattern)))
         return sorted(p[len(root) + 1 :] for p in found if p.startswith(root + "/"))
 
+    def size(self, name: str) -> int:
+        return self._call("check", name, lambda: int(self.fs.size(self.path(name))))
+
     def read_bytes(self, name: str) -> bytes:
         return self._call("read", name, lambda: self.fs.cat_file(self.path(name)))
 

@@ -161,16 +161,49 @@ def test_a_resume_refuses_other_weights_options_or_an_input_with_the_same_names(
     before = {f: f.read_bytes() for f in (tmp_path / "out").rglob("*") if f.is_file()}
     with pytest.raises(ValueError, match=r"deblurred with exit 'adaptive' \(this run: 2\); resuming would mix"):
         run(job(source, copy, restore=deblur.RestoreOptions(exit=2)), model)
-    elsewhere = Store(str(shutil.copytree(source.url, tmp_path / "other-input")))  # the same shard names
+    # Another input with the same shard names (the first done one, images-000000.tar, differs): refused,
+    # whether its size differs or only its bytes (sha256).
+    first = tmp_path / "other-input" / "images-000000.tar"
+    shutil.copytree(source.url, first.parent)
+    data = bytearray(first.read_bytes())
+    first.write_bytes(bytes(data) + bytes(512))
+    refused = (
+        rf"images-000000.tar was deblurred from file://.*deblur-in.* \({len(data)} bytes, sha256 \w+\); "
+        rf"this run's .*other-input.* \({len(data) + 512} bytes\) is another file"
+    )
+    with pytest.raises(FileExistsError, match=refused):
+        run(job(Store(str(first.parent)), copy), model)
+    data[len(data) // 2] ^= 1
+    first.write_bytes(bytes(data))
     with pytest.raises(
-        FileExistsError, match=r"images-000000.tar was deblurred from file://.*deblur-in.*, not from this run"
+        FileExistsError, match=rf"other-input/images-000000.tar \({len(data)} bytes, sha256 \w+\) is another"
     ):
-        run(job(elsewhere, copy), model)
+        run(job(Store(str(first.parent)), copy), model)
     assert {f: f.read_bytes() for f in (tmp_path / "out").rglob("*") if f.is_file()} == before  # nothing written
     (tmp_path / "link").symlink_to(source.url)
     summary = run(job(Store(str(tmp_path / "link")), copy), model)  # the same input, through a link: resumes
-    assert (summary.shards_skipped, len(summary.reports)) == (2, 1)
+    assert (summary.shards_skipped, len(summary.reports), summary.input_moved_from) == (2, 1, None)
     assert tar_bytes(copy) == tar_bytes(reference[0])
+
+
+def test_a_moved_input_resumes_and_a_replaced_one_is_refused(
+    reference: tuple[Store, deblur.RunSummary], inputs: tuple[Store, dict], model: Model, tmp_path: Path
+) -> None:
+    source, _ = inputs
+    copy = Store(str(shutil.copytree(reference[0].url, tmp_path / "out")))
+    copy.remove(output_names("video-000001.tar")[1])
+    moved = Store(str(shutil.copytree(source.url, tmp_path / "moved")))  # the same bytes at another place
+    summary = run(job(moved, copy), model)
+    assert (summary.shards_skipped, len(summary.reports)) == (2, 1)
+    assert summary.input_moved_from == f"file://{Path(source.url).resolve()}/images-000000.tar"
+    assert run_record(copy)["input_moved_from"] == summary.input_moved_from
+    assert tar_bytes(copy) == tar_bytes(reference[0])
+    # Replaced where it is (re-ingested with other frames): its size differs from the record -> refused.
+    copy.remove(output_names("video-000001.tar")[1])
+    shard = tmp_path / "moved" / "images-000000.tar"
+    shard.write_bytes(shard.read_bytes()[:-1024])
+    with pytest.raises(FileExistsError, match=r"moved/images-000000.tar \(\d+ bytes\) is another file"):
+        run(job(moved, copy), model)
 
 
 def test_a_flush_timeout_run_gives_every_frame(
@@ -241,6 +274,13 @@ def test_s3_in_and_out(
     report = write_report(output, tmp_path, samples=2)  # blurry frames from the S3 input in _run.json
     assert report.warnings == [] and len(report.pictures) == 2
     assert s3.secret_key not in report.page.read_text()
+    # The local input moved to S3: an output of the local one resumes from there (size + sha256 on S3).
+    resumed = Store(str(shutil.copytree(reference[0].url, tmp_path / "resumed")))
+    resumed.remove(output_names("video-000001.tar")[1])
+    summary = deblur.run(job(source, resumed), model.model, options=s3.storage_options)
+    assert (summary.shards_skipped, len(summary.reports)) == (2, 1)
+    assert summary.input_moved_from is not None and summary.input_moved_from.startswith("file://")
+    assert tar_bytes(resumed) == tar_bytes(reference[0])
 
 
 @ray.remote(num_cpus=0)

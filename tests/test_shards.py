@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import hashlib
 import io
 import tarfile
 
 import pytest
 import webdataset as wds
 
+from pipeline.digests import Digest, DigestReader, digest_of
 from pipeline.shards import Sample, ShardError, check_key, encode_shard, iter_samples, use_fsspec_for_webdataset
 from pipeline.storage import Store
 
@@ -118,3 +120,11 @@ def test_webdataset_reads_fsspec_urls(memory_store: Store) -> None:
     use_fsspec_for_webdataset()
     dataset = wds.WebDataset(memory_store.url_of("s-000000.tar"), shardshuffle=False)
     assert [(s["__key__"], s["png"]) for s in dataset] == [(s.key, s.members["png"]) for s in SAMPLES]
+
+
+def test_a_digest_taken_while_reading_samples_covers_the_whole_file() -> None:
+    data = encode_shard(SAMPLES) + bytes(10240)  # padding after the end-of-archive blocks: tar never reads it
+    reader = DigestReader(io.BytesIO(data))
+    assert [s.key for s in iter_samples(reader, "x.tar")] == ["clip_000000", "clip_000001"]
+    assert reader.digest() == Digest(len(data), hashlib.sha256(data).hexdigest())
+    assert digest_of(io.BytesIO(data)) == reader.digest()
