@@ -42,7 +42,8 @@ from pipeline.job import DeblurJob, DeviceError, Resources, RestoreOptions, Stal
 from pipeline.manifests import exit_histogram, read_manifests
 from pipeline.output_lock import LockLost, OutputLock
 from pipeline.restorer import FrameRestorer
-from pipeline.shard_job import RUN_FILE, ShardReport, add_histogram, check_resume, is_done, refuse_foreign
+from pipeline.resume import check_resume, refuse_foreign
+from pipeline.shard_job import RUN_FILE, ShardReport, add_histogram, is_done
 from pipeline.shard_task import ProgressActor, ShardWorker
 from pipeline.shards import ShardError
 from pipeline.storage import StorageError, Store, absolute, redact
@@ -189,9 +190,8 @@ def run(
         with lock.heartbeat():
             todo = [s for s in shards if not is_done(output, s)]
             pending = set(todo)
-            done = next((s for s in shards if s not in pending), None)
-            if done is not None:  # the first done shard stands for the run that made it
-                summary.input_moved_from = check_resume(output, source, done, job.made_with(fingerprint))
+            done = [s for s in shards if s not in pending]
+            summary.input_moved_from = check_resume(output, source, done, job.made_with(fingerprint))
             summary.shards_skipped = len(shards) - len(todo)
             if todo:
                 _process(job, model, fingerprint, todo, summary, weight_files, options, on_progress, make_restorer,

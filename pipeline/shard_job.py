@@ -27,12 +27,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.batching import batched
-from pipeline.digests import Digest, DigestReader, digest_of
+from pipeline.digests import DigestReader
 from pipeline.frames import FrameIn, FrameOut, Rejected, decode_sample
-from pipeline.output_lock import LOCK_DIR
 from pipeline.processes import alive
 from pipeline.shards import ShardError, TarShardWriter, encode_shard, iter_samples
-from pipeline.storage import Store, redact
+from pipeline.storage import Store
 
 MANIFEST_DIR, QUARANTINE_DIR, RUN_FILE = "_manifest", "_quarantine", "_run.json"
 # A manifest's metadata: the input shard it was made from and how (`DeblurJob.made_with`), for resume.
@@ -181,7 +180,7 @@ def process_shard(
         table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA).replace_schema_metadata(
             {
                 "adarevd.shard_errors": json.dumps(report.errors),
-                SOURCE_KEY: file_location(source, shard),
+                SOURCE_KEY: source.file_location(shard),
                 SOURCE_DIGEST_KEY: json.dumps(asdict(read)) if read else "",
                 MADE_WITH_KEY: json.dumps(made_with or {}, sort_keys=True),
             }
@@ -247,71 +246,6 @@ def remove_stale_temp(folder: str | None = None) -> list[str]:
 
 def is_done(output: Store, shard: str) -> bool:
     return output.exists(output_names(shard)[1])
-
-
-def file_location(store: Store, name: str) -> str:
-    """`protocol://path` of a file, links and '..' resolved: the same for two spellings of one file."""
-    protocol, path = store.location(name)
-    return f"{protocol}://{path}"
-
-
-def check_resume(output: Store, source: Store, shard: str, made_with: Mapping[str, Any]) -> str | None:
-    """Raise unless the done `shard`'s manifest says it came from this input shard, made as this run
-    makes it: a resume must not skip another input's shard of the same name, nor mix outputs of other
-    weights or options. An input shard at another place than recorded is the same one when its bytes
-    are (size, then sha256: one read); its recorded place is returned then (the input moved). At the
-    recorded place, a size that differs means the input was replaced. (Manifests written before these
-    records existed are checked for what they hold.)"""
-    manifest = output_names(shard)[1]
-    metadata = {k.decode(): v.decode() for k, v in
-                (pq.read_schema(io.BytesIO(output.read_bytes(manifest))).metadata or {}).items()}  # fmt: skip
-    came_from, here = metadata.get(SOURCE_KEY, ""), file_location(source, shard)
-    moved = came_from if came_from and came_from != here else None
-    if metadata.get(SOURCE_DIGEST_KEY):
-        then, size = Digest(**json.loads(metadata[SOURCE_DIGEST_KEY])), source.size(shard)
-        now = _input_digest(source, shard) if moved and size == then.size else None
-        if size != then.size or (now is not None and now != then):
-            raise FileExistsError(
-                f"{redact(output.url_of(manifest))}: {shard} was deblurred from {came_from} ({then}); this run's "
-                f"{here} ({now or f'{size} bytes'}) is another file, and would be skipped as done; give another "
-                "output folder"
-            )
-    elif moved:
-        raise FileExistsError(
-            f"{redact(output.url_of(manifest))}: {shard} was deblurred from {came_from}, not from this run's "
-            f"{here}, and would be skipped as done; give another output folder"
-        )
-    recorded = json.loads(metadata.get(MADE_WITH_KEY, "{}"))
-    changed = [f"{key} {recorded[key]!r} (this run: {value!r})" for key, value in made_with.items()
-               if key in recorded and recorded[key] != value]  # fmt: skip
-    if changed:
-        raise ValueError(
-            f"{redact(output.url)}: its shards were deblurred with {', '.join(changed)}; resuming would mix "
-            "the two in one output. Give another output folder, or the same options to resume"
-        )
-    return moved
-
-
-def _input_digest(source: Store, shard: str) -> Digest:
-    with source.open(shard) as stream:
-        return digest_of(stream)
-
-
-def refuse_foreign(output: Store, shards: list[str]) -> None:
-    """Raise if `output` holds shards at the names these input shards write to while no deblur run has
-    written it (no `_manifest/`, `_run.json` or `_lock/`, which a run that died leaves): another
-    dataset's shards, which the run would replace."""
-    if not shards or any(output.exists(name) for name in (MANIFEST_DIR, RUN_FILE, LOCK_DIR)):
-        return
-    there = set(output.glob("**/*.tar"))
-    foreign = [shard for shard in shards if output_names(shard)[0] in there]
-    if foreign:
-        raise FileExistsError(
-            f"{redact(output.url_of(output_names(foreign[0])[0]))}: the output folder already holds this shard "
-            f"({len(foreign)} of the {len(shards)} this run writes) but no deblur run's _manifest/ or {RUN_FILE}, so "
-            "they are not deblurred output and the run would replace them; give an empty folder or an earlier "
-            "deblur output (if a run of yours stopped before its first manifest, remove its shards and run again)"
-        )
 
 
 def local_restore(restorer: Callable[[list[FrameIn]], list[FrameOut | Rejected]]) -> RestoreFn:

@@ -124,6 +124,11 @@ class Store:
         """The `location` of this folder (or of `name` in it): equal for two spellings of one place."""
         return location(self.fs, self.path(name))
 
+    def file_location(self, name: str) -> str:
+        """`protocol://path` of a file in this folder, links and '..' resolved: one for every spelling."""
+        protocol, path = self.location(name)
+        return f"{protocol}://{path}"
+
     def path(self, name: str) -> str:
         return f"{self.root}/{name}" if name else self.root
 

@@ -198,11 +198,12 @@ def test_a_moved_input_resumes_and_a_replaced_one_is_refused(
     assert summary.input_moved_from == f"file://{Path(source.url).resolve()}/images-000000.tar"
     assert run_record(copy)["input_moved_from"] == summary.input_moved_from
     assert tar_bytes(copy) == tar_bytes(reference[0])
-    # Replaced where it is (re-ingested with other frames): its size differs from the record -> refused.
+    # Replaced where it is (re-ingested with other frames): its size differs from the record -> refused,
+    # for any done shard (video-000000.tar is not the first).
     copy.remove(output_names("video-000001.tar")[1])
-    shard = tmp_path / "moved" / "images-000000.tar"
+    shard = tmp_path / "moved" / "video-000000.tar"
     shard.write_bytes(shard.read_bytes()[:-1024])
-    with pytest.raises(FileExistsError, match=r"moved/images-000000.tar \(\d+ bytes\) is another file"):
+    with pytest.raises(FileExistsError, match=r"moved/video-000000.tar \(\d+ bytes\) is another file"):
         run(job(moved, copy), model)
 
 

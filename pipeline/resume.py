@@ -1,0 +1,106 @@
+"""Whether an output may take a run: a resume must not skip another input's shards nor mix other
+weights or options (`check_resume`); a folder of another dataset's shards is not overwritten
+(`refuse_foreign`).
+
+A done shard's manifest records its input shard (place, size, sha256) and `DeblurJob.made_with`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from pipeline.digests import Digest, digest_of
+from pipeline.output_lock import LOCK_DIR
+from pipeline.shard_job import MADE_WITH_KEY, MANIFEST_DIR, RUN_FILE, SOURCE_DIGEST_KEY, SOURCE_KEY, output_names
+from pipeline.storage import Store, redact
+
+
+@dataclass(frozen=True)
+class _DoneShard:
+    """What a done shard's manifest recorded of its input, and that input shard's size now."""
+
+    shard: str
+    came_from: str  # "" in a manifest from before the record
+    digest: Digest | None
+    made_with: dict[str, Any]
+    size_now: int | None  # None when there is no digest to compare it with
+
+
+def _done_shard(output: Store, source: Store, shard: str) -> _DoneShard:
+    raw = pq.read_schema(io.BytesIO(output.read_bytes(output_names(shard)[1]))).metadata or {}
+    metadata = {k.decode(): v.decode() for k, v in raw.items()}
+    digest = Digest(**json.loads(metadata[SOURCE_DIGEST_KEY])) if metadata.get(SOURCE_DIGEST_KEY) else None
+    return _DoneShard(shard, metadata.get(SOURCE_KEY, ""), digest, json.loads(metadata.get(MADE_WITH_KEY, "{}")),
+                      source.size(shard) if digest else None)  # fmt: skip
+
+
+def check_resume(output: Store, source: Store, done: list[str], made_with: Mapping[str, Any]) -> str | None:
+    """Raise unless every done shard's manifest says it came from this run's input shard of its name,
+    made as this run makes it: a resume must not skip another input's shard of the same name, nor mix
+    outputs of other weights or options. A done shard's input is the recorded one when its size is the
+    same and, where it lies elsewhere than recorded, its sha256 too (read once, for the first such
+    shard): the same bytes at another place are a moved input, whose recorded place is returned.
+    Manifests written before these records existed are checked for what they hold."""
+    with ThreadPoolExecutor(16) as pool:  # a small read and a size per shard: store latency, not bytes
+        records = list(pool.map(lambda shard: _done_shard(output, source, shard), done))
+    resized = [r for r in records if r.digest and r.size_now != r.digest.size]
+    moved: str | None = None
+    for record in records:
+        manifest, here = output.url_of(output_names(record.shard)[1]), source.file_location(record.shard)
+        elsewhere = bool(record.came_from) and record.came_from != here
+        if record.digest is not None:
+            now = None
+            if elsewhere and moved is None and record.size_now == record.digest.size:
+                now = _input_digest(source, record.shard)
+            if record.size_now != record.digest.size or (now is not None and now != record.digest):
+                others = (
+                    f" ({len(resized)} of the {len(done)} done shards have another size)" if len(resized) > 1 else ""
+                )
+                raise FileExistsError(
+                    f"{redact(manifest)}: {record.shard} was deblurred from {record.came_from} ({record.digest}); "
+                    f"this run's {here} ({now or f'{record.size_now} bytes'}) is another file, and would be "
+                    f"skipped as done{others}; give another output folder"
+                )
+        elif elsewhere:
+            raise FileExistsError(
+                f"{redact(manifest)}: {record.shard} was deblurred from {record.came_from}, not from this run's "
+                f"{here}, and would be skipped as done; give another output folder"
+            )
+        moved = moved or (record.came_from if elsewhere else None)
+        changed = [f"{key} {record.made_with[key]!r} (this run: {value!r})" for key, value in made_with.items()
+                   if key in record.made_with and record.made_with[key] != value]  # fmt: skip
+        if changed:
+            raise ValueError(
+                f"{redact(output.url)}: its shards were deblurred with {', '.join(changed)}; resuming would mix "
+                "the two in one output. Give another output folder, or the same options to resume"
+            )
+    return moved
+
+
+def _input_digest(source: Store, shard: str) -> Digest:
+    with source.open(shard) as stream:
+        return digest_of(stream)
+
+
+def refuse_foreign(output: Store, shards: list[str]) -> None:
+    """Raise if `output` holds shards at the names these input shards write to while no deblur run has
+    written it (no `_manifest/`, `_run.json` or `_lock/`, which a run that died leaves): another
+    dataset's shards, which the run would replace."""
+    if not shards or any(output.exists(name) for name in (MANIFEST_DIR, RUN_FILE, LOCK_DIR)):
+        return
+    there = set(output.glob("**/*.tar"))
+    foreign = [shard for shard in shards if output_names(shard)[0] in there]
+    if foreign:
+        raise FileExistsError(
+            f"{redact(output.url_of(output_names(foreign[0])[0]))}: the output folder already holds this shard "
+            f"({len(foreign)} of the {len(shards)} this run writes) but no deblur run's _manifest/ or {RUN_FILE}, so "
+            "they are not deblurred output and the run would replace them; give an empty folder or an earlier "
+            "deblur output (if a run of yours stopped before its first manifest, remove its shards and run again)"
+        )
