@@ -43,7 +43,7 @@ from pipeline.manifests import exit_histogram, read_manifests
 from pipeline.output_lock import LockLost, OutputLock
 from pipeline.restorer import FrameRestorer
 from pipeline.resume import check_resume, refuse_foreign
-from pipeline.shard_job import RUN_FILE, ShardReport, add_histogram, is_done
+from pipeline.shard_job import RUN_FILE, ShardReport, add_histogram, done_shards
 from pipeline.shard_task import ProgressActor, ShardWorker
 from pipeline.shards import ShardError
 from pipeline.storage import StorageError, Store, absolute, redact
@@ -188,9 +188,8 @@ def run(
     summary.took_over = lock.took_over
     try:
         with lock.heartbeat():
-            todo = [s for s in shards if not is_done(output, s)]
-            pending = set(todo)
-            done = [s for s in shards if s not in pending]
+            finished = done_shards(output, shards)
+            todo, done = [s for s in shards if s not in finished], [s for s in shards if s in finished]
             summary.input_moved_from = check_resume(output, source, done, job.made_with(fingerprint))
             summary.shards_skipped = len(shards) - len(todo)
             if todo:

@@ -24,8 +24,8 @@ def read_manifests(output: Store, columns: Sequence[str] | None = None) -> tuple
     null), and the shard errors recorded in their metadata."""
     schema = pa.schema([MANIFEST_SCHEMA.field(c) for c in columns or MANIFEST_SCHEMA.names])
     tables, errors = [], []
-    for name in output.glob(f"{MANIFEST_DIR}/**/*.parquet"):
-        table, found = read_columns(output, name, schema)
+    for _, data in output.read_many(output.glob(f"{MANIFEST_DIR}/**/*.parquet")):  # many at a time
+        table, found = parse_columns(data, schema)
         errors += found
         tables.append(table)
     return (pa.concat_tables(tables) if tables else schema.empty_table()), errors
@@ -33,7 +33,11 @@ def read_manifests(output: Store, columns: Sequence[str] | None = None) -> tuple
 
 def read_columns(output: Store, name: str, schema: pa.Schema) -> tuple[pa.Table, list[str]]:
     """One manifest file: the columns of `schema` (null where the file lacks one) and its shard errors."""
-    file = pq.ParquetFile(io.BytesIO(output.read_bytes(name)))
+    return parse_columns(output.read_bytes(name), schema)
+
+
+def parse_columns(data: bytes, schema: pa.Schema) -> tuple[pa.Table, list[str]]:
+    file = pq.ParquetFile(io.BytesIO(data))
     present = [c for c in schema.names if c in file.schema_arrow.names]
     table = file.read(columns=present)
     for column in schema:
@@ -46,8 +50,8 @@ def read_columns(output: Store, name: str, schema: pa.Schema) -> tuple[pa.Table,
 def read_quarantine(output: Store) -> list[dict[str, Any]]:
     """Every quarantine row (shard, key, reason), in shard and key order."""
     rows = []
-    for name in output.glob(f"{QUARANTINE_DIR}/**/*.parquet"):
-        rows += pq.read_table(io.BytesIO(output.read_bytes(name))).to_pylist()
+    for _, data in output.read_many(output.glob(f"{QUARANTINE_DIR}/**/*.parquet")):
+        rows += pq.read_table(io.BytesIO(data)).to_pylist()
     return sorted(rows, key=lambda r: (r["shard"], r["key"]))
 
 

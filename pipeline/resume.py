@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +19,8 @@ from pipeline.digests import Digest, digest_of
 from pipeline.output_lock import LOCK_DIR
 from pipeline.shard_job import MADE_WITH_KEY, MANIFEST_DIR, RUN_FILE, SOURCE_DIGEST_KEY, SOURCE_KEY, output_names
 from pipeline.storage import Store, redact
+
+FOOTER_READ = 64 << 10  # bytes read from a manifest's end: its Parquet footer, with the records
 
 
 @dataclass(frozen=True)
@@ -33,12 +34,31 @@ class _DoneShard:
     size_now: int | None  # None when there is no digest to compare it with
 
 
-def _done_shard(output: Store, source: Store, shard: str) -> _DoneShard:
-    raw = pq.read_schema(io.BytesIO(output.read_bytes(output_names(shard)[1]))).metadata or {}
-    metadata = {k.decode(): v.decode() for k, v in raw.items()}
-    digest = Digest(**json.loads(metadata[SOURCE_DIGEST_KEY])) if metadata.get(SOURCE_DIGEST_KEY) else None
-    return _DoneShard(shard, metadata.get(SOURCE_KEY, ""), digest, json.loads(metadata.get(MADE_WITH_KEY, "{}")),
-                      source.size(shard) if digest else None)  # fmt: skip
+def footer_metadata(output: Store, name: str, tail: bytes) -> dict[str, str]:
+    """The key-value metadata of a Parquet file from its last bytes (the whole file read where its
+    footer is longer than `tail`)."""
+    if len(tail) < 12 or tail[-4:] != b"PAR1":
+        raise ValueError(
+            f"{redact(output.url_of(name))}: not a Parquet file (a damaged manifest); remove it to redo its shard"
+        )
+    length = int.from_bytes(tail[-8:-4], "little")
+    footer = b"PAR1" + tail[-(length + 8) :] if length + 8 <= len(tail) else output.read_bytes(name)
+    raw = pq.read_schema(io.BytesIO(footer)).metadata or {}
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+def _done_shards(output: Store, source: Store, done: list[str]) -> list[_DoneShard]:
+    manifests = [output_names(shard)[1] for shard in done]
+    records = [footer_metadata(output, name, tail) for name, tail in output.read_many(manifests, tail=FOOTER_READ)]
+    digests = [Digest(**json.loads(r[SOURCE_DIGEST_KEY])) if r.get(SOURCE_DIGEST_KEY) else None for r in records]
+    measured = [shard for shard, digest in zip(done, digests, strict=True) if digest]
+    sizes = dict(zip(measured, source.sizes(measured), strict=True))
+    return [
+        _DoneShard(
+            shard, record.get(SOURCE_KEY, ""), digest, json.loads(record.get(MADE_WITH_KEY, "{}")), sizes.get(shard)
+        )
+        for shard, record, digest in zip(done, records, digests, strict=True)
+    ]
 
 
 def check_resume(output: Store, source: Store, done: list[str], made_with: Mapping[str, Any]) -> str | None:
@@ -47,9 +67,9 @@ def check_resume(output: Store, source: Store, done: list[str], made_with: Mappi
     outputs of other weights or options. A done shard's input is the recorded one when its size is the
     same and, where it lies elsewhere than recorded, its sha256 too (read once, for the first such
     shard): the same bytes at another place are a moved input, whose recorded place is returned.
-    Manifests written before these records existed are checked for what they hold."""
-    with ThreadPoolExecutor(16) as pool:  # a small read and a size per shard: store latency, not bytes
-        records = list(pool.map(lambda shard: _done_shard(output, source, shard), done))
+    Manifests written before these records existed are checked for what they hold. Costs a listing's
+    worth of requests: the manifests' footers and the input sizes are asked for many at a time."""
+    records = _done_shards(output, source, done)
     resized = [r for r in records if r.digest and r.size_now != r.digest.size]
     moved: str | None = None
     for record in records:

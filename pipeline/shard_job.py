@@ -244,8 +244,10 @@ def remove_stale_temp(folder: str | None = None) -> list[str]:
     return removed
 
 
-def is_done(output: Store, shard: str) -> bool:
-    return output.exists(output_names(shard)[1])
+def done_shards(output: Store, shards: Iterable[str]) -> set[str]:
+    """The shards whose manifest is committed (done): one listing of `_manifest/`, not a request each."""
+    committed = set(output.glob(f"{MANIFEST_DIR}/**/*.parquet"))
+    return {shard for shard in shards if output_names(shard)[1] in committed}
 
 
 def local_restore(restorer: Callable[[list[FrameIn]], list[FrameOut | Rejected]]) -> RestoreFn:

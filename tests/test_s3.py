@@ -21,6 +21,7 @@ from pipeline.shards import use_fsspec_for_webdataset
 from pipeline.storage import StorageError, Store
 from tests.media import decode_video, frames, write_video
 from tests.s3server import S3Server
+from tests.test_storage import check_read_many
 
 pytestmark = pytest.mark.s3
 
@@ -124,3 +125,7 @@ def test_a_store_that_goes_away_for_seconds_is_retried_and_one_that_stays_down_f
         assert server.secret_key not in str(e.value)
     finally:
         server.stop()
+
+
+def test_read_many_and_sizes_on_s3(s3: S3Server) -> None:
+    check_read_many(Store(fresh_prefix(s3), s3.storage_options))
