@@ -8,21 +8,19 @@ the summary.
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 import time
-from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
 import torch
 from tqdm import tqdm
 
 import adarevd
 from jobs.data import add_storage_option
 from jobs.models import ASSETS, exit_mode, load_model
-from pipeline.ingest import INDEX_NAME, IngestConfig, ingest
+from pipeline.ingest import INDEX_NAME, IngestConfig, ingest, read_index
 from pipeline.job import RestoreOptions
 from pipeline.sink import ShardLimits
 from pipeline.storage import StorageError, Store, absolute, parse_storage_options
@@ -148,10 +146,10 @@ def expected_frames(store: Store, shards: Sequence[str]) -> int | None:
     """The frames in `shards` by the ingest index beside them; None (no total for the progress bar)
     without an index, or when it does not list every one of them."""
     try:
-        table = pq.read_table(io.BytesIO(store.read_bytes(INDEX_NAME)), columns=["shard"])
+        counts = pc.value_counts(read_index(store, ["shard"]).column("shard")).to_pylist()
     except (FileNotFoundError, OSError, StorageError):
         return None  # only the progress bar's total: the job itself reports an unreachable store
-    per_shard = Counter(s for s in table.column("shard").to_pylist() if s is not None)
+    per_shard = {count["values"]: count["counts"] for count in counts}
     if not all(shard in per_shard for shard in shards):
         return None
     return sum(per_shard[shard] for shard in shards)

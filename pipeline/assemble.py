@@ -12,7 +12,6 @@ With the source file given, its audio streams are copied in (ffmpeg, no re-encod
 
 from __future__ import annotations
 
-import io
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -23,11 +22,10 @@ from typing import Literal
 import cv2
 import numpy as np
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline import images
 from pipeline.frames import image_member
-from pipeline.ingest import INDEX_NAME
+from pipeline.ingest import INDEX_NAME, read_index
 from pipeline.manifests import read_manifests, read_quarantine
 from pipeline.shard_job import output_names
 from pipeline.shards import iter_samples, sample_meta
@@ -61,7 +59,7 @@ def candidate_shards(store: Store, video_id: str) -> list[str]:
         raise AssembleError(f"{store.url}: no *.tar shards")
     listed: set[str] | None = None
     if store.exists(INDEX_NAME):
-        table = pq.read_table(io.BytesIO(store.read_bytes(INDEX_NAME)), columns=["shard", "video_id"])
+        table = read_index(store, ["shard", "video_id"])
         listed = {r["shard"] for r in table.filter(pc.equal(table["video_id"], video_id)).to_pylist()}
     elif (table := read_manifests(store, ["shard", "key"])[0]).num_rows:
         mine = table.filter(pc.starts_with(table["key"], f"{video_id}_"))

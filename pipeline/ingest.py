@@ -32,6 +32,14 @@ from pipeline.storage import Store, location
 
 INDEX_NAME = "_index.parquet"
 
+
+def read_index(store: Store, columns: Sequence[str]) -> pa.Table:
+    """`columns` of the ingest index in `store`, read without the other columns' bytes (an archive's
+    index holds a row per frame: millions)."""
+    with store.open(INDEX_NAME) as file:
+        return pq.read_table(file, columns=list(columns))
+
+
 INDEX_SCHEMA = pa.schema(
     [
         ("shard", pa.string()),  # null for a problem row
