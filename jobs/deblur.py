@@ -215,8 +215,8 @@ def print_summary(summary: RunSummary, output_url: str, wall: float) -> None:
     if summary.took_over:
         print(f"took the output over from {summary.took_over}")
     if summary.input_moved_from:
-        print(f"resuming an output deblurred from another place ({summary.input_moved_from}, the first done shard); "
-              "this input's shard there has the same bytes")  # fmt: skip
+        print(f"resuming: the done shards were deblurred from another place (the first: {summary.input_moved_from}); "
+              "the input here has the same bytes")  # fmt: skip
     histogram = summary.histogram
     patches = sum(histogram) or 1
     actors = f"workers: {summary.workers}"
