@@ -29,6 +29,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +93,7 @@ class DelayProxy:
 def fill(source: Store, output: Store, shards: int, frames: int) -> tuple[list[str], int]:
     """`shards` small input shards and, for each, a manifest of `frames` rows with its resume records."""
     tar = encode_shard([Sample(f"clip_{i:06d}", {"png": bytes(200)}) for i in range(4)])
-    digest = json.dumps(digest_of(io.BytesIO(tar)).__dict__)
+    digest = json.dumps(asdict(digest_of(io.BytesIO(tar))))
     patches = {"patch_ys": [0, 0, 0, 112, 112, 112], "patch_xs": [0, 96, 192, 0, 96, 192]}
     row = {name: None for name in MANIFEST_SCHEMA.names} | patches
     row |= {"depth_histogram": [0, 2, 1, 2, 1], "patch_size": [128] * 6, "patch_depths": [1, 3, 1, 3, 2, 4]}
