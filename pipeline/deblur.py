@@ -191,7 +191,7 @@ def run(
             finished = done_shards(output, shards)
             todo, done = [s for s in shards if s not in finished], [s for s in shards if s in finished]
             summary.input_moved_from = check_resume(output, source, done, job.made_with(fingerprint))
-            summary.shards_skipped = len(shards) - len(todo)
+            summary.shards_skipped = len(done)
             if todo:
                 _process(job, model, fingerprint, todo, summary, weight_files, options, on_progress, make_restorer,
                          lock)  # fmt: skip

@@ -33,6 +33,11 @@ class _DoneShard:
     made_with: dict[str, Any]
     size_now: int | None  # None when there is no digest to compare it with
 
+    @property
+    def resized(self) -> bool:
+        """The input shard's size is not the recorded one (so it is another file)."""
+        return self.digest is not None and self.size_now != self.digest.size
+
 
 def footer_metadata(output: Store, name: str, tail: bytes) -> dict[str, str]:
     """The key-value metadata of a Parquet file from its last bytes (the whole file read where its
@@ -70,19 +75,17 @@ def check_resume(output: Store, source: Store, done: list[str], made_with: Mappi
     Manifests written before these records existed are checked for what they hold. Costs a listing's
     worth of requests: the manifests' footers and the input sizes are asked for many at a time."""
     records = _done_shards(output, source, done)
-    resized = [r for r in records if r.digest and r.size_now != r.digest.size]
+    resized = sum(r.resized for r in records)
     moved: str | None = None
     for record in records:
         manifest, here = output.url_of(output_names(record.shard)[1]), source.file_location(record.shard)
         elsewhere = bool(record.came_from) and record.came_from != here
         if record.digest is not None:
             now = None
-            if elsewhere and moved is None and record.size_now == record.digest.size:
+            if elsewhere and moved is None and not record.resized:
                 now = _input_digest(source, record.shard)
-            if record.size_now != record.digest.size or (now is not None and now != record.digest):
-                others = (
-                    f" ({len(resized)} of the {len(done)} done shards have another size)" if len(resized) > 1 else ""
-                )
+            if record.resized or (now is not None and now != record.digest):
+                others = f" ({resized} of the {len(done)} done shards have another size)" if resized > 1 else ""
                 raise FileExistsError(
                     f"{redact(manifest)}: {record.shard} was deblurred from {record.came_from} ({record.digest}); "
                     f"this run's {here} ({now or f'{record.size_now} bytes'}) is another file, and would be "
