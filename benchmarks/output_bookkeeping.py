@@ -8,8 +8,8 @@ requests, and each costs the store's round trip. Two contenders on the same outp
 - per shard (as before): a HEAD per shard for "done?", the first done manifest's footer for the
   resume check, then every manifest read one after another for the totals;
 - ours: one listing of `_manifest/` for "done?", every done manifest's footer and every input
-  shard's size (`check_resume`, which now checks all of them), then the totals, 64 files a request
-  batch (`Store.read_many`).
+  shard's size and version (`check_resume`, which now checks all of them), then the totals, 64 files a
+  request batch (`Store.read_many`).
 
 The store is SeaweedFS on loopback, reached through a proxy that holds each request for
 `--latency-ms` (a cloud bucket answers in about 10-50 ms; loopback in under 5); `--latency-ms 0`
@@ -46,6 +46,7 @@ from pipeline.shard_job import (
     MANIFEST_SCHEMA,
     SOURCE_DIGEST_KEY,
     SOURCE_KEY,
+    SOURCE_VERSION_KEY,
     done_shards,
     output_names,
 )
@@ -98,17 +99,18 @@ def fill(source: Store, output: Store, shards: int, frames: int) -> tuple[list[s
     row = {name: None for name in MANIFEST_SCHEMA.names} | patches
     row |= {"depth_histogram": [0, 2, 1, 2, 1], "patch_size": [128] * 6, "patch_depths": [1, 3, 1, 3, 2, 4]}
     names = [f"frames-{i:06d}.tar" for i in range(shards)]
+    source.fs.pipe({source.path(name): tar for name in names})
     manifests = {}
-    for name in names:
+    for name, stat in zip(names, source.stats(names), strict=True):
         rows = [row | {"shard": name, "key": f"clip_{j:06d}", "output_sha256": f"{j:064x}"} for j in range(frames)]
+        records = {SOURCE_KEY: source.file_location(name), SOURCE_DIGEST_KEY: digest, SOURCE_VERSION_KEY: stat.version}
         table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA).replace_schema_metadata(
-            {SOURCE_KEY: source.file_location(name), SOURCE_DIGEST_KEY: digest, MADE_WITH_KEY: json.dumps(MADE_WITH)}
+            records | {MADE_WITH_KEY: json.dumps(MADE_WITH)}
         )
         data = io.BytesIO()
         pq.write_table(table, data)
         manifests[output.path(output_names(name)[1])] = data.getvalue()
     output.fs.pipe(manifests)
-    source.fs.pipe({source.path(name): tar for name in names})
     return names, len(data.getvalue())
 
 

@@ -36,6 +36,7 @@ from pipeline.storage import Store
 MANIFEST_DIR, QUARANTINE_DIR, RUN_FILE = "_manifest", "_quarantine", "_run.json"
 # A manifest's metadata: the input shard it was made from and how (`DeblurJob.made_with`), for resume.
 SOURCE_KEY, SOURCE_DIGEST_KEY, MADE_WITH_KEY = "adarevd.source", "adarevd.source_digest", "adarevd.made_with"
+SOURCE_VERSION_KEY = "adarevd.source_version"  # the input shard's FileStat.version, taken before it was read
 TEMP_PREFIX = "adarevd-deblur-"  # + <pid>-: a shard's output while it is written
 RestoreFn = Callable[[Iterable[list[FrameIn]]], Iterator[list[FrameOut | Rejected]]]
 
@@ -148,6 +149,7 @@ def process_shard(
 
     with tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{os.getpid()}-") as tmp:
         local = os.path.join(tmp, "out.tar")
+        version = source.stat(shard).version  # before the read: a write after it changes the version
         with source.open(shard) as stream, open(local, "wb") as file, TarShardWriter(file) as writer:
             reader = DigestReader(stream)
             items = read_frames(reader, shard, image_member, report, max_frames)
@@ -182,6 +184,7 @@ def process_shard(
                 "adarevd.shard_errors": json.dumps(report.errors),
                 SOURCE_KEY: source.file_location(shard),
                 SOURCE_DIGEST_KEY: json.dumps(asdict(read)) if read else "",
+                SOURCE_VERSION_KEY: version,
                 MADE_WITH_KEY: json.dumps(made_with or {}, sort_keys=True),
             }
         )

@@ -14,6 +14,7 @@ import os
 import posixpath
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import IO, Any, TypeVar
@@ -25,6 +26,10 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 TMP_DIR = "_tmp"
+STAT_THREADS = 16
+# What fsspec's `info` says of a file that changes whenever it is written again: ETag / generation on
+# object stores (S3, GCS, Azure), modification time and inode on local disks, creation time in memory.
+VERSION_FIELDS = ("ETag", "etag", "generation", "LastModified", "last_modified", "mtime", "ino", "created")
 T = TypeVar("T")
 
 
@@ -69,6 +74,21 @@ def resolve(url: str, options: Mapping[str, Any]) -> tuple[fsspec.AbstractFileSy
         return url_to_fs(url, **options)
     except (ImportError, ValueError, TypeError) as e:
         raise StorageError(f"{redact(url)}: cannot open this storage URL: {e}") from e
+
+
+@dataclass(frozen=True)
+class FileStat:
+    """A file's size and `version`: a token that changes when the file is written again (its bytes may
+    then be the same, as after `touch`). On a local disk a tool that sets the old mtime back on a new
+    file of the same inode (`rsync --inplace -t`) is not seen; an object store's ETag always is."""
+
+    size: int
+    version: str
+
+
+def file_stat(info: Mapping[str, Any]) -> FileStat:
+    version = " ".join(f"{key}={info[key]}" for key in VERSION_FIELDS if info.get(key) not in (None, ""))
+    return FileStat(int(info["size"]), version)
 
 
 def file_store(url: str, options: Mapping[str, Any]) -> tuple[Store, str]:
@@ -161,12 +181,20 @@ class Store:
             )
             yield from zip(part, found, strict=True)
 
-    def sizes(self, names: Sequence[str]) -> list[int]:
-        """Each file's size in bytes, asked concurrently where the store is asynchronous."""
+    def stats(self, names: Sequence[str]) -> list[FileStat]:
+        """Each file's `FileStat`, asked `STAT_THREADS` at a time."""
         if not names:
             return []
-        paths = [self.path(name) for name in names]
-        return [int(size) for size in self._call("check", _several(names), lambda: self.fs.sizes(paths))]
+        fs = self.fs
+
+        def ask() -> list[FileStat]:
+            with ThreadPoolExecutor(max_workers=min(STAT_THREADS, len(names))) as pool:
+                return [file_stat(info) for info in pool.map(fs.info, [self.path(name) for name in names])]
+
+        return self._call("check", _several(names), ask)
+
+    def stat(self, name: str) -> FileStat:
+        return self._call("check", name, lambda: file_stat(self.fs.info(self.path(name))))
 
     def open(self, name: str) -> IO[bytes]:
         return self._call("open", name, lambda: self.fs.open(self.path(name), "rb"))

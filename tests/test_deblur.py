@@ -198,6 +198,17 @@ def test_a_moved_input_resumes_and_a_replaced_one_is_refused(
     assert summary.input_moved_from == f"file://{Path(source.url).resolve()}/images-000000.tar"
     assert run_record(copy)["input_moved_from"] == summary.input_moved_from
     assert tar_bytes(copy) == tar_bytes(reference[0])
+    # video-000001.tar was read here: written again since, its bytes are read to see whether they changed.
+    redone = tmp_path / "moved" / "video-000001.tar"
+    data = bytearray(redone.read_bytes())
+    redone.write_bytes(bytes(data))  # the same bytes (a re-ingest that gave the same shard): resumes
+    assert run(job(moved, copy), model).shards_skipped == 3
+    data[len(data) // 2] ^= 1
+    redone.write_bytes(bytes(data))  # the same size, other bytes: refused, saying how to redo it
+    with pytest.raises(
+        FileExistsError, match=r"moved/video-000001.tar \(\d+ bytes, sha256 \w+\) is another file.*remove the manif"
+    ):
+        run(job(moved, copy), model)
     # Replaced where it is (re-ingested with other frames): its size differs from the record -> refused,
     # for any done shard (video-000000.tar is not the first).
     copy.remove(output_names("video-000001.tar")[1])
@@ -282,6 +293,11 @@ def test_s3_in_and_out(
     assert (summary.shards_skipped, len(summary.reports)) == (2, 1)
     assert summary.input_moved_from is not None and summary.input_moved_from.startswith("file://")
     assert tar_bytes(resumed) == tar_bytes(reference[0])
+    data = bytearray(source.read_bytes("video-000001.tar"))  # read from S3 by the resume: its ETag recorded
+    data[len(data) // 2] ^= 1
+    source.commit_bytes("video-000001.tar", bytes(data))
+    with pytest.raises(FileExistsError, match=r"/in/video-000001.tar \(\d+ bytes, sha256 \w+\) is another file"):
+        deblur.run(job(source, resumed), model.model, options=s3.storage_options)
 
 
 @ray.remote(num_cpus=0)

@@ -127,5 +127,5 @@ def test_a_store_that_goes_away_for_seconds_is_retried_and_one_that_stays_down_f
         server.stop()
 
 
-def test_read_many_and_sizes_on_s3(s3: S3Server) -> None:
+def test_read_many_and_stats_on_s3(s3: S3Server) -> None:
     check_read_many(Store(fresh_prefix(s3), s3.storage_options))

@@ -60,7 +60,7 @@ def test_unknown_protocol_is_a_clear_error(capsys: pytest.CaptureFixture) -> Non
 
 
 def check_read_many(store: Store) -> None:
-    """`read_many` and `sizes` on any store: in order, across chunks, tails, names that look like globs."""
+    """`read_many` and `stats` on any store: in order, across chunks, tails, names that look like globs."""
     names = [f"d/f{i:03d}.bin" for i in range(7)] + ["d/[ab]*.bin"]  # the last one is a name, not a glob
     for i, name in enumerate(names):
         store.commit_bytes(name, bytes([i]) * (i + 10))
@@ -68,12 +68,15 @@ def check_read_many(store: Store) -> None:
     assert got == [(name, bytes([i]) * (i + 10)) for i, name in enumerate(names)]
     assert list(store.read_many(names[2:4], tail=4)) == [(names[2], b"\x02" * 4), (names[3], b"\x03" * 4)]
     assert list(store.read_many(names[:1], tail=100)) == [(names[0], b"\x00" * 10)]  # tail beyond the start
-    assert store.sizes(names) == [i + 10 for i in range(len(names))]
-    assert list(store.read_many([])) == [] and store.sizes([]) == []
+    stats = store.stats(names)
+    assert [stat.size for stat in stats] == [i + 10 for i in range(len(names))] and stats[-1] == store.stat(names[-1])
+    assert list(store.read_many([])) == [] and store.stats([]) == []
+    store.commit_bytes(names[0], b"\xff" * 10)  # written again, the same size: another version
+    assert store.stat(names[0]).size == 10 and store.stat(names[0]).version not in ("", stats[0].version)
     with pytest.raises(FileNotFoundError):
         list(store.read_many([names[0], "d/missing.bin"]))
 
 
-def test_read_many_and_sizes_on_local_and_memory_folders(tmp_path: Path, memory_store: Store) -> None:
+def test_read_many_and_stats_on_local_and_memory_folders(tmp_path: Path, memory_store: Store) -> None:
     check_read_many(Store(str(tmp_path / "local")))
     check_read_many(memory_store)
