@@ -13,8 +13,9 @@ requests, and each costs the store's round trip. Two contenders on the same outp
 
 The store is SeaweedFS on loopback, reached through a proxy that holds each request for
 `--latency-ms` (a cloud bucket answers in about 10-50 ms; loopback in under 5); `--latency-ms 0`
-measures the bare loopback. Manifests have `--frames` rows each, with patch lists as a 320x240 frame
-has them.
+measures the bare loopback. Also, per commit of a small object (every output a shard writes is one):
+`Store.commit_bytes` against the requests it made before. Manifests have `--frames` rows each, with
+patch lists as a 320x240 frame has them.
 
     python -m benchmarks.output_bookkeeping [--shards 1000 --frames 64 --latency-ms 20]
 """
@@ -135,6 +136,25 @@ def ours(source: Store, output: Store, shards: list[str]) -> tuple[float, float,
     return begin, time.perf_counter() - start, frames
 
 
+def commits(store: Store, old_way: bool, count: int = 30) -> float:
+    """Seconds per commit of a small object: `Store.commit_bytes`, or the requests it made before (a
+    `makedirs` before the write and before the move, which s3fs turns into a bucket check, and a check
+    for a retried move before every move)."""
+    fs, start = store.fs, time.perf_counter()
+    for i in range(count):
+        name, tmp = store.path(f"commits/{old_way}-{i}.bin"), store.path(f"_tmp/{old_way}-{i}.part")
+        if not old_way:
+            store.commit_bytes(f"commits/{old_way}-{i}.bin", bytes(1000))
+            continue
+        fs.makedirs(tmp.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(tmp, bytes(1000))
+        fs.makedirs(name.rsplit("/", 1)[0], exist_ok=True)
+        if fs.exists(tmp):
+            fs.cp_file(tmp, name)
+            fs.rm_file(tmp)
+    return (time.perf_counter() - start) / count
+
+
 def through(server: S3Server, port: int, url: str) -> Store:
     options: dict[str, Any] = server.storage_options
     options["client_kwargs"] = {**options["client_kwargs"], "endpoint_url": f"http://127.0.0.1:{port}"}
@@ -173,6 +193,8 @@ def main() -> None:
                     },
                     "start_speedup": round(times["per_shard"][0] / times["ours"][0], 2),
                     "end_speedup": round(times["per_shard"][1] / times["ours"][1], 2),
+                    "commit_ms_before": round(commits(stores[1], old_way=True) * 1000, 1),
+                    "commit_ms_ours": round(commits(stores[1], old_way=False) * 1000, 1),
                 }
                 print(row)
                 rows.append(row)

@@ -199,8 +199,10 @@ def run(
             totals = output_totals(output, config.num_columns)
             output.commit_bytes(RUN_FILE, run_json(job, summary, fingerprint, config, totals))
             output.remove_tmp_folder()
-    finally:
-        lock.release()
+    except BaseException:
+        lock.release(retry_s=0)  # the failure may be the store's: one try (a lease left is taken over)
+        raise
+    lock.release()
     return summary
 
 

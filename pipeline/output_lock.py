@@ -20,12 +20,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from pipeline.processes import alive
 from pipeline.storage import StorageError, Store, redact
 
 LOCK_DIR = "_lock"
+BEAT_RETRY_S = 5.0  # how long one heartbeat retries a store that does not answer
 _HELD: set[str] = set()  # run ids holding a lease in this process
 
 
@@ -100,14 +101,15 @@ class OutputLock:
             self.release()
             raise OutputLocked(str(e)) from None
 
-    def beat(self) -> None:
+    def beat(self, retry_s: float | None = None) -> None:
         """Refresh the heartbeat; raise LockLost if a newer generation exists."""
-        newer = [g for g in self._generations() if g > self.generation]
+        store = self._store(retry_s)
+        newer = [g for g in self._generations(store) if g > self.generation]
         if newer:
             held = self._read(newer[-1])
             who = held[0].describe(held[1], self.clock()) if held else "another run"
             raise LockLost(f"{redact(self.store.url)} was taken over by {who}; this run stops")
-        self.store.commit_bytes(self._name(self.generation, "beat"), json.dumps({"time": self.clock()}).encode())
+        store.commit_bytes(self._name(self.generation, "beat"), json.dumps({"time": self.clock()}).encode())
 
     @contextmanager
     def heartbeat(self, every_s: float | None = None) -> Iterator[None]:
@@ -118,7 +120,9 @@ class OutputLock:
         def loop() -> None:
             while not stop.wait(interval):
                 try:
-                    self.beat()
+                    # A few seconds of retries, not the whole --storage-retry window: the next beat comes
+                    # anyway, and a run that fails waits for the beat in flight before it releases.
+                    self.beat(retry_s=BEAT_RETRY_S)
                 except LockLost as e:
                     self.lost = str(e)
                     return
@@ -133,18 +137,20 @@ class OutputLock:
             stop.set()
             thread.join()
 
-    def release(self) -> None:
+    def release(self, retry_s: float | None = None) -> None:
         """Remove this run's generation and the older ones it replaced (not a newer one). Best effort:
-        with the store gone, the lease stays and the next run takes it over (its holder is dead)."""
+        with the store gone, the lease stays and the next run takes it over (its holder is dead).
+        `retry_s=0` (after a failure, which may be the store's): one try, no retry window."""
         if not self.generation:
             return
         _HELD.discard(self.run_id)
+        store = self._store(retry_s)
         try:
-            for g in self._generations():
+            for g in self._generations(store):
                 if g <= self.generation:
                     for suffix in ("beat", "json"):
                         with suppress(FileNotFoundError):
-                            self.store.remove(self._name(g, suffix))
+                            store.remove(self._name(g, suffix))
         except (OSError, StorageError):
             pass
         self.generation = 0
@@ -158,8 +164,15 @@ class OutputLock:
             return "its heartbeat stopped"
         return ""
 
-    def _generations(self) -> list[int]:
-        stems = [posixpath.basename(name)[: -len(".json")] for name in self.store.glob(f"{LOCK_DIR}/*.json")]
+    def _store(self, retry_s: float | None) -> Store:
+        """The output store, retrying one that does not answer for at most `retry_s` (None: its own)."""
+        if retry_s is None:
+            return self.store
+        return replace(self.store, retry_seconds=min(retry_s, self.store.retry_seconds))
+
+    def _generations(self, store: Store | None = None) -> list[int]:
+        names = (store or self.store).glob(f"{LOCK_DIR}/*.json")
+        stems = [posixpath.basename(name)[: -len(".json")] for name in names]
         return sorted(int(stem) for stem in stems if stem.isdigit())
 
     def _read(self, generation: int) -> tuple[Holder, float] | None:

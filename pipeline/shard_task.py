@@ -19,7 +19,7 @@ from pipeline.depth_router import Pools, depth_pool_restore
 from pipeline.frames import FrameIn, FrameOut, Rejected
 from pipeline.job import DeblurJob
 from pipeline.shard_job import RestoreFn, ShardReport, add_histogram, process_shard, remove_stale_temp
-from pipeline.storage import is_transient
+from pipeline.storage import StorageError, is_transient
 from pipeline.waits import OnWait, batch_label, patient_get
 
 
@@ -154,9 +154,12 @@ class ShardWorker:
             )
 
         # A store that drops the connection in the middle of a shard's stream: redo the shard (its
-        # output is committed whole, so a redo writes nothing twice). Single operations already retry.
+        # output is committed whole, so a redo writes nothing twice). Single operations retry on their
+        # own: their StorageError means the store stayed down for the whole --storage-retry window.
         retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception(lambda e: is_transient(e) or is_transient(e.__cause__ or e)),
+            retry=tenacity.retry_if_exception(
+                lambda e: not isinstance(e, StorageError) and (is_transient(e) or is_transient(e.__cause__ or e))
+            ),
             wait=tenacity.wait_exponential(multiplier=1, max=30),
             stop=tenacity.stop_after_attempt(3),
             reraise=True,

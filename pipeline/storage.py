@@ -59,14 +59,15 @@ def parse_storage_options(pairs: Iterable[str]) -> dict[str, Any]:
     return options
 
 
-LISTING_CACHE_SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
+REMOTE_OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
+OBJECT_STORE_SCHEMES = (*REMOTE_OBJECT_STORES, "memory")  # stores without folders
 
 
 def resolve(url: str, options: Mapping[str, Any]) -> tuple[fsspec.AbstractFileSystem, str]:
     """URL -> (filesystem, path), or a StorageError that says what is missing (e.g. gcsfs for gs://).
     fsspec caches filesystem instances per (protocol, options), so resolving again is cheap."""
     options = dict(options)
-    if urlsplit(url).scheme in LISTING_CACHE_SCHEMES:
+    if urlsplit(url).scheme in REMOTE_OBJECT_STORES:
         # Other processes commit into the same folders while a job runs: a cached listing would hide
         # their objects (and make a listed object look missing). Always ask the store.
         options.setdefault("use_listings_cache", False)
@@ -264,22 +265,26 @@ class Store:
         return f"{TMP_DIR}/{name.replace('/', '__')}.{uuid.uuid4().hex}.part"
 
     def _mkparent(self, name: str) -> fsspec.AbstractFileSystem:
-        # Local folders must exist before a write or a rename; on object stores this is a no-op.
+        # Folders must exist before a write or a rename (local disks, SFTP). Object stores have none,
+        # and s3fs's makedirs would ask for the bucket on every write, and create it if it is missing.
         fs = self.fs
-        fs.makedirs(posixpath.dirname(self.path(name)), exist_ok=True)
+        if urlsplit(self.url).scheme not in OBJECT_STORE_SCHEMES:
+            fs.makedirs(posixpath.dirname(self.path(name)), exist_ok=True)
         return fs
 
     def _commit(self, tmp: str, name: str) -> None:
         def move() -> None:
-            fs = self._mkparent(name)
-            # A retried move whose copy landed before the connection broke finds its source gone.
-            if not fs.exists(self.path(tmp)) and fs.exists(self.path(name)):
-                return
-            if isinstance(fs, LocalFileSystem):
-                fs.mv(self.path(tmp), self.path(name))  # a rename
-            else:  # a server-side copy; `mv` would read a name with [ ] * ? as a glob
-                fs.cp_file(self.path(tmp), self.path(name))
-                fs.rm_file(self.path(tmp))
+            fs, source, target = self._mkparent(name), self.path(tmp), self.path(name)
+            try:
+                if isinstance(fs, LocalFileSystem):
+                    fs.mv(source, target)  # a rename
+                else:  # a server-side copy; `mv` would read a name with [ ] * ? as a glob
+                    fs.cp_file(source, target)
+                    fs.rm_file(source)
+            except FileNotFoundError:
+                # A retried move whose first try landed before the connection broke finds its source gone.
+                if not fs.exists(target):
+                    raise
 
         self._call("commit", name, move)
 
@@ -295,9 +300,14 @@ def _several(names: Sequence[str]) -> str:
 def call(verb: str, url: str, fn: Callable[[], T], retry_seconds: float = 60.0) -> T:
     """Run one storage operation on `url`; retry it while the store is unreachable, then fail clearly
     (StorageError naming the URL). Not found is passed through as FileNotFoundError."""
+    backoff = tenacity.wait_exponential(multiplier=0.5, max=10)
+
+    def wait(state: tenacity.RetryCallState) -> float:  # the last try at the end of the window, not past it
+        return min(backoff(state), max(0.0, retry_seconds - state.seconds_since_start))
+
     retrying = tenacity.Retrying(
         retry=tenacity.retry_if_exception(is_transient),
-        wait=tenacity.wait_exponential(multiplier=0.5, max=10),
+        wait=wait,
         stop=tenacity.stop_after_delay(retry_seconds),
         reraise=True,
     )

@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 
-from pipeline.storage import TMP_DIR, StorageError, Store, parse_storage_options, redact
+from pipeline.storage import TMP_DIR, StorageError, Store, call, parse_storage_options, redact
 
 
 def test_storage_options_nest_dotted_keys_and_parse_json_values() -> None:
@@ -80,3 +81,20 @@ def check_read_many(store: Store) -> None:
 def test_read_many_and_stats_on_local_and_memory_folders(tmp_path: Path, memory_store: Store) -> None:
     check_read_many(Store(str(tmp_path / "local")))
     check_read_many(memory_store)
+
+
+def test_an_unreachable_store_is_retried_until_the_window_ends_and_not_past_it() -> None:
+    tries: list[float] = []
+
+    def refused() -> None:
+        tries.append(time.monotonic())
+        raise ConnectionRefusedError("connection refused")
+
+    with pytest.raises(StorageError, match=r"s3://b/x: could not read: still unreachable after 3 s of retries"):
+        call("read", "s3://b/x", refused, retry_seconds=3)
+    # Backoff 0.5, 1, then what is left of the window: the last try at its end (3 s), not at 3.5 s.
+    assert len(tries) == 4 and 3.0 <= tries[-1] - tries[0] < 3.4
+    tries.clear()
+    with pytest.raises(StorageError):
+        call("read", "s3://b/x", refused, retry_seconds=0)
+    assert len(tries) == 1  # no window: one try
