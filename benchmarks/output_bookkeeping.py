@@ -13,7 +13,8 @@ requests, and each costs the store's round trip. Two contenders on the same outp
 
 The store is SeaweedFS on loopback, reached through a proxy that holds each request for
 `--latency-ms` (a cloud bucket answers in about 10-50 ms; loopback in under 5); `--latency-ms 0`
-measures the bare loopback. Also, per commit of a small object (every output a shard writes is one):
+measures the bare loopback. Ours runs twice: with the Store's S3 connection pool and with botocore's
+default of 10. Also, per commit of a small object (every output a shard writes is one):
 `Store.commit_bytes` against the requests it made before. Manifests have `--frames` rows each, with
 patch lists as a 320x240 frame has them.
 
@@ -56,6 +57,7 @@ from pipeline.storage import Store
 from tests.s3server import S3Server, free_port
 
 MADE_WITH = {"exit": "adaptive", "fingerprint": "bench"}
+BOTOCORE_CONNECTIONS = 10  # botocore's own default pool, against pipeline.storage.S3_CONNECTIONS
 
 
 class DelayProxy:
@@ -155,9 +157,12 @@ def commits(store: Store, old_way: bool, count: int = 30) -> float:
     return (time.perf_counter() - start) / count
 
 
-def through(server: S3Server, port: int, url: str) -> Store:
+def through(server: S3Server, port: int, url: str, connections: int | None = None) -> Store:
+    """`url` reached through the proxy on `port`; `connections`: botocore's pool (None: the Store's default)."""
     options: dict[str, Any] = server.storage_options
     options["client_kwargs"] = {**options["client_kwargs"], "endpoint_url": f"http://127.0.0.1:{port}"}
+    if connections:
+        options["config_kwargs"] = {"max_pool_connections": connections}
     return Store(url, options)  # another endpoint: another cached filesystem instance
 
 
@@ -183,6 +188,8 @@ def main() -> None:
                     "per_shard": per_shard, "ours": ours,
                 }  # fmt: skip
                 times = {name: fn(*stores, shards) for name, fn in contenders.items()}
+                botocore = [through(server, proxy.port, store.url, BOTOCORE_CONNECTIONS) for store in direct]
+                times["ours_10_connections"] = ours(*botocore, shards)  # before S3_CONNECTIONS was the default
                 assert {t[2] for t in times.values()} == {args.shards * args.frames}, times  # both read every row
                 row = {
                     "latency_ms": latency,
@@ -193,6 +200,9 @@ def main() -> None:
                     },
                     "start_speedup": round(times["per_shard"][0] / times["ours"][0], 2),
                     "end_speedup": round(times["per_shard"][1] / times["ours"][1], 2),
+                    "connections_speedup": [
+                        round(times["ours_10_connections"][i] / times["ours"][i], 2) for i in (0, 1)
+                    ],
                     "commit_ms_before": round(commits(stores[1], old_way=True) * 1000, 1),
                     "commit_ms_ours": round(commits(stores[1], old_way=False) * 1000, 1),
                 }

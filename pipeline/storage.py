@@ -61,6 +61,7 @@ def parse_storage_options(pairs: Iterable[str]) -> dict[str, Any]:
 
 REMOTE_OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
 OBJECT_STORE_SCHEMES = (*REMOTE_OBJECT_STORES, "memory")  # stores without folders
+S3_CONNECTIONS = 64  # connections a process keeps to an S3 endpoint (unless config_kwargs says otherwise)
 
 
 def resolve(url: str, options: Mapping[str, Any]) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -71,6 +72,10 @@ def resolve(url: str, options: Mapping[str, Any]) -> tuple[fsspec.AbstractFileSy
         # Other processes commit into the same folders while a job runs: a cached listing would hide
         # their objects (and make a listed object look missing). Always ask the store.
         options.setdefault("use_listings_cache", False)
+    if urlsplit(url).scheme in ("s3", "s3a"):
+        # botocore keeps 10 connections a client; requests made many at a time (`read_many`, `stats`)
+        # would queue for them.
+        options["config_kwargs"] = {"max_pool_connections": S3_CONNECTIONS, **(options.get("config_kwargs") or {})}
     try:
         return url_to_fs(url, **options)
     except (ImportError, ValueError, TypeError) as e:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.storage import TMP_DIR, StorageError, Store, call, parse_storage_options, redact
+from pipeline.storage import S3_CONNECTIONS, TMP_DIR, StorageError, Store, call, parse_storage_options, redact, resolve
 
 
 def test_storage_options_nest_dotted_keys_and_parse_json_values() -> None:
@@ -98,3 +98,10 @@ def test_an_unreachable_store_is_retried_until_the_window_ends_and_not_past_it()
     with pytest.raises(StorageError):
         call("read", "s3://b/x", refused, retry_seconds=0)
     assert len(tries) == 1  # no window: one try
+
+
+def test_s3_keeps_a_connection_pool_for_requests_made_many_at_a_time_unless_told_otherwise() -> None:
+    fs, _ = resolve("s3://b/x", {"config_kwargs": {"retries": {"max_attempts": 2}}})
+    assert fs.config_kwargs == {"max_pool_connections": S3_CONNECTIONS, "retries": {"max_attempts": 2}}
+    fs, _ = resolve("s3://b/x", {"config_kwargs": {"max_pool_connections": 8}})
+    assert fs.config_kwargs == {"max_pool_connections": 8}
