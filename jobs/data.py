@@ -50,12 +50,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--output", required=True, help="output folder URL")
     i.add_argument("--format", default="png", choices=["png", "jpg"], help="image member (default: lossless png)")
     i.add_argument("--quality", type=int, default=95, help="JPEG quality 1..100 (default: %(default)s)")
-    i.add_argument("--prefix", default="frames", help="shard name prefix (default: %(default)s)")
+    i.add_argument(
+        "--prefix",
+        default="frames",
+        help="shard name prefix (default: %(default)s); another one adds shards beside an earlier ingest's",
+    )
     i.add_argument("--max-frames-per-shard", type=int, default=1000, help="(default: %(default)s)")
     i.add_argument("--max-shard-bytes", type=byte_size, default="512M", help="e.g. 512M, 1G (default: 512M)")
     i.add_argument("--fps", type=float, default=None, help="frame rate of image folders (sets pts_ms)")
     i.add_argument("--workers", type=int, default=0, help="encode threads (default: one per CPU)")
-    i.add_argument("--overwrite", action="store_true", help="replace an earlier ingest in OUTPUT")
+    i.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier ingest of this --prefix in OUTPUT (other prefixes' shards and rows stay)",
+    )
     add_storage_option(i)
     i.set_defaults(run=cmd_ingest)
 

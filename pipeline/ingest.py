@@ -3,7 +3,8 @@
 Frames are decoded in order (one source after another), encoded to PNG/JPEG on a thread pool (OpenCV
 releases the GIL) and written in order, so the output does not depend on thread timing: the same
 sources and options give byte-identical shards. `_index.parquet` has one row per ingested frame and
-one per problem (a skipped file, a converted image, a truncated video), and is committed last.
+one per problem (a skipped file, a converted image, a truncated video), and is committed last; rows
+that ingests with other prefixes wrote into the same folder are kept.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from fnmatch import fnmatch
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import images, sources
@@ -55,6 +57,7 @@ INDEX_SCHEMA = pa.schema(
         ("source", pa.string()),
         ("status", pa.string()),  # ok | note (ingested, see reason) | skipped (not ingested)
         ("reason", pa.string()),
+        ("prefix", pa.string()),  # the --prefix of the ingest that wrote the row
     ]
 )
 
@@ -186,8 +189,11 @@ def _typed(value: Any, kind: type) -> Any:
     return kind(value) if kind is float or float(value).is_integer() else None
 
 
-def index_bytes(rows: list[dict[str, Any]]) -> bytes:
+def index_bytes(rows: list[dict[str, Any]], earlier: pa.Table | None = None) -> bytes:
+    """The index of `rows`, after the `earlier` index rows kept (`_other_prefixes_rows`)."""
     table = pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
+    if earlier is not None:
+        table = pa.concat_tables([earlier, table])
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     return buffer.getvalue()
@@ -203,9 +209,11 @@ def ingest(
 ) -> IngestSummary:
     """Ingest every source under `urls` (read with `options`) into shards + index under `output`."""
     start = time.perf_counter()
-    refuse_earlier(output, config.prefix, INDEX_NAME, config.overwrite)
+    refuse_earlier(output, config.prefix, None, config.overwrite,
+                   hint=", or add these sources beside them with another --prefix")  # fmt: skip
     plan, problems = sources.plan(urls, options or {})
     _refuse_writing_over(plan, output, config.prefix)
+    earlier = _other_prefixes_rows(output, config.prefix)
     summary = IngestSummary(problems=list(problems))
     rows = [problem_row(p) for p in problems]
     seen_keys: set[str] = set()
@@ -234,7 +242,7 @@ def ingest(
                 if progress:
                     progress(1)
     summary.shards, summary.bytes = sink.committed, sink.bytes_committed
-    output.commit_bytes(INDEX_NAME, index_bytes(rows))
+    output.commit_bytes(INDEX_NAME, index_bytes([row | {"prefix": config.prefix} for row in rows], earlier))
     output.remove_tmp_folder()
     if config.overwrite:
         remove_stale(output, config.prefix, summary.shards)
@@ -242,6 +250,29 @@ def ingest(
     summary.notes = sum(r["status"] == "note" for r in rows)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _other_prefixes_rows(output: Store, prefix: str) -> pa.Table:
+    """The rows of an earlier index in `output` that other prefixes' ingests wrote: an ingest with
+    another --prefix adds its shards beside theirs, and the index goes on listing theirs. (An index from
+    before the `prefix` column: a frame's prefix is its shard's; a problem's, the one prefix there was.)"""
+    if not output.exists(INDEX_NAME):
+        return INDEX_SCHEMA.empty_table()
+    with output.open(INDEX_NAME) as file:
+        table = pq.read_table(file)
+    if "prefix" not in table.column_names:
+        table = table.append_column("prefix", pa.nulls(table.num_rows, pa.string()))
+    try:
+        table = table.select(INDEX_SCHEMA.names).cast(INDEX_SCHEMA)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, KeyError) as e:
+        index = output.url_of(INDEX_NAME)
+        raise ValueError(f"{index}: not an ingest index ({e}); ingest into another --output") from None
+    prefixes = pc.coalesce(table["prefix"], pc.replace_substring_regex(table["shard"], r"-[^-]*$", ""))
+    known = pc.unique(prefixes.drop_null())
+    if len(known) == 1:
+        prefixes = pc.fill_null(prefixes, known[0])
+    table = table.set_column(INDEX_SCHEMA.get_field_index("prefix"), "prefix", prefixes)
+    return table.filter(pc.invert(pc.fill_null(pc.equal(prefixes, prefix), False)))
 
 
 def _refuse_writing_over(plan: list[sources.Source], output: Store, prefix: str) -> None:

@@ -27,13 +27,14 @@ class ShardLimits:
             raise ValueError(f"shard limits must be positive, got {self}")
 
 
-def refuse_earlier(store: Store, prefix: str, index: str, overwrite: bool) -> None:
-    """An earlier run's `<prefix>-*.tar` shards or index in `store` stop a new run unless `overwrite`:
-    new shards over some of the old ones would leave a mix of the two."""
-    earlier = store.glob(f"{prefix}-*.tar") + store.glob(index)
+def refuse_earlier(store: Store, prefix: str, index: str | None, overwrite: bool, hint: str = "") -> None:
+    """An earlier run's `<prefix>-*.tar` shards (or `index`) in `store` stop a new run unless
+    `overwrite`: new shards over some of the old ones would leave a mix of the two."""
+    earlier = store.glob(f"{prefix}-*.tar") + (store.glob(index) if index else [])
     if earlier and not overwrite:
         raise FileExistsError(
-            f"{store.url} already holds {earlier[0]} (an earlier run's); choose another --output or pass --overwrite"
+            f"{store.url} already holds {earlier[0]} (an earlier run's); choose another --output or pass "
+            f"--overwrite{hint}"
         )
 
 

@@ -157,6 +157,35 @@ def test_an_earlier_ingest_is_kept_unless_overwrite(tmp_path: Path, memory_store
     ingest([str(short)], memory_store, IngestConfig(limits=ShardLimits(2), overwrite=True))
     assert memory_store.glob("*.tar") == ["frames-000000.tar"]  # stale shards 1 and 2 removed
     assert list(read_samples(memory_store)) == ["short_000000"]
+    assert [r["key"] for r in index_rows(memory_store)] == ["short_000000"]  # long's rows went with its shards
+
+
+def test_another_prefix_adds_sources_beside_an_earlier_ingest_and_the_index_lists_both(
+    tmp_path: Path, memory_store: Store
+) -> None:
+    a, b = write_video(tmp_path / "a.mkv", frames(3)), write_video(tmp_path / "b.mkv", frames(2, seed=1))
+    gone = f"{tmp_path}/gone.mp4"
+    ingest([str(a), gone], memory_store)
+    old = pq.read_table(io.BytesIO(memory_store.read_bytes(INDEX_NAME))).drop_columns(["prefix"])
+    buffer = io.BytesIO()
+    pq.write_table(old, buffer)
+    memory_store.commit_bytes(INDEX_NAME, buffer.getvalue())  # as an index from before the prefix column
+    with pytest.raises(FileExistsError, match="or add these sources beside them with another --prefix"):
+        ingest([str(b)], memory_store)
+    both = [("frames-000000.tar", f"a_{i:06d}") for i in range(3)] + [("more-000000.tar", "b_000000"),
+                                                                     ("more-000000.tar", "b_000001")]  # fmt: skip
+
+    def listed() -> tuple[list[tuple[str, str]], list[str]]:
+        rows = index_rows(memory_store)
+        return sorted((r["shard"], r["key"]) for r in rows if r["shard"]), [r["reason"] for r in rows if r["reason"]]
+
+    summary = ingest([str(b)], memory_store, IngestConfig(prefix="more"))
+    assert listed() == (both, ["not found"]) and summary.frames == 2  # the earlier ingest's problem kept
+    # Overwriting one prefix keeps the other's rows, and its own earlier problems go with its shards.
+    ingest([str(b), gone], memory_store, IngestConfig(prefix="more", overwrite=True))
+    assert listed() == (both, ["not found", "not found"])  # one for each prefix's ingest
+    assert sorted(read_samples(memory_store)) == [key for _, key in both]
+    assert {r["prefix"] for r in index_rows(memory_store)} == {"frames", "more"}
 
 
 def test_resharding_into_the_input_folder_is_refused_and_the_shards_stay(tmp_path: Path) -> None:
