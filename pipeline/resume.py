@@ -129,7 +129,7 @@ def check_resume(output: Store, source: Store, done: list[str], made_with: Mappi
             )
         moved = moved or (record.came_from if record.elsewhere else None)
         other = [f"{key} {record.made_with[key]!r} (this run: {value!r})" for key, value in made_with.items()
-                   if key in record.made_with and record.made_with[key] != value]  # fmt: skip
+                 if key in record.made_with and record.made_with[key] != value]  # fmt: skip
         if other:
             raise ValueError(
                 f"{redact(output.url)}: its shards were deblurred with {', '.join(other)}; resuming would mix "
