@@ -85,8 +85,8 @@ def resolve(url: str, options: Mapping[str, Any]) -> tuple[fsspec.AbstractFileSy
 @dataclass(frozen=True)
 class FileStat:
     """A file's size and `version`: a token that changes when the file is written again (its bytes may
-    then be the same, as after `touch`). On a local disk a tool that sets the old mtime back on a new
-    file of the same inode (`rsync --inplace -t`) is not seen; an object store's ETag always is."""
+    then be the same, as after `touch`). On a local disk a tool that writes into the same inode and then
+    sets the old mtime back is not seen; an object store's ETag always is."""
 
     size: int
     version: str
