@@ -35,11 +35,11 @@ from pipeline.storage import Store, location
 INDEX_NAME = "_index.parquet"
 
 
-def read_index(store: Store, columns: Sequence[str]) -> pa.Table:
-    """`columns` of the ingest index in `store`, read without the other columns' bytes (an archive's
-    index holds a row per frame: millions)."""
+def read_index(store: Store, columns: Sequence[str] | None = None) -> pa.Table:
+    """`columns` of the ingest index in `store` (None: all), read without the other columns' bytes (an
+    archive's index holds a row per frame: millions)."""
     with store.open(INDEX_NAME) as file:
-        return pq.read_table(file, columns=list(columns))
+        return pq.read_table(file, columns=None if columns is None else list(columns))
 
 
 INDEX_SCHEMA = pa.schema(
@@ -258,8 +258,7 @@ def _other_prefixes_rows(output: Store, prefix: str) -> pa.Table:
     before the `prefix` column: a frame's prefix is its shard's; a problem's, the one prefix there was.)"""
     if not output.exists(INDEX_NAME):
         return INDEX_SCHEMA.empty_table()
-    with output.open(INDEX_NAME) as file:
-        table = pq.read_table(file)
+    table = read_index(output)
     if "prefix" not in table.column_names:
         table = table.append_column("prefix", pa.nulls(table.num_rows, pa.string()))
     try:

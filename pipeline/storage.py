@@ -67,12 +67,12 @@ S3_CONNECTIONS = 64  # connections a process keeps to an S3 endpoint (unless con
 def resolve(url: str, options: Mapping[str, Any]) -> tuple[fsspec.AbstractFileSystem, str]:
     """URL -> (filesystem, path), or a StorageError that says what is missing (e.g. gcsfs for gs://).
     fsspec caches filesystem instances per (protocol, options), so resolving again is cheap."""
-    options = dict(options)
-    if urlsplit(url).scheme in REMOTE_OBJECT_STORES:
+    options, scheme = dict(options), urlsplit(url).scheme
+    if scheme in REMOTE_OBJECT_STORES:
         # Other processes commit into the same folders while a job runs: a cached listing would hide
         # their objects (and make a listed object look missing). Always ask the store.
         options.setdefault("use_listings_cache", False)
-    if urlsplit(url).scheme in ("s3", "s3a"):
+    if scheme in ("s3", "s3a"):
         # botocore keeps 10 connections a client; requests made many at a time (`read_many`, `stats`)
         # would queue for them.
         options["config_kwargs"] = {"max_pool_connections": S3_CONNECTIONS, **(options.get("config_kwargs") or {})}
