@@ -29,7 +29,7 @@ import torch
 
 import adarevd
 from adarevd.classifier import psnr
-from jobs import data, deblur, report, submit, train
+from jobs import data, deblur, report, sigterm, submit, train
 from jobs.models import ASSETS, DEFAULT_WEIGHTS, CliError, exit_mode, load_model
 from pipeline.exit_map import exit_map
 from pipeline.frames import PatchMap
@@ -238,5 +238,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def cli() -> int:
+    """The `adarevd` process (the console script, `python -m jobs.cli`): `main` with SIGTERM handled."""
+    sigterm.install()
+    try:
+        return main()
+    except SystemExit:
+        if not sigterm.received():
+            raise
+        print("adarevd: stopped (SIGTERM); what was committed is kept", file=sys.stderr)
+        return sigterm.EXIT_STATUS
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

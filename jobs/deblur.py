@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 import adarevd
+from jobs import sigterm
 from jobs.data import add_storage_option
 from jobs.models import ASSETS, exit_mode, load_model
 from pipeline.ingest import INDEX_NAME, IngestConfig, ingest, read_index
@@ -197,6 +198,7 @@ def cmd_deblur(args: argparse.Namespace) -> int:
           f"weights: {source}; fingerprint {fingerprint[:12]}")  # fmt: skip
     started = time.perf_counter()
     deblur.ensure_ray(args.address, args.num_cpus)
+    sigterm.again()
     total = expected_frames(job.stores(options)[0], shards)
     with tqdm(total=total, unit=" frames", desc="deblur", file=sys.stderr, disable=None) as bar:
 

@@ -13,12 +13,12 @@ import argparse
 import asyncio
 import os
 import shutil
-import tempfile
 import time
 import uuid
 from pathlib import Path
 
 from jobs.spec import check_options, load_spec, secret_environment, to_argv
+from pipeline.scratch import scratch
 
 PACKAGES = ("adarevd", "pipeline", "jobs")
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +54,7 @@ def _client(address: str):
 def submit(path: str, address: str) -> str:
     spec = load_spec(path)
     check_options(spec, known_options(spec.kind))  # refused here, before anything is uploaded
-    with tempfile.TemporaryDirectory(prefix="adarevd-job-") as tmp:
+    with scratch("job") as tmp:
         shutil.copy(path, Path(tmp) / "spec.toml")
         submission_id = f"{spec.name}-{uuid.uuid4().hex[:8]}"
         _client(address).submit_job(

@@ -13,7 +13,6 @@ With the source file given, its audio streams are copied in (ffmpeg, no re-encod
 from __future__ import annotations
 
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from pipeline import images
 from pipeline.frames import image_member
 from pipeline.ingest import INDEX_NAME, read_index
 from pipeline.manifests import read_manifests, read_quarantine
+from pipeline.scratch import scratch
 from pipeline.shard_job import output_names
 from pipeline.shards import iter_samples, sample_meta
 from pipeline.storage import Store
@@ -172,7 +172,7 @@ def assemble(
         raise AssembleError(f"{to}: the frames of {video_id!r} have variable timestamps, which AVI cannot hold: "
                             f"write .mkv or .mp4, or pass --constant-rate")  # fmt: skip
     to.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=to.parent) as tmp:
+    with scratch("assemble", str(to.parent)) as tmp:  # beside `to`: the move to it is atomic
         video = Path(tmp) / f"video{to.suffix}"
         pixels = _in_order(store, frames, image)
         if timed:

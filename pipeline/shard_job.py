@@ -12,12 +12,9 @@ type is skipped and recorded; the shard goes on.
 
 from __future__ import annotations
 
-import glob
 import io
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -29,7 +26,7 @@ import pyarrow.parquet as pq
 from pipeline.batching import batched
 from pipeline.digests import DigestReader
 from pipeline.frames import FrameIn, FrameOut, Rejected, decode_sample
-from pipeline.processes import alive
+from pipeline.scratch import scratch
 from pipeline.shards import ShardError, TarShardWriter, encode_shard, iter_samples
 from pipeline.storage import Store
 
@@ -37,7 +34,6 @@ MANIFEST_DIR, QUARANTINE_DIR, RUN_FILE = "_manifest", "_quarantine", "_run.json"
 # A manifest's metadata: the input shard it was made from and how (`DeblurJob.made_with`), for resume.
 SOURCE_KEY, SOURCE_DIGEST_KEY, MADE_WITH_KEY = "adarevd.source", "adarevd.source_digest", "adarevd.made_with"
 SOURCE_VERSION_KEY = "adarevd.source_version"  # the input shard's FileStat.version, taken before it was read
-TEMP_PREFIX = "adarevd-deblur-"  # + <pid>-: a shard's output while it is written
 RestoreFn = Callable[[Iterable[list[FrameIn]]], Iterator[list[FrameOut | Rejected]]]
 
 MANIFEST_SCHEMA = pa.schema(
@@ -147,7 +143,7 @@ def process_shard(
             else:
                 yield item
 
-    with tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{os.getpid()}-") as tmp:
+    with scratch("deblur") as tmp:  # a shard's output while it is written
         local = os.path.join(tmp, "out.tar")
         version = source.stat(shard).version  # before the read: a write after it changes the version
         with source.open(shard) as stream, open(local, "wb") as file, TarShardWriter(file) as writer:
@@ -233,18 +229,6 @@ def _parquet(table: pa.Table) -> bytes:
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     return buffer.getvalue()
-
-
-def remove_stale_temp(folder: str | None = None) -> list[str]:
-    """Remove the local temporary folders of shard writers whose process is gone (killed mid-shard:
-    their partial output can be as large as a shard). Returns what was removed."""
-    removed = []
-    for path in glob.glob(os.path.join(folder or tempfile.gettempdir(), f"{TEMP_PREFIX}*-*")):
-        pid = os.path.basename(path)[len(TEMP_PREFIX) :].split("-", 1)[0]
-        if pid.isdigit() and not alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
 
 
 def done_shards(output: Store, shards: Iterable[str]) -> set[str]:

@@ -18,7 +18,8 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from pipeline.depth_router import Pools, depth_pool_restore
 from pipeline.frames import FrameIn, FrameOut, Rejected
 from pipeline.job import DeblurJob
-from pipeline.shard_job import RestoreFn, ShardReport, add_histogram, process_shard, remove_stale_temp
+from pipeline.scratch import remove_orphans
+from pipeline.shard_job import RestoreFn, ShardReport, add_histogram, process_shard
 from pipeline.storage import StorageError, is_transient
 from pipeline.waits import OnWait, batch_label, patient_get
 
@@ -119,7 +120,7 @@ class ShardWorker:
 
     def __init__(self) -> None:
         # A worker killed mid-shard (this one's predecessor, after a restart) left its partial output.
-        remove_stale_temp()
+        remove_orphans()
 
     def process(
         self,

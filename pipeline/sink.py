@@ -8,9 +8,9 @@ so a reader never sees a partial shard. Same samples, same limits: same bytes.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 
+from pipeline.scratch import scratch
 from pipeline.shards import Sample, TarShardWriter
 from pipeline.storage import Store
 
@@ -51,7 +51,7 @@ class ShardSink:
         self.store, self.prefix, self.limits = store, prefix, limits
         self.committed: list[str] = []
         self.bytes_committed = 0
-        self._tmp = tempfile.TemporaryDirectory(prefix="adarevd-shard-")
+        self._tmp = scratch("shard")
         self._file = None
         self._writer: TarShardWriter | None = None
         self._samples = 0

@@ -12,7 +12,6 @@ import hashlib
 import os
 import posixpath
 import re
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +22,7 @@ from braceexpand import braceexpand
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline import images, storage
+from pipeline.scratch import scratch
 from pipeline.shards import Sample, ShardError, iter_samples
 from pipeline.storage import redact, resolve
 
@@ -204,7 +204,7 @@ def _sha256_file(path: str) -> str:
 
 def _read_video(source: Source) -> Iterator[Event]:
     fs, path = source.fs, source.paths[0]
-    with tempfile.TemporaryDirectory(prefix="adarevd-video-") as tmp:
+    with scratch("video") as tmp:
         if not isinstance(fs, LocalFileSystem):
             # OpenCV decodes from local files only: fetch the object first.
             local = os.path.join(tmp, "video" + posixpath.splitext(path)[1])

@@ -10,7 +10,6 @@ barrier through the Ray Train controller, too slow to pay every few steps.
 from __future__ import annotations
 
 import logging
-import tempfile
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -18,6 +17,7 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer, get_device
 
+from pipeline.scratch import scratch
 from pipeline.trainer import Progress, TrainResult, TrainSpec, read_result, train
 
 
@@ -53,7 +53,7 @@ def fit(spec: TrainSpec, resources: TrainResources) -> TrainResult:
     """Run the stage on the connected Ray cluster (`pipeline.deblur.ensure_ray` first)."""
     use_gpu = resources.gpus_per_worker > 0
     per_worker = {"CPU": resources.cpus_per_worker} | ({"GPU": resources.gpus_per_worker} if use_gpu else {})
-    with tempfile.TemporaryDirectory(prefix="adarevd-train-") as storage:
+    with scratch("train") as storage:
         trainer = TorchTrainer(
             _worker,
             train_loop_config={"spec": spec, "threads": resources.cpus_per_worker},

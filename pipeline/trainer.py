@@ -11,7 +11,6 @@ checkpoint, a resumed run continues exactly as the unbroken run would have.
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -29,6 +28,7 @@ from adarevd.training import EncoderPretrainer, Stage, StageConfig, freeze_all_b
 from adarevd.weights import read_state_dict
 from pipeline.checkpoints import Checkpoints
 from pipeline.pair_stream import PairStream, StreamConfig
+from pipeline.scratch import scratch
 from pipeline.storage import Store, file_store, redact
 
 TrainKind = Literal["encoder", "decoders", "classifier"]
@@ -219,7 +219,7 @@ def train(
 def read_result(spec: TrainSpec) -> TrainResult:
     """The result of a finished stage, from the training history in its output weights."""
     store, name = file_store(spec.output, spec.storage_options)
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch("weights") as tmp:
         local = Path(tmp) / "weights.safetensors"
         local.write_bytes(store.read_bytes(name))
         entry = json.loads(read_state_dict(local)[1][HISTORY_KEY])[-1]
@@ -252,7 +252,7 @@ def write_output(model: AdaRevD, spec: TrainSpec, outcome: dict[str, Any]) -> No
 def publish_weights(model: AdaRevD, url: str, options: Mapping[str, Any], metadata: dict[str, str]) -> None:
     """`adarevd.save_weights` to a file on any fsspec URL, committed whole."""
     store, name = file_store(url, options)
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch("weights") as tmp:
         local = Path(tmp) / "weights.safetensors"
         adarevd.save_weights(model, local, metadata=metadata)
         store.commit_file(name, str(local))

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import glob
 import json
-import os
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -21,7 +19,7 @@ import adarevd
 from jobs.cli import DEFAULT_WEIGHTS
 from pipeline import images
 from pipeline.ingest import IngestConfig, ingest
-from pipeline.shard_job import TEMP_PREFIX
+from pipeline.scratch import pattern
 from pipeline.shards import Sample, encode_shard
 from pipeline.sink import ShardLimits
 from pipeline.storage import Store
@@ -89,10 +87,9 @@ def run_record(store: Store) -> dict:
 def shard_work_started(before: set[str], timeout: float = 60.0) -> bool:
     """Wait until a shard worker opens a local output folder not in `before` (the actors are up and the
     first batch is on its way)."""
-    pattern = os.path.join(tempfile.gettempdir(), f"{TEMP_PREFIX}*")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if set(glob.glob(pattern)) - before:
+        if set(glob.glob(pattern("deblur"))) - before:
             return True
         time.sleep(0.02)
     return False
@@ -107,7 +104,7 @@ class ActorKiller:
         self.killed: list[str] = []
         self.finished = threading.Event()
         self.mid_run = True
-        self.before = set(glob.glob(os.path.join(tempfile.gettempdir(), f"{TEMP_PREFIX}*")))
+        self.before = set(glob.glob(pattern("deblur")))
         self.thread = threading.Thread(target=self._kill)
 
     def __enter__(self) -> ActorKiller:

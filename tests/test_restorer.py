@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -22,7 +18,7 @@ from pipeline.frames import FrameIn, FrameOut, Rejected, decode_sample, image_me
 from pipeline.job import RestoreOptions
 from pipeline.restorer import FrameRestorer
 from pipeline.scores import blur_score, seam_score
-from pipeline.shard_job import local_restore, output_names, process_shard, remove_stale_temp
+from pipeline.shard_job import local_restore, output_names, process_shard
 from pipeline.shards import Sample, encode_shard, iter_samples
 from pipeline.storage import Store
 from tests.conftest import randomize
@@ -184,14 +180,3 @@ def test_a_preview_stops_early_and_is_not_marked_done(model: adarevd.AdaRevD, me
     report = process_shard("s.tar", source, memory_store, local_restore(restorer), max_frames=3)
     assert (report.frames, report.complete) == (3, False)
     assert memory_store.exists("s.tar") and not memory_store.exists(output_names("s.tar")[1])
-
-
-def test_temporary_folders_of_dead_shard_writers_are_removed(tmp_path: Path) -> None:
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    gone, mine = tmp_path / f"adarevd-deblur-{int(dead.stdout)}-abc", tmp_path / f"adarevd-deblur-{os.getpid()}-def"
-    for folder in (gone, mine):
-        folder.mkdir()
-        (folder / "out.tar").write_bytes(b"partial")
-    (tmp_path / "adarevd-deblur-notapid").mkdir()
-    assert remove_stale_temp(str(tmp_path)) == [str(gone)]
-    assert mine.exists() and not gone.exists() and (tmp_path / "adarevd-deblur-notapid").exists()

@@ -1,4 +1,4 @@
-"""The deblur job on a multi-node Ray cluster on this machine, and a driver killed mid-run."""
+"""The deblur job on a multi-node Ray cluster on this machine, and a driver killed or stopped mid-run."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ import ray
 from ray.cluster_utils import Cluster
 
 from pipeline import deblur
-from pipeline.shard_job import MANIFEST_DIR, TEMP_PREFIX
+from pipeline.scratch import pattern
+from pipeline.shard_job import MANIFEST_DIR
 from pipeline.storage import Store
 from tests.deblur_setup import Model, bundled_model, input_shards, shard_work_started, tar_bytes
 from tests.media import read_samples
@@ -74,7 +75,7 @@ def test_pools_on_other_nodes_and_a_node_removed_mid_run(
     removed: list[bool] = []  # whether the run was still going when the node went
     finished = threading.Event()
 
-    before = set(glob.glob(os.path.join(tempfile.gettempdir(), f"{TEMP_PREFIX}*")))
+    before = set(glob.glob(pattern("deblur")))
 
     def remove_a_node() -> None:
         shard_work_started(before)
@@ -99,43 +100,60 @@ def test_pools_on_other_nodes_and_a_node_removed_mid_run(
         cluster.remove_node(node)
 
 
-def test_driver_killed_mid_run_then_resumed_gives_identical_output(
-    setup: tuple[Store, Model], tmp_path: Path, ledger: Entry
-) -> None:
+DRIVER_OPTIONS = ["--frames-per-batch", "3", "--workers", "1", "--num-cpus", "2"]
+
+
+@pytest.fixture(scope="module")
+def driver(setup: tuple[Store, Model]) -> Iterator[tuple[list[str], dict[str, str], Store]]:
+    """The deblur command line, its environment, and an uninterrupted run's output to compare with."""
     source, _ = setup
     if ray.is_initialized():
         ray.shutdown()
-    reference = tmp_path / "reference"
-    out = tmp_path / "out"
     command = [sys.executable, "-m", "jobs.cli", "deblur", source.url]
-    options = ["--frames-per-batch", "3", "--workers", "1", "--num-cpus", "2"]
     # Ray's socket paths must stay under 107 bytes: a short temporary folder, not pytest's.
     ray_tmp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}
-    first = subprocess.run([*command, str(reference), *options], cwd=ROOT, env=env, capture_output=True)
+    reference = Path(ray_tmp) / "reference"
+    first = subprocess.run([*command, str(reference), *DRIVER_OPTIONS], cwd=ROOT, env=env, capture_output=True)
     assert first.returncode == 0, first.stderr.decode()[-3000:]
-    # Kill the driver as soon as its first shard is committed: the other shards are unfinished.
-    driver = subprocess.Popen([*command, str(out), *options], cwd=ROOT, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    yield command, env, Store(str(reference))
+    _kill_leftovers(ray_tmp)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_driver_stopped_mid_run_then_resumed_gives_identical_output(
+    setup: tuple[Store, Model], driver: tuple[list[str], dict[str, str], Store], tmp_path: Path, ledger: Entry,
+    signum: int,
+) -> None:  # fmt: skip
+    source, _ = setup
+    command, env, reference = driver
+    out = tmp_path / "out"
+    # Stop the driver as soon as its first shard is committed: the other shards are unfinished.
+    first = subprocess.Popen([*command, str(out), *DRIVER_OPTIONS], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not list((out / MANIFEST_DIR).glob("*.parquet")):
         time.sleep(0.1)
-    driver.send_signal(signal.SIGKILL)
-    driver.wait()
+    first.send_signal(signum)
+    _, err = first.communicate(timeout=120)
     done_before = len(list((out / MANIFEST_DIR).glob("*.parquet")))
-    assert 1 <= done_before < 3, "the kill must land mid-run"
-    resumed = subprocess.run([*command, str(out), *options], cwd=ROOT, env=env, capture_output=True)
+    assert 1 <= done_before < 3, "the stop must land mid-run"
+    if signum == signal.SIGTERM:  # a stop unwinds: the lease is given back, the status says why
+        assert first.returncode == 143 and b"stopped (SIGTERM)" in err, err.decode()[-3000:]
+        assert list((out / "_lock").iterdir()) == []
+    resumed = subprocess.run([*command, str(out), *DRIVER_OPTIONS], cwd=ROOT, env=env, capture_output=True)
     assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]
+    assert ("took the output over" in resumed.stdout.decode()) == (signum == signal.SIGKILL)
     # Shard tasks of the killed driver may still finish a shard before Ray notices; never fewer.
     skipped = int(re.search(r"(\d+) already done", resumed.stdout.decode()).group(1))
     assert skipped >= done_before
-    assert tar_bytes(Store(str(out))) == tar_bytes(Store(str(reference)))
+    assert tar_bytes(Store(str(out))) == tar_bytes(reference)
     keys = set(read_samples(source))
     ledger.faults, ledger.frames = 1, len(keys)
     ledger.lost, ledger.duplicates = audit(Store(str(out)), keys)
     assert (ledger.lost, ledger.duplicates) == (0, 0)
-    _kill_leftovers(ray_tmp)
-    shutil.rmtree(ray_tmp, ignore_errors=True)
+    _kill_leftovers(env["RAY_TMPDIR"])
 
 
 def _kill_leftovers(ray_tmp: str) -> None:
