@@ -38,6 +38,15 @@ def add_storage_option(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_take_over(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--take-over",
+        action="store_true",
+        help="take the output over from a run that holds its lease (only when you know that run died on "
+        "another machine; one on this machine, or silent for 120 s, is taken over without it)",
+    )
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     i = sub.add_parser(
         "ingest",
@@ -64,6 +73,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="replace an earlier ingest of this --prefix in OUTPUT (other prefixes' shards and rows stay)",
     )
+    add_take_over(i)
     add_storage_option(i)
     i.set_defaults(run=cmd_ingest)
 
@@ -91,6 +101,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--video-size", type=frame_size, default=(240, 320), help="clip WIDTHxHEIGHT (default: 320x240)")
     s.add_argument("--fps", type=float, default=12.0, help="clip frame rate (default: 12)")
     s.add_argument("--video-scene", default="astronaut", choices=SAMPLE_IMAGES, help="clip scene")
+    add_take_over(s)
     add_storage_option(s)
     s.set_defaults(run=cmd_synth)
 
@@ -145,7 +156,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
         )
         store = Store(args.output, parse_storage_options(args.storage_option))
         with tqdm(total=config.count, unit=" pairs", desc="synth", file=sys.stderr, disable=None) as bar:
-            shards = write_pairs(store, config, progress=bar.update, overwrite=args.overwrite)
+            shards = write_pairs(store, config, progress=bar.update, overwrite=args.overwrite,
+                                 take_over=args.take_over)  # fmt: skip
         print(f"wrote {config.count} pairs in {len(shards)} shard(s) and _index.parquet to {args.output}")
     if args.video is not None:
         clip = ClipConfig(args.video_scene, args.video_frames, args.fps, args.video_size, args.seed, spec)
@@ -165,6 +177,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         fps=args.fps,
         workers=args.workers,
         overwrite=args.overwrite,
+        take_over=args.take_over,
     )
     with tqdm(unit=" frames", desc="ingest", file=sys.stderr, disable=None) as bar:
         summary = ingest(args.sources, Store(args.output, options), config, options=options, progress=bar.update)

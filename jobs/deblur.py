@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 import adarevd
 from jobs import sigterm
-from jobs.data import add_storage_option
+from jobs.data import add_storage_option, add_take_over
 from jobs.models import ASSETS, exit_mode, load_model
 from pipeline.ingest import INDEX_NAME, IngestConfig, ingest, read_index
 from pipeline.job import RestoreOptions
@@ -123,11 +123,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--storage-retry", type=float, default=60.0, help="seconds to retry a store that does not answer (default: 60)"
     )
     d.add_argument("--quarantine-ok", action="store_true", help="exit 0 even if frames were quarantined")
-    d.add_argument(
-        "--take-over",
-        action="store_true",
-        help="take OUTPUT over from a run that holds it (only when you know that run died on another machine)",
-    )
+    add_take_over(d)
     add_storage_option(d)
     d.set_defaults(run=cmd_deblur)
 

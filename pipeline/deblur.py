@@ -40,7 +40,7 @@ from pipeline.frames import FrameIn, FrameOut, Rejected
 from pipeline.input_shards import split_input
 from pipeline.job import DeblurJob, DeviceError, Resources, RestoreOptions, StallError
 from pipeline.manifests import exit_histogram, read_manifests
-from pipeline.output_lock import LockLost, OutputLock
+from pipeline.output_lock import OutputLock
 from pipeline.restorer import FrameRestorer
 from pipeline.resume import check_resume, refuse_foreign
 from pipeline.shard_job import RUN_FILE, ShardReport, add_histogram, done_shards
@@ -184,25 +184,19 @@ def run(
     refuse_foreign(output, shards)  # before the lease: nothing is written into another dataset's folder
     # One run at a time on an output: a second one refuses (or takes over a dead one's lease).
     lock = OutputLock(output, summary.run_id, stale_after_s=job.lock_stale_s)
-    lock.acquire(take_over=job.take_over)
-    summary.took_over = lock.took_over
-    try:
-        with lock.heartbeat():
-            finished = done_shards(output, shards)
-            todo, done = [s for s in shards if s not in finished], [s for s in shards if s in finished]
-            summary.input_moved_from = check_resume(output, source, done, job.made_with(fingerprint))
-            summary.shards_skipped = len(done)
-            if todo:
-                _process(job, model, fingerprint, todo, summary, weight_files, options, on_progress, make_restorer,
-                         lock)  # fmt: skip
-            summary.seconds = time.perf_counter() - start
-            totals = output_totals(output, config.num_columns)
-            output.commit_bytes(RUN_FILE, run_json(job, summary, fingerprint, config, totals))
-            output.remove_tmp_folder()
-    except BaseException:
-        lock.release(retry_s=0)  # the failure may be the store's: one try (a lease left is taken over)
-        raise
-    lock.release()
+    with lock.held(job.take_over):
+        summary.took_over = lock.took_over
+        finished = done_shards(output, shards)
+        todo, done = [s for s in shards if s not in finished], [s for s in shards if s in finished]
+        summary.input_moved_from = check_resume(output, source, done, job.made_with(fingerprint))
+        summary.shards_skipped = len(done)
+        if todo:
+            lock.mark_unfinished()  # until it finishes, whatever happens to it
+            _process(job, model, fingerprint, todo, summary, weight_files, options, on_progress, make_restorer,
+                     lock)  # fmt: skip
+        summary.seconds = time.perf_counter() - start
+        totals = output_totals(output, config.num_columns)
+        output.commit_bytes(RUN_FILE, run_json(job, summary, fingerprint, config, totals))
     return summary
 
 
@@ -365,8 +359,7 @@ def _drive(
             reports.append(report)
             if budget is not None:
                 budget -= report.frames + report.quarantined
-        if context.lock.lost:
-            raise LockLost(context.lock.lost)
+        context.lock.check()
         counts, depths = ray.get(context.progress.snapshot.remote())
         total = sum(counts.values())
         if on_progress:

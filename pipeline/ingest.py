@@ -15,6 +15,7 @@ import json
 import os
 import posixpath
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,6 +29,7 @@ import pyarrow.parquet as pq
 
 from pipeline import images, sources
 from pipeline.images import ImageFormat
+from pipeline.output_lock import OutputLock
 from pipeline.shards import Sample, check_key, sample_meta
 from pipeline.sink import ShardLimits, ShardSink, refuse_earlier, remove_stale
 from pipeline.storage import Store, location
@@ -71,6 +73,7 @@ class IngestConfig:
     fps: float | None = None  # for image folders, which carry no timing
     workers: int = 0  # encode threads; 0 = one per CPU
     overwrite: bool = False
+    take_over: bool = False  # of a lease whose holder is known to be dead
 
     def __post_init__(self) -> None:
         if self.image_format not in ("png", "jpg"):
@@ -207,15 +210,39 @@ def ingest(
     options: Mapping[str, Any] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> IngestSummary:
-    """Ingest every source under `urls` (read with `options`) into shards + index under `output`."""
+    """Ingest every source under `urls` (read with `options`) into shards + index under `output`,
+    holding `output`'s lease: a second ingest (or deblur, synth) into it at once is refused."""
     start = time.perf_counter()
-    refuse_earlier(output, config.prefix, None, config.overwrite,
-                   hint=", or add these sources beside them with another --prefix")  # fmt: skip
+    hint = ", or add these sources beside them with another --prefix"
+    refuse_earlier(output, config.prefix, None, config.overwrite, hint)  # before anything is written
     plan, problems = sources.plan(urls, options or {})
     _refuse_writing_over(plan, output, config.prefix)
-    earlier = _other_prefixes_rows(output, config.prefix)
-    summary = IngestSummary(problems=list(problems))
-    rows = [problem_row(p) for p in problems]
+    with OutputLock(output, f"ingest-{uuid.uuid4().hex[:12]}").held(config.take_over) as lock:
+        refuse_earlier(output, config.prefix, None, config.overwrite, hint)  # one that ended meanwhile
+        earlier = _other_prefixes_rows(output, config.prefix)
+        summary = IngestSummary(problems=list(problems))
+        rows = [problem_row(p) for p in problems]
+        _write_shards(plan, output, config, summary, rows, lock, progress)
+        lock.check()  # taken over meanwhile: the index is the new holder's to write
+        output.commit_bytes(INDEX_NAME, index_bytes([row | {"prefix": config.prefix} for row in rows], earlier))
+        if config.overwrite:
+            remove_stale(output, config.prefix, summary.shards)
+    summary.skipped = sum(p.skipped for p in summary.problems)
+    summary.notes = sum(r["status"] == "note" for r in rows)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _write_shards(
+    plan: Sequence[sources.Source],
+    output: Store,
+    config: IngestConfig,
+    summary: IngestSummary,
+    rows: list[dict[str, Any]],
+    lock: OutputLock,
+    progress: Callable[[int], None] | None,
+) -> None:
+    """Every source's frames, in order, into the shards; their rows (and problems) into `rows`."""
     seen_keys: set[str] = set()
     workers = config.workers or os.cpu_count() or 1
     with ThreadPoolExecutor(workers) as pool, ShardSink(output, config.prefix, config.limits) as sink:
@@ -236,20 +263,13 @@ def ingest(
                     rows.append(problem_row(problem))
                     continue
                 seen_keys.add(sample.key)
+                lock.check()
                 row["shard"] = sink.add(sample)
                 rows.append(row)
                 summary.frames += 1
                 if progress:
                     progress(1)
     summary.shards, summary.bytes = sink.committed, sink.bytes_committed
-    output.commit_bytes(INDEX_NAME, index_bytes([row | {"prefix": config.prefix} for row in rows], earlier))
-    output.remove_tmp_folder()
-    if config.overwrite:
-        remove_stale(output, config.prefix, summary.shards)
-    summary.skipped = sum(p.skipped for p in summary.problems)
-    summary.notes = sum(r["status"] == "note" for r in rows)
-    summary.seconds = time.perf_counter() - start
-    return summary
 
 
 def _other_prefixes_rows(output: Store, prefix: str) -> pa.Table:

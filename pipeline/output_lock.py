@@ -1,4 +1,4 @@
-"""One deblur run writes an output folder at a time: a lease in `OUT/_lock/`.
+"""One run writes an output folder at a time (deblur, ingest, synth): a lease in `OUT/_lock/`.
 
 A run takes generation g by creating `_lock/<g>.json` create-only (`Store.create`: O_EXCL locally,
 If-None-Match on S3), so of several runs that try at once exactly one wins. The holder refreshes
@@ -26,6 +26,7 @@ from pipeline.processes import alive
 from pipeline.storage import StorageError, Store, redact
 
 LOCK_DIR = "_lock"
+UNFINISHED = f"{LOCK_DIR}/unfinished"  # a deblur's mark on its output from its lease until it finishes
 BEAT_RETRY_S = 5.0  # how long one heartbeat retries a store that does not answer
 _HELD: set[str] = set()  # run ids holding a lease in this process
 
@@ -137,10 +138,42 @@ class OutputLock:
             stop.set()
             thread.join()
 
-    def release(self, retry_s: float | None = None) -> None:
+    def check(self) -> None:
+        """Raise LockLost if the heartbeat found that another run took the output over."""
+        if self.lost:
+            raise LockLost(self.lost)
+
+    def mark_unfinished(self) -> None:
+        """Write `UNFINISHED` (a deblur, before it writes its first shard): it stays where the run
+        fails, stops or dies, marking the output as a deblur output (`refuse_foreign`), and `held`
+        removes it once the run finished."""
+        self.store.commit_bytes(UNFINISHED, json.dumps({"run_id": self.run_id}).encode())
+
+    @contextmanager
+    def held(self, take_over: bool = False) -> Iterator[OutputLock]:
+        """Hold the lease for the block: acquire it, beat while the block runs, then (the heartbeat
+        stopped, so nothing writes there any more) remove the temporary folder, the mark and the
+        lease, leaving no `_lock/` folder. A block that fails releases with one try (the failure may
+        be the store's), removes the temporary folder unless the store failed, and keeps the mark."""
+        self.acquire(take_over=take_over)
+        try:
+            with self.heartbeat():
+                yield self
+        except BaseException as e:
+            if not isinstance(e, StorageError):
+                self.store.remove_tmp_folder()  # a refused run wrote only its heartbeat there
+            self.release(retry_s=0, remove_folder=True)
+            raise
+        self.store.remove_tmp_folder()
+        with suppress(FileNotFoundError):  # (also an earlier run's, that died with nothing left to do)
+            self.store.remove(UNFINISHED)
+        self.release(remove_folder=True)
+
+    def release(self, retry_s: float | None = None, remove_folder: bool = False) -> None:
         """Remove this run's generation and the older ones it replaced (not a newer one). Best effort:
         with the store gone, the lease stays and the next run takes it over (its holder is dead).
-        `retry_s=0` (after a failure, which may be the store's): one try, no retry window."""
+        `retry_s=0` (after a failure, which may be the store's): one try, no retry window.
+        `remove_folder`: and `_lock/` itself where it is then empty (folders on local disks, SeaweedFS)."""
         if not self.generation:
             return
         _HELD.discard(self.run_id)
@@ -151,6 +184,8 @@ class OutputLock:
                     for suffix in ("beat", "json"):
                         with suppress(FileNotFoundError):
                             store.remove(self._name(g, suffix))
+            if remove_folder:
+                store.remove_empty_folder(LOCK_DIR)
         except (OSError, StorageError):
             pass
         self.generation = 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 
 from pipeline import images
 from pipeline.ingest import INDEX_NAME
+from pipeline.output_lock import OutputLock
 from pipeline.scenes import SAMPLE_IMAGES, fit, load_sample
 from pipeline.shards import Sample, check_key
 from pipeline.sink import ShardLimits, ShardSink, refuse_earlier, remove_stale
@@ -103,32 +105,40 @@ def pair_sample(i: int, config: SynthConfig, scenes: dict[str, np.ndarray]) -> S
 
 
 def write_pairs(
-    output: Store, config: SynthConfig, progress: Callable[[int], None] | None = None, *, overwrite: bool = False
+    output: Store,
+    config: SynthConfig,
+    progress: Callable[[int], None] | None = None,
+    *,
+    overwrite: bool = False,
+    take_over: bool = False,
 ) -> list[str]:
-    """Write `config.count` pairs as shards + an index; returns the shard names. An output holding an
-    earlier set is refused unless `overwrite` (then its shards are replaced, none left over)."""
+    """Write `config.count` pairs as shards + an index, holding `output`'s lease; returns the shard
+    names. An output holding an earlier set is refused unless `overwrite` (then its shards are
+    replaced, none left over)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    refuse_earlier(output, config.prefix, INDEX_NAME, overwrite)
-
-    scenes = {name: load_sample(name) for name in dict.fromkeys(config.scenes)}
-    rows = []
-    with ShardSink(output, config.prefix, config.limits) as sink:
-        for i in range(config.count):
-            sample = pair_sample(i, config, scenes)
-            meta = json.loads(sample.members["json"])
-            shard = sink.add(sample)
-            rows.append({"shard": shard, "key": sample.key, "scene": meta["scene"], "seed": meta["seed"],
-                         "psnr": meta["psnr"]})  # fmt: skip
-            if progress:
-                progress(1)
-    buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows), buffer)
-    output.commit_bytes(INDEX_NAME, buffer.getvalue())
-    output.remove_tmp_folder()
-    if overwrite:
-        remove_stale(output, config.prefix, sink.committed)
+    refuse_earlier(output, config.prefix, INDEX_NAME, overwrite)  # before anything is written
+    with OutputLock(output, f"synth-{uuid.uuid4().hex[:12]}").held(take_over) as lock:
+        refuse_earlier(output, config.prefix, INDEX_NAME, overwrite)  # one that ended meanwhile
+        scenes = {name: load_sample(name) for name in dict.fromkeys(config.scenes)}
+        rows = []
+        with ShardSink(output, config.prefix, config.limits) as sink:
+            for i in range(config.count):
+                sample = pair_sample(i, config, scenes)
+                meta = json.loads(sample.members["json"])
+                lock.check()
+                shard = sink.add(sample)
+                rows.append({"shard": shard, "key": sample.key, "scene": meta["scene"], "seed": meta["seed"],
+                             "psnr": meta["psnr"]})  # fmt: skip
+                if progress:
+                    progress(1)
+        buffer = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows), buffer)
+        lock.check()
+        output.commit_bytes(INDEX_NAME, buffer.getvalue())
+        if overwrite:
+            remove_stale(output, config.prefix, sink.committed)
     return sink.committed
 
 

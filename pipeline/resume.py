@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from pipeline.digests import Digest, digest_of
-from pipeline.output_lock import LOCK_DIR
+from pipeline.output_lock import UNFINISHED
 from pipeline.shard_job import (
     MADE_WITH_KEY,
     MANIFEST_DIR,
@@ -149,9 +149,9 @@ def _input_digest(source: Store, shard: str) -> Digest:
 
 def refuse_foreign(output: Store, shards: list[str]) -> None:
     """Raise if `output` holds shards at the names these input shards write to while no deblur run has
-    written it (no `_manifest/`, `_run.json` or `_lock/`, which a run that died leaves): another
-    dataset's shards, which the run would replace."""
-    if not shards or any(output.exists(name) for name in (MANIFEST_DIR, RUN_FILE, LOCK_DIR)):
+    written it (no `_manifest/`, `_run.json` or `_lock/unfinished`, which a run that failed, stopped or died
+    leaves): another dataset's shards, which the run would replace."""
+    if not shards or any(output.exists(name) for name in (MANIFEST_DIR, RUN_FILE, UNFINISHED)):
         return
     there = set(output.glob("**/*.tar"))
     foreign = [shard for shard in shards if output_names(shard)[0] in there]
@@ -160,5 +160,5 @@ def refuse_foreign(output: Store, shards: list[str]) -> None:
             f"{redact(output.url_of(output_names(foreign[0])[0]))}: the output folder already holds this shard "
             f"({len(foreign)} of the {len(shards)} this run writes) but no deblur run's _manifest/ or {RUN_FILE}, so "
             "they are not deblurred output and the run would replace them; give an empty folder or an earlier "
-            "deblur output (if a run of yours stopped before its first manifest, remove its shards and run again)"
+            "deblur output"
         )

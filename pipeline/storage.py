@@ -15,6 +15,7 @@ import posixpath
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import partial
 from typing import IO, Any, TypeVar
@@ -217,6 +218,17 @@ class Store:
 
         self._call("remove", name, rm)
 
+    def remove_empty_folder(self, name: str) -> None:
+        """Remove the folder `name` if it is empty; best effort, one try. A writer that makes the
+        folder again at the same moment is safe: `create` makes it again. On object stores this is a
+        delete of the key `name` itself: nothing on plain S3, the folder entry on SeaweedFS (which
+        keeps a folder that still holds objects)."""
+        with suppress(OSError):
+            if urlsplit(self.url).scheme in OBJECT_STORE_SCHEMES:
+                self.fs.rm_file(self.path(name))
+            else:
+                self.fs.rmdir(self.path(name))
+
     def commit_bytes(self, name: str, data: bytes) -> None:
         """Write `data` at `name` so that readers see all of it or nothing."""
         tmp = self._tmp_name(name)
@@ -233,8 +245,15 @@ class Store:
             if isinstance(fs, LocalFileSystem):
                 # A hard link to a finished file: atomic, fails if the name exists, never half-written.
                 part = f"{path}.{uuid.uuid4().hex}.part"
-                with open(part, "wb") as handle:
-                    handle.write(data)
+                for attempt in range(3):
+                    try:
+                        with open(part, "wb") as handle:
+                            handle.write(data)
+                        break
+                    except FileNotFoundError:  # the folder went (`remove_empty_folder`) after _mkparent
+                        if attempt == 2:
+                            raise
+                        os.makedirs(posixpath.dirname(path), exist_ok=True)
                 try:
                     os.link(part, path)
                 finally:

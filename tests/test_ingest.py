@@ -14,6 +14,8 @@ import pytest
 from jobs.cli import main
 from pipeline import images
 from pipeline.ingest import INDEX_NAME, IngestConfig, ingest
+from pipeline.output_lock import OutputLocked
+from pipeline.resume import refuse_foreign
 from pipeline.shards import Sample, encode_shard
 from pipeline.sink import ShardLimits
 from pipeline.storage import Store
@@ -216,3 +218,42 @@ def test_cli_ingest_summarises_and_fails_when_nothing_was_ingested(
     assert "nothing could be ingested" in captured.err
     assert main(["ingest", str(video), "--output", str(tmp_path / "out")]) == 2
     assert "pass --overwrite" in capsys.readouterr().err
+
+
+def test_a_second_ingest_while_one_writes_the_output_is_refused_and_writes_nothing(tmp_path: Path) -> None:
+    """Before the lease, the second (another --prefix) wrote its shards and index, and the first's
+    index, written last, left the second's video out."""
+    output = Store(str(tmp_path / "out"))
+    first, second = (str(write_video(tmp_path / f"{name}.mp4", frames(4, seed=i))) for i, name in enumerate("ab"))
+    refused: list[Exception] = []
+
+    def meanwhile(_: int) -> None:  # called on the first ingest's frames, while it holds the lease
+        if not refused:
+            with pytest.raises(OutputLocked, match=r"out is being written by run ingest-\w+ \(host") as e:
+                ingest([second], output, IngestConfig(prefix="other"))
+            refused.append(e.value)
+
+    summary = ingest([first], output, progress=meanwhile)
+    assert refused and summary.frames == 4
+    assert output.glob("other-*") == [] and {r["video_id"] for r in index_rows(output)} == {"a"}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["_index.parquet", "frames-000000.tar"]
+    assert ingest([second], output, IngestConfig(prefix="other")).frames == 4  # after it: beside it
+    assert {r["video_id"] for r in index_rows(output)} == {"a", "b"}
+
+
+def test_an_ingest_that_fails_leaves_its_shards_but_no_lease_so_a_deblur_into_it_is_refused(tmp_path: Path) -> None:
+    """A failed deblur leaves `_lock/unfinished` as its output's mark; an ingest leaves nothing that
+    would make its shards look like deblur output, which a deblur into the folder would replace."""
+    output = Store(str(tmp_path / "out"))
+
+    def stop_at_the_third(done: list[int] = []) -> None:  # noqa: B006 - the count of calls
+        done.append(1)
+        if len(done) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ingest([str(write_video(tmp_path / "clip.mp4", frames(6)))], output, IngestConfig(limits=ShardLimits(1)),
+               progress=lambda _: stop_at_the_third())  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["frames-000000.tar", "frames-000001.tar"]
+    with pytest.raises(FileExistsError, match=r"frames-000000\.tar: the output folder already holds this shard"):
+        refuse_foreign(output, ["frames-000000.tar"])

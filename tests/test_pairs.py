@@ -12,6 +12,7 @@ import torch
 
 from adarevd.classifier import psnr_bucket
 from jobs.cli import main
+from pipeline.output_lock import OutputLocked
 from pipeline.pairs import ClipConfig, SynthConfig, patch_psnr, psnr, write_clip, write_pairs
 from pipeline.scenes import load_sample
 from pipeline.sink import ShardLimits
@@ -132,3 +133,18 @@ def test_bundled_demo_clip_is_what_its_recorded_command_makes(tmp_path: Path) ->
     for bundled, fresh, (blurry, _) in zip(decoded, again, clip, strict=True):
         assert psnr(bundled[..., ::-1], blurry) > 35
         assert psnr(fresh, bundled) > 38
+
+
+def test_synth_holds_the_output_while_it_writes_and_leaves_no_lease(tmp_path: Path) -> None:
+    output = Store(str(tmp_path / "pairs"))
+    refused: list[str] = []
+
+    def meanwhile(_: int) -> None:
+        if not refused:
+            with pytest.raises(OutputLocked, match=r"pairs is being written by run synth-\w+") as e:
+                write_pairs(output, replace(SMALL, prefix="more"))
+            refused.append(str(e.value))
+
+    shards = write_pairs(output, SMALL, progress=meanwhile)
+    assert refused and output.glob("more-*") == []
+    assert sorted(p.name for p in (tmp_path / "pairs").iterdir()) == sorted([*shards, "_index.parquet"])

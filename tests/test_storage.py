@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -105,3 +106,28 @@ def test_s3_keeps_a_connection_pool_for_requests_made_many_at_a_time_unless_told
     assert fs.config_kwargs == {"max_pool_connections": S3_CONNECTIONS, "retries": {"max_attempts": 2}}
     fs, _ = resolve("s3://b/x", {"config_kwargs": {"max_pool_connections": 8}})
     assert fs.config_kwargs == {"max_pool_connections": 8}
+
+
+def test_an_empty_folder_is_removed_and_a_create_that_races_the_removal_still_lands(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store(str(tmp_path))
+    store.create("_lock/1.json", b"held")
+    store.remove_empty_folder("_lock")  # not empty: kept, with what is in it
+    assert store.read_bytes("_lock/1.json") == b"held"
+    store.remove("_lock/1.json")
+    store.remove_empty_folder("_lock")
+    assert not (tmp_path / "_lock").exists()
+    store.remove_empty_folder("_lock")  # nothing there: nothing happens
+    Store("memory://empty-folder-test").remove_empty_folder("_lock")
+
+    made = Store._mkparent
+
+    def then_removed(self: Store, name: str):  # another run's release removes the folder just made
+        fs = made(self, name)
+        os.rmdir(tmp_path / "_lock")
+        return fs
+
+    monkeypatch.setattr(Store, "_mkparent", then_removed)
+    store.create("_lock/2.json", b"mine")
+    assert store.read_bytes("_lock/2.json") == b"mine"

@@ -8,11 +8,13 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from pipeline.output_lock import LOCK_DIR, LockLost, OutputLock, OutputLocked
+from pipeline.output_lock import LOCK_DIR, UNFINISHED, LockLost, OutputLock, OutputLocked
+from pipeline.resume import refuse_foreign
 from pipeline.storage import Store
 from tests.deblur_setup import make_input, tar_bytes
 from tests.media import read_samples
@@ -96,6 +98,38 @@ def test_a_live_holder_keeps_the_output_and_a_gone_one_is_replaced(tmp_path: Pat
     assert store.glob(f"{LOCK_DIR}/*") == []
     third.acquire()  # a released output is free at once
     third.release()
+
+
+def mark_test(store: Store, tree: Callable[[], list[str]]) -> None:
+    with pytest.raises(RuntimeError, match="mid-run"), OutputLock(store, "failed").held() as lock:
+        lock.mark_unfinished()
+        store.commit_bytes("video-000000.tar", b"a deblurred shard, its manifest not yet written")
+        raise RuntimeError("mid-run")
+    assert tree() == [UNFINISHED, "video-000000.tar"]  # the lease given back, the output marked as ours
+    refuse_foreign(store, ["video-000000.tar"])  # so a re-run resumes it instead of refusing it as foreign
+    with OutputLock(store, "resumed").held() as lock:
+        lock.mark_unfinished()
+        assert store.read_bytes(UNFINISHED) == b'{"run_id": "resumed"}'
+        store.commit_bytes("_run.json", b"{}")
+    assert tree() == ["_run.json", "video-000000.tar"]  # finished: no lease, no mark, no _tmp/
+
+
+def test_a_failed_deblur_marks_its_output_and_a_finished_one_leaves_no_lease(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    mark_test(Store(str(out)), lambda: sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()))
+    assert sorted(p.name for p in out.iterdir()) == ["_run.json", "video-000000.tar"]  # no empty folders
+
+
+@pytest.mark.s3
+def test_a_failed_deblur_marks_its_s3_output_and_a_finished_one_leaves_no_lease(s3: S3Server) -> None:
+    store = Store(f"s3://{s3.bucket}/mark-{os.getpid()}", s3.storage_options)
+
+    def tree() -> list[str]:
+        store.fs.invalidate_cache()
+        return sorted(path[len(store.root) + 1 :] for path in store.fs.find(store.root))
+
+    mark_test(store, tree)
+    assert store.glob("*") == ["_run.json", "video-000000.tar"]  # no folder entries left (SeaweedFS has them)
 
 
 def test_an_unreadable_lease_is_named_not_guessed(tmp_path: Path) -> None:
