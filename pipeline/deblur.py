@@ -196,6 +196,7 @@ def run(
                      lock)  # fmt: skip
         summary.seconds = time.perf_counter() - start
         totals = output_totals(output, config.num_columns)
+        lock.confirm()  # taken over meanwhile: the summary is the new holder's to write
         output.commit_bytes(RUN_FILE, run_json(job, summary, fingerprint, config, totals))
     return summary
 

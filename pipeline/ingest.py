@@ -223,7 +223,7 @@ def ingest(
         summary = IngestSummary(problems=list(problems))
         rows = [problem_row(p) for p in problems]
         _write_shards(plan, output, config, summary, rows, lock, progress)
-        lock.check()  # taken over meanwhile: the index is the new holder's to write
+        lock.confirm()  # taken over meanwhile: the index is the new holder's to write
         output.commit_bytes(INDEX_NAME, index_bytes([row | {"prefix": config.prefix} for row in rows], earlier))
         if config.overwrite:
             remove_stale(output, config.prefix, summary.shards)

@@ -143,6 +143,12 @@ class OutputLock:
         if self.lost:
             raise LockLost(self.lost)
 
+    def confirm(self) -> None:
+        """Raise LockLost unless this run still holds the lease, asking the store now (not the last
+        heartbeat): before a run commits what names its whole output (an index, `_run.json`)."""
+        self.check()
+        self.beat()
+
     def mark_unfinished(self) -> None:
         """Write `UNFINISHED` (a deblur, before it writes its first shard): it stays where the run
         fails, stops or dies, marking the output as a deblur output (`refuse_foreign`), and `held`
@@ -154,13 +160,14 @@ class OutputLock:
         """Hold the lease for the block: acquire it, beat while the block runs, then (the heartbeat
         stopped, so nothing writes there any more) remove the temporary folder, the mark and the
         lease, leaving no `_lock/` folder. A block that fails releases with one try (the failure may
-        be the store's), removes the temporary folder unless the store failed, and keeps the mark."""
+        be the store's), removes the temporary folder unless the store failed or the lease was lost,
+        and keeps the mark."""
         self.acquire(take_over=take_over)
         try:
             with self.heartbeat():
                 yield self
         except BaseException as e:
-            if not isinstance(e, StorageError):
+            if not isinstance(e, (StorageError, LockLost)):  # (the new holder's writes may be under way)
                 self.store.remove_tmp_folder()  # a refused run wrote only its heartbeat there
             self.release(retry_s=0, remove_folder=True)
             raise

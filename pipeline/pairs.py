@@ -135,7 +135,7 @@ def write_pairs(
                     progress(1)
         buffer = io.BytesIO()
         pq.write_table(pa.Table.from_pylist(rows), buffer)
-        lock.check()
+        lock.confirm()
         output.commit_bytes(INDEX_NAME, buffer.getvalue())
         if overwrite:
             remove_stale(output, config.prefix, sink.committed)

@@ -14,7 +14,7 @@ import pytest
 from jobs.cli import main
 from pipeline import images
 from pipeline.ingest import INDEX_NAME, IngestConfig, ingest
-from pipeline.output_lock import OutputLocked
+from pipeline.output_lock import LockLost, OutputLock, OutputLocked
 from pipeline.resume import refuse_foreign
 from pipeline.shards import Sample, encode_shard
 from pipeline.sink import ShardLimits
@@ -257,3 +257,23 @@ def test_an_ingest_that_fails_leaves_its_shards_but_no_lease_so_a_deblur_into_it
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["frames-000000.tar", "frames-000001.tar"]
     with pytest.raises(FileExistsError, match=r"frames-000000\.tar: the output folder already holds this shard"):
         refuse_foreign(output, ["frames-000000.tar"])
+
+
+def test_an_ingest_taken_over_while_it_runs_stops_before_its_index(tmp_path: Path) -> None:
+    """A user's --take-over of a run that was still alive: the old run must not write the index (the
+    new holder's to write) nor release the new holder's lease."""
+    output = Store(str(tmp_path / "out"))
+    thief: list[OutputLock] = []
+
+    def take_over(_: int) -> None:
+        if not thief:
+            thief.append(OutputLock(output, "thief"))
+            thief[0].acquire(take_over=True)
+
+    with pytest.raises(LockLost, match=r"out was taken over by run thief \(host .*\); this run stops"):
+        ingest([str(write_video(tmp_path / "clip.mp4", frames(3)))], output, progress=take_over)
+    assert not output.exists(INDEX_NAME)
+    assert thief[0].took_over is not None and thief[0].took_over.startswith("run ingest-")
+    assert sorted(output.glob("_lock/*")) == ["_lock/00000002.beat", "_lock/00000002.json"]  # the thief's, alone
+    thief[0].release(remove_folder=True)
+    assert not output.exists("_lock")
