@@ -160,6 +160,11 @@ class Store:
     def path(self, name: str) -> str:
         return f"{self.root}/{name}" if name else self.root
 
+    @property
+    def _object_store(self) -> bool:
+        """A store without folders to make (S3 and its kind, memory)."""
+        return urlsplit(self.url).scheme in OBJECT_STORE_SCHEMES
+
     def url_of(self, name: str) -> str:
         return f"{self.url}/{name}"
 
@@ -224,7 +229,7 @@ class Store:
         delete of the key `name` itself: nothing on plain S3, the folder entry on SeaweedFS (which
         keeps a folder that still holds objects)."""
         with suppress(OSError):
-            if urlsplit(self.url).scheme in OBJECT_STORE_SCHEMES:
+            if self._object_store:
                 self.fs.rm_file(self.path(name))
             else:
                 self.fs.rmdir(self.path(name))
@@ -292,7 +297,7 @@ class Store:
         # Folders must exist before a write or a rename (local disks, SFTP). Object stores have none,
         # and s3fs's makedirs would ask for the bucket on every write, and create it if it is missing.
         fs = self.fs
-        if urlsplit(self.url).scheme not in OBJECT_STORE_SCHEMES:
+        if not self._object_store:
             fs.makedirs(posixpath.dirname(self.path(name)), exist_ok=True)
         return fs
 
