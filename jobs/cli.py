@@ -33,7 +33,7 @@ from jobs import data, deblur, report, sigterm, submit, train
 from jobs.models import ASSETS, DEFAULT_WEIGHTS, CliError, exit_mode, load_model
 from pipeline.exit_map import exit_map
 from pipeline.frames import PatchMap
-from pipeline.job import DeviceError, StallError
+from pipeline.job import ActorStartError, DeviceError, StallError
 from pipeline.output_lock import LockLost, OutputLocked
 from pipeline.shards import ShardError
 from pipeline.storage import StorageError
@@ -233,6 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         LockLost,
         StallError,
         DeviceError,
+        ActorStartError,
     ) as e:
         print(f"adarevd {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -188,6 +188,7 @@ def cmd_deblur(args: argparse.Namespace) -> int:
         storage_retry_s=args.storage_retry,
     )
     model, source, weight_files = load_model(args.model, args.weights, torch.device("cpu"))
+    job.restore.check_model(model.num_columns)
     fingerprint = adarevd.fingerprint(model)
     shards = job.shards(options)  # before Ray starts: a mistyped input stops at once
     print(f"model: {model.config.encoder} encoder, width {model.config.width}, {model.num_columns} columns; "
@@ -216,7 +217,7 @@ def print_summary(summary: RunSummary, output_url: str, wall: float) -> None:
         print(f"resuming: the done shards were deblurred from another place (the first: {summary.input_moved_from}); "
               "the input here has the same bytes")  # fmt: skip
     histogram = summary.histogram
-    patches = sum(histogram) or 1
+    patches = sum(histogram)
     actors = f"workers: {summary.workers}"
     if summary.encoders:
         actors = f"encoders: {summary.encoders}, depth-pool actors: {summary.workers}"
@@ -226,9 +227,10 @@ def print_summary(summary: RunSummary, output_url: str, wall: float) -> None:
           f"{summary.shards_total} in all; {actors}")  # fmt: skip
     print(f"frames: {frames} in {summary.seconds:.1f} s ({frames / max(summary.seconds, 1e-9):.2f} frames/s; "
           f"{wall:.1f} s with Ray start-up)")  # fmt: skip
-    print("exit depth   " + " ".join(f"{d:>7}" for d in range(len(histogram))))
-    print("patches      " + " ".join(f"{n:>7}" for n in histogram))
-    print("share        " + " ".join(f"{100 * n / patches:>6.1f}%" for n in histogram))
+    if sum(histogram):  # none when every shard was done already, or every frame quarantined
+        print("exit depth   " + " ".join(f"{d:>7}" for d in range(len(histogram))))
+        print("patches      " + " ".join(f"{n:>7}" for n in histogram))
+        print("share        " + " ".join(f"{100 * n / patches:>6.1f}%" for n in histogram))
     if summary.pool_plans:
         plans = " -> ".join("/".join(map(str, p)) for p in summary.pool_plans[-4:])
         print(f"depth pools (actors for depth 1..{len(histogram) - 1}; 0: borrows another's): {plans}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import uuid
 from collections import Counter, deque
@@ -29,7 +30,7 @@ from typing import Any
 
 import ray
 import torch
-from ray.exceptions import GetTimeoutError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import adarevd
@@ -38,7 +39,7 @@ from pipeline.depth_pools import DepthGroup, EncodedBatch
 from pipeline.depth_router import Pools
 from pipeline.frames import FrameIn, FrameOut, Rejected
 from pipeline.input_shards import split_input
-from pipeline.job import DeblurJob, DeviceError, Resources, RestoreOptions, StallError
+from pipeline.job import ActorStartError, DeblurJob, DeviceError, Resources, RestoreOptions, StallError
 from pipeline.manifests import exit_histogram, read_manifests
 from pipeline.output_lock import OutputLock
 from pipeline.restorer import FrameRestorer
@@ -175,6 +176,7 @@ def run(
     (benchmarks use a stand-in whose cost is known). `shards`: the input shards, where the caller has
     listed them already (`job.shards`, to refuse a bad input before it starts Ray)."""
     config, fingerprint = model.config, adarevd.fingerprint(model)
+    job.restore.check_model(config.num_columns)
     options = dict(options or {})
     start = time.perf_counter()
     job = job.resolved(ray.cluster_resources())  # GPU shares and actor counts for this cluster
@@ -286,6 +288,10 @@ def _wait_ready(actors: list[Any], shard_workers: list[Any], resources: Resource
         nodes = ray.get([a.node.remote() for a in actors], timeout=timeout)
         ray.get([w.node.remote() for w in shard_workers], timeout=timeout)
         return nodes
+    except RayActorError as e:
+        if not getattr(e, "actor_init_failed", False):
+            raise
+        raise _start_error(e.error_msg) from None
     except GetTimeoutError:
         encoders = (
             f" and {resources.encoders} encoder(s) asking for {resources.cpus_per_encoder} CPU and "
@@ -300,6 +306,18 @@ def _wait_ready(actors: list[Any], shard_workers: list[Any], resources: Resource
             f"workers (--workers, --encoders) or less per worker (--cpus-per-worker, --gpus-per-worker, "
             f"--cpus-per-encoder, --gpus-per-encoder)."
         ) from None
+
+
+def _start_error(message: str) -> ActorStartError:
+    """What a failed actor constructor said, short: which actor, and the last line of its traceback."""
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", message)  # Ray colours the task name
+    actor = re.search(r"ray::([\w.-]+):", plain)
+    lines = [line.strip() for line in plain.splitlines() if line.strip()]
+    return ActorStartError(
+        f"{'actor ' + actor.group(1) if actor else 'an actor'} failed to start: {lines[-1] if lines else plain}. "
+        "Each model actor builds the model itself where Ray placed it, so the weights must be readable "
+        "there and its device must work; the actor's log on that node has the whole traceback."
+    )
 
 
 def _check_devices(devices: list[str], gpu_shares: list[float]) -> None:

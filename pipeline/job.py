@@ -25,6 +25,17 @@ class DeviceError(RuntimeError):
     """The actors were given GPUs that their torch cannot use."""
 
 
+class ActorStartError(RuntimeError):
+    """A model actor's constructor failed (weights unreadable where it runs, a broken device, ...)."""
+
+
+def _require(ok: bool, setting: str, rule: str, value: object) -> None:
+    """Refuse a bad setting at construction, named as the user gives it: its `adarevd deblur` flag (a job
+    spec's [options] use the same names), or the field where no flag sets it."""
+    if not ok:
+        raise ValueError(f"{setting} must be {rule}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class RestoreOptions:
     exit: ExitMode = "adaptive"
@@ -35,6 +46,19 @@ class RestoreOptions:
     # Frame mode holds the whole frame's activations; larger frames are encoded per patch (bounded by
     # the patch size) and say so in their manifest notes. 0 = no limit. Default: 4K UHD.
     max_frame_pixels: int = 3840 * 2160
+
+    def __post_init__(self) -> None:
+        depth = isinstance(self.exit, int) and not isinstance(self.exit, bool) and self.exit >= 0
+        _require(self.exit == "adaptive" or depth, "--exit", "'adaptive' or a depth >= 0", self.exit)
+        _require(1 <= self.jpeg_quality <= 100, "jpeg_quality", "1..100", self.jpeg_quality)
+        _require(self.threads >= 0, "threads", ">= 0 (0: by the actor's CPUs)", self.threads)
+        _require(self.max_frame_pixels >= 0, "--max-frame-pixels", ">= 0 (0: no limit)", self.max_frame_pixels)
+
+    def check_model(self, num_columns: int) -> None:
+        """A fixed exit the model has: refused before any actor starts or shard is read."""
+        if self.exit != "adaptive" and self.exit > num_columns:
+            raise ValueError(f"--exit must be 'adaptive' or a depth 0..{num_columns} for this model "
+                             f"({num_columns} columns), got {self.exit}")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -52,6 +76,16 @@ class Resources:
     encoders: int = 1
     cpus_per_encoder: float = 1.0
     gpus_per_encoder: float | None = None
+
+    def __post_init__(self) -> None:
+        for setting, value in (
+            ("--workers", self.workers), ("--encoders", self.encoders), ("shards_in_flight", self.shards_in_flight),
+            ("--cpus-per-worker", self.cpus_per_worker), ("--cpus-per-encoder", self.cpus_per_encoder),
+        ):  # fmt: skip
+            _require(value >= 0, setting, ">= 0", value)
+        shares = (("--gpus-per-worker", self.gpus_per_worker), ("--gpus-per-encoder", self.gpus_per_encoder))
+        for setting, share in shares:
+            _require(share is None or share >= 0, setting, ">= 0 (fractions are fine)", share)
 
     def resolve(self, cluster: Mapping[str, float], routing: Routing = "fused") -> Resources:
         """Every number decided: GPU shares, actor counts (as many as fit), shards in flight."""
@@ -106,6 +140,15 @@ class DeblurJob:
     take_over: bool = False  # take the output's lease from a run that holds it (the user knows it died)
     lock_stale_s: float = 120.0  # a lease whose heartbeat is older than this is free
     storage_retry_s: float = 60.0  # how long a store that does not answer is retried before the job fails
+
+    def __post_init__(self) -> None:
+        _require(self.routing in ("fused", "depth-pools"), "--routing", "'fused' or 'depth-pools'", self.routing)
+        _require(self.frames_per_batch >= 0, "--frames-per-batch", ">= 0 (0: by device)", self.frames_per_batch)
+        _require(self.flush_timeout_s >= 0, "--flush-timeout", "seconds >= 0 (0: off)", self.flush_timeout_s)
+        _require(self.max_frames is None or self.max_frames >= 1, "--max-frames", ">= 1", self.max_frames)
+        _require(self.stall_timeout_s > 0, "--stall-timeout", "seconds > 0", self.stall_timeout_s)
+        _require(self.lock_stale_s > 0, "lock_stale_s", "seconds > 0", self.lock_stale_s)
+        _require(self.storage_retry_s >= 0, "--storage-retry", "seconds >= 0", self.storage_retry_s)
 
     def stores(self, options: Mapping[str, Any]) -> tuple[Store, Store]:
         """(input, output) stores with the job's retry budget."""

@@ -62,3 +62,30 @@ def test_presets_without_bundled_weights_ask_for_them(capsys: pytest.CaptureFixt
 def test_info_prints_config(capsys: pytest.CaptureFixture) -> None:
     assert main(["info", str(DEFAULT_WEIGHTS)]) == 0
     assert '"encoder": "nafnet"' in capsys.readouterr().out
+
+
+def test_deblur_refuses_a_depth_the_model_lacks_and_bad_numbers_before_ray_or_the_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import ray
+
+    missing, out = str(tmp_path / "no-such-input"), tmp_path / "out"
+    assert main(["deblur", missing, str(out), "--exit", "9"]) == 2
+    err = capsys.readouterr().err
+    assert "--exit must be 'adaptive' or a depth 0..4 for this model (4 columns), got 9" in err, err
+    assert main(["deblur", missing, str(out), "--workers", "-1"]) == 2
+    assert "--workers must be >= 0, got -1" in capsys.readouterr().err
+    assert main(["deblur", missing, str(out), "--stall-timeout", "0"]) == 2
+    assert "--stall-timeout must be seconds > 0, got 0.0" in capsys.readouterr().err
+    assert not ray.is_initialized() and not out.exists()  # refused before Ray started or anything was read
+
+
+def test_the_summary_of_a_run_with_nothing_to_do_has_no_empty_exit_table(capsys: pytest.CaptureFixture) -> None:
+    from jobs.deblur import print_summary
+    from pipeline.deblur import RunSummary
+
+    print_summary(RunSummary(shards_total=3, shards_skipped=3, workers=2), "out", wall=1.0)
+    printed = capsys.readouterr().out
+    assert "shards: 0 processed, 3 already done, 3 in all" in printed
+    assert "nothing to do: every shard is already done here" in printed
+    assert "exit depth" not in printed and "%" not in printed

@@ -4,13 +4,13 @@ run before any shard, saying what to do."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from pipeline.job import DeblurJob, Resources
+from pipeline.job import DeblurJob, Resources, RestoreOptions
 from pipeline.storage import Store
 from tests.deblur_setup import bundled_model, input_shards, run_record
 
@@ -51,6 +51,46 @@ def test_given_gpu_shares_are_kept_and_the_other_defaults_to_zero() -> None:
     assert resolved({"CPU": 8}, "fused", workers=3, gpus_per_encoder=0.5) == Resources(
         workers=3, gpus_per_worker=0.0, gpus_per_encoder=0.0, encoders=0, shards_in_flight=4
     )
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: RestoreOptions(exit=-1), "--exit must be 'adaptive' or a depth >= 0, got -1"),
+        (lambda: RestoreOptions(exit="fast"), "--exit must be 'adaptive' or a depth >= 0, got 'fast'"),  # type: ignore[arg-type]
+        (lambda: RestoreOptions(exit=True), "--exit must be"),
+        (lambda: RestoreOptions(jpeg_quality=0), "jpeg_quality must be 1..100, got 0"),
+        (lambda: RestoreOptions(max_frame_pixels=-5), "--max-frame-pixels must be >= 0 (0: no limit), got -5"),
+        (lambda: Resources(workers=-2), "--workers must be >= 0, got -2"),
+        (lambda: Resources(cpus_per_encoder=-0.5), "--cpus-per-encoder must be >= 0, got -0.5"),
+        (lambda: Resources(gpus_per_worker=-1), "--gpus-per-worker must be >= 0 (fractions are fine), got -1"),
+        (lambda: DeblurJob("in", "out", routing="pools"), "--routing must be 'fused' or 'depth-pools', got 'pools'"),  # type: ignore[arg-type]
+        (lambda: DeblurJob("in", "out", frames_per_batch=-1), "--frames-per-batch must be >= 0 (0: by device)"),
+        (lambda: DeblurJob("in", "out", flush_timeout_s=-1), "--flush-timeout must be seconds >= 0 (0: off)"),
+        (lambda: DeblurJob("in", "out", max_frames=0), "--max-frames must be >= 1, got 0"),
+        (lambda: DeblurJob("in", "out", stall_timeout_s=0), "--stall-timeout must be seconds > 0, got 0"),
+        (lambda: DeblurJob("in", "out", lock_stale_s=-1), "lock_stale_s must be seconds > 0, got -1"),
+        (lambda: DeblurJob("in", "out", storage_retry_s=-3), "--storage-retry must be seconds >= 0, got -3"),
+    ],
+)
+def test_a_bad_setting_is_refused_by_its_flag_when_the_job_is_made(make: Callable[[], object], message: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        make()
+    assert str(caught.value).startswith(message), caught.value
+
+
+def test_the_defaults_and_every_edge_value_are_accepted() -> None:
+    edges = DeblurJob(
+        "in", "out", RestoreOptions(exit=0, jpeg_quality=100, max_frame_pixels=0),
+        Resources(workers=0, cpus_per_worker=0, gpus_per_worker=0, encoders=0, gpus_per_encoder=0.25),
+        routing="depth-pools", max_frames=1, storage_retry_s=0, stall_timeout_s=0.5,
+    )  # fmt: skip
+    assert edges.resolved({"CPU": 2}).resources.encoders == 1  # 0 encoders: one, as before
+    RestoreOptions(exit=4).check_model(4)
+    with pytest.raises(
+        ValueError, match=r"--exit must be 'adaptive' or a depth 0\.\.4 for this model \(4 columns\), got 5"
+    ):
+        RestoreOptions(exit=5).check_model(4)
 
 
 @pytest.fixture(scope="module")

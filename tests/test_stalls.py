@@ -103,3 +103,25 @@ def test_actors_that_cannot_be_placed_are_reported_with_the_cluster_free_resourc
     job = dataclasses.replace(job, stall_timeout_s=3.0)
     with pytest.raises(deblur.StallError, match=r"1 restorer actor\(s\) asking for 64 CPU .* within 3 s.*'CPU': 2.0"):
         deblur.run(job, model.model)
+
+
+def make_unreadable_weights() -> FrameRestorer:
+    raise FileNotFoundError("/mnt/models/adarevd-b.safetensors: no such file on this node")
+
+
+def test_an_actor_that_cannot_build_its_model_stops_the_run_at_once_with_its_reason(
+    local_ray: None, setup: tuple[Store, Model], tmp_path: Path
+) -> None:
+    source, model = setup
+    job = dataclasses.replace(stall_job(source, tmp_path / "out"), stall_timeout_s=300.0)
+    start = time.monotonic()
+    with pytest.raises(deblur.ActorStartError) as caught:
+        deblur.run(job, model.model, make_restorer=make_unreadable_weights)
+    assert time.monotonic() - start < 120  # not the start-up budget of 300 s
+    assert re.match(
+        r"actor adarevd-restorer-\w+-\d failed to start: FileNotFoundError: /mnt/models/adarevd-b\.safetensors: "
+        r"no such file on this node\. Each model actor builds the model itself",
+        str(caught.value),
+    ), caught.value
+    output = Store(str(tmp_path / "out"))
+    assert not output.glob("*.tar") and not output.glob("_manifest/*")
