@@ -67,6 +67,27 @@ def candidate_shards(store: Store, video_id: str) -> list[str]:
     return shards if listed is None else [s for s in shards if s in listed]
 
 
+def videos_listed(store: Store) -> list[str] | None:
+    """The video_ids that ingest's index or the deblur job's manifests list (keys `<video_id>_<frame>`),
+    sorted; None when the folder has neither (only reading every shard would tell)."""
+    if store.exists(INDEX_NAME):
+        return sorted(v for v in pc.unique(read_index(store, ["video_id"])["video_id"]).to_pylist() if v)
+    keys = read_manifests(store, ["key"])[0]
+    if not keys.num_rows:
+        return None
+    split = [str(key).rpartition("_") for key in keys["key"].to_pylist()]
+    return sorted({video for video, _, frame in split if video and frame.isdigit()})
+
+
+def no_such_video(store: Store, video_id: str) -> str:
+    """The error for a --video that has no frames here, with the ones that have."""
+    listed = videos_listed(store)
+    if listed is None:
+        return f"no frames of video {video_id!r} in {store.url} (check --video)"
+    shown = ", ".join(listed[:20]) + (f" ... ({len(listed)} in all)" if len(listed) > 20 else "")
+    return f"no frames of video {video_id!r} in {store.url}; it holds: {shown or 'no videos (image shards only)'}"
+
+
 def index_video(store: Store, video_id: str) -> VideoFrames:
     """Pass 1: where each frame of `video_id` is, with duplicates and quarantined frames."""
     found = VideoFrames(video_id)
@@ -164,6 +185,8 @@ def assemble(
     if to.exists() and not overwrite:
         raise AssembleError(f"{to}: already exists; choose another --to, or pass --overwrite to replace it")
     frames = index_video(store, video_id)
+    if not frames.where:
+        raise AssembleError(no_such_video(store, video_id))
     check(frames, count_frames(source) if source is not None else None)
     fps = frames.fps or 25.0
     times = [frames.pts_ms[i] for i in sorted(frames.where)]

@@ -22,7 +22,6 @@ import json
 import os
 import re
 import time
-import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -41,7 +40,7 @@ from pipeline.frames import FrameIn, FrameOut, Rejected
 from pipeline.input_shards import split_input
 from pipeline.job import ActorStartError, DeblurJob, DeviceError, Resources, RestoreOptions, StallError
 from pipeline.manifests import exit_histogram, read_manifests
-from pipeline.output_lock import OutputLock
+from pipeline.output_lock import OutputLock, new_run_id
 from pipeline.restorer import FrameRestorer
 from pipeline.resume import check_resume, refuse_foreign
 from pipeline.shard_job import RUN_FILE, ShardReport, add_histogram, done_shards
@@ -61,7 +60,7 @@ class RunSummary:
     processing_seconds: float = 0.0  # after the restorer actors were up
     workers: int = 0
     encoders: int = 0  # depth-pools layout
-    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # stamped on this run's manifest rows
+    run_id: str = field(default_factory=new_run_id)  # stamped on this run's manifest rows
     worker_nodes: dict[str, int] = field(default_factory=dict)  # node id -> restorer actors placed there
     encoder_nodes: dict[str, int] = field(default_factory=dict)  # node id -> encoder actors (depth pools)
     devices: dict[str, int] = field(default_factory=dict)  # 'cuda' / 'cpu' -> actors whose model runs there

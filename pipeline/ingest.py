@@ -15,7 +15,6 @@ import json
 import os
 import posixpath
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,7 +28,7 @@ import pyarrow.parquet as pq
 
 from pipeline import images, sources
 from pipeline.images import ImageFormat
-from pipeline.output_lock import OutputLock
+from pipeline.output_lock import OutputLock, new_run_id
 from pipeline.shards import Sample, check_key, sample_meta
 from pipeline.sink import ShardLimits, ShardSink, refuse_earlier, remove_stale
 from pipeline.storage import Store, location
@@ -217,7 +216,7 @@ def ingest(
     refuse_earlier(output, config.prefix, None, config.overwrite, hint)  # before anything is written
     plan, problems = sources.plan(urls, options or {})
     _refuse_writing_over(plan, output, config.prefix)
-    with OutputLock(output, f"ingest-{uuid.uuid4().hex[:12]}").held(config.take_over) as lock:
+    with OutputLock(output, new_run_id("ingest")).held(config.take_over) as lock:
         refuse_earlier(output, config.prefix, None, config.overwrite, hint)  # one that ended meanwhile
         earlier = _other_prefixes_rows(output, config.prefix)
         summary = IngestSummary(problems=list(problems))

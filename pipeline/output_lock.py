@@ -18,6 +18,7 @@ import posixpath
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, replace
@@ -29,6 +30,11 @@ LOCK_DIR = "_lock"
 UNFINISHED = f"{LOCK_DIR}/unfinished"  # a deblur's mark on its output from its lease until it finishes
 BEAT_RETRY_S = 5.0  # how long one heartbeat retries a store that does not answer
 _HELD: set[str] = set()  # run ids holding a lease in this process
+
+
+def new_run_id(kind: str = "") -> str:
+    """A run's id, the lease's holder and the stamp on what it writes: 12 hex digits, after `kind-`."""
+    return f"{kind}-{uuid.uuid4().hex[:12]}" if kind else uuid.uuid4().hex[:12]
 
 
 class OutputLocked(RuntimeError):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 
 from pipeline import images
 from pipeline.ingest import INDEX_NAME
-from pipeline.output_lock import OutputLock
+from pipeline.output_lock import OutputLock, new_run_id
 from pipeline.scenes import SAMPLE_IMAGES, fit, load_sample
 from pipeline.shards import Sample, check_key
 from pipeline.sink import ShardLimits, ShardSink, refuse_earlier, remove_stale
@@ -119,7 +118,7 @@ def write_pairs(
     import pyarrow.parquet as pq
 
     refuse_earlier(output, config.prefix, INDEX_NAME, overwrite)  # before anything is written
-    with OutputLock(output, f"synth-{uuid.uuid4().hex[:12]}").held(take_over) as lock:
+    with OutputLock(output, new_run_id("synth")).held(take_over) as lock:
         refuse_earlier(output, config.prefix, INDEX_NAME, overwrite)  # one that ended meanwhile
         scenes = {name: load_sample(name) for name in dict.fromkeys(config.scenes)}
         rows = []

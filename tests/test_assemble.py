@@ -183,5 +183,7 @@ def test_one_video_of_an_archive_is_found_from_the_index_or_the_manifests(
                 pq.write_table(table.filter(pc.equal(table["shard"], shard)).select(["shard", "key"]), sink)
                 archive.commit_bytes(f"_manifest/{shard[:-4]}.parquet", sink.read_bytes())
         assert assemble(archive, "clip", tmp_path / f"{listing}.mkv").frames == 20, listing
+        with pytest.raises(AssembleError, match=r"no frames of video 'clp' in .*; it holds: clip, other$"):
+            assemble(archive, "clp", tmp_path / f"typo-{listing}.mkv")  # a typo: the videos here are named
         with pytest.raises(ShardError, match=r"other-000000\.tar"):  # the damaged shard is there all the same
             assemble(archive, "other", tmp_path / f"other-{listing}.mkv")
