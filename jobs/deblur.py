@@ -11,7 +11,6 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import pyarrow.compute as pc
 import torch
@@ -23,11 +22,9 @@ from jobs.data import add_storage_option, add_take_over
 from jobs.models import ASSETS, exit_mode, load_model
 from pipeline.ingest import INDEX_NAME, IngestConfig, ingest, read_index
 from pipeline.job import RestoreOptions
+from pipeline.run_record import RunSummary
 from pipeline.sink import ShardLimits
 from pipeline.storage import StorageError, Store, absolute, parse_storage_options
-
-if TYPE_CHECKING:  # the job module imports Ray; `adarevd ingest` should not pay for that
-    from pipeline.deblur import RunSummary
 
 DEMO_CLIP = ASSETS / "demo_clip.mp4"
 DEMO_INPUT, DEMO_OUTPUT = "adarevd-out/demo-frames", "adarevd-out/deblurred"

@@ -82,7 +82,7 @@ def test_deblur_refuses_a_depth_the_model_lacks_and_bad_numbers_before_ray_or_th
 
 def test_the_summary_of_a_run_with_nothing_to_do_has_no_empty_exit_table(capsys: pytest.CaptureFixture) -> None:
     from jobs.deblur import print_summary
-    from pipeline.deblur import RunSummary
+    from pipeline.run_record import RunSummary
 
     print_summary(RunSummary(shards_total=3, shards_skipped=3, workers=2), "out", wall=1.0)
     printed = capsys.readouterr().out
