@@ -19,7 +19,6 @@ twice.
 from __future__ import annotations
 
 import os
-import re
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
@@ -36,7 +35,15 @@ from adarevd import AdaRevD, AdaRevDConfig, load_weights
 from pipeline.depth_pools import DepthGroup, EncodedBatch
 from pipeline.depth_router import Pools
 from pipeline.frames import FrameIn, FrameOut, Rejected
-from pipeline.job import ActorStartError, DeblurJob, DeviceError, Resources, RestoreOptions, StallError
+from pipeline.job import (
+    ActorStartError,
+    DeblurJob,
+    DeviceError,
+    Resources,
+    RestoreOptions,
+    StallError,
+    start_failure,
+)
 from pipeline.output_lock import OutputLock
 from pipeline.restorer import FrameRestorer
 from pipeline.resume import check_resume, refuse_foreign
@@ -249,9 +256,10 @@ def _wait_ready(actors: list[Any], shard_workers: list[Any], resources: Resource
         ray.get([w.node.remote() for w in shard_workers], timeout=timeout)
         return nodes
     except RayActorError as e:
-        if not getattr(e, "actor_init_failed", False):
+        failed = start_failure(e, restarted=False)
+        if failed is None:
             raise
-        raise _start_error(e.error_msg) from None
+        raise failed from None
     except GetTimeoutError:
         encoders = (
             f" and {resources.encoders} encoder(s) asking for {resources.cpus_per_encoder} CPU and "
@@ -266,18 +274,6 @@ def _wait_ready(actors: list[Any], shard_workers: list[Any], resources: Resource
             f"workers (--workers, --encoders) or less per worker (--cpus-per-worker, --gpus-per-worker, "
             f"--cpus-per-encoder, --gpus-per-encoder)."
         ) from None
-
-
-def _start_error(message: str) -> ActorStartError:
-    """What a failed actor constructor said, short: which actor, and the last line of its traceback."""
-    plain = re.sub(r"\x1b\[[0-9;]*m", "", message)  # Ray colours the task name
-    actor = re.search(r"ray::([\w.-]+):", plain)
-    lines = [line.strip() for line in plain.splitlines() if line.strip()]
-    return ActorStartError(
-        f"{'actor ' + actor.group(1) if actor else 'an actor'} failed to start: {lines[-1] if lines else plain}. "
-        "Each model actor builds the model itself where Ray placed it, so the weights must be readable "
-        "there and its device must work; the actor's log on that node has the whole traceback."
-    )
 
 
 def _check_devices(devices: list[str], gpu_shares: list[float]) -> None:
@@ -330,8 +326,9 @@ def _drive(
             try:
                 report = ray.get(ref)
             except RayTaskError as e:
-                # A store that stayed down or a shard that cannot be read: its own clear message.
-                if isinstance(e.cause, (StorageError, ShardError)):
+                # A store that stayed down, a shard that cannot be read, an actor that could not be
+                # restarted: each has its own clear message.
+                if isinstance(e.cause, (StorageError, ShardError, ActorStartError)):
                     raise e.cause from None
                 raise
             free.append(running.pop(ref)[1])

@@ -28,6 +28,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, ObjectLostErro
 
 from pipeline.depth_pools import EncodedBatch, ExitMix, assign
 from pipeline.frames import FrameIn, FrameOut, Rejected
+from pipeline.job import start_failure
 from pipeline.shard_job import RestoreFn
 from pipeline.waits import OnWait, batch_label, patient_get
 
@@ -148,7 +149,9 @@ def depth_pool_restore(
                     return results
                 note = f"decoded on the fused path: {flight.fallback}"
                 return [replace(r, notes=(*r.notes, note)) if isinstance(r, FrameOut) else r for r in results]
-            except LOST:
+            except LOST as e:
+                if (failed := start_failure(e, restarted=True)) is not None:
+                    raise failed from None  # Ray will not restart it again: stop, say why
                 if flight.attempt >= retries:
                     raise
                 flight.attempt += 1

@@ -3,6 +3,7 @@ every shard task and actor cheaply."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -26,7 +27,26 @@ class DeviceError(RuntimeError):
 
 
 class ActorStartError(RuntimeError):
-    """A model actor's constructor failed (weights unreadable where it runs, a broken device, ...)."""
+    """A model actor's constructor failed (weights unreadable where it runs, a broken device, ...): at the
+    start, or when Ray restarted the actor after a crash. Ray then holds it dead for good."""
+
+
+def start_failure(error: BaseException, *, restarted: bool) -> ActorStartError | None:
+    """The short form of a Ray actor error whose actor's constructor raised (which actor, the last line
+    of its traceback, what to check); None for any other error."""
+    if not getattr(error, "actor_init_failed", False):
+        return None
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", str(getattr(error, "error_msg", error)))  # Ray colours names
+    actor = re.search(r"ray::([\w.-]+):", plain)
+    lines = [line.strip() for line in plain.splitlines() if line.strip()]
+    what = f"{'actor ' + actor.group(1) if actor else 'an actor'} failed to {'restart' if restarted else 'start'}"
+    kept = " The shards committed so far are kept: the same command resumes once that node is fixed or left out."
+    after = kept if restarted else ""
+    return ActorStartError(
+        f"{what}: {lines[-1] if lines else plain}. Each model actor builds the model itself where Ray placed "
+        "it, so the weights must be readable there and its device must work; the actor's log on that node "
+        f"has the whole traceback.{after}"
+    )
 
 
 def _require(ok: bool, setting: str, rule: str, value: object) -> None:

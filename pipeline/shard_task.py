@@ -17,7 +17,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from pipeline.depth_router import Pools, depth_pool_restore
 from pipeline.frames import FrameIn, FrameOut, Rejected
-from pipeline.job import DeblurJob
+from pipeline.job import DeblurJob, start_failure
 from pipeline.scratch import remove_orphans
 from pipeline.shard_job import RestoreFn, ShardReport, add_histogram, process_shard
 from pipeline.storage import StorageError, is_transient
@@ -88,7 +88,9 @@ def actor_restore(
             while True:
                 try:
                     return patient_get(ref, partial(waited_on, index, batch), on_wait, patience)
-                except (RayActorError, ActorDiedError, ActorUnavailableError):
+                except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
+                    if (failed := start_failure(e, restarted=True)) is not None:
+                        raise failed from None  # Ray will not restart it again: stop, say why
                     if attempt >= retries:
                         raise
                     ref, batch, attempt, index = submit(batch, attempt + 1)

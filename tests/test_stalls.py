@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -125,3 +127,55 @@ def test_an_actor_that_cannot_build_its_model_stops_the_run_at_once_with_its_rea
     ), caught.value
     output = Store(str(tmp_path / "out"))
     assert not output.glob("*.tar") and not output.glob("_manifest/*")
+
+
+class DiesOnceThenCannotStart(FrameRestorer):
+    """Its process dies on frame street_000005 (fused) or at depth 3 (depth pools), the first time one
+    does; rebuilt after that by Ray's restart, it fails as a broken device would."""
+
+    def __init__(self, crashed: str) -> None:
+        if os.path.exists(crashed):
+            raise RuntimeError("CUDA error: no CUDA-capable device is detected")
+        super().__init__(bundled_model().model)
+        self.crashed = crashed
+
+    def crash(self) -> None:
+        if not os.path.exists(self.crashed):
+            Path(self.crashed).touch()
+            os._exit(1)
+
+    def __call__(self, frames: Sequence[FrameIn]) -> list[FrameOut | Rejected]:
+        if any(f.key == "street_000005" for f in frames):
+            self.crash()
+        return super().__call__(frames)
+
+    def decode_depth(self, group: DepthGroup) -> DepthGroup:
+        if group.depth == 3:
+            self.crash()
+        return super().decode_depth(group)
+
+
+@pytest.mark.parametrize("routing", ["fused", "depth-pools"])
+def test_an_actor_that_cannot_be_rebuilt_after_a_crash_stops_the_run_with_its_reason(
+    local_ray: None, setup: tuple[Store, Model], tmp_path: Path, routing: str
+) -> None:
+    """Ray holds such an actor dead for good. The run stops at once and says why (not a batch resent
+    round the others until one fails with Ray's traceback, nor a run that quietly goes on short)."""
+    source, model = setup
+    resources = deblur.Resources(workers=2, cpus_per_worker=0.5, cpus_per_encoder=0.5)
+    job = stall_job(source, tmp_path / "out", resources=resources, routing=routing)
+    job = dataclasses.replace(job, stall_timeout_s=300.0)
+    crashed = tmp_path / "crashed"
+    start = time.monotonic()
+    with pytest.raises(deblur.ActorStartError) as caught:
+        deblur.run(job, model.model, make_restorer=partial(DiesOnceThenCannotStart, str(crashed)))
+    assert crashed.exists() and time.monotonic() - start < 150  # not the stall budget of 300 s
+    assert re.match(
+        r"actor adarevd-restorer-\w+-\d failed to restart: RuntimeError: CUDA error: no CUDA-capable device is "
+        r"detected\. Each model actor builds the model itself .* The shards committed so far are kept",
+        str(caught.value),
+    ), caught.value
+    output = Store(str(tmp_path / "out"))
+    assert not output.exists(output_names("video-000001.tar")[1])  # the shard of frame 5 is not done
+    again = deblur.run(dataclasses.replace(job, stall_timeout_s=STALL_S), model.model)
+    assert again.shards_skipped + len(again.reports) == 3 and len(read_samples(output)) == 10
