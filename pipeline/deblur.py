@@ -44,7 +44,7 @@ from pipeline.job import (
     StallError,
     start_failure,
 )
-from pipeline.output_lock import OutputLock
+from pipeline.output_lock import LockLost, OutputLock
 from pipeline.restorer import FrameRestorer
 from pipeline.resume import check_resume, refuse_foreign
 from pipeline.run_record import RunSummary, output_totals, run_json
@@ -316,8 +316,8 @@ def _drive(
         while queue and free and (budget is None or budget > 0):
             index, shard = queue.popleft()
             worker = free.popleft()
-            ref = worker.process.remote(shard, index, context.job, context.options, context.pools,
-                                        context.fingerprint, context.run_id, context.progress, budget)  # fmt: skip
+            ref = worker.process.remote(shard, index, context.job, context.options, context.pools, context.fingerprint,
+                                        context.run_id, context.progress, budget, context.lock.fence())  # fmt: skip
             running[ref] = (shard, worker)
         if not running:
             break
@@ -327,8 +327,8 @@ def _drive(
                 report = ray.get(ref)
             except RayTaskError as e:
                 # A store that stayed down, a shard that cannot be read, an actor that could not be
-                # restarted: each has its own clear message.
-                if isinstance(e.cause, (StorageError, ShardError, ActorStartError)):
+                # restarted, another run that took the output over: each has its own clear message.
+                if isinstance(e.cause, (StorageError, ShardError, ActorStartError, LockLost)):
                     raise e.cause from None
                 raise
             free.append(running.pop(ref)[1])

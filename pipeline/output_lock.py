@@ -6,8 +6,9 @@ If-None-Match on S3), so of several runs that try at once exactly one wins. The 
 takes over (creating g + 1, create-only again, so again only one wins) when the holder is gone: a
 process on this host that no longer exists, a heartbeat older than `stale_after_s` (clocks of the
 machines assumed to agree within that), or `take_over=True` from a user who knows it died. A holder
-that finds a newer generation has lost the output and must stop (`LockLost`); whatever it committed
-is whole (commits are atomic) and the same bytes its successor writes.
+that finds a newer generation has lost the output and must stop (`LockLost`); so must the processes
+that write for it, which check its `Fence` before each commit. Whatever it committed is whole
+(commits are atomic) and the same bytes its successor writes.
 """
 
 from __future__ import annotations
@@ -69,10 +70,10 @@ class OutputLock:
         self.took_over: str | None = None  # whom this run replaced, and why
 
     def acquire(self, take_over: bool = False) -> None:
-        newest = self._generations()[-1:] or [0]
+        newest = _generations(self.store)[-1:] or [0]
         current = newest[0]
         if current:
-            held = self._read(current)
+            held = _read(self.store, current)
             if held is not None:
                 holder, beat = held
                 now = self.clock()
@@ -91,9 +92,9 @@ class OutputLock:
         # at once must not take it for an ended run of ours.
         _HELD.add(self.run_id)
         try:
-            self.store.create(self._name(current + 1, "json"), data)
+            self.store.create(_name(current + 1, "json"), data)
         except FileExistsError:
-            raced = self._read(current + 1)
+            raced = _read(self.store, current + 1)
             if raced is None or raced[0].run_id != self.run_id:  # (ours: a retried create that had landed)
                 _HELD.discard(self.run_id)
                 who = raced[0].describe(raced[1], self.clock()) if raced else "another run"
@@ -111,12 +112,8 @@ class OutputLock:
     def beat(self, retry_s: float | None = None) -> None:
         """Refresh the heartbeat; raise LockLost if a newer generation exists."""
         store = self._store(retry_s)
-        newer = [g for g in self._generations(store) if g > self.generation]
-        if newer:
-            held = self._read(newer[-1])
-            who = held[0].describe(held[1], self.clock()) if held else "another run"
-            raise LockLost(f"{redact(self.store.url)} was taken over by {who}; this run stops")
-        store.commit_bytes(self._name(self.generation, "beat"), json.dumps({"time": self.clock()}).encode())
+        still_held(store, self.generation, self.clock)
+        store.commit_bytes(_name(self.generation, "beat"), json.dumps({"time": self.clock()}).encode())
 
     @contextmanager
     def heartbeat(self, every_s: float | None = None) -> Iterator[None]:
@@ -192,16 +189,20 @@ class OutputLock:
         _HELD.discard(self.run_id)
         store = self._store(retry_s)
         try:
-            for g in self._generations(store):
+            for g in _generations(store):
                 if g <= self.generation:
                     for suffix in ("beat", "json"):
                         with suppress(FileNotFoundError):
-                            store.remove(self._name(g, suffix))
+                            store.remove(_name(g, suffix))
             if remove_folder:
                 store.remove_empty_folder(LOCK_DIR)
         except (OSError, StorageError):
             pass
         self.generation = 0
+
+    def fence(self) -> Fence:
+        """What a process that writes for this run (a shard worker) checks before each commit."""
+        return Fence(self.generation)
 
     def _gone(self, holder: Holder, beat: float, now: float) -> str:
         if holder.host == socket.gethostname() and not alive(holder.pid):
@@ -218,26 +219,50 @@ class OutputLock:
             return self.store
         return replace(self.store, retry_seconds=min(retry_s, self.store.retry_seconds))
 
-    def _generations(self, store: Store | None = None) -> list[int]:
-        names = (store or self.store).glob(f"{LOCK_DIR}/*.json")
-        stems = [posixpath.basename(name)[: -len(".json")] for name in names]
-        return sorted(int(stem) for stem in stems if stem.isdigit())
 
-    def _read(self, generation: int) -> tuple[Holder, float] | None:
-        name = self._name(generation, "json")
+@dataclass(frozen=True)
+class Fence:
+    """A run's generation, for the processes that write its output (shard workers, on any node): each
+    checks it right before a commit, so that a run taken over commits nothing more, not only once its
+    next heartbeat (up to a quarter of the stale time later) tells its driver."""
+
+    generation: int
+
+    def check(self, store: Store) -> None:
+        """Raise LockLost if another run took `store` (the output) over."""
+        still_held(store, self.generation)
+
+
+def still_held(store: Store, generation: int, clock: Callable[[], float] = time.time) -> None:
+    """Raise LockLost, naming the new holder, if `store` has a newer generation than `generation`."""
+    newer = [g for g in _generations(store) if g > generation]
+    if newer:
+        held = _read(store, newer[-1])
+        who = held[0].describe(held[1], clock()) if held else "another run"
+        raise LockLost(f"{redact(store.url)} was taken over by {who}; this run stops")
+
+
+def _generations(store: Store) -> list[int]:
+    names = store.glob(f"{LOCK_DIR}/*.json")
+    stems = [posixpath.basename(name)[: -len(".json")] for name in names]
+    return sorted(int(stem) for stem in stems if stem.isdigit())
+
+
+def _read(store: Store, generation: int) -> tuple[Holder, float] | None:
+    name = _name(generation, "json")
+    try:
+        holder = Holder(**json.loads(store.read_bytes(name)))
         try:
-            holder = Holder(**json.loads(self.store.read_bytes(name)))
-            try:
-                beat = float(json.loads(self.store.read_bytes(self._name(generation, "beat")))["time"])
-            except FileNotFoundError:
-                beat = holder.started
+            beat = float(json.loads(store.read_bytes(_name(generation, "beat")))["time"])
         except FileNotFoundError:
-            return None
-        except (ValueError, TypeError, KeyError) as e:  # not written by us: say so instead of guessing
-            raise OutputLocked(f"{redact(self.store.url_of(name))}: an unreadable lease ({e}); if no run is "
-                               f"writing this output, remove {LOCK_DIR}/ and re-run") from None  # fmt: skip
-        return holder, beat
+            beat = holder.started
+    except FileNotFoundError:
+        return None
+    except (ValueError, TypeError, KeyError) as e:  # not written by us: say so instead of guessing
+        raise OutputLocked(f"{redact(store.url_of(name))}: an unreadable lease ({e}); if no run is "
+                           f"writing this output, remove {LOCK_DIR}/ and re-run") from None  # fmt: skip
+    return holder, beat
 
-    @staticmethod
-    def _name(generation: int, suffix: str) -> str:
-        return f"{LOCK_DIR}/{generation:08d}.{suffix}"
+
+def _name(generation: int, suffix: str) -> str:
+    return f"{LOCK_DIR}/{generation:08d}.{suffix}"

@@ -129,7 +129,11 @@ def process_shard(
     max_frames: int | None = None,
     on_frames: Callable[[int, list[int]], None] | None = None,
     made_with: Mapping[str, Any] | None = None,
+    before_commit: Callable[[], None] = lambda: None,
 ) -> ShardReport:
+    """Deblur one shard into `output` and commit it: the output shard, its quarantine, then (when the
+    whole input was read) the manifest that marks it done. `before_commit` runs before the first commit
+    and before the manifest; it raises to commit nothing more (the run lost its lease: `Fence.check`)."""
     start = time.perf_counter()
     report = ShardReport(shard)
     out_name, manifest_name, quarantine_name, quarantine_index = output_names(shard)
@@ -164,6 +168,7 @@ def process_shard(
                 if on_frames:
                     on_frames(len(results), batch_histogram)
             read = reader.digest() if report.complete and not report.damaged else None
+        before_commit()
         output.commit_file(out_name, local)
         report.bytes_out = os.path.getsize(local)
     report.quarantined = len(rejected)
@@ -184,6 +189,7 @@ def process_shard(
                 MADE_WITH_KEY: json.dumps(made_with or {}, sort_keys=True),
             }
         )
+        before_commit()
         output.commit_bytes(manifest_name, _parquet(table))  # last: the shard is done
     report.seconds = time.perf_counter() - start
     return report

@@ -18,6 +18,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from pipeline.depth_router import Pools, depth_pool_restore
 from pipeline.frames import FrameIn, FrameOut, Rejected
 from pipeline.job import DeblurJob, start_failure
+from pipeline.output_lock import Fence
 from pipeline.scratch import remove_orphans
 from pipeline.shard_job import RestoreFn, ShardReport, add_histogram, process_shard
 from pipeline.storage import StorageError, is_transient
@@ -135,6 +136,7 @@ class ShardWorker:
         run_id: str,
         progress: Any,
         max_frames: int | None,
+        fence: Fence,
     ) -> ShardReport:
         source, output = job.stores(options)
         # Report a wait well before it would count as a stall.
@@ -154,6 +156,7 @@ class ShardWorker:
                 max_frames=max_frames,
                 on_frames=lambda n, histogram: progress.add.remote(shard, n, histogram),
                 made_with=job.made_with(fingerprint),
+                before_commit=partial(fence.check, output),  # taken over: commit nothing more
             )
 
         # A store that drops the connection in the middle of a shard's stream: redo the shard (its

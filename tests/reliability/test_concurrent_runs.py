@@ -8,15 +8,20 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
 
+from pipeline import deblur
+from pipeline.frames import FrameIn, FrameOut, Rejected
 from pipeline.output_lock import LOCK_DIR, UNFINISHED, LockLost, OutputLock, OutputLocked
+from pipeline.restorer import FrameRestorer
 from pipeline.resume import refuse_foreign
+from pipeline.shard_job import MANIFEST_DIR
 from pipeline.storage import Store
-from tests.deblur_setup import make_input, tar_bytes
+from tests.deblur_setup import bundled_model, make_input, tar_bytes
 from tests.media import read_samples
 from tests.reliability.conftest import Entry, audit
 from tests.s3server import S3Server
@@ -184,4 +189,48 @@ def test_two_deblur_commands_at_once_on_one_output(tmp_path: Path, ledger: Entry
     keys = set(read_samples(source))
     ledger.faults, ledger.frames = 2, len(keys)
     ledger.lost, ledger.duplicates = audit(Store(str(out)), keys)
+    assert (ledger.lost, ledger.duplicates) == (0, 0)
+
+
+class SlowRestorer(FrameRestorer):
+    """The bundled model, a second per batch slower: commits come a second or more apart."""
+
+    def __call__(self, frames: Sequence[FrameIn]) -> list[FrameOut | Rejected]:
+        time.sleep(1.0)
+        return super().__call__(frames)
+
+
+def make_slow_restorer() -> SlowRestorer:
+    return SlowRestorer(bundled_model().model)
+
+
+@pytest.mark.ray
+def test_a_deblur_taken_over_mid_run_commits_no_further_shard(local_ray: None, tmp_path: Path, ledger: Entry) -> None:
+    """A user's --take-over of a deblur that was still running: from then on the old run's shard workers
+    commit nothing (they check the lease before each commit), not only once its driver's next heartbeat
+    (30 s later) finds out; the old run stops naming the new holder and leaves the new lease alone."""
+    source, output = Store(str(tmp_path / "in")), Store(str(tmp_path / "out"))
+    make_input(tmp_path, source)  # 3 shards; one restorer: after the first commit, the next is >= 1 s away
+    job = deblur.DeblurJob(source.url, output.url, frames_per_batch=3, stall_timeout_s=120,
+                           resources=deblur.Resources(workers=1, cpus_per_worker=1))  # fmt: skip
+    thief = OutputLock(output, "thief")
+    committed: list[str] = []
+
+    def take_over_after_the_first_shard(_: int, __: list[int]) -> None:
+        if not committed and (done := output.glob(f"{MANIFEST_DIR}/*.parquet")):
+            thief.acquire(take_over=True)
+            committed.extend([*done, *output.glob("*.tar")])
+
+    with pytest.raises(LockLost, match=r"out was taken over by run thief \(host .*\); this run stops"):
+        deblur.run(job, bundled_model().model, make_restorer=make_slow_restorer,
+                   on_progress=take_over_after_the_first_shard)  # fmt: skip
+    assert len(committed) == 2  # one manifest and its shard, when the thief took over
+    assert sorted([*output.glob(f"{MANIFEST_DIR}/*.parquet"), *output.glob("*.tar")]) == sorted(committed)
+    assert sorted(output.glob(f"{LOCK_DIR}/0*")) == ["_lock/00000002.beat", "_lock/00000002.json"]  # the thief's
+    thief.release()
+    resumed = deblur.run(job, bundled_model().model)  # the thief gave up: the rest is done, once
+    assert (resumed.shards_total, resumed.shards_skipped) == (3, 1)
+    keys = set(read_samples(source))
+    ledger.faults, ledger.frames = 1, len(keys)
+    ledger.lost, ledger.duplicates = audit(output, keys)
     assert (ledger.lost, ledger.duplicates) == (0, 0)
