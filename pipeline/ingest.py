@@ -244,7 +244,8 @@ def _write_shards(
     """Every source's frames, in order, into the shards; their rows (and problems) into `rows`."""
     seen_keys: set[str] = set()
     workers = config.workers or os.cpu_count() or 1
-    with ThreadPoolExecutor(workers) as pool, ShardSink(output, config.prefix, config.limits) as sink:
+    sink = ShardSink(output, config.prefix, config.limits, lock.fenced(output))  # taken over: no more commits
+    with ThreadPoolExecutor(workers) as pool, sink:
         for source in plan:
             summary.videos += source.kind == "video"
             summary.image_folders += source.kind == "images"

@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 
 from pipeline.processes import alive
 from pipeline.storage import StorageError, Store, redact
@@ -203,6 +204,10 @@ class OutputLock:
     def fence(self) -> Fence:
         """What a process that writes for this run (a shard worker) checks before each commit."""
         return Fence(self.generation)
+
+    def fenced(self, store: Store) -> Callable[[], None]:
+        """The check before a commit to `store` in this process (`ShardSink`'s `before_commit`)."""
+        return partial(self.fence().check, store)
 
     def _gone(self, holder: Holder, beat: float, now: float) -> str:
         if holder.host == socket.gethostname() and not alive(holder.pid):

@@ -122,7 +122,7 @@ def write_pairs(
         refuse_earlier(output, config.prefix, INDEX_NAME, overwrite)  # one that ended meanwhile
         scenes = {name: load_sample(name) for name in dict.fromkeys(config.scenes)}
         rows = []
-        with ShardSink(output, config.prefix, config.limits) as sink:
+        with ShardSink(output, config.prefix, config.limits, lock.fenced(output)) as sink:
             for i in range(config.count):
                 sample = pair_sample(i, config, scenes)
                 meta = json.loads(sample.members["json"])

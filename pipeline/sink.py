@@ -8,6 +8,7 @@ so a reader never sees a partial shard. Same samples, same limits: same bytes.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pipeline.scratch import scratch
@@ -45,10 +46,12 @@ def remove_stale(store: Store, prefix: str, keep: list[str]) -> None:
 
 
 class ShardSink:
-    """Append samples; `add` returns the name of the shard the sample went into."""
+    """Append samples; `add` returns the name of the shard the sample went into. `before_commit` runs
+    before each shard's commit and raises to commit nothing more (the run lost its lease)."""
 
-    def __init__(self, store: Store, prefix: str, limits: ShardLimits = ShardLimits()) -> None:
-        self.store, self.prefix, self.limits = store, prefix, limits
+    def __init__(self, store: Store, prefix: str, limits: ShardLimits = ShardLimits(),
+                 before_commit: Callable[[], None] = lambda: None) -> None:  # fmt: skip
+        self.store, self.prefix, self.limits, self.before_commit = store, prefix, limits, before_commit
         self.committed: list[str] = []
         self.bytes_committed = 0
         self._tmp = scratch("shard")
@@ -78,9 +81,11 @@ class ShardSink:
 
     def close(self) -> list[str]:
         """Commit the last shard; returns every committed shard name."""
-        if self._writer is not None:
-            self._commit()
-        self._tmp.cleanup()
+        try:
+            if self._writer is not None:
+                self._commit()
+        finally:
+            self._tmp.cleanup()
         return self.committed
 
     def _commit(self) -> None:
@@ -89,6 +94,7 @@ class ShardSink:
         self._file.close()
         name = self.current
         local = self._file.name
+        self.before_commit()
         self.store.commit_file(name, local)
         self.bytes_committed += os.path.getsize(local)
         os.remove(local)

@@ -259,9 +259,9 @@ def test_an_ingest_that_fails_leaves_its_shards_but_no_lease_so_a_deblur_into_it
         refuse_foreign(output, ["frames-000000.tar"])
 
 
-def test_an_ingest_taken_over_while_it_runs_stops_before_its_index(tmp_path: Path) -> None:
-    """A user's --take-over of a run that was still alive: the old run must not write the index (the
-    new holder's to write) nor release the new holder's lease."""
+def test_an_ingest_taken_over_while_it_runs_commits_nothing_more(tmp_path: Path) -> None:
+    """A user's --take-over of a run that was still alive: the old run must commit no further shard nor
+    the index (the new holder's to write), nor release the new holder's lease."""
     output = Store(str(tmp_path / "out"))
     thief: list[OutputLock] = []
 
@@ -271,8 +271,10 @@ def test_an_ingest_taken_over_while_it_runs_stops_before_its_index(tmp_path: Pat
             thief[0].acquire(take_over=True)
 
     with pytest.raises(LockLost, match=r"out was taken over by run thief \(host .*\); this run stops"):
-        ingest([str(write_video(tmp_path / "clip.mp4", frames(3)))], output, progress=take_over)
+        ingest([str(write_video(tmp_path / "clip.mp4", frames(3)))], output, IngestConfig(limits=ShardLimits(1)),
+               progress=take_over)  # fmt: skip
     assert not output.exists(INDEX_NAME)
+    assert output.glob("*.tar") == []  # taken over with the first shard not yet committed
     assert thief[0].took_over is not None and thief[0].took_over.startswith("run ingest-")
     assert sorted(output.glob("_lock/*")) == ["_lock/00000002.beat", "_lock/00000002.json"]  # the thief's, alone
     thief[0].release(remove_folder=True)

@@ -12,7 +12,7 @@ import torch
 
 from adarevd.classifier import psnr_bucket
 from jobs.cli import main
-from pipeline.output_lock import OutputLocked
+from pipeline.output_lock import LockLost, OutputLock, OutputLocked
 from pipeline.pairs import ClipConfig, SynthConfig, patch_psnr, psnr, write_clip, write_pairs
 from pipeline.scenes import load_sample
 from pipeline.sink import ShardLimits
@@ -148,3 +148,17 @@ def test_synth_holds_the_output_while_it_writes_and_leaves_no_lease(tmp_path: Pa
     shards = write_pairs(output, SMALL, progress=meanwhile)
     assert refused and output.glob("more-*") == []
     assert sorted(p.name for p in (tmp_path / "pairs").iterdir()) == sorted([*shards, "_index.parquet"])
+
+
+def test_a_synth_taken_over_while_it_runs_commits_nothing_more(tmp_path: Path) -> None:
+    output = Store(str(tmp_path / "pairs"))
+    thief = OutputLock(output, "thief")
+
+    def take_over(done: int) -> None:
+        if not thief.generation:
+            thief.acquire(take_over=True)
+
+    with pytest.raises(LockLost, match=r"pairs was taken over by run thief"):
+        write_pairs(output, replace(SMALL, limits=ShardLimits(2)), progress=take_over)
+    assert output.glob("*.tar") == [] and not output.exists("_index.parquet")  # the first shard had 1 of its 2
+    assert sorted(output.glob("_lock/*")) == ["_lock/00000002.beat", "_lock/00000002.json"]  # the thief's
