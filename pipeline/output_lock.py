@@ -239,12 +239,17 @@ class Fence:
 
 
 def still_held(store: Store, generation: int, clock: Callable[[], float] = time.time) -> None:
-    """Raise LockLost, naming the new holder, if `store` has a newer generation than `generation`."""
-    newer = [g for g in _generations(store) if g > generation]
+    """Raise LockLost if `store` has a newer generation than `generation` (naming its holder), or no
+    longer has `generation` (released: the run ended or was stopped, or `_lock/` was removed)."""
+    generations = _generations(store)
+    newer = [g for g in generations if g > generation]
     if newer:
         held = _read(store, newer[-1])
         who = held[0].describe(held[1], clock()) if held else "another run"
         raise LockLost(f"{redact(store.url)} was taken over by {who}; this run stops")
+    if generation not in generations:
+        raise LockLost(f"{redact(store.url_of(_name(generation, 'json')))}: this run's lease is gone (the run "
+                       "ended or was stopped, or its lease was removed); this run stops")  # fmt: skip
 
 
 def _generations(store: Store) -> list[int]:

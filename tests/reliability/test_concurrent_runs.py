@@ -105,6 +105,25 @@ def test_a_live_holder_keeps_the_output_and_a_gone_one_is_replaced(tmp_path: Pat
     third.release()
 
 
+def test_a_fence_lets_a_run_commit_only_while_it_holds_the_lease(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "out"))
+    first = OutputLock(store, "first")
+    first.acquire()
+    fence = first.fence()
+    fence.check(store)  # held: commit
+    second = OutputLock(store, "second")
+    second.acquire(take_over=True)
+    with pytest.raises(LockLost, match=r"out was taken over by run second .*; this run stops"):
+        fence.check(store)
+    second_fence = second.fence()
+    second_fence.check(store)
+    second.release()  # (also removes the generation it replaced)
+    with pytest.raises(LockLost, match=r"_lock/00000002\.json: this run's lease is gone \(the run ended"):
+        second_fence.check(store)  # a shard worker that outlives its stopped run commits nothing
+    with pytest.raises(LockLost, match="lease is gone"):
+        fence.check(store)
+
+
 def mark_test(store: Store, tree: Callable[[], list[str]]) -> None:
     with pytest.raises(RuntimeError, match="mid-run"), OutputLock(store, "failed").held() as lock:
         lock.mark_unfinished()
