@@ -111,7 +111,7 @@ class OutputLock:
             raise OutputLocked(str(e)) from None
 
     def beat(self, retry_s: float | None = None) -> None:
-        """Refresh the heartbeat; raise LockLost if a newer generation exists."""
+        """Refresh the heartbeat; raise LockLost if the lease was taken over or is gone (`still_held`)."""
         store = self._store(retry_s)
         still_held(store, self.generation, self.clock)
         store.commit_bytes(_name(self.generation, "beat"), json.dumps({"time": self.clock()}).encode())
@@ -234,7 +234,7 @@ class Fence:
     generation: int
 
     def check(self, store: Store) -> None:
-        """Raise LockLost if another run took `store` (the output) over."""
+        """Raise LockLost unless the run still holds `store` (the output): `still_held`."""
         still_held(store, self.generation)
 
 
