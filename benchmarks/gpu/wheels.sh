@@ -10,6 +10,9 @@ ray_version=$(.venv/bin/python -c 'import ray; print(ray.__version__)')
 wheels=(
   "ray==$ray_version" webdataset==1.0.2 braceexpand==0.1.7 tenacity==9.2.1
   jsonschema==4.25.1 jsonschema-specifications==2025.9.1 referencing==0.36.2 rpds-py==0.27.1
+  # ray.train imports pydantic, which the image lacks (found by running the checks here in a venv of
+  # only the image's packages: the Ray Train GPU test failed with "ray.train.v2 requires pydantic").
+  pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
 )
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
