@@ -345,10 +345,24 @@ def call(verb: str, url: str, fn: Callable[[], T], retry_seconds: float = 60.0) 
     except (FileNotFoundError, FileExistsError):
         raise
     except Exception as e:
-        if not (is_transient(e) or isinstance(e, (OSError, RuntimeError))):
+        hint = credentials_hint(e)
+        if not (hint or is_transient(e) or isinstance(e, (OSError, RuntimeError))):
             raise
         why = f"still unreachable after {retry_seconds:.0f} s of retries: " if is_transient(e) else ""
-        raise StorageError(f"{redact(url)}: could not {verb}: {why}{e}") from e
+        raise StorageError(f"{redact(url)}: could not {verb}: {why}{e}{hint}") from e
+
+
+def credentials_hint(error: BaseException) -> str:
+    """What to do about an S3 store that was given no (or half its) credentials; "" for other errors."""
+    try:
+        from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+    except ImportError:
+        return ""
+    if not isinstance(error, (NoCredentialsError, PartialCredentialsError)):
+        return ""
+    return (". Give them in AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or as --storage-option "
+            "key=... and --storage-option secret=... (a job spec: [storage] key_env, secret_env); a public bucket: "
+            "--storage-option anon=true")  # fmt: skip
 
 
 def is_transient(error: BaseException) -> bool:

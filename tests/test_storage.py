@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.storage import S3_CONNECTIONS, TMP_DIR, StorageError, Store, call, parse_storage_options, redact, resolve
+from tests.s3server import free_port
 
 
 def test_storage_options_nest_dotted_keys_and_parse_json_values() -> None:
@@ -59,6 +60,31 @@ def test_unknown_protocol_is_a_clear_error(capsys: pytest.CaptureFixture) -> Non
 
     assert main(["ingest", "nosuch://bucket/clip.mp4", "--output", "memory://never"]) == 2
     assert "nosuch://bucket/clip.mp4: cannot open this storage URL" in capsys.readouterr().err
+
+
+def test_an_s3_store_without_credentials_says_how_to_give_them(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance metadata lookup (no network)
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens: botocore asks for credentials first
+    start = time.monotonic()
+    with pytest.raises(StorageError, match=r"s3://b/x/\*\.tar: could not list: Unable to locate credentials\. "
+                       r"Give them in AWS_ACCESS_KEY_ID .* --storage-option anon=true"):  # fmt: skip
+        Store("s3://b/x", {"client_kwargs": {"endpoint_url": endpoint}}).glob("*.tar")
+    assert time.monotonic() - start < 10  # an answer, not an outage: not retried for the window
+    from jobs.cli import main
+
+    assert (
+        main(["deblur", "s3://b/x", str(tmp_path / "out"), f"--storage-option=client_kwargs.endpoint_url={endpoint}"])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "adarevd deblur: error: s3://b/x/**/*.tar: could not list: Unable to locate credentials. Give" in err
+    assert "Traceback" not in err
 
 
 def check_read_many(store: Store) -> None:
