@@ -41,7 +41,8 @@ def list_shards(source: Store, pattern: str | None = None) -> list[str]:
     if pattern is None:
         shards = _inputs(source.glob("**/*.tar"))
         if not shards:
-            raise FileNotFoundError(f"{redact(source.url)}: no .tar shards found; run `adarevd ingest` first")
+            there = "no .tar shards found" if source.exists("") else "no such folder"
+            raise FileNotFoundError(f"{redact(source.url)}: {there}; run `adarevd ingest` first, or mend the URL")
         return shards
     found: set[str] = set()
     missing: list[str] = []

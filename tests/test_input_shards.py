@@ -53,8 +53,11 @@ def test_a_folder_gives_every_shard_but_the_runs_own_files(tmp_path: Path) -> No
     store = filled(Store(str(tmp_path)))
     assert list_shards(store) == ["a/video-000000.tar", "a/video-000001.tar", "a/video-000002.tar",
                                   "b/images-000000.tar"]  # fmt: skip
-    with pytest.raises(FileNotFoundError, match=r"no \.tar shards found"):
+    with pytest.raises(FileNotFoundError, match=r"b/none: no such folder"):
         list_shards(Store(str(tmp_path / "b" / "none")))
+    (tmp_path / "c").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"c: no \.tar shards found"):
+        list_shards(Store(str(tmp_path / "c")))
 
 
 def test_a_pattern_gives_the_shards_it_names_once_each_in_order(tmp_path: Path) -> None:
@@ -104,7 +107,10 @@ def test_the_cli_refuses_a_bad_input_before_it_starts_ray(
     assert main(["deblur", f"{tmp_path}/in/a/video-{{000001..000004}}.tar", str(out)]) == 2
     assert "2 of the shards video-{000001..000004}.tar names do not exist" in capsys.readouterr().err
     assert main(["deblur", str(tmp_path / "in" / "b" / "none"), str(out)]) == 2
-    assert "no .tar shards found" in capsys.readouterr().err
+    assert "b/none: no such folder; run `adarevd ingest` first, or mend the URL" in capsys.readouterr().err
+    (tmp_path / "in" / "empty").mkdir()
+    assert main(["deblur", str(tmp_path / "in" / "empty"), str(out)]) == 2
+    assert "empty: no .tar shards found; run `adarevd ingest` first" in capsys.readouterr().err
     assert not out.exists()
 
 
