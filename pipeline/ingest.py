@@ -10,7 +10,6 @@ that ingests with other prefixes wrote into the same folder are kept.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import posixpath
@@ -29,6 +28,8 @@ import pyarrow.parquet as pq
 from pipeline import images, sources
 from pipeline.images import ImageFormat
 from pipeline.output_lock import OutputLock, new_run_id
+from pipeline.parquet_rows import ParquetRows
+from pipeline.scratch import scratch
 from pipeline.shards import Sample, check_key, sample_meta
 from pipeline.sink import ShardLimits, ShardSink, refuse_earlier, remove_stale
 from pipeline.storage import Store, location
@@ -191,16 +192,6 @@ def _typed(value: Any, kind: type) -> Any:
     return kind(value) if kind is float or float(value).is_integer() else None
 
 
-def index_bytes(rows: list[dict[str, Any]], earlier: pa.Table | None = None) -> bytes:
-    """The index of `rows`, after the `earlier` index rows kept (`_other_prefixes_rows`)."""
-    table = pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
-    if earlier is not None:
-        table = pa.concat_tables([earlier, table])
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    return buffer.getvalue()
-
-
 def ingest(
     urls: Sequence[str],
     output: Store,
@@ -216,18 +207,27 @@ def ingest(
     refuse_earlier(output, config.prefix, None, config.overwrite, hint)  # before anything is written
     plan, problems = sources.plan(urls, options or {})
     _refuse_writing_over(plan, output, config.prefix)
-    with OutputLock(output, new_run_id("ingest")).held(config.take_over) as lock:
+    with OutputLock(output, new_run_id("ingest")).held(config.take_over) as lock, scratch("index") as tmp:
         refuse_earlier(output, config.prefix, None, config.overwrite, hint)  # one that ended meanwhile
-        earlier = _other_prefixes_rows(output, config.prefix)
         summary = IngestSummary(problems=list(problems))
-        rows = [problem_row(p) for p in problems]
-        _write_shards(plan, output, config, summary, rows, lock, progress)
+        # The index goes to a local file as the frames come, a row group at a time: its memory does not
+        # grow with the archive (row dicts held to the end took 2.9 KB a frame).
+        local = os.path.join(tmp, INDEX_NAME)
+        with ParquetRows(local, INDEX_SCHEMA) as index:
+            index.add_table(_other_prefixes_rows(output, config.prefix))
+
+            def add(row: dict[str, Any]) -> None:
+                summary.notes += row["status"] == "note"
+                index.add(row | {"prefix": config.prefix})
+
+            for problem in problems:
+                add(problem_row(problem))
+            _write_shards(plan, output, config, summary, add, lock, progress)
         lock.confirm()  # taken over meanwhile: the index is the new holder's to write
-        output.commit_bytes(INDEX_NAME, index_bytes([row | {"prefix": config.prefix} for row in rows], earlier))
+        output.commit_file(INDEX_NAME, local)
         if config.overwrite:
             remove_stale(output, config.prefix, summary.shards)
     summary.skipped = sum(p.skipped for p in summary.problems)
-    summary.notes = sum(r["status"] == "note" for r in rows)
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -237,11 +237,11 @@ def _write_shards(
     output: Store,
     config: IngestConfig,
     summary: IngestSummary,
-    rows: list[dict[str, Any]],
+    add: Callable[[dict[str, Any]], None],
     lock: OutputLock,
     progress: Callable[[int], None] | None,
 ) -> None:
-    """Every source's frames, in order, into the shards; their rows (and problems) into `rows`."""
+    """Every source's frames, in order, into the shards; their index rows (and problems') to `add`."""
     seen_keys: set[str] = set()
     workers = config.workers or os.cpu_count() or 1
     sink = ShardSink(output, config.prefix, config.limits, lock.fenced(output))  # taken over: no more commits
@@ -254,18 +254,18 @@ def _write_shards(
             for item in _in_order(events, pool, config, 2 * workers):
                 if isinstance(item, sources.Problem):
                     summary.problems.append(item)
-                    rows.append(problem_row(item))
+                    add(problem_row(item))
                     continue
                 sample, row = item
                 if sample.key in seen_keys:
                     problem = sources.Problem(row["source"], f"duplicate key {sample.key!r}; the first one was kept")
                     summary.problems.append(problem)
-                    rows.append(problem_row(problem))
+                    add(problem_row(problem))
                     continue
                 seen_keys.add(sample.key)
                 lock.check()
                 row["shard"] = sink.add(sample)
-                rows.append(row)
+                add(row)
                 summary.frames += 1
                 if progress:
                     progress(1)

@@ -8,13 +8,15 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from jobs.cli import main
 from pipeline import images
-from pipeline.ingest import INDEX_NAME, IngestConfig, ingest
+from pipeline.ingest import INDEX_NAME, INDEX_SCHEMA, IngestConfig, ingest
 from pipeline.output_lock import LockLost, OutputLock, OutputLocked
+from pipeline.parquet_rows import ParquetRows
 from pipeline.resume import refuse_foreign
 from pipeline.shards import Sample, encode_shard
 from pipeline.sink import ShardLimits
@@ -279,3 +281,29 @@ def test_an_ingest_taken_over_while_it_runs_commits_nothing_more(tmp_path: Path)
     assert sorted(output.glob("_lock/*")) == ["_lock/00000002.beat", "_lock/00000002.json"]  # the thief's, alone
     thief[0].release(remove_folder=True)
     assert not output.exists("_lock")
+
+
+def test_index_rows_streamed_in_row_groups_read_back_as_one_table_in_order(tmp_path: Path) -> None:
+    earlier = pa.Table.from_pylist([{"key": f"e{i}", "shard": "old-000000.tar"} for i in range(2)], schema=INDEX_SCHEMA)
+    rows = [{"key": f"k{i}", "shard": f"frames-{i // 4:06d}.tar", "frame_index": i} for i in range(10)]
+
+    def write(path: Path) -> bytes:
+        with ParquetRows(str(path), INDEX_SCHEMA, chunk=3) as index:
+            index.add_table(earlier)
+            for row in rows:
+                index.add(row)
+        assert index.count == 12
+        return path.read_bytes()
+
+    data = write(tmp_path / "a.parquet")
+    assert write(tmp_path / "b.parquet") == data  # the same rows, the same bytes
+    table = pq.read_table(tmp_path / "a.parquet")
+    assert table.schema == INDEX_SCHEMA and pq.ParquetFile(tmp_path / "a.parquet").metadata.num_row_groups == 5
+    assert table.column("key").to_pylist() == ["e0", "e1", *(f"k{i}" for i in range(10))]
+    assert table.column("frame_index").to_pylist() == [None, None, *range(10)]
+    with (
+        pytest.raises(RuntimeError, match="mid-write"),
+        ParquetRows(str(tmp_path / "c.parquet"), INDEX_SCHEMA) as index,
+    ):
+        index.add(rows[0])
+        raise RuntimeError("mid-write")  # the writer is closed; the caller drops the file
