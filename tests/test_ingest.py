@@ -306,4 +306,5 @@ def test_index_rows_streamed_in_row_groups_read_back_as_one_table_in_order(tmp_p
         ParquetRows(str(tmp_path / "c.parquet"), INDEX_SCHEMA) as index,
     ):
         index.add(rows[0])
-        raise RuntimeError("mid-write")  # the writer is closed; the caller drops the file
+        raise RuntimeError("mid-write")
+    assert pq.read_table(tmp_path / "c.parquet").num_rows == 0  # closed, without the rows of the failed write
