@@ -16,7 +16,9 @@ import shutil
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
+from jobs.models import CliError
 from jobs.spec import check_options, load_spec, secret_environment, to_argv
 from pipeline.scratch import scratch
 
@@ -48,7 +50,14 @@ def _client(address: str):
     from ray.job_submission import JobSubmissionClient
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    return JobSubmissionClient(address)
+    try:
+        return JobSubmissionClient(address)
+    except ConnectionError as e:  # it asks the cluster for its version at once
+        raise CliError(
+            f"cannot reach the Ray Jobs API at {address} ({str(e).rstrip('.')}). Give the head's dashboard address "
+            "(http://HEAD:8265, `ray start --head --dashboard-host 0.0.0.0`), and check that it is up and reachable "
+            "from here; without --address, `adarevd submit` runs the spec on this machine"
+        ) from None
 
 
 def submit(path: str, address: str) -> str:
@@ -82,6 +91,15 @@ def cmd_run_spec(args: argparse.Namespace) -> int:
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     client = _client(args.address)
+    try:
+        return _jobs(client, args)
+    except RuntimeError as e:  # the Jobs API's answer to a request (an unknown job: 404)
+        what = f"jobs {args.action}" + (f" {args.job}" if args.job else "")
+        answer = str(e).rstrip(".")
+        raise CliError(f"{args.address} answered `{what}` with: {answer}; see `adarevd jobs list`") from None
+
+
+def _jobs(client: Any, args: argparse.Namespace) -> int:
     if args.action == "list":
         for job in sorted(client.list_jobs(), key=lambda j: j.start_time or 0):
             meta = job.metadata or {}

@@ -138,6 +138,19 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.mark.ray
+def test_a_jobs_address_that_does_not_answer_is_named_with_what_to_give(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        address = f"http://127.0.0.1:{free.getsockname()[1]}"  # nothing listens there once it is closed
+    for argv in (["jobs", "list"], ["submit", str(write(tmp_path, GOOD))]):
+        assert main([*argv, "--address", address]) == 2
+        err = capsys.readouterr().err
+        assert f"cannot reach the Ray Jobs API at {address} (Failed to connect to Ray" in err, err
+        assert "Give the head's dashboard address (http://HEAD:8265" in err
+
+
 def test_jobs_on_a_real_cluster(cluster: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     quick = write(tmp_path, f'name = "quick"\nkind = "synth"\noutput = "{tmp_path}/pairs"\n[options]\ncount = 3\n'
                   'size = "32x32"\n')  # fmt: skip
@@ -149,6 +162,10 @@ def test_jobs_on_a_real_cluster(cluster: str, tmp_path: Path, capsys: pytest.Cap
     assert "wrote 3 pairs" in capsys.readouterr().out
     assert main(["jobs", "status", job, "--address", cluster]) == 0
     assert "SUCCEEDED" in capsys.readouterr().out
+    assert main(["jobs", "status", "no-such-job", "--address", cluster]) == 2
+    err = capsys.readouterr().err
+    assert f"adarevd jobs: error: {cluster} answered `jobs status no-such-job` with: Request failed with status" in err
+    assert "Traceback" not in err
 
     slow = write(tmp_path, f'name = "slow"\nkind = "synth"\noutput = "{tmp_path}/many"\n[options]\ncount = 100000\n',
                  "slow.toml")  # fmt: skip
