@@ -35,6 +35,7 @@ from pipeline.exit_map import exit_map
 from pipeline.frames import PatchMap
 from pipeline.job import ActorStartError, DeviceError, StallError
 from pipeline.output_lock import LockLost, OutputLocked
+from pipeline.ray_address import ClusterUnreachable
 from pipeline.shards import ShardError
 from pipeline.storage import StorageError
 
@@ -234,6 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         StallError,
         DeviceError,
         ActorStartError,
+        ClusterUnreachable,
     ) as e:
         print(f"adarevd {args.command}: error: {e}", file=sys.stderr)
         return 2

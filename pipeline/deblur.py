@@ -45,6 +45,7 @@ from pipeline.job import (
     start_failure,
 )
 from pipeline.output_lock import LockLost, OutputLock
+from pipeline.ray_address import probe, unreachable
 from pipeline.restorer import FrameRestorer
 from pipeline.resume import check_resume, refuse_foreign
 from pipeline.run_record import RunSummary, output_totals, run_json
@@ -121,7 +122,11 @@ def ensure_ray(address: str | None, num_cpus: float | None = None) -> None:
     if ray.is_initialized():
         return
     if address:
-        ray.init(address=address, logging_level="WARNING")
+        probe(address)  # nothing answers there: say so at once, not after Ray's minutes of retries
+        try:
+            ray.init(address=address, logging_level="WARNING")
+        except ConnectionError as e:  # `auto` without a cluster, a Ray Client that does not answer
+            raise unreachable(address, e) from None
     else:
         # "local": always a fresh embedded instance, whatever RAY_ADDRESS says.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING")

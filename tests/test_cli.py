@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import cv2
@@ -9,6 +10,7 @@ import pytest
 
 import adarevd
 from jobs.cli import DEFAULT_WEIGHTS, main
+from pipeline.storage import Store
 
 
 def test_restore_on_the_bundled_demo_writes_images_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -89,3 +91,34 @@ def test_the_summary_of_a_run_with_nothing_to_do_has_no_empty_exit_table(capsys:
     assert "shards: 0 processed, 3 already done, 3 in all" in printed
     assert "nothing to do: every shard is already done here" in printed
     assert "exit depth" not in printed and "%" not in printed
+
+
+@pytest.mark.parametrize(
+    ("address", "message"),
+    [
+        ("127.0.0.1:{port}", r"--address 127\.0\.0\.1:\d+: nothing answers there \(\[Errno 111\] Connection refused\)"),
+        ("ray://127.0.0.1:{port}", r"--address ray://127\.0\.0\.1:\d+: nothing answers there"),
+        ("http://127.0.0.1:{port}", r"an http:// address is a dashboard's, for `adarevd submit` and `adarevd jobs`"),
+        ("head-node", r"--address head-node: expected HOST:PORT"),
+        ("auto", r"--address auto: Could not find any running Ray instance"),  # (none in this RAY_TMPDIR)
+    ],
+)
+def test_a_cluster_address_where_no_ray_answers_fails_at_once_saying_what_to_give(
+    address: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, `HOST:PORT` waited minutes on Ray's retries, and `auto` or `ray://` ended in tracebacks."""
+    import ray
+
+    from pipeline.ingest import ingest
+    from tests.media import frames, write_video
+    from tests.s3server import free_port
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # no cluster address file of another test's Ray here
+    shards = tmp_path / "in"
+    ingest([str(write_video(tmp_path / "v.mkv", frames(2)))], Store(str(shards)))
+    start = time.monotonic()
+    assert main(["deblur", str(shards), str(tmp_path / "out"), "--address", address.format(port=free_port())]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "give the head's address as `ray start --head` prints it (HOST:6379)" in err
+    assert "Traceback" not in err and time.monotonic() - start < 30 and not ray.is_initialized()

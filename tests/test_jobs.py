@@ -17,6 +17,9 @@ from ray.job_submission import JobSubmissionClient
 from jobs.cli import main
 from jobs.spec import SpecError, load_spec, secret_environment, to_argv
 from jobs.submit import wait_for
+from pipeline.ingest import ingest
+from pipeline.storage import Store
+from tests.media import frames, write_video
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,8 +122,9 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`ray start --head` (dashboard on loopback) plus one worker node; yields the dashboard URL."""
+def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """`ray start --head` (dashboard on loopback) plus one worker node; yields the dashboard URL and the
+    head's address."""
     ray = str(Path(sys.executable).with_name("ray"))
     env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
                         "RAY_AUTH_MODE": "disabled"}  # fmt: skip
@@ -132,7 +136,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         worker = [ray, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--disable-usage-stats"]
         subprocess.run(worker, check=True, env=env, cwd=ROOT, capture_output=True)
-        yield f"http://127.0.0.1:{dashboard}"
+        yield f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{port}"
     finally:
         subprocess.run([ray, "stop", "--force"], env=env, capture_output=True)
 
@@ -151,7 +155,8 @@ def test_a_jobs_address_that_does_not_answer_is_named_with_what_to_give(
         assert "Give the head's dashboard address (http://HEAD:8265" in err
 
 
-def test_jobs_on_a_real_cluster(cluster: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_jobs_on_a_real_cluster(head: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cluster = head[0]
     quick = write(tmp_path, f'name = "quick"\nkind = "synth"\noutput = "{tmp_path}/pairs"\n[options]\ncount = 3\n'
                   'size = "32x32"\n')  # fmt: skip
     assert main(["submit", str(quick), "--address", cluster]) == 0
@@ -199,3 +204,17 @@ def test_train_and_eval_specs_run_here(tmp_path: Path) -> None:
                      f'[options]\njson = "{report}"\n', "eval.toml")  # fmt: skip
     assert main(["submit", str(evaluate)]) == 0
     assert json.loads(report.read_text())["frames"] == 2
+
+
+@pytest.mark.ray
+def test_deblur_on_a_ray_start_cluster_by_its_address(head: tuple[str, str], tmp_path: Path) -> None:
+    """`adarevd deblur --address HOST:PORT` (the address `ray start --head` prints) runs on that cluster."""
+    shards = tmp_path / "in"
+    ingest([str(write_video(tmp_path / "v.mkv", frames(3)))], Store(str(shards)))
+    command = [sys.executable, "-m", "jobs.cli", "deblur", str(shards), str(tmp_path / "out"), "--address", head[1],
+               "--workers", "1"]  # fmt: skip
+    env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    assert "frames: 3 in" in done.stdout.decode()
+    assert json.loads((tmp_path / "out" / "_run.json").read_text())["frames"] == 3
