@@ -26,14 +26,18 @@ PACKAGES = ("adarevd", "pipeline", "jobs")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_spec(path: str) -> int:
-    """Run a spec here: its command, with the secrets it names in the usual AWS_* environment."""
+def run_spec(path: str, address: str | None = None) -> int:
+    """Run a spec here: its command, with the secrets it names in the usual AWS_* environment. `address`:
+    the Ray cluster of a command that takes `--address` (deblur, train), unless the spec gives one."""
     from jobs.cli import main
 
     spec = load_spec(path)
-    check_options(spec, known_options(spec.kind))
+    known = known_options(spec.kind)
+    check_options(spec, known)
     os.environ.update(secret_environment(spec))
     argv = to_argv(spec)
+    if address and "--address" in known and "address" not in spec.options:
+        argv += ["--address", address]
     print(f"job {spec.name}: adarevd {' '.join(argv)}", flush=True)
     return main(argv)
 
@@ -67,7 +71,9 @@ def submit(path: str, address: str) -> str:
         shutil.copy(path, Path(tmp) / "spec.toml")
         submission_id = f"{spec.name}-{uuid.uuid4().hex[:8]}"
         _client(address).submit_job(
-            entrypoint="python -m jobs.cli run-spec spec.toml",
+            # `auto`: the job's command joins the cluster it was submitted to (Ray sets RAY_ADDRESS for it);
+            # without it, deblur and train would start a Ray of their own on the node that runs the job.
+            entrypoint="python -m jobs.cli run-spec spec.toml --address auto",
             submission_id=submission_id,
             runtime_env={"working_dir": tmp, "py_modules": [str(ROOT / p) for p in PACKAGES]},
             metadata={"name": spec.name, "kind": spec.kind, "priority": str(spec.priority)},
@@ -86,7 +92,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_run_spec(args: argparse.Namespace) -> int:
-    return run_spec(args.spec)
+    return run_spec(args.spec, args.address)
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -152,6 +158,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     r = sub.add_parser("run-spec", help="run a job spec in this process (what a submitted job runs)")
     r.add_argument("spec")
+    r.add_argument("--address", help="Ray cluster for a deblur or train spec that names none (submit passes auto)")
     r.set_defaults(run=cmd_run_spec)
 
     j = sub.add_parser("jobs", help="jobs on a cluster: list, status, logs [--follow], stop")

@@ -16,7 +16,7 @@ from ray.job_submission import JobSubmissionClient
 
 from jobs.cli import main
 from jobs.spec import SpecError, load_spec, secret_environment, to_argv
-from jobs.submit import wait_for
+from jobs.submit import submit, wait_for
 from pipeline.ingest import ingest
 from pipeline.storage import Store
 from tests.media import frames, write_video
@@ -134,7 +134,8 @@ def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
             "--num-cpus=1", "--include-dashboard=true", f"--temp-dir={temp}", "--disable-usage-stats"]  # fmt: skip
     subprocess.run(head, check=True, env=env, cwd=ROOT, capture_output=True)
     try:
-        worker = [ray, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--disable-usage-stats"]
+        worker = [ray, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--disable-usage-stats",
+                  '--resources={"adarevd_worker": 1}']  # fmt: skip
         subprocess.run(worker, check=True, env=env, cwd=ROOT, capture_output=True)
         yield f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{port}"
     finally:
@@ -218,3 +219,21 @@ def test_deblur_on_a_ray_start_cluster_by_its_address(head: tuple[str, str], tmp
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     assert "frames: 3 in" in done.stdout.decode()
     assert json.loads((tmp_path / "out" / "_run.json").read_text())["frames"] == 3
+
+
+@pytest.mark.ray
+def test_a_deblur_spec_submitted_to_a_cluster_runs_on_the_cluster(head: tuple[str, str], tmp_path: Path) -> None:
+    """The submitted command joins the cluster (`run-spec --address auto`): its restorer needs a resource
+    that only the cluster's worker node has. (Before, it started a Ray of its own on the node that ran
+    the job, where that actor could never be placed: the run failed after --stall-timeout.)"""
+    shards = tmp_path / "in"
+    ingest([str(write_video(tmp_path / "v.mkv", frames(3)))], Store(str(shards)))
+    text = (
+        f'name = "deblur-here"\nkind = "deblur"\ninput = "{shards}"\noutput = "{tmp_path}/out"\n'
+        '[resources]\nworkers = 1\n[options]\nworker_resource = "adarevd_worker"\nstall_timeout = 60\n'
+    )
+    spec = write(tmp_path, text)
+    job = submit(str(spec), head[0])
+    assert wait_for(head[0], job, timeout_s=240) == "SUCCEEDED", JobSubmissionClient(head[0]).get_job_logs(job)[-3000:]
+    record = json.loads((tmp_path / "out" / "_run.json").read_text())
+    assert record["frames"] == 3 and sum(record["worker_nodes"].values()) == 1
