@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from jobs.submit import submit, wait_for
 from pipeline.ingest import ingest
 from pipeline.storage import Store
 from tests.media import frames, write_video
+from tests.s3server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,12 +115,6 @@ def running_specs() -> list[str]:
     return found
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     """`ray start --head` (dashboard on loopback) plus one worker node; yields the dashboard URL and the
@@ -146,9 +140,7 @@ def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
 def test_a_jobs_address_that_does_not_answer_is_named_with_what_to_give(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        address = f"http://127.0.0.1:{free.getsockname()[1]}"  # nothing listens there once it is closed
+    address = f"http://127.0.0.1:{free_port()}"  # nothing listens there once it is closed
     for argv in (["jobs", "list"], ["submit", str(write(tmp_path, GOOD))]):
         assert main([*argv, "--address", address]) == 2
         err = capsys.readouterr().err
