@@ -17,7 +17,7 @@ class ParquetRows:
     end of a `with` block) finishes the file. The same rows give the same bytes."""
 
     def __init__(self, path: str, schema: pa.Schema, chunk: int = CHUNK_ROWS) -> None:
-        self.path, self.schema, self.chunk = path, schema, chunk
+        self.schema, self.chunk = schema, chunk
         self.count = 0
         self._rows: list[dict[str, Any]] = []
         self._writer = pq.ParquetWriter(path, schema)
