@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 
 from pipeline.scratch import scratch
@@ -108,6 +109,10 @@ class ShardSink:
         if exc_type is None:
             self.close()
         else:  # an error: keep what was committed, drop the partial shard
-            if self._file is not None:
+            if self._writer is not None and self._file is not None:
+                # The tar stream first: left open, it writes its end into the closed file when it is
+                # collected ("write to closed file", an unraisable exception).
+                with suppress(OSError, ValueError):  # (the error may be the file's: a full disk)
+                    self._writer.close()
                 self._file.close()
             self._tmp.cleanup()

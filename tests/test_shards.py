@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import tarfile
@@ -9,6 +10,7 @@ import webdataset as wds
 
 from pipeline.digests import Digest, DigestReader, digest_of
 from pipeline.shards import Sample, ShardError, check_key, encode_shard, iter_samples, use_fsspec_for_webdataset
+from pipeline.sink import ShardSink
 from pipeline.storage import Store
 
 SAMPLES = [
@@ -128,3 +130,16 @@ def test_a_digest_taken_while_reading_samples_covers_the_whole_file() -> None:
     assert [s.key for s in iter_samples(reader, "x.tar")] == ["clip_000000", "clip_000001"]
     assert reader.digest() == Digest(len(data), hashlib.sha256(data).hexdigest())
     assert digest_of(io.BytesIO(data)) == reader.digest()
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_a_sink_left_by_an_error_closes_its_tar_stream_before_its_file(memory_store: Store) -> None:
+    # Before: the file was closed and the tar stream left open, which at collection wrote its end
+    # into the closed file ("ValueError: write to closed file", raised where nobody catches it).
+    sample = Sample("a_000000", {"png": b"x" * 100})
+    with pytest.raises(RuntimeError, match="stop"), ShardSink(memory_store, "v") as sink:
+        sink.add(sample)
+        raise RuntimeError("stop")
+    del sink
+    gc.collect()
+    assert memory_store.glob("v-*.tar") == []  # the partial shard was not committed
