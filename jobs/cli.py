@@ -34,6 +34,7 @@ from jobs.models import ASSETS, DEFAULT_WEIGHTS, CliError, exit_mode, load_model
 from pipeline.exit_map import exit_map
 from pipeline.frames import PatchMap
 from pipeline.job import ActorStartError, DeviceError, StallError
+from pipeline.node_view import NodeCannotSee
 from pipeline.output_lock import LockLost, OutputLocked
 from pipeline.ray_address import ClusterUnreachable
 from pipeline.shards import ShardError
@@ -236,6 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         DeviceError,
         ActorStartError,
         ClusterUnreachable,
+        NodeCannotSee,
     ) as e:
         print(f"adarevd {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -44,13 +44,14 @@ from pipeline.job import (
     StallError,
     start_failure,
 )
+from pipeline.node_view import NodeCannotSee
 from pipeline.output_lock import LockLost, OutputLock
 from pipeline.ray_address import probe, unreachable
 from pipeline.restorer import FrameRestorer
 from pipeline.resume import check_resume, refuse_foreign
 from pipeline.run_record import RunSummary, output_totals, run_json
 from pipeline.shard_job import RUN_FILE, ShardReport, done_shards
-from pipeline.shard_task import ProgressActor, ShardWorker
+from pipeline.shard_task import ProgressActor, ShardWorker, this_node
 from pipeline.shards import ShardError
 from pipeline.storage import StorageError
 
@@ -230,7 +231,7 @@ def _process(
     progress = ProgressActor.options(scheduling_strategy=here).remote()
     # With a frame budget, shards run one at a time so that the budget is exact.
     shard_workers = [
-        ShardWorker.options(name=f"adarevd-shards-{summary.run_id}-{i}").remote()
+        ShardWorker.options(name=f"adarevd-shards-{summary.run_id}-{i}").remote(this_node())
         for i in range(1 if job.max_frames else resources.shards_in_flight)
     ]
     try:
@@ -333,7 +334,7 @@ def _drive(
             except RayTaskError as e:
                 # A store that stayed down, a shard that cannot be read, an actor that could not be
                 # restarted, another run that took the output over: each has its own clear message.
-                if isinstance(e.cause, (StorageError, ShardError, ActorStartError, LockLost)):
+                if isinstance(e.cause, (StorageError, ShardError, ActorStartError, LockLost, NodeCannotSee)):
                     raise e.cause from None
                 raise
             free.append(running.pop(ref)[1])

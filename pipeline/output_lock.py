@@ -237,6 +237,11 @@ class Fence:
         """Raise LockLost unless the run still holds `store` (the output): `still_held`."""
         still_held(store, self.generation)
 
+    def seen(self, store: Store) -> bool:
+        """Whether `store` shows this run's lease or a newer one: False where it is not the folder the
+        driver writes (a local path on a node that does not mount that filesystem)."""
+        return any(g >= self.generation for g in _generations(store))
+
 
 def still_held(store: Store, generation: int, clock: Callable[[], float] = time.time) -> None:
     """Raise LockLost if `store` has a newer generation than `generation` (naming its holder), or no

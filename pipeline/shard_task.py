@@ -6,6 +6,7 @@ so each costs tens of MB, not a model runtime's hundreds.
 
 from __future__ import annotations
 
+import socket
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from functools import partial
@@ -18,6 +19,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from pipeline.depth_router import Pools, depth_pool_restore
 from pipeline.frames import FrameIn, FrameOut, Rejected
 from pipeline.job import DeblurJob, start_failure
+from pipeline.node_view import Place, check_sees
 from pipeline.output_lock import Fence
 from pipeline.scratch import remove_orphans
 from pipeline.shard_job import RestoreFn, ShardReport, add_histogram, process_shard
@@ -121,9 +123,11 @@ class ShardWorker:
     their ideal on 2 cores.) A worker lost with its node is restarted and its call retried; the
     shard's output is committed whole, so a retry writes the same bytes once."""
 
-    def __init__(self) -> None:
+    def __init__(self, driver: Place) -> None:
         # A worker killed mid-shard (this one's predecessor, after a restart) left its partial output.
         remove_orphans()
+        self.driver = driver
+        self.sees = False  # checked before this process's first shard (a restart may be on another node)
 
     def process(
         self,
@@ -139,6 +143,9 @@ class ShardWorker:
         fence: Fence,
     ) -> ShardReport:
         source, output = job.stores(options)
+        if not self.sees:
+            check_sees(source, output, shard, fence, this_node(), self.driver)
+            self.sees = True
         # Report a wait well before it would count as a stall.
         patience = min(10.0, job.stall_timeout_s / 4)
 
@@ -174,3 +181,8 @@ class ShardWorker:
 
     def node(self) -> str:
         return ray.get_runtime_context().get_node_id()
+
+
+def this_node() -> Place:
+    """The node this process runs on."""
+    return Place(ray.get_runtime_context().get_node_id(), socket.gethostname(), ray.util.get_node_ip_address())
