@@ -16,6 +16,7 @@ import pytest
 from pipeline.ingest import ingest
 from pipeline.node_view import NodeCannotSee, Place, check_sees
 from pipeline.output_lock import OutputLock
+from pipeline.pairs import SynthConfig, write_pairs
 from pipeline.storage import Store
 from tests.media import frames, write_video
 from tests.s3server import free_port
@@ -76,15 +77,14 @@ def unshare_works() -> bool:
         return False
 
 
-@pytest.fixture
-def cluster_that_does_not_see(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+@pytest.fixture(scope="module")
+def cluster_that_does_not_see(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """A one-node `ray start` cluster in mount and pid namespaces of its own, where `tmp_path/hidden` is an
-    empty tmpfs: a node whose disk lacks a folder the driver (this process's machine) sees. Yields its
+    empty tmpfs: a node whose disk lacks a folder the driver (a process outside) sees. Yields its
     address and that folder."""
     if not unshare_works():
         pytest.skip("needs mount and pid namespaces (`unshare -m -p`, e.g. as root) for a node that sees other folders")
-    hidden = tmp_path / "hidden"
-    hidden.mkdir()
+    hidden = tmp_path_factory.mktemp("hidden")
     ray, port, temp = Path(sys.executable).with_name("ray"), free_port(), f"/tmp/rv-{os.getpid()}"
     start = (f"mount -t tmpfs none {hidden} && exec {ray} start --head --port={port} --num-cpus=2 --block "
              f"--include-dashboard=false --disable-usage-stats --temp-dir={temp}")  # fmt: skip
@@ -110,25 +110,58 @@ def test_a_cluster_node_that_does_not_see_a_local_input_or_output_stops_the_run_
     cluster_that_does_not_see: tuple[str, Path], tmp_path: Path
 ) -> None:
     address, hidden = cluster_that_does_not_see
-    env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 
     def deblur(source: Path, output: Path) -> str:
-        command = [sys.executable, "-m", "jobs.cli", "deblur", str(source), str(output), "--address", address,
-                   "--workers", "1", "--storage-retry", "5"]  # fmt: skip
-        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, timeout=300)
-        err = done.stderr.decode()
-        assert done.returncode == 2, err[-3000:]
-        return err
+        return refused(
+            "deblur", str(source), str(output), "--address", address, "--workers", "1", "--storage-retry", "5"
+        )
 
-    ingest([str(write_video(tmp_path / "v.mkv", frames(2)))], Store(str(hidden / "in")))
+    ingest([str(write_video(tmp_path / "v.mkv", frames(2)))], Store(str(hidden / "frames")))
     ingest([str(write_video(tmp_path / "v.mkv", frames(2)))], Store(str(tmp_path / "in")))
     # Before: the input's FileNotFoundError with a traceback of the shard worker; a local output on such a
     # node would have been written on its own disk, out of the driver's sight.
-    err = deblur(hidden / "in", tmp_path / "out")
-    assert f"error: {hidden}/in/frames-000000.tar: node " in err
+    err = deblur(hidden / "frames", tmp_path / "out")
+    assert f"error: {hidden}/frames/frames-000000.tar: node " in err
     assert "does not see this input shard, which the driver listed (removed since?). The driver runs on node" in err
     assert "Traceback" not in err
     err = deblur(tmp_path / "in", hidden / "out")
     assert f"error: {hidden}/out: node " in err and "does not see this run's lease (_lock/) there" in err
     for output in (tmp_path / "out", hidden / "out"):  # nothing but the mark of an unfinished deblur
         assert sorted(str(p.relative_to(output)) for p in output.rglob("*")) == ["_lock", "_lock/unfinished"]
+
+
+@pytest.mark.ray
+def test_training_on_a_cluster_node_that_does_not_see_the_data_or_the_output_stops_before_any_step(
+    cluster_that_does_not_see: tuple[str, Path], tmp_path: Path
+) -> None:
+    address, hidden = cluster_that_does_not_see
+    write_pairs(Store(str(hidden / "pairs")), SynthConfig(count=2, size=(72, 72)))
+    write_pairs(Store(str(tmp_path / "pairs")), SynthConfig(count=2, size=(72, 72)))
+
+    def train(data: Path, output: Path) -> str:
+        return refused("train", "encoder", str(data), "--output", str(output), "--iterations", "2", "--batch", "2",
+                       "--crop", "64", "--workers", "1", "--address", address)  # fmt: skip
+
+    def error(err: str) -> str:  # (Ray Train logs the worker's traceback too, forwarded by Ray)
+        return next(line for line in err.splitlines() if line.startswith("adarevd train: error: "))
+
+    err = train(hidden / "pairs", tmp_path / "w.safetensors")
+    assert error(err).startswith(f"adarevd train: error: {hidden}/pairs/pairs-000000.tar: node ")
+    assert "does not see the training data, which the driver lists. The driver runs on node" in error(err)
+    # Before: the weights were written on that node's disk, and the driver failed to find them at the end.
+    err = train(tmp_path / "pairs", hidden / "w.safetensors")
+    assert error(err).startswith(f"adarevd train: error: {hidden}/w.safetensors.seen-")
+    assert "does not see the mark the driver wrote beside the output" in error(err)
+    assert list(hidden.glob("w.safetensors*")) == []  # no weights, no mark left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs"]
+
+
+def refused(*argv: str) -> str:
+    """Run `adarevd ARGV`, which must exit with 2; its stderr."""
+    env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", *argv], cwd=ROOT, env=env, capture_output=True, timeout=300
+    )
+    err = done.stderr.decode()
+    assert done.returncode == 2, err[-3000:]
+    return err

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
 import torch
@@ -18,7 +20,10 @@ from safetensors.torch import load, load_file
 
 from adarevd.weights import read_state_dict
 from pipeline import deblur
+from pipeline.images import encode
+from pipeline.pair_stream import PairDataError
 from pipeline.pairs import SynthConfig, write_pairs
+from pipeline.shards import Sample, encode_shard
 from pipeline.sink import ShardLimits
 from pipeline.storage import Store
 from pipeline.train_ray import TrainResources, fit
@@ -52,6 +57,9 @@ def test_two_ray_train_workers_match_two_plain_processes(tmp_path: Path) -> None
     history = json.loads(read_state_dict(tmp_path / "ray.safetensors")[1][HISTORY_KEY])
     assert history[-1]["world"] == 2
     assert (tmp_path / "ck" / "latest.json").exists()
+    # The marks the workers looked for beside the output and in the checkpoints folder are gone.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "pairs", "ray.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["latest.json", "step-00000004"]
 
     plain = TrainSpec(output=str(tmp_path / "plain.safetensors"), **common)
     mp.spawn(_rank, args=(plain, 29400 + os.getpid() % 500), nprocs=2)
@@ -61,6 +69,23 @@ def test_two_ray_train_workers_match_two_plain_processes(tmp_path: Path) -> None
     train(single)
     c = load_file(str(tmp_path / "one.safetensors"))
     assert not all(torch.equal(a[k], c[k]) for k in a)  # the second worker's data made a difference
+
+
+def test_a_workers_error_is_raised_as_itself_and_missing_data_before_any_worker(tmp_path: Path) -> None:
+    # Before: both came out as Ray Train's WorkerGroupError, a traceback with the message inside.
+    spec = TrainSpec(kind="encoder", data=str(tmp_path / "none"), output=str(tmp_path / "w.safetensors"),
+                     iterations=2, batch=2, crop=64)  # fmt: skip
+    pair = Sample("a_000000", {"blur.png": encode(np.zeros((72, 72, 3), np.uint8))})  # no sharp.png
+    Store(str(tmp_path / "bad")).commit_bytes("pairs-000000.tar", encode_shard([pair]))
+    deblur.ensure_ray(None, num_cpus=2)
+    try:
+        with pytest.raises(PairDataError, match=r"none: no \*\.tar shards; make paired shards"):
+            fit(spec, TrainResources(workers=2))
+        with pytest.raises(PairDataError, match=r"pairs-000000\.tar: sample 'a_000000'"):
+            fit(replace(spec, data=str(tmp_path / "bad")), TrainResources(workers=1))
+    finally:
+        ray.shutdown()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]  # no weights, no mark left
 
 
 @pytest.mark.s3
@@ -89,6 +114,7 @@ def test_two_workers_on_two_nodes_with_everything_in_s3_match_two_plain_processe
     assert result.steps == 4
     store = Store(prefix, options)
     assert store.exists("ck/latest.json")
+    assert store.glob("*.seen-*") == [] and store.glob("ck/_seen-*") == []
     plain = TrainSpec(output=f"{prefix}/plain.safetensors", **common)
     mp.spawn(_rank, args=(plain, 29400 + (os.getpid() + 250) % 500), nprocs=2)
     a, b = (load(store.read_bytes(name)) for name in ("nodes.safetensors", "plain.safetensors"))
