@@ -21,15 +21,16 @@ import torch
 from ray.train.torch import TorchTrainer, get_device
 
 from pipeline.node_view import NodeCannotSee, check_files
-from pipeline.pair_stream import PairDataError, paired_shards
+from pipeline.pair_stream import paired_shards
 from pipeline.scratch import scratch
 from pipeline.shard_task import this_node
 from pipeline.storage import StorageError, Store, file_store
-from pipeline.trainer import Progress, TrainError, TrainResult, TrainSpec, read_result, train
+from pipeline.trainer import Progress, TrainResult, TrainSpec, read_result, train
 
 Seen = tuple[str, str, str]  # (folder URL, file name, what it is): a file every worker must see
-# A worker's error with a message of its own, raised as it is instead of Ray Train's WorkerGroupError.
-WORKER_ERRORS = (NodeCannotSee, PairDataError, TrainError, StorageError, ValueError, FileNotFoundError)
+# A worker's error with a message of its own (ValueError: PairDataError, TrainError, WeightsError),
+# raised as it is instead of Ray Train's WorkerGroupError.
+WORKER_ERRORS = (NodeCannotSee, StorageError, ValueError, FileNotFoundError)
 
 
 @dataclass(frozen=True)
