@@ -79,9 +79,9 @@ def unshare_works() -> bool:
 
 @pytest.fixture(scope="module")
 def cluster_that_does_not_see(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    """A one-node `ray start` cluster in mount and pid namespaces of its own, where `tmp_path/hidden` is an
-    empty tmpfs: a node whose disk lacks a folder the driver (a process outside) sees. Yields its
-    address and that folder."""
+    """A one-node `ray start` cluster in mount and pid namespaces of its own, where a temporary folder
+    `hidden` is an empty tmpfs: a node whose disk lacks a folder that the driver (a process outside)
+    sees. Yields its address and that folder."""
     if not unshare_works():
         pytest.skip("needs mount and pid namespaces (`unshare -m -p`, e.g. as root) for a node that sees other folders")
     hidden = tmp_path_factory.mktemp("hidden")
