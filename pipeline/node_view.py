@@ -12,7 +12,7 @@ anything is written from there: a local output would otherwise be scattered over
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from pipeline.output_lock import LOCK_DIR, Fence
 from pipeline.storage import StorageError, Store, redact
@@ -42,7 +42,7 @@ def check_sees(source: Store, output: Store, shard: str, fence: Fence, here: Pla
     lease in `output`."""
     check_files([(source, shard, "this input shard, which the driver listed (removed since?)")], here, driver)
     try:
-        seen = fence.seen(_patient(output))
+        seen = fence.seen(output.retrying_at_most(CHECK_RETRY_S))
     except StorageError as e:
         raise NodeCannotSee(f"from {here}: {e}. {_hint(driver)}") from None
     if not seen:
@@ -56,7 +56,7 @@ def check_files(files: Sequence[tuple[Store, str, str]], here: Place, driver: Pl
     """Raise NodeCannotSee unless `here` sees each (store, name, what it is) file that the driver sees."""
     for store, name, what in files:
         try:
-            _patient(store).stat(name)
+            store.retrying_at_most(CHECK_RETRY_S).stat(name)
         except FileNotFoundError:
             raise NodeCannotSee(f"{redact(store.url_of(name))}: {here} does not see {what}. {_hint(driver)}") from None
         except StorageError as e:
@@ -69,8 +69,3 @@ def _hint(driver: Place) -> str:
         "local path on a filesystem that every node mounts at that path, or a store at an address that every "
         "node reaches (localhost is each node's own machine)"
     )
-
-
-def _patient(store: Store) -> Store:
-    """`store`, retrying one that does not answer from this node for at most CHECK_RETRY_S."""
-    return replace(store, retry_seconds=min(CHECK_RETRY_S, store.retry_seconds))

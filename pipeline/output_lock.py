@@ -22,7 +22,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from functools import partial
 
 from pipeline.processes import alive
@@ -222,7 +222,7 @@ class OutputLock:
         """The output store, retrying one that does not answer for at most `retry_s` (None: its own)."""
         if retry_s is None:
             return self.store
-        return replace(self.store, retry_seconds=min(retry_s, self.store.retry_seconds))
+        return self.store.retrying_at_most(retry_s)
 
 
 @dataclass(frozen=True)

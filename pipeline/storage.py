@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import IO, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -164,6 +164,10 @@ class Store:
     def _object_store(self) -> bool:
         """A store without folders to make (S3 and its kind, memory)."""
         return urlsplit(self.url).scheme in OBJECT_STORE_SCHEMES
+
+    def retrying_at_most(self, seconds: float) -> Store:
+        """This store, retrying one that does not answer for at most `seconds` (or its own, shorter, window)."""
+        return replace(self, retry_seconds=min(seconds, self.retry_seconds))
 
     def url_of(self, name: str) -> str:
         return f"{self.url}/{name}"
