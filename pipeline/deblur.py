@@ -227,11 +227,12 @@ def _process(
     actors = start("restorer", resources.workers, resources.cpus_per_worker, resources.gpus_per_worker)
     encoders = start("encoder", resources.encoders, resources.cpus_per_encoder, resources.gpus_per_encoder)
     # The progress counter lives beside the driver: losing a worker node must not lose it.
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    driver = this_node()
+    here = NodeAffinitySchedulingStrategy(driver.node_id, soft=False)
     progress = ProgressActor.options(scheduling_strategy=here).remote()
     # With a frame budget, shards run one at a time so that the budget is exact.
     shard_workers = [
-        ShardWorker.options(name=f"adarevd-shards-{summary.run_id}-{i}").remote(this_node())
+        ShardWorker.options(name=f"adarevd-shards-{summary.run_id}-{i}").remote(driver)
         for i in range(1 if job.max_frames else resources.shards_in_flight)
     ]
     try:
