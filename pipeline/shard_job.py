@@ -3,11 +3,11 @@
 `process_shard` streams the input shard, decodes samples into frames, hands batches to `restore`
 (any function from an iterator of batches to an iterator of results, in order: a local
 `FrameRestorer`, or Ray actors), and streams the results into a local temporary tar. Then it commits,
-in this order: the output shard, the quarantine (if any), and the manifest last. A shard is done only
-when its manifest is committed, so a crash at any point leaves either nothing or a shard that a re-run
-overwrites with the same bytes. An input tar that breaks off (truncated, corrupt) gets its output up to
-the damage but no manifest: it is not done until the input is mended. An entry refused for its name or
-type is skipped and recorded; the shard goes on.
+in this order: the output shard, the quarantine (if any; else an earlier try's is removed), and the
+manifest last. A shard is done only when its manifest is committed, so a crash at any point leaves
+either nothing or a shard that a re-run overwrites with the same bytes. An input tar that breaks off
+(truncated, corrupt) gets its output up to the damage but no manifest: it is not done until the input
+is mended. An entry refused for its name or type is skipped and recorded; the shard goes on.
 """
 
 from __future__ import annotations
@@ -179,6 +179,11 @@ def process_shard(
             [{"shard": shard, "key": r.key, "reason": r.reason} for r in rejected], schema=QUARANTINE_SCHEMA
         )
         output.commit_bytes(quarantine_index, _parquet(table))
+    else:
+        # An earlier try at this shard, before its input was mended: its rejects are not this try's.
+        for name in (quarantine_index, quarantine_name):
+            if output.exists(name):
+                output.remove(name)
     if report.complete and not report.damaged:
         table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA).replace_schema_metadata(
             {

@@ -180,3 +180,23 @@ def test_a_preview_stops_early_and_is_not_marked_done(model: adarevd.AdaRevD, me
     report = process_shard("s.tar", source, memory_store, local_restore(restorer), max_frames=3)
     assert (report.frames, report.complete) == (3, False)
     assert memory_store.exists("s.tar") and not memory_store.exists(output_names("s.tar")[1])
+
+
+def test_a_mended_shard_leaves_no_stale_quarantine(model: adarevd.AdaRevD, memory_store: Store) -> None:
+    # A damaged shard with an undecodable frame: its quarantine is committed, its manifest is not.
+    source = Store(memory_store.url + "-in")
+    good = [frame(f"k_{i:06d}", 32, 32, seed=i).sample for i in range(3)]
+    broken = Sample("k_000001", {"png": b"not a png"})
+    damaged = encode_shard([good[0], broken, good[2]])
+    cut = damaged.index(good[2].members["png"]) + 20  # inside the last frame's image
+    source.commit_bytes("s.tar", damaged[:cut])
+    restore = local_restore(FrameRestorer(model))
+    report = process_shard("s.tar", source, memory_store, restore)
+    _, manifest, q_tar, q_index = output_names("s.tar")
+    assert report.damaged and report.quarantined == 1
+    assert memory_store.exists(q_tar) and memory_store.exists(q_index) and not memory_store.exists(manifest)
+    # Mended (every frame decodes now), the redo's records say so: no quarantine left from the first try.
+    source.commit_bytes("s.tar", encode_shard(good))
+    report = process_shard("s.tar", source, memory_store, restore)
+    assert (report.frames, report.quarantined, report.damaged) == (3, 0, False)
+    assert memory_store.exists(manifest) and not memory_store.exists(q_tar) and not memory_store.exists(q_index)
