@@ -261,8 +261,9 @@ def test_undecodable_frame_is_quarantined_and_fails_the_exit_status(
     assert sorted(read_samples(Store(str(out)))) == ["ok_000000"]
     quarantine = read_samples(Store(str(out / "_quarantine")))
     assert quarantine == {"bad_000000": dict(bad.members)}
-    # With --quarantine-ok the same run (now resumed: nothing to do) exits 0.
-    assert main(["deblur", source.url, str(out), "--quarantine-ok"]) == 0
+    # With --quarantine-ok the same run into a new folder quarantines the same frame and exits 0.
+    assert main(["deblur", source.url, str(tmp_path / "out-ok"), "--frames-per-batch", "2", "--quarantine-ok"]) == 0
+    assert "quarantined: 1 frame(s)" in capsys.readouterr().out
 
 
 @pytest.mark.s3
