@@ -77,7 +77,7 @@ class PairStream:
         if len(self.shards) < world:
             raise PairDataError(
                 f"{store.url}: {len(self.shards)} shard(s) for {world} workers; each worker needs a shard "
-                f"(write smaller shards with `adarevd synth --max-frames`, or use fewer workers)"
+                f"(write smaller shards with `adarevd synth --max-frames-per-shard`, or use fewer workers)"
             )
 
     def _encoded(self) -> Iterator[tuple[Sample, str]]:

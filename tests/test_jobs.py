@@ -116,22 +116,23 @@ def running_specs() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    """`ray start --head` (dashboard on loopback) plus one worker node; yields the dashboard URL and the
-    head's address."""
+def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, str]]:
+    """`ray start --head` (dashboard on loopback, a Ray Client server) plus one worker node; yields the
+    dashboard URL, the head's address and its Ray Client address."""
     ray = str(Path(sys.executable).with_name("ray"))
     env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
                         "RAY_AUTH_MODE": "disabled"}  # fmt: skip
-    port, dashboard = free_port(), free_port()
+    port, dashboard, client = free_port(), free_port(), free_port()
     temp = f"/tmp/rj-{os.getpid()}"
     head = [ray, "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-            "--num-cpus=1", "--include-dashboard=true", f"--temp-dir={temp}", "--disable-usage-stats"]  # fmt: skip
+            f"--ray-client-server-port={client}", "--num-cpus=1", "--include-dashboard=true", f"--temp-dir={temp}",
+            "--disable-usage-stats"]  # fmt: skip
     subprocess.run(head, check=True, env=env, cwd=ROOT, capture_output=True)
     try:
         worker = [ray, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--disable-usage-stats",
                   '--resources={"adarevd_worker": 1}']  # fmt: skip
         subprocess.run(worker, check=True, env=env, cwd=ROOT, capture_output=True)
-        yield f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{port}", f"ray://127.0.0.1:{client}"
     finally:
         subprocess.run([ray, "stop", "--force"], env=env, capture_output=True)
 
@@ -148,7 +149,7 @@ def test_a_jobs_address_that_does_not_answer_is_named_with_what_to_give(
         assert "Give the head's dashboard address (http://HEAD:8265" in err
 
 
-def test_jobs_on_a_real_cluster(head: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_jobs_on_a_real_cluster(head: tuple[str, str, str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     cluster = head[0]
     quick = write(tmp_path, f'name = "quick"\nkind = "synth"\noutput = "{tmp_path}/pairs"\n[options]\ncount = 3\n'
                   'size = "32x32"\n')  # fmt: skip
@@ -200,21 +201,25 @@ def test_train_and_eval_specs_run_here(tmp_path: Path) -> None:
 
 
 @pytest.mark.ray
-def test_deblur_on_a_ray_start_cluster_by_its_address(head: tuple[str, str], tmp_path: Path) -> None:
-    """`adarevd deblur --address HOST:PORT` (the address `ray start --head` prints) runs on that cluster."""
+def test_deblur_on_a_ray_start_cluster_by_its_address(head: tuple[str, str, str], tmp_path: Path) -> None:
+    """`adarevd deblur --address HOST:PORT` (the address `ray start --head` prints) and `ray://HOST:PORT`
+    (Ray Client: the driver's calls go through the head) run on that cluster and give the same bytes."""
     shards = tmp_path / "in"
     ingest([str(write_video(tmp_path / "v.mkv", frames(3)))], Store(str(shards)))
-    command = [sys.executable, "-m", "jobs.cli", "deblur", str(shards), str(tmp_path / "out"), "--address", head[1],
-               "--workers", "1"]  # fmt: skip
     env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, timeout=300)
-    assert done.returncode == 0, done.stderr.decode()[-3000:]
-    assert "frames: 3 in" in done.stdout.decode()
-    assert json.loads((tmp_path / "out" / "_run.json").read_text())["frames"] == 3
+    for name, address in (("gcs", head[1]), ("client", head[2])):
+        command = [sys.executable, "-m", "jobs.cli", "deblur", str(shards), str(tmp_path / name), "--address", address,
+                   "--workers", "1"]  # fmt: skip
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, timeout=300)
+        assert done.returncode == 0, done.stderr.decode()[-3000:]
+        assert "frames: 3 in" in done.stdout.decode()
+        assert json.loads((tmp_path / name / "_run.json").read_text())["frames"] == 3
+    shard = "frames-000000.tar"
+    assert (tmp_path / "client" / shard).read_bytes() == (tmp_path / "gcs" / shard).read_bytes()
 
 
 @pytest.mark.ray
-def test_a_deblur_spec_submitted_to_a_cluster_runs_on_the_cluster(head: tuple[str, str], tmp_path: Path) -> None:
+def test_a_deblur_spec_submitted_to_a_cluster_runs_on_the_cluster(head: tuple[str, str, str], tmp_path: Path) -> None:
     """The submitted command joins the cluster (`run-spec --address auto`): its restorer needs a resource
     that only the cluster's worker node has. (Before, it started a Ray of its own on the node that ran
     the job, where that actor could never be placed: the run failed after --stall-timeout.)"""

@@ -70,15 +70,19 @@ def test_stream_is_reproducible_and_skips_to_any_step(paired: str) -> None:
     assert not torch.equal(run[0][0], run[0][1])  # blurry and sharp differ
 
 
-def test_workers_stream_disjoint_shards(paired: str) -> None:
+def test_workers_stream_disjoint_shards(paired: str, capsys: pytest.CaptureFixture) -> None:
     config = StreamConfig(batch=4, crop=64, repeats=1, buffer=1)
     seen = []
     for rank in (0, 1):
         batches = PairStream(Store(paired), config, rank, 2).batches(0)
         seen.append({tuple(s.flatten()[:16].tolist()) for s in next(batches)[1]})  # 4 crops: its 2 shards
     assert seen[0] and seen[1] and not seen[0] & seen[1]
-    with pytest.raises(PairDataError, match="4 shard\\(s\\) for 5 workers"):
+    with pytest.raises(PairDataError, match="4 shard\\(s\\) for 5 workers") as refused:
         PairStream(Store(paired), config, 0, 5)
+    flag = str(refused.value).split("`adarevd synth ")[1].split("`")[0]  # the option it says to use
+    with pytest.raises(SystemExit):
+        main(["synth", "--help"])
+    assert f" {flag} " in capsys.readouterr().out  # synth's own name for it, not an abbreviation
 
 
 def test_stream_names_shard_and_key_of_bad_pairs(memory_store: Store) -> None:
