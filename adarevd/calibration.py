@@ -2,9 +2,11 @@
 
 `patch_errors` measures, for every patch of a frame, the class the classifier gives it and the mean
 squared error of the patch after 0..N columns. `propose_table` then picks, per class, how many
-columns to run so that the frames' PSNR (from the mean of their patches' errors) loses at most a
-budget on average against full depth, at the least decoder work: an exact search over every table,
-(N+1)^K candidates, cheap for the paper's N <= 8 and K = 6.
+columns to run (0: the patch is left as it is) so that the frames' PSNR (from the mean of their
+patches' errors) loses at most a budget on average against the best table, at the least decoder work:
+an exact search over every table, (N+1)^K candidates, cheap for the paper's N <= 8 and K = 6.
+Do no harm first: a depth at which a class's patches come out worse on average than they went in is
+never chosen for that class.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class Calibration:
     exit_table: tuple[int, ...]
     patches_per_class: tuple[int, ...]
     gain_per_column: tuple[tuple[float, ...], ...]  # per class: PSNR of its patches after 1..N columns minus input
-    psnr_loss_db: float  # mean frame PSNR lost against full depth with this table
+    psnr_loss_db: float  # mean frame PSNR lost against the best table (of those that harm no class)
     mean_depth: float
     budget_db: float
 
@@ -60,46 +62,46 @@ def with_exit_table(model: AdaRevD, exit_table: Sequence[int]) -> AdaRevD:
 
 
 def _db(mse: np.ndarray) -> np.ndarray:
-    return -10 * np.log10(mse + 1e-10)
+    # Capped at 50 dB (RMSE 0.8 levels): closer than that to the truth no one sees a difference, and an
+    # untouched sharp frame (MSE 0) must not outweigh every other frame.
+    return -10 * np.log10(np.maximum(mse, 1e-5))
 
 
 def propose_table(
     frames: Sequence[tuple[np.ndarray, np.ndarray]], num_classes: int, budget_db: float, current: Sequence[int]
 ) -> Calibration:
-    """The exit table with the least mean depth whose mean frame PSNR loss vs full depth is <= budget_db,
-    from each frame's (classes, MSE) of `patch_errors`. Classes no patch fell into keep their `current`
-    depth."""
+    """The exit table with the least mean depth whose mean frame PSNR is within budget_db of the best
+    table's, from each frame's (classes, MSE) of `patch_errors`. A class's depth must not lower its
+    patches' mean PSNR below the input's (depth 0 always qualifies). Classes no patch fell into keep
+    their `current` depth."""
     n = frames[0][1].shape[1] - 1
     classes = np.concatenate([c for c, _ in frames])
     errors = np.concatenate([e for _, e in frames])
     counts = np.bincount(classes, minlength=num_classes)
+    db = _db(errors)
+    gains = [db[classes == c].mean(axis=0) - db[classes == c, 0].mean() if counts[c] else None
+             for c in range(num_classes)]  # fmt: skip
     # sums[f, c, d]: summed MSE of frame f's class-c patches exiting at d; a frame's MSE is their mean.
     sums = np.zeros((len(frames), num_classes, n + 1))
     for f, (c, e) in enumerate(frames):
         np.add.at(sums[f], c, e)
     sizes = np.array([len(c) for c, _ in frames], dtype=np.float64)
-    full = _db(sums[:, :, n].sum(axis=1) / sizes)
-    options = [range(n + 1) if counts[c] else [min(current[c], n)] for c in range(num_classes)]
-    index = np.arange(num_classes)
-    best: tuple[float, float, tuple[int, ...]] | None = None
-    for table in itertools.product(*options):
-        lost = float((full - _db(sums[:, index, table].sum(axis=1) / sizes)).mean())
-        depth = float(np.dot(counts, table)) / max(int(counts.sum()), 1)
-        if lost <= budget_db + 1e-12 and (best is None or (depth, lost) < best[:2]):
-            best = (depth, lost, table)
-    assert best is not None  # full depth always qualifies: it loses nothing
-    db = _db(errors)
-    gains = tuple(
-        tuple(round(float(db[classes == c, d].mean() - db[classes == c, 0].mean()), 3) for d in range(1, n + 1))
-        if counts[c]
-        else ()
+    options = [
+        [d for d in range(n + 1) if d == 0 or gain[d] >= 0] if (gain := gains[c]) is not None else [min(current[c], n)]
         for c in range(num_classes)
-    )
+    ]
+    index = np.arange(num_classes)
+    tables = list(itertools.product(*options))
+    scores = np.array([_db(sums[:, index, table].sum(axis=1) / sizes).mean() for table in tables])
+    depths = np.array([np.dot(counts, table) for table in tables]) / max(int(counts.sum()), 1)
+    lost = scores.max() - scores
+    fits = np.flatnonzero(lost <= budget_db + 1e-12)  # the best table always fits
+    best = fits[np.lexsort((lost[fits], depths[fits]))[0]]  # least depth, then least loss
     return Calibration(
-        tuple(int(d) for d in best[2]),
+        tuple(int(d) for d in tables[best]),
         tuple(int(c) for c in counts),
-        gains,
-        round(best[1], 4),
-        round(best[0], 4),
+        tuple(tuple(round(float(g), 3) for g in gain[1:]) if gain is not None else () for gain in gains),
+        round(float(lost[best]), 4),
+        round(float(depths[best]), 4),
         budget_db,
     )

@@ -3,7 +3,10 @@
 Eval restores each blurry frame at full depth and adaptively, quantises to 8 bits as the deblur job
 writes it, and reports PSNR (dB, capped at 80 for identical images) and SSIM (scikit-image, on the
 RGB pixels) of the input, the full-depth output and the adaptive output, with mean depth and compute
-saved, overall and by class (the PSNR bucket of the blurry frame, with the model's thresholds).
+saved, overall and by class (the PSNR bucket of the blurry frame, with the model's thresholds), and the
+worst class's gain. Pairs whose blurry member equals the sharp one (identity pairs: footage that needs
+nothing) are also summarised on their own under `sharp_in`: how close the output stays to its input
+(mean and worst PSNR) and its tone shift (mean output minus input per RGB channel, in 8-bit levels).
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ def evaluate(model: AdaRevD, frames: Frames, *, progress: Callable[[int], None] 
         input_psnr = psnr(b, s)
         rows.append({
             "class": int(psnr_bucket(input_psnr, model.config.psnr_thresholds)[0]),
+            "identity": bool(torch.equal(blurry, sharp)),
+            "shift": (out - b).mean(dim=(0, 2, 3)).mul(255).tolist(),
             "psnr_input": input_psnr.item(),
             "psnr_full_depth": psnr(full, s).item(), "psnr_output": psnr(out, s).item(),
             "ssim_input": _ssim(b, s), "ssim_full_depth": _ssim(full, s), "ssim_output": _ssim(out, s),
@@ -79,7 +84,22 @@ def evaluate(model: AdaRevD, frames: Frames, *, progress: Callable[[int], None] 
         str(c): _summary([r for r in rows if r["class"] == c], model.num_columns)
         for c in sorted({r["class"] for r in rows})
     }
+    result["worst_class_gain_db"] = min(row["gain_db"] for row in result["by_class"].values())
+    if identity := [r for r in rows if r["identity"]]:
+        result["sharp_in"] = sharp_in_summary(identity)
     return result
+
+
+def sharp_in_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """How much the model changed frames that needed nothing (identity pairs)."""
+    shifts = np.array([r["shift"] for r in rows])  # (frames, 3) in 8-bit levels
+    return {
+        "frames": len(rows),
+        "psnr_mean": round(float(np.mean([r["psnr_output"] for r in rows])), 4),
+        "psnr_worst": round(float(np.min([r["psnr_output"] for r in rows])), 4),
+        "tone_shift": [round(float(v), 4) for v in shifts.mean(axis=0)],  # R, G, B
+        "tone_shift_worst": round(float(np.abs(shifts).max()), 4),  # the largest |shift| of one frame's channel
+    }
 
 
 def _summary(rows: list[dict[str, Any]], num_columns: int) -> dict[str, Any]:
@@ -90,6 +110,7 @@ def _summary(rows: list[dict[str, Any]], num_columns: int) -> dict[str, Any]:
     summary: dict[str, Any] = {"frames": len(rows)} | {name: mean(name) for name in names}
     summary["gain_db"] = round(summary["psnr_output"] - summary["psnr_input"], 4)
     summary["adaptive_vs_full_db"] = round(summary["psnr_output"] - summary["psnr_full_depth"], 4)
+    summary["tone_shift"] = [round(float(v), 4) for v in np.mean([r["shift"] for r in rows], axis=0)]
     summary["mean_depth"] = mean("mean_depth")
     summary["compute_saved"] = round(1 - summary["mean_depth"] / num_columns, 4)
     return summary

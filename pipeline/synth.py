@@ -220,3 +220,33 @@ def _paste(frame: np.ndarray, obj: _Object, i: int) -> None:
 
 def _to_uint8(x: np.ndarray) -> np.ndarray:
     return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class Wear:
+    """The state archive footage is in: sensor noise, then lossy compression. Applied alike to both
+    members of a pair (the same noise field; each compressed at the same quality), so a model trained
+    on such pairs removes blur and leaves the footage's own grain and artefacts alone."""
+
+    noise_sigma: float = 0.0  # Gaussian sensor noise, in 8-bit levels
+    jpeg_quality: int | None = None  # None: no compression
+
+    @classmethod
+    def random(cls, rng: np.random.Generator) -> Wear:
+        """Mild wear as archives show it: noise 0-4 levels half the time, JPEG quality 40-95 most of the time."""
+        sigma = float(rng.uniform(0, 4)) if rng.random() < 0.5 else 0.0
+        quality = int(rng.integers(40, 96)) if rng.random() < 0.8 else None
+        return cls(noise_sigma=sigma, jpeg_quality=quality)
+
+
+def wear(image: np.ndarray, spec: Wear, seed: int) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> the same worn by `spec`; the same seed gives the same noise field."""
+    out = image
+    if spec.noise_sigma > 0:
+        noise = np.random.default_rng(seed).normal(0, spec.noise_sigma, image.shape)
+        out = _to_uint8((image + noise) / 255.0)
+    if spec.jpeg_quality is not None:
+        ok, encoded = cv2.imencode(".jpg", out[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, spec.jpeg_quality])
+        assert ok, "OpenCV could not encode a JPEG"
+        out = np.ascontiguousarray(cv2.imdecode(encoded, cv2.IMREAD_COLOR)[..., ::-1])
+    return out

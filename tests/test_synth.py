@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from skimage import data
 
-from pipeline.synth import BlurSpec, linear_to_srgb, srgb_to_linear, synthesize
+from pipeline.synth import BlurSpec, Wear, linear_to_srgb, srgb_to_linear, synthesize, wear
 
 
 @pytest.fixture(scope="module")
@@ -40,3 +40,20 @@ def test_motion_blurs_in_linear_light(image: np.ndarray) -> None:
 def test_bad_input_is_rejected() -> None:
     with pytest.raises(ValueError, match="uint8"):
         synthesize(np.zeros((8, 8), np.uint8), seed=0)
+
+
+def test_wear_is_repeatable_and_mild(image: np.ndarray) -> None:
+    spec = Wear(noise_sigma=3.0, jpeg_quality=60)
+    worn = wear(image, spec, seed=5)
+    assert np.array_equal(worn, wear(image, spec, seed=5)) and not np.array_equal(worn, wear(image, spec, seed=6))
+    assert np.array_equal(wear(image, Wear(), seed=5), image)  # no wear: the image as it is
+    difference = worn.astype(np.float64) - image
+    assert 1.0 < np.sqrt(np.mean(difference**2)) < 16 and abs(difference.mean()) < 0.5  # grain, no tone change
+
+
+def test_worn_alike_a_pair_keeps_the_same_noise_field(image: np.ndarray) -> None:
+    noisy = Wear(noise_sigma=4.0)
+    flat = np.full_like(image, 128)
+    a, b = wear(image, noisy, seed=9).astype(int) - image, wear(flat, noisy, seed=9).astype(int) - flat
+    inside = (image > 20) & (image < 235)  # away from clipping the noise fields are equal
+    assert np.array_equal(a[inside], b[inside])

@@ -230,6 +230,20 @@ def test_calibration_picks_the_cheapest_table_within_the_budget() -> None:
     assert loose.exit_table == (1, 0, 1) and loose.psnr_loss_db == pytest.approx(10 * math.log10(5.5), abs=1e-4)
 
 
+def test_calibration_gives_depth_0_to_a_class_the_columns_make_worse() -> None:
+    # Class 0 gains from columns; class 1 (sharp patches) loses at every depth: it must stay untouched,
+    # even with a budget so loose that harming it would cost nothing against full depth.
+    hard = np.array([[0.04, 0.01, 0.001]])
+    sharp = np.array([[0.0001, 0.0004, 0.0002]])
+    frames = [(np.array([0, 1]), np.concatenate([hard, sharp])) for _ in range(3)]
+    for budget in (0.0, 0.5, 30.0):
+        found = propose_table(frames, num_classes=2, budget_db=budget, current=(2, 2))
+        assert found.exit_table[1] == 0, budget
+    assert found.gain_per_column[1][0] < 0 and found.gain_per_column[0][1] > 0
+    # Against the best table (2, 0), not against full depth (2, 2): the strict budget keeps class 0 at 2.
+    assert propose_table(frames, num_classes=2, budget_db=0.0, current=(2, 2)).exit_table == (2, 0)
+
+
 def test_eval_on_known_pairs(memory_store: Store, tmp_path: Path) -> None:
     sharp = np.full((64, 64, 3), 100, np.uint8)
     sharp[16:48, 16:48] = 180
@@ -247,6 +261,25 @@ def test_eval_on_known_pairs(memory_store: Store, tmp_path: Path) -> None:
     assert result["gain_db"] == pytest.approx(0, abs=1e-3)
     assert result["by_class"]["5"]["ssim_input"] == 1.0 and result["by_class"]["5"]["frames"] == 1
     assert result["by_class"]["1"]["psnr_input"] == pytest.approx(20 * math.log10(255 / 25), abs=1e-3)
+    assert result["worst_class_gain_db"] == pytest.approx(0, abs=1e-3) and result["tone_shift"] == [0, 0, 0]
+    # The identity pair ("same") is summarised on its own: untouched, so capped at 80 dB, no shift.
+    assert result["sharp_in"] == {"frames": 1, "psnr_mean": 80.0, "psnr_worst": 80.0, "tone_shift": [0, 0, 0],
+                                  "tone_shift_worst": 0}  # fmt: skip
+
+
+def test_eval_reports_the_tone_shift_of_a_model_that_brightens(memory_store: Store) -> None:
+    sharp = np.random.default_rng(1).integers(40, 200, (64, 64, 3), dtype=np.uint8)
+    samples = [Sample("same", {"blur.png": images.encode(sharp), "sharp.png": images.encode(sharp)})]
+    memory_store.commit_bytes("pairs-000000.tar", encode_shard(samples))
+    model = adarevd.AdaRevD(adarevd.PRESETS["adarevd-tiny"].with_overrides(exit_table=[4] * 6))
+    with torch.no_grad():  # every head adds (+2, 0, -3) levels: a pure tone shift of the output
+        for head in model.outputs:
+            head[0].bias.copy_(torch.tensor([2.0, 0.0, -3.0]) / 255)
+    result = evaluate.evaluate(model, evaluate.frames_of(memory_store))
+    assert result["sharp_in"]["tone_shift"] == pytest.approx([2, 0, -3], abs=0.05)
+    assert result["sharp_in"]["tone_shift_worst"] == pytest.approx(3, abs=0.05)
+    assert result["sharp_in"]["psnr_worst"] == pytest.approx(10 * math.log10(255**2 / (13 / 3)), abs=0.1)
+    assert result["worst_class_gain_db"] < -30  # from 80 dB (identical) to about 42
 
 
 def test_eval_of_a_known_blur_matches_an_independent_computation(memory_store: Store) -> None:
