@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from adarevd.classifier import ClassifierInput
-from adarevd.encoders import EncoderKind
 
 GOPRO_THRESHOLDS = (20.0, 25.0, 30.0, 35.0, 40.0)
+EncoderKind = Literal["ufpnet", "nafnet"]
 
 
 @dataclass(frozen=True)

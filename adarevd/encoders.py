@@ -7,18 +7,12 @@ output. UFPNet's levels 0-2 use a kernel-attention block fed by a per-pixel blur
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
-
 import torch
 from torch import nn
 
 from adarevd.blocks import ChannelPool, NAFBlock
+from adarevd.config import AdaRevDConfig, EncoderKind
 from adarevd.kernel_prior import KernelCodeNet, KernelFlow, kernel_map
-
-if TYPE_CHECKING:
-    from adarevd.config import AdaRevDConfig
-
-EncoderKind = Literal["ufpnet", "nafnet"]
 
 
 class KernelAttention(nn.Module):

@@ -44,13 +44,13 @@ import adarevd
 from benchmarks.common import write
 from jobs.cli import DEFAULT_WEIGHTS
 from jobs.data import frame_size
-from pipeline import deblur
-from pipeline.ingest import IngestConfig, ingest
-from pipeline.job import RestoreOptions
-from pipeline.pairs import ClipConfig, write_clip
-from pipeline.shards import iter_samples
-from pipeline.sink import ShardLimits
-from pipeline.storage import Store
+from pipeline.deblur.job import RestoreOptions
+from pipeline.deblur.ray import driver
+from pipeline.formats.shards import iter_samples
+from pipeline.formats.sink import ShardLimits
+from pipeline.ingest.run import IngestConfig, ingest
+from pipeline.store.storage import Store
+from pipeline.synth.pairs import ClipConfig, write_clip
 
 
 def load_frames(store: Store) -> list[np.ndarray]:
@@ -158,17 +158,17 @@ def naive_ray_data(source: Store, output: Path, exit: str | int, actors: int, cp
     return time.perf_counter() - start
 
 
-Layouts = dict[str, tuple[str, deblur.Resources, int]]  # name -> (routing, resources, frames per batch)
+Layouts = dict[str, tuple[str, driver.Resources, int]]  # name -> (routing, resources, frames per batch)
 
 
 def layouts(device: torch.device, cpus: int, frames_per_batch: int, pool_frames: int) -> Layouts:
     if device.type == "cuda":
 
-        def gpu(n: int) -> deblur.Resources:
+        def gpu(n: int) -> driver.Resources:
             """n actors sharing the card in fractions, as on a cluster's GPU node."""
-            return deblur.Resources(workers=n, cpus_per_worker=2.0, gpus_per_worker=1 / n)
+            return driver.Resources(workers=n, cpus_per_worker=2.0, gpus_per_worker=1 / n)
 
-        pools = deblur.Resources(workers=3, cpus_per_worker=1, gpus_per_worker=0.25, encoders=1, cpus_per_encoder=1,
+        pools = driver.Resources(workers=3, cpus_per_worker=1, gpus_per_worker=0.25, encoders=1, cpus_per_encoder=1,
                                  gpus_per_encoder=0.25)  # fmt: skip
         return {
             "1x1gpu": ("fused", gpu(1), frames_per_batch),
@@ -176,10 +176,10 @@ def layouts(device: torch.device, cpus: int, frames_per_batch: int, pool_frames:
             "4x0.25gpu": ("fused", gpu(4), frames_per_batch),
             "depth-pools": ("depth-pools", pools, frames_per_batch),
         }
-    pools = deblur.Resources(workers=2 * cpus - 1, cpus_per_worker=0.5, cpus_per_encoder=0.5)
+    pools = driver.Resources(workers=2 * cpus - 1, cpus_per_worker=0.5, cpus_per_encoder=0.5)
     return {
-        f"{cpus}x1cpu": ("fused", deblur.Resources(workers=cpus, cpus_per_worker=1.0), frames_per_batch),
-        f"1x{cpus}cpu": ("fused", deblur.Resources(workers=1, cpus_per_worker=float(cpus)), frames_per_batch),
+        f"{cpus}x1cpu": ("fused", driver.Resources(workers=cpus, cpus_per_worker=1.0), frames_per_batch),
+        f"1x{cpus}cpu": ("fused", driver.Resources(workers=1, cpus_per_worker=float(cpus)), frames_per_batch),
         "depth-pools": ("depth-pools", pools, pool_frames),
         "depth-pools-default-batch": ("depth-pools", pools, frames_per_batch),
     }
@@ -218,17 +218,17 @@ def main() -> None:
             print(f"compute bound on {device}: {args.frames / seconds:.2f} frames/s", flush=True)
             return seconds
 
-        deblur.ensure_ray(None, num_cpus=cpus)
+        driver.ensure_ray(None, num_cpus=cpus)
         table = layouts(device, cpus, args.frames_per_batch, args.pool_frames)
         default = next(iter(table))  # the job's default layout: fused, an actor per CPU (per GPU)
 
         def run_layout(name: str) -> dict[str, Any]:
             routing, resources, batch = table[name]
-            job = deblur.DeblurJob(
+            job = driver.DeblurJob(
                 source.url, str(work / f"out-{name}-{time.monotonic_ns()}"), restore=RestoreOptions(exit=exit),
                 resources=resources, frames_per_batch=batch, routing=routing,  # type: ignore[arg-type]
             )  # fmt: skip
-            summary = deblur.run(job, model, weight_files=[str(DEFAULT_WEIGHTS)])
+            summary = driver.run(job, model, weight_files=[str(DEFAULT_WEIGHTS)])
             assert summary.frames == args.frames
             if device.type == "cuda":
                 assert set(summary.devices) == {"cuda"}, summary.devices

@@ -22,7 +22,7 @@ import torch
 import adarevd
 from benchmarks.common import write
 from jobs.cli import DEFAULT_WEIGHTS
-from pipeline import deblur
+from pipeline.deblur.ray import driver
 
 
 def pyramid(width: int, patch: int, patches: int, dtype: type) -> list[np.ndarray]:
@@ -83,7 +83,7 @@ def main() -> None:
         "paper_patch384_rgb": [((384, 384, 3), "uint8")],
         "paper_patch384_features_fp16": [(a.shape, "float16") for a in pyramid(64, 384, 1, np.float16)],
     }
-    deblur.ensure_ray(None)
+    driver.ensure_ray(None)
     try:
         producer, consumer = Producer.remote(), Consumer.remote()
         sizes = {name: ray.get(producer.prepare.remote(name, arrays)) for name, arrays in payloads.items()}

@@ -25,11 +25,11 @@ import cv2
 
 from benchmarks.common import write
 from jobs.data import frame_size
-from pipeline.ingest import IngestConfig, ingest
-from pipeline.scenes import load_sample
-from pipeline.storage import Store
-from pipeline.synth import synthesize_clip
-from pipeline.video import write_video
+from pipeline.formats.video import write_video
+from pipeline.ingest.run import IngestConfig, ingest
+from pipeline.store.storage import Store
+from pipeline.synth.blur import synthesize_clip
+from pipeline.synth.scenes import load_sample
 
 
 def bare_loop(video: Path) -> int:

@@ -39,11 +39,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from benchmarks.common import write
-from pipeline.deblur import output_totals
-from pipeline.digests import digest_of
-from pipeline.manifests import read_columns
-from pipeline.resume import check_resume
-from pipeline.shard_job import (
+from pipeline.deblur.manifests import read_columns
+from pipeline.deblur.ray.driver import output_totals
+from pipeline.deblur.resume import check_resume
+from pipeline.deblur.shard import (
     MADE_WITH_KEY,
     MANIFEST_SCHEMA,
     SOURCE_DIGEST_KEY,
@@ -52,12 +51,13 @@ from pipeline.shard_job import (
     done_shards,
     output_names,
 )
-from pipeline.shards import Sample, encode_shard
-from pipeline.storage import Store
+from pipeline.formats.shards import Sample, encode_shard
+from pipeline.store.digests import digest_of
+from pipeline.store.storage import Store
 from tests.s3server import S3Server, free_port
 
 MADE_WITH = {"exit": "adaptive", "fingerprint": "bench"}
-BOTOCORE_CONNECTIONS = 10  # botocore's own default pool, against pipeline.storage.S3_CONNECTIONS
+BOTOCORE_CONNECTIONS = 10  # botocore's own default pool, against pipeline.store.storage.S3_CONNECTIONS
 
 
 class DelayProxy:

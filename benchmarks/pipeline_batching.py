@@ -32,11 +32,12 @@ import adarevd
 from adarevd.tiling import PatchGrid
 from benchmarks.common import write
 from jobs.cli import DEFAULT_WEIGHTS
-from pipeline import deblur, images
-from pipeline.frames import FrameIn, FrameOut, Rejected
-from pipeline.scores import blur_score
-from pipeline.shards import Sample, encode_shard
-from pipeline.storage import Store
+from pipeline.deblur.ray import driver
+from pipeline.deblur.scores import blur_score
+from pipeline.formats import images
+from pipeline.formats.frames import FrameIn, FrameOut, Rejected
+from pipeline.formats.shards import Sample, encode_shard
+from pipeline.store.storage import Store
 
 MARKER = "ADAREVD_BENCH_RUN"
 COLUMNS, PATCH, OVERLAP = 4, 64, 16
@@ -134,10 +135,10 @@ def run_once(work: Path, name: str, frames: int, model: adarevd.AdaRevD, stand_i
              frames_per_batch: int, run_id: str) -> tuple[float, MemorySampler]:  # fmt: skip
     source, output = Store(str(work / f"in-{name}")), Store(str(work / f"out-{name}"))
     make_input(source, frames)
-    job = deblur.DeblurJob(source.url, output.url, frames_per_batch=frames_per_batch,
-                           resources=deblur.Resources(workers=workers, cpus_per_worker=0.1))  # fmt: skip
+    job = driver.DeblurJob(source.url, output.url, frames_per_batch=frames_per_batch,
+                           resources=driver.Resources(workers=workers, cpus_per_worker=0.1))  # fmt: skip
     with MemorySampler(run_id) as memory:
-        summary = deblur.run(job, model, make_restorer=stand_in)
+        summary = driver.run(job, model, make_restorer=stand_in)
     assert summary.frames == frames, summary
     return summary.processing_seconds, memory
 
@@ -157,7 +158,7 @@ def main() -> None:
     model = adarevd.AdaRevD(adarevd.read_config(DEFAULT_WEIGHTS))
     stand_in = StandIn(args.a, args.b)
     try:
-        deblur.ensure_ray(None, num_cpus=os.cpu_count())
+        driver.ensure_ray(None, num_cpus=os.cpu_count())
         single, _ = run_once(work, "single", args.frames, model, stand_in, 4, 1, run_id)
         pooled, _ = run_once(work, "pooled", args.frames, model, stand_in, 4, args.pooled, run_id)
         scaled, memory_1x = run_once(work, "scaled", args.scale_frames, model, stand_in, 16, args.pooled, run_id)

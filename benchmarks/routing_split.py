@@ -31,9 +31,9 @@ import torch
 import adarevd
 from benchmarks.common import write
 from jobs.cli import DEFAULT_WEIGHTS
-from pipeline import deblur
-from pipeline.scenes import load_sample
-from pipeline.synth import synthesize_clip
+from pipeline.deblur.ray import driver
+from pipeline.synth.blur import synthesize_clip
+from pipeline.synth.scenes import load_sample
 
 
 def load_model() -> adarevd.AdaRevD:
@@ -138,7 +138,7 @@ def main() -> None:
     clip = synthesize_clip(load_sample("astronaut"), 11, frames=args.frames, size=(240, 320))
     frames = [blurry for blurry, _ in clip]
     model = load_model()
-    deblur.ensure_ray(None, num_cpus=cpus)
+    driver.ensure_ray(None, num_cpus=cpus)
     try:
         fused = run_fused(frames, workers=cpus)
         split = run_split(frames, args.decoders, model)

@@ -31,14 +31,14 @@ import adarevd
 from adarevd.classifier import psnr
 from jobs import data, deblur, report, sigterm, submit, train
 from jobs.models import ASSETS, DEFAULT_WEIGHTS, CliError, exit_mode, load_model
-from pipeline.exit_map import exit_map
-from pipeline.frames import PatchMap
-from pipeline.job import ActorStartError, DeviceError, StallError
-from pipeline.node_view import NodeCannotSee
-from pipeline.output_lock import LockLost, OutputLocked
-from pipeline.ray_address import ClusterUnreachable
-from pipeline.shards import ShardError
-from pipeline.storage import StorageError
+from pipeline.cluster.address import ClusterUnreachable
+from pipeline.cluster.node_view import NodeCannotSee
+from pipeline.deblur.job import ActorStartError, DeviceError, StallError
+from pipeline.formats.frames import PatchMap
+from pipeline.formats.shards import ShardError
+from pipeline.report.exit_map import exit_map
+from pipeline.store.lease import LockLost, OutputLocked
+from pipeline.store.storage import StorageError
 
 DEMO_BLURRY, DEMO_SHARP = ASSETS / "demo_blurry.png", ASSETS / "demo_sharp.png"
 
@@ -215,8 +215,14 @@ def parser() -> argparse.ArgumentParser:
     deblur.add_parser(sub)
     report.add_parser(sub)
     train.add_parsers(sub)
-    submit.add_parsers(sub)
+    submit.add_parsers(sub, submit.Commands(main=main, long_options=long_options))
     return p
+
+
+def long_options(kind: str) -> set[str]:
+    """The long options of `adarevd KIND` (argparse lists a parser's options in `_actions` only)."""
+    commands = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return {flag for action in commands.choices[kind]._actions for flag in action.option_strings if flag[:2] == "--"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

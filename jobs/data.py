@@ -10,12 +10,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline.assemble import CODEC_SUFFIX, assemble
-from pipeline.ingest import IngestConfig, ingest
-from pipeline.pairs import ClipConfig, SynthConfig, write_clip, write_pairs
-from pipeline.scenes import SAMPLE_IMAGES
-from pipeline.sink import ShardLimits
-from pipeline.storage import Store, parse_storage_options
-from pipeline.synth import BlurSpec
+from pipeline.formats.sink import ShardLimits
+from pipeline.ingest.run import IngestConfig, ingest
+from pipeline.store.storage import Store, parse_storage_options
+from pipeline.synth.blur import BlurSpec
+from pipeline.synth.pairs import ClipConfig, SynthConfig, write_clip, write_pairs
+from pipeline.synth.scenes import SAMPLE_IMAGES
 
 SIZE_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 

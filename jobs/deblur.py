@@ -1,4 +1,4 @@
-"""`adarevd deblur [INPUT_URL OUTPUT_URL]`: the distributed deblur job (pipeline/deblur.py) from the shell.
+"""`adarevd deblur [INPUT_URL OUTPUT_URL]`: the deblur job (pipeline/deblur/) from the shell.
 
 Without arguments it runs on the bundled demo clip: ingests it into adarevd-out/demo-frames (once),
 deblurs it on an embedded local Ray with the bundled weights into adarevd-out/deblurred, and prints
@@ -20,11 +20,11 @@ import adarevd
 from jobs import sigterm
 from jobs.data import add_storage_option, add_take_over
 from jobs.models import ASSETS, exit_mode, load_model
-from pipeline.ingest import INDEX_NAME, IngestConfig, ingest, read_index
-from pipeline.job import RestoreOptions
-from pipeline.run_record import RunSummary
-from pipeline.sink import ShardLimits
-from pipeline.storage import StorageError, Store, absolute, parse_storage_options
+from pipeline.deblur.job import RestoreOptions
+from pipeline.deblur.run_record import RunSummary
+from pipeline.formats.sink import ShardLimits
+from pipeline.ingest.run import INDEX_NAME, IngestConfig, ingest, read_index
+from pipeline.store.storage import StorageError, Store, absolute, parse_storage_options
 
 DEMO_CLIP = ASSETS / "demo_clip.mp4"
 DEMO_INPUT, DEMO_OUTPUT = "adarevd-out/demo-frames", "adarevd-out/deblurred"
@@ -150,14 +150,14 @@ def expected_frames(store: Store, shards: Sequence[str]) -> int | None:
 
 
 def cmd_deblur(args: argparse.Namespace) -> int:
-    from pipeline import deblur
+    from pipeline.deblur.ray import driver
 
     options = parse_storage_options(args.storage_option)
     if (args.input is None) != (args.output is None):
         raise ValueError("give both INPUT_URL and OUTPUT_URL, or neither (the bundled demo)")
     input_url = args.input or demo_input()
     output_url = args.output or DEMO_OUTPUT
-    job = deblur.DeblurJob(
+    job = driver.DeblurJob(
         input_url=input_url,
         output_url=output_url,
         restore=RestoreOptions(
@@ -166,7 +166,7 @@ def cmd_deblur(args: argparse.Namespace) -> int:
             precision=args.precision,
             max_frame_pixels=args.max_frame_pixels,
         ),
-        resources=deblur.Resources(
+        resources=driver.Resources(
             args.workers,
             args.cpus_per_worker,
             args.gpus_per_worker,
@@ -191,7 +191,7 @@ def cmd_deblur(args: argparse.Namespace) -> int:
     print(f"model: {model.config.encoder} encoder, width {model.config.width}, {model.num_columns} columns; "
           f"weights: {source}; fingerprint {fingerprint[:12]}")  # fmt: skip
     started = time.perf_counter()
-    deblur.ensure_ray(args.address, args.num_cpus)
+    driver.ensure_ray(args.address, args.num_cpus)
     sigterm.again()
     total = expected_frames(job.stores(options)[0], shards)
     with tqdm(total=total, unit=" frames", desc="deblur", file=sys.stderr, disable=None) as bar:
@@ -200,7 +200,7 @@ def cmd_deblur(args: argparse.Namespace) -> int:
             bar.set_postfix_str(f"patches by exit depth {depths}", refresh=False)
             bar.update(done - bar.n)
 
-        summary = deblur.run(job, model, weight_files=weight_files, options=options, on_progress=show, shards=shards)
+        summary = driver.run(job, model, weight_files=weight_files, options=options, on_progress=show, shards=shards)
     print_summary(summary, output_url, time.perf_counter() - started)
     failed = summary.shard_errors or (summary.quarantined and not args.quarantine_ok)
     return 3 if failed else 0

@@ -1,6 +1,6 @@
 """The recipe behind the bundled default weights (`adarevd-tiny`) and the bundled demo image.
 
-Training frames are synthesised (pipeline.synth) from images that scikit-image ships, so the recipe runs
+Training frames are synthesised (pipeline.synth.blur) from images that scikit-image ships, so the recipe runs
 offline and reproduces from its seed: encoder pre-training as a plain deblurrer, stage 1 (columns,
 heads, feature scales) and stage 2 (classifier), then exit-table calibration on validation frames and
 an evaluation on held-out frames (other seeds). `adarevd make-default-weights` runs it in one process
@@ -28,10 +28,10 @@ from torch import nn
 import adarevd
 from adarevd.calibration import with_exit_table
 from adarevd.training import EncoderPretrainer, Stage, StageConfig, dihedral, freeze_all_but, make_deterministic
-from pipeline.evaluate import calibrate, evaluate
-from pipeline.scenes import SAMPLE_IMAGES
-from pipeline.scenes import load_sample as load_image
-from pipeline.synth import synthesize
+from pipeline.synth.blur import synthesize
+from pipeline.synth.scenes import SAMPLE_IMAGES
+from pipeline.synth.scenes import load_sample as load_image
+from pipeline.train.evaluate import calibrate, evaluate
 
 IMAGES = SAMPLE_IMAGES
 # scikit-image ships few images: the held-out set is the same images blurred with other seeds.

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from jobs.data import add_storage_option
 from jobs.deblur import DEMO_OUTPUT
-from pipeline.report import write_report
-from pipeline.storage import Store, parse_storage_options
+from pipeline.report.page import write_report
+from pipeline.store.storage import Store, parse_storage_options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

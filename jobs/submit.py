@@ -15,39 +15,39 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from jobs.models import CliError
 from jobs.spec import check_options, load_spec, secret_environment, to_argv
-from pipeline.scratch import scratch
+from pipeline.store.scratch import scratch
 
 PACKAGES = ("adarevd", "pipeline", "jobs")
+
+
+@dataclass(frozen=True)
+class Commands:
+    """What submitting needs of the command line that holds it (passed in: no import back into it)."""
+
+    main: Callable[[Sequence[str]], int]  # runs one `adarevd` command line
+    long_options: Callable[[str], set[str]]  # the long options of `adarevd KIND`
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_spec(path: str, address: str | None = None) -> int:
+def run_spec(path: str, commands: Commands, address: str | None = None) -> int:
     """Run a spec here: its command, with the secrets it names in the usual AWS_* environment. `address`:
     the Ray cluster of a command that takes `--address` (deblur, train), unless the spec gives one."""
-    from jobs.cli import main
-
     spec = load_spec(path)
-    known = known_options(spec.kind)
+    known = commands.long_options(spec.kind)
     check_options(spec, known)
     os.environ.update(secret_environment(spec))
     argv = to_argv(spec)
     if address and "--address" in known and "address" not in spec.options:
         argv += ["--address", address]
     print(f"job {spec.name}: adarevd {' '.join(argv)}", flush=True)
-    return main(argv)
-
-
-def known_options(kind: str) -> set[str]:
-    """The long options of `adarevd KIND`, read off the CLI's own parser."""
-    from jobs.cli import parser
-
-    commands = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return {flag for action in commands.choices[kind]._actions for flag in action.option_strings if flag[:2] == "--"}
+    return commands.main(argv)
 
 
 def _client(address: str):
@@ -64,9 +64,9 @@ def _client(address: str):
         ) from None
 
 
-def submit(path: str, address: str) -> str:
+def submit(path: str, address: str, commands: Commands) -> str:
     spec = load_spec(path)
-    check_options(spec, known_options(spec.kind))  # refused here, before anything is uploaded
+    check_options(spec, commands.long_options(spec.kind))  # refused here, before anything is uploaded
     with scratch("job") as tmp:
         shutil.copy(path, Path(tmp) / "spec.toml")
         submission_id = f"{spec.name}-{uuid.uuid4().hex[:8]}"
@@ -83,8 +83,8 @@ def submit(path: str, address: str) -> str:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     if args.address is None:
-        return run_spec(args.spec)
-    job = submit(args.spec, args.address)
+        return run_spec(args.spec, args.commands)
+    job = submit(args.spec, args.address, args.commands)
     print(
         f"submitted {job} to {args.address}; follow it with: adarevd jobs logs {job} --follow --address {args.address}"
     )
@@ -92,7 +92,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_run_spec(args: argparse.Namespace) -> int:
-    return run_spec(args.spec, args.address)
+    return run_spec(args.spec, args.commands, args.address)
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -150,16 +150,16 @@ def wait_for(address: str, job: str, timeout_s: float = 300) -> str:
     raise TimeoutError(f"job {job} still running after {timeout_s} s")
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:
+def add_parsers(sub: argparse._SubParsersAction, commands: Commands) -> None:
     s = sub.add_parser("submit", help="run a job spec (TOML) here, or submit it to a cluster with --address")
     s.add_argument("spec", help="job spec file (.toml)")
     s.add_argument("--address", help="Ray dashboard of the cluster, e.g. http://HEAD:8265 (default: run here)")
-    s.set_defaults(run=cmd_submit)
+    s.set_defaults(run=cmd_submit, commands=commands)
 
     r = sub.add_parser("run-spec", help="run a job spec in this process (what a submitted job runs)")
     r.add_argument("spec")
     r.add_argument("--address", help="Ray cluster for a deblur or train spec that names none (submit passes auto)")
-    r.set_defaults(run=cmd_run_spec)
+    r.set_defaults(run=cmd_run_spec, commands=commands)
 
     j = sub.add_parser("jobs", help="jobs on a cluster: list, status, logs [--follow], stop")
     j.add_argument("action", choices=["list", "status", "logs", "stop"])

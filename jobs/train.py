@@ -23,9 +23,9 @@ from adarevd.weights import CONFIG_KEY, read_state_dict
 from jobs import sigterm
 from jobs.data import add_storage_option
 from jobs.models import CliError, load_model
-from pipeline import evaluate
-from pipeline.storage import Store, parse_storage_options
-from pipeline.trainer import KINDS, Progress, TrainSpec, publish_weights, train
+from pipeline.store.storage import Store, parse_storage_options
+from pipeline.train import evaluate
+from pipeline.train.trainer import KINDS, Progress, TrainSpec, publish_weights, train
 
 CALIBRATION_KEY = "adarevd.calibration"
 
@@ -40,7 +40,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         storage_options=parse_storage_options(args.storage_option),
     )  # fmt: skip
     if args.workers == 1 and args.address is None:
-        from pipeline.train_ray import format_progress
+        from pipeline.train.ray_train import format_progress
 
         def show(p: Progress) -> None:
             print(format_progress(p, spec.kind), flush=True)
@@ -52,8 +52,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         device = torch.device("cuda" if args.gpus_per_worker > 0 else "cpu")
         result = train(spec, device=device, on_progress=show)
     else:
-        from pipeline.deblur import ensure_ray
-        from pipeline.train_ray import TrainResources, fit
+        from pipeline.deblur.ray.driver import ensure_ray
+        from pipeline.train.ray_train import TrainResources, fit
 
         ensure_ray(args.address, args.num_cpus)
         sigterm.again()

@@ -22,15 +22,15 @@ import cv2
 import numpy as np
 import pyarrow.compute as pc
 
-from pipeline import images
-from pipeline.frames import image_member
-from pipeline.ingest import INDEX_NAME, read_index
-from pipeline.manifests import read_manifests, read_quarantine
-from pipeline.scratch import scratch
-from pipeline.shard_job import output_names
-from pipeline.shards import iter_samples, sample_meta
-from pipeline.storage import Store
-from pipeline.video import write_timed_video, write_video
+from pipeline.deblur.manifests import read_manifests, read_quarantine
+from pipeline.deblur.shard import output_names
+from pipeline.formats import images
+from pipeline.formats.frames import image_member
+from pipeline.formats.shards import iter_samples, sample_meta
+from pipeline.formats.video import write_timed_video, write_video
+from pipeline.ingest.run import INDEX_NAME, read_index
+from pipeline.store.scratch import scratch
+from pipeline.store.storage import Store
 
 Codec = Literal["ffv1", "h264", "mp4v", "mjpg"]
 CODEC_SUFFIX: dict[Codec, str] = {"ffv1": ".mkv", "h264": ".mp4", "mp4v": ".mp4", "mjpg": ".avi"}

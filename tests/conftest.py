@@ -43,9 +43,9 @@ def local_ray() -> Iterator[None]:
     """An embedded 2-CPU Ray for one test module (Ray is imported only by the modules that use it)."""
     import ray
 
-    from pipeline import deblur
+    from pipeline.deblur.ray import driver
 
-    deblur.ensure_ray(None, num_cpus=2)
+    driver.ensure_ray(None, num_cpus=2)
     yield
     ray.shutdown()
 
@@ -67,7 +67,7 @@ def memory_store():
 
     from fsspec.implementations.memory import MemoryFileSystem
 
-    from pipeline.storage import Store
+    from pipeline.store.storage import Store
 
     name = f"memory://t{uuid.uuid4().hex[:8]}"
     yield Store(name)

@@ -17,12 +17,12 @@ import torch
 
 import adarevd
 from jobs.cli import DEFAULT_WEIGHTS
-from pipeline import images
-from pipeline.ingest import IngestConfig, ingest
-from pipeline.scratch import pattern
-from pipeline.shards import Sample, encode_shard
-from pipeline.sink import ShardLimits
-from pipeline.storage import Store
+from pipeline.formats import images
+from pipeline.formats.shards import Sample, encode_shard
+from pipeline.formats.sink import ShardLimits
+from pipeline.ingest.run import IngestConfig, ingest
+from pipeline.store.scratch import pattern
+from pipeline.store.storage import Store
 from tests.media import frames, read_samples, write_video
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline.shards import iter_samples
-from pipeline.storage import Store
+from pipeline.formats.shards import iter_samples
+from pipeline.store.storage import Store
 
 
 def read_samples(store: Store) -> dict[str, dict[str, bytes]]:

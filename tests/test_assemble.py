@@ -15,11 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.cli import main
-from pipeline import images
 from pipeline.assemble import AssembleError, assemble
-from pipeline.shard_job import QUARANTINE_SCHEMA
-from pipeline.shards import Sample, ShardError, encode_shard, iter_samples
-from pipeline.storage import Store
+from pipeline.deblur.shard import QUARANTINE_SCHEMA
+from pipeline.formats import images
+from pipeline.formats.shards import Sample, ShardError, encode_shard, iter_samples
+from pipeline.store.storage import Store
 from tests.media import decode_video
 
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pipeline.batching import batched
+from pipeline.deblur.batching import batched
 
 
 def slow(count: int, pause_after: dict[int, float]) -> Iterator[int]:

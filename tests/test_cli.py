@@ -10,7 +10,7 @@ import pytest
 
 import adarevd
 from jobs.cli import DEFAULT_WEIGHTS, main
-from pipeline.storage import Store
+from pipeline.store.storage import Store
 
 
 def test_restore_on_the_bundled_demo_writes_images_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -84,7 +84,7 @@ def test_deblur_refuses_a_depth_the_model_lacks_and_bad_numbers_before_ray_or_th
 
 def test_the_summary_of_a_run_with_nothing_to_do_has_no_empty_exit_table(capsys: pytest.CaptureFixture) -> None:
     from jobs.deblur import print_summary
-    from pipeline.run_record import RunSummary
+    from pipeline.deblur.run_record import RunSummary
 
     print_summary(RunSummary(shards_total=3, shards_skipped=3, workers=2), "out", wall=1.0)
     printed = capsys.readouterr().out
@@ -109,7 +109,7 @@ def test_a_cluster_address_where_no_ray_answers_fails_at_once_saying_what_to_giv
     """Before, `HOST:PORT` waited minutes on Ray's retries, and `auto` or `ray://` ended in tracebacks."""
     import ray
 
-    from pipeline.ingest import ingest
+    from pipeline.ingest.run import ingest
     from tests.media import frames, write_video
     from tests.s3server import free_port
 

@@ -12,12 +12,13 @@ import pytest
 import ray
 
 from jobs.cli import DEFAULT_WEIGHTS, main
-from pipeline import deblur, images
-from pipeline.manifests import read_manifests
-from pipeline.report import write_report
-from pipeline.shard_job import output_names
-from pipeline.shards import Sample, encode_shard
-from pipeline.storage import Store
+from pipeline.deblur.manifests import read_manifests
+from pipeline.deblur.ray import driver
+from pipeline.deblur.shard import output_names
+from pipeline.formats import images
+from pipeline.formats.shards import Sample, encode_shard
+from pipeline.report.page import write_report
+from pipeline.store.storage import Store
 from tests.deblur_setup import (
     ActorKiller,
     Model,
@@ -44,12 +45,12 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Store, dict[str, n
     return input_shards(tmp_path_factory, "deblur-in")
 
 
-def job(source: Store, output: Store, **kw: object) -> deblur.DeblurJob:
-    return deblur.DeblurJob(source.url, output.url, frames_per_batch=3, stall_timeout_s=120, **kw)
+def job(source: Store, output: Store, **kw: object) -> driver.DeblurJob:
+    return driver.DeblurJob(source.url, output.url, frames_per_batch=3, stall_timeout_s=120, **kw)
 
 
-def run(j: deblur.DeblurJob, model: Model) -> deblur.RunSummary:
-    return deblur.run(j, model.model, weight_files=[str(DEFAULT_WEIGHTS)])  # one node: actors read the file
+def run(j: driver.DeblurJob, model: Model) -> driver.RunSummary:
+    return driver.run(j, model.model, weight_files=[str(DEFAULT_WEIGHTS)])  # one node: actors read the file
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def reference(local_ray: None, inputs: tuple[Store, dict], model: Model, tmp_pat
 
 
 def test_every_frame_comes_out_deblurred_with_members_passed_through(
-    reference: tuple[Store, deblur.RunSummary], inputs: tuple[Store, dict], model: Model
+    reference: tuple[Store, driver.RunSummary], inputs: tuple[Store, dict], model: Model
 ) -> None:
     output, summary = reference
     source, originals = inputs
@@ -85,7 +86,7 @@ def test_every_frame_comes_out_deblurred_with_members_passed_through(
         assert output.exists(output_names(shard)[1])
 
 
-def test_report_of_the_run(reference: tuple[Store, deblur.RunSummary], tmp_path: Path,
+def test_report_of_the_run(reference: tuple[Store, driver.RunSummary], tmp_path: Path,
                            capsys: pytest.CaptureFixture) -> None:  # fmt: skip
     output, summary = reference
     assert main(["report", output.url, "--to", str(tmp_path), "--samples", "3", "--key", "img_tiny"]) == 0
@@ -99,7 +100,7 @@ def test_report_of_the_run(reference: tuple[Store, deblur.RunSummary], tmp_path:
 
 
 def test_a_rerun_gives_the_same_bytes_and_resume_redoes_only_missing_shards(
-    reference: tuple[Store, deblur.RunSummary], inputs: tuple[Store, dict], model: Model, tmp_path: Path
+    reference: tuple[Store, driver.RunSummary], inputs: tuple[Store, dict], model: Model, tmp_path: Path
 ) -> None:
     output, _ = reference
     source, _ = inputs
@@ -119,7 +120,7 @@ def test_a_rerun_gives_the_same_bytes_and_resume_redoes_only_missing_shards(
 
 
 def test_a_shard_pattern_deblurs_only_the_shards_it_names(
-    reference: tuple[Store, deblur.RunSummary], inputs: tuple[Store, dict], tmp_path: Path,
+    reference: tuple[Store, driver.RunSummary], inputs: tuple[Store, dict], tmp_path: Path,
     capsys: pytest.CaptureFixture,
 ) -> None:  # fmt: skip
     source, _ = inputs
@@ -153,14 +154,14 @@ def test_an_output_folder_holding_another_datasets_shards_is_refused(
 
 
 def test_a_resume_refuses_other_weights_options_or_an_input_with_the_same_names(
-    reference: tuple[Store, deblur.RunSummary], inputs: tuple[Store, dict], model: Model, tmp_path: Path
+    reference: tuple[Store, driver.RunSummary], inputs: tuple[Store, dict], model: Model, tmp_path: Path
 ) -> None:
     source, _ = inputs
     copy = Store(str(shutil.copytree(reference[0].url, tmp_path / "out")))
     copy.remove(output_names("video-000001.tar")[1])  # one shard left to do: a resume
     before = {f: f.read_bytes() for f in (tmp_path / "out").rglob("*") if f.is_file()}
     with pytest.raises(ValueError, match=r"deblurred with exit 'adaptive' \(this run: 2\); resuming would mix"):
-        run(job(source, copy, restore=deblur.RestoreOptions(exit=2)), model)
+        run(job(source, copy, restore=driver.RestoreOptions(exit=2)), model)
     # Another input with the same shard names (the first done one, images-000000.tar, differs): refused,
     # whether its size differs or only its bytes (sha256).
     first = tmp_path / "other-input" / "images-000000.tar"
@@ -187,7 +188,7 @@ def test_a_resume_refuses_other_weights_options_or_an_input_with_the_same_names(
 
 
 def test_a_moved_input_resumes_and_a_replaced_one_is_refused(
-    reference: tuple[Store, deblur.RunSummary], inputs: tuple[Store, dict], model: Model, tmp_path: Path
+    reference: tuple[Store, driver.RunSummary], inputs: tuple[Store, dict], model: Model, tmp_path: Path
 ) -> None:
     source, _ = inputs
     copy = Store(str(shutil.copytree(reference[0].url, tmp_path / "out")))
@@ -219,7 +220,7 @@ def test_a_moved_input_resumes_and_a_replaced_one_is_refused(
 
 
 def test_a_flush_timeout_run_gives_every_frame(
-    reference: tuple[Store, deblur.RunSummary], inputs: tuple[Store, dict], model: Model, tmp_path: Path
+    reference: tuple[Store, driver.RunSummary], inputs: tuple[Store, dict], model: Model, tmp_path: Path
 ) -> None:
     source, originals = inputs
     out = Store(str(tmp_path / "flush"))
@@ -235,13 +236,13 @@ def test_a_flush_timeout_run_gives_every_frame(
 
 
 def test_a_killed_actor_loses_and_duplicates_nothing(
-    reference: tuple[Store, deblur.RunSummary], inputs: tuple[Store, dict], model: Model, tmp_path: Path
+    reference: tuple[Store, driver.RunSummary], inputs: tuple[Store, dict], model: Model, tmp_path: Path
 ) -> None:
     output, _ = reference
     source, _ = inputs
     faulty = Store(str(tmp_path / "faulty"))
     with ActorKiller("adarevd-restorer-", "adarevd-restorer-") as killer:
-        summary = run(job(source, faulty, resources=deblur.Resources(workers=2, cpus_per_worker=0.5)), model)
+        summary = run(job(source, faulty, resources=driver.Resources(workers=2, cpus_per_worker=0.5)), model)
     assert len(killer.killed) == 2 and killer.mid_run
     assert summary.frames == 10 and summary.quarantined == 0
     assert tar_bytes(faulty) == tar_bytes(output)
@@ -271,7 +272,7 @@ def test_s3_in_and_out(
     local_ray: None,
     s3: S3Server,
     inputs: tuple[Store, dict],
-    reference: tuple[Store, deblur.RunSummary],
+    reference: tuple[Store, driver.RunSummary],
     model: Model,
     tmp_path: Path,
 ) -> None:
@@ -280,7 +281,7 @@ def test_s3_in_and_out(
     source, output = Store(f"{prefix}/in", s3.storage_options), Store(f"{prefix}/out", s3.storage_options)
     for name, data in tar_bytes(local_source).items():
         source.commit_bytes(name, data)
-    summary = deblur.run(job(source, output), model.model, options=s3.storage_options)
+    summary = driver.run(job(source, output), model.model, options=s3.storage_options)
     assert summary.frames == 10
     assert tar_bytes(output) == tar_bytes(reference[0])
     assert s3.secret_key not in output.read_bytes("_run.json").decode()
@@ -290,7 +291,7 @@ def test_s3_in_and_out(
     # The local input moved to S3: an output of the local one resumes from there (size + sha256 on S3).
     resumed = Store(str(shutil.copytree(reference[0].url, tmp_path / "resumed")))
     resumed.remove(output_names("video-000001.tar")[1])
-    summary = deblur.run(job(source, resumed), model.model, options=s3.storage_options)
+    summary = driver.run(job(source, resumed), model.model, options=s3.storage_options)
     assert (summary.shards_skipped, len(summary.reports)) == (2, 1)
     assert summary.input_moved_from is not None and summary.input_moved_from.startswith("file://")
     assert tar_bytes(resumed) == tar_bytes(reference[0])
@@ -298,7 +299,7 @@ def test_s3_in_and_out(
     data[len(data) // 2] ^= 1
     source.commit_bytes("video-000001.tar", bytes(data))
     with pytest.raises(FileExistsError, match=r"/in/video-000001.tar \(\d+ bytes, sha256 \w+\) is another file"):
-        deblur.run(job(source, resumed), model.model, options=s3.storage_options)
+        driver.run(job(source, resumed), model.model, options=s3.storage_options)
 
 
 @ray.remote(num_cpus=0)
@@ -312,7 +313,7 @@ class _ModuleProbe:
 def test_shard_workers_stay_torch_free_when_given_restorer_handles(local_ray: None) -> None:
     # Shard workers receive the restorer actors' handles; unpickling one must not import torch
     # (a torch name in a RestorerActor method once did: about 1 s and hundreds of MB per worker).
-    from pipeline.deblur import RestorerActor
+    from pipeline.deblur.ray.driver import RestorerActor
 
     probe = _ModuleProbe.remote()
     assert not ray.get(probe.loaded.remote()), "the probe's worker already had torch: the test proves nothing"

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from jobs.cli import DEFAULT_WEIGHTS
-from pipeline import deblur
-from pipeline.storage import Store
+from pipeline.deblur.ray import driver
+from pipeline.store.storage import Store
 from tests.deblur_setup import bundled_model, input_shards, pixels, restore_u8, run_record, tar_bytes
 from tests.media import read_samples
 
@@ -29,13 +29,13 @@ def test_the_job_on_fractional_gpus_deblurs_every_frame_reproducibly(
 ) -> None:
     source, originals = input_shards(tmp_path_factory, f"gpu-in-{routing}")
     model = bundled_model()
-    resources = deblur.Resources(workers=2, cpus_per_worker=0.5, gpus_per_worker=0.25, cpus_per_encoder=0.5,
+    resources = driver.Resources(workers=2, cpus_per_worker=0.5, gpus_per_worker=0.25, cpus_per_encoder=0.5,
                                  gpus_per_encoder=0.25)  # fmt: skip
 
-    def run(output: Store) -> deblur.RunSummary:
-        job = deblur.DeblurJob(source.url, output.url, stall_timeout_s=300, resources=resources,
+    def run(output: Store) -> driver.RunSummary:
+        job = driver.DeblurJob(source.url, output.url, stall_timeout_s=300, resources=resources,
                                routing=routing)  # type: ignore[arg-type]  # fmt: skip
-        return deblur.run(job, model.model, weight_files=[str(DEFAULT_WEIGHTS)])
+        return driver.run(job, model.model, weight_files=[str(DEFAULT_WEIGHTS)])
 
     first = Store(str(tmp_path / "first"))
     summary = run(first)

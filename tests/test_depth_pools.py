@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import deblur
-from pipeline.depth_pools import (
+from pipeline.deblur.depth_pools import (
     DepthGroup,
     EncodedBatch,
     EncodedFrame,
@@ -20,12 +19,13 @@ from pipeline.depth_pools import (
     prior_histogram,
     work_per_depth,
 )
-from pipeline.frames import FrameIn, FrameOut
-from pipeline.job import RestoreOptions
-from pipeline.manifests import read_manifests
-from pipeline.restorer import FrameRestorer
-from pipeline.shards import Sample
-from pipeline.storage import Store
+from pipeline.deblur.job import RestoreOptions
+from pipeline.deblur.manifests import read_manifests
+from pipeline.deblur.ray import driver
+from pipeline.deblur.restorer import FrameRestorer
+from pipeline.formats.frames import FrameIn, FrameOut
+from pipeline.formats.shards import Sample
+from pipeline.store.storage import Store
 from tests.deblur_setup import (
     ActorKiller,
     Model,
@@ -73,9 +73,9 @@ def test_pools_rebalance_when_the_exit_mix_shifts() -> None:
 
 def test_each_actor_runs_as_many_torch_threads_as_it_has_cpus_unless_told() -> None:
     # Encoders and pool actors may differ in size (--cpus-per-encoder, --cpus-per-worker).
-    assert deblur.actor_options(RestoreOptions(), 3).threads == 3
-    assert deblur.actor_options(RestoreOptions(), 0.5).threads == 1
-    assert deblur.actor_options(RestoreOptions(threads=2, exit=3), 6) == RestoreOptions(threads=2, exit=3)
+    assert driver.actor_options(RestoreOptions(), 3).threads == 3
+    assert driver.actor_options(RestoreOptions(), 0.5).threads == 1
+    assert driver.actor_options(RestoreOptions(threads=2, exit=3), 6) == RestoreOptions(threads=2, exit=3)
 
 
 def test_batch_summaries() -> None:
@@ -133,16 +133,16 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Store, dict[str, n
     return input_shards(tmp_path_factory, "pools-in")
 
 
-def pools_job(source: Store, output: Store, **kw: object) -> deblur.DeblurJob:
-    resources = deblur.Resources(workers=2, cpus_per_worker=0.5, cpus_per_encoder=0.5)
-    return deblur.DeblurJob(source.url, output.url, frames_per_batch=3, stall_timeout_s=120, routing="depth-pools",
+def pools_job(source: Store, output: Store, **kw: object) -> driver.DeblurJob:
+    resources = driver.Resources(workers=2, cpus_per_worker=0.5, cpus_per_encoder=0.5)
+    return driver.DeblurJob(source.url, output.url, frames_per_batch=3, stall_timeout_s=120, routing="depth-pools",
                             resources=resources, **kw)  # fmt: skip
 
 
-def run(job: deblur.DeblurJob, model: Model) -> deblur.RunSummary:
+def run(job: driver.DeblurJob, model: Model) -> driver.RunSummary:
     from jobs.cli import DEFAULT_WEIGHTS
 
-    return deblur.run(job, model.model, weight_files=[str(DEFAULT_WEIGHTS)])
+    return driver.run(job, model.model, weight_files=[str(DEFAULT_WEIGHTS)])
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +153,7 @@ def reference(local_ray: None, inputs: tuple[Store, dict], model: Model, tmp_pat
 
 @pytest.mark.ray
 def test_depth_pools_job_deblurs_every_frame_and_reruns_byte_identical(
-    reference: tuple[Store, deblur.RunSummary], inputs: tuple[Store, dict], model: Model, tmp_path: Path
+    reference: tuple[Store, driver.RunSummary], inputs: tuple[Store, dict], model: Model, tmp_path: Path
 ) -> None:
     output, summary = reference
     source, originals = inputs
@@ -177,7 +177,7 @@ def test_depth_pools_job_deblurs_every_frame_and_reruns_byte_identical(
 
 @pytest.mark.ray
 def test_a_killed_pool_actor_and_a_killed_encoder_lose_and_duplicate_nothing(
-    reference: tuple[Store, deblur.RunSummary], inputs: tuple[Store, dict], model: Model, tmp_path: Path
+    reference: tuple[Store, driver.RunSummary], inputs: tuple[Store, dict], model: Model, tmp_path: Path
 ) -> None:
     faulty = Store(str(tmp_path / "faulty"))
     with ActorKiller("adarevd-restorer-", "adarevd-encoder-") as killer:
@@ -193,7 +193,7 @@ def test_a_failing_depth_pool_falls_back_to_the_fused_path(
 ) -> None:
     source, originals = inputs
     output = Store(str(tmp_path / "fallback"))
-    summary = deblur.run(pools_job(source, output), model.model, make_restorer=make_failing)
+    summary = driver.run(pools_job(source, output), model.model, make_restorer=make_failing)
     assert summary.frames == 10 and summary.quarantined == 0
     out = read_samples(output)
     for key, rgb in originals.items():
@@ -209,13 +209,13 @@ def test_a_failing_depth_pool_falls_back_to_the_fused_path(
 @pytest.mark.ray
 @pytest.mark.s3
 def test_depth_pools_from_and_to_s3_give_the_local_bytes(
-    local_ray: None, s3: S3Server, inputs: tuple[Store, dict], reference: tuple[Store, deblur.RunSummary],
+    local_ray: None, s3: S3Server, inputs: tuple[Store, dict], reference: tuple[Store, driver.RunSummary],
     model: Model,
 ) -> None:  # fmt: skip
     prefix = f"s3://{s3.bucket}/pools-{time.time_ns()}"
     source, output = Store(f"{prefix}/in", s3.storage_options), Store(f"{prefix}/out", s3.storage_options)
     for name, data in tar_bytes(inputs[0]).items():
         source.commit_bytes(name, data)
-    summary = deblur.run(pools_job(source, output), model.model, options=s3.storage_options)
+    summary = driver.run(pools_job(source, output), model.model, options=s3.storage_options)
     assert summary.frames == 10 and tar_bytes(output) == tar_bytes(reference[0])
     assert s3.secret_key not in output.read_bytes("_run.json").decode()

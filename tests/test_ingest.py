@@ -13,14 +13,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.cli import main
-from pipeline import images
-from pipeline.ingest import INDEX_NAME, INDEX_SCHEMA, IngestConfig, ingest
-from pipeline.output_lock import LockLost, OutputLock, OutputLocked
-from pipeline.parquet_rows import ParquetRows
-from pipeline.resume import refuse_foreign
-from pipeline.shards import Sample, encode_shard
-from pipeline.sink import ShardLimits
-from pipeline.storage import Store
+from pipeline.deblur.resume import refuse_foreign
+from pipeline.formats import images
+from pipeline.formats.parquet_rows import ParquetRows
+from pipeline.formats.shards import Sample, encode_shard
+from pipeline.formats.sink import ShardLimits
+from pipeline.ingest.run import INDEX_NAME, INDEX_SCHEMA, IngestConfig, ingest
+from pipeline.store.lease import LockLost, OutputLock, OutputLocked
+from pipeline.store.storage import Store
 from tests.media import decode_video, frames, read_samples, write_video
 
 

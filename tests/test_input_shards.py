@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-import pipeline.deblur
+import pipeline.deblur.ray.driver
 from jobs.cli import main
 from jobs.deblur import expected_frames
-from pipeline.ingest import IngestConfig, ingest
-from pipeline.input_shards import list_shards, split_input, without_output
-from pipeline.job import DeblurJob
-from pipeline.sink import ShardLimits
-from pipeline.storage import Store
+from pipeline.deblur.input_shards import list_shards, split_input, without_output
+from pipeline.deblur.job import DeblurJob
+from pipeline.formats.sink import ShardLimits
+from pipeline.ingest.run import IngestConfig, ingest
+from pipeline.store.storage import Store
 from tests.media import frames, write_video
 from tests.s3server import S3Server
 
@@ -101,7 +101,7 @@ def test_the_cli_refuses_a_bad_input_before_it_starts_ray(
     def not_yet(*_: object, **__: object) -> None:
         raise AssertionError("the input should have been refused before this")
 
-    monkeypatch.setattr(pipeline.deblur, "ensure_ray", not_yet)
+    monkeypatch.setattr(pipeline.deblur.ray.driver, "ensure_ray", not_yet)
     filled(Store(str(tmp_path / "in")))
     out = tmp_path / "out"
     assert main(["deblur", f"{tmp_path}/in/a/video-{{000001..000004}}.tar", str(out)]) == 2

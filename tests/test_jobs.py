@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from ray.job_submission import JobSubmissionClient
 
-from jobs.cli import main
+from jobs.cli import long_options, main
 from jobs.spec import SpecError, load_spec, secret_environment, to_argv
-from jobs.submit import submit, wait_for
-from pipeline.ingest import ingest
-from pipeline.storage import Store
+from jobs.submit import Commands, submit, wait_for
+from pipeline.ingest.run import ingest
+from pipeline.store.storage import Store
 from tests.media import frames, write_video
 from tests.s3server import free_port
 
@@ -230,7 +230,7 @@ def test_a_deblur_spec_submitted_to_a_cluster_runs_on_the_cluster(head: tuple[st
         '[resources]\nworkers = 1\n[options]\nworker_resource = "adarevd_worker"\nstall_timeout = 60\n'
     )
     spec = write(tmp_path, text)
-    job = submit(str(spec), head[0])
+    job = submit(str(spec), head[0], Commands(main=main, long_options=long_options))
     assert wait_for(head[0], job, timeout_s=240) == "SUCCEEDED", JobSubmissionClient(head[0]).get_job_logs(job)[-3000:]
     record = json.loads((tmp_path / "out" / "_run.json").read_text())
     assert record["frames"] == 3 and sum(record["worker_nodes"].values()) == 1

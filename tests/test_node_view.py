@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.ingest import ingest
-from pipeline.node_view import NodeCannotSee, Place, check_sees
-from pipeline.output_lock import OutputLock
-from pipeline.pairs import SynthConfig, write_pairs
-from pipeline.storage import Store
+from pipeline.cluster.node_view import NodeCannotSee, Place, check_sees
+from pipeline.ingest.run import ingest
+from pipeline.store.lease import OutputLock
+from pipeline.store.storage import Store
+from pipeline.synth.pairs import SynthConfig, write_pairs
 from tests.media import frames, write_video
 from tests.s3server import free_port
 

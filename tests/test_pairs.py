@@ -12,12 +12,12 @@ import torch
 
 from adarevd.classifier import psnr_bucket
 from jobs.cli import main
-from pipeline.output_lock import LockLost, OutputLock, OutputLocked
-from pipeline.pairs import ClipConfig, SynthConfig, patch_psnr, psnr, write_clip, write_pairs
-from pipeline.scenes import load_sample
-from pipeline.sink import ShardLimits
-from pipeline.storage import Store
-from pipeline.synth import BlurSpec, synthesize_clip
+from pipeline.formats.sink import ShardLimits
+from pipeline.store.lease import LockLost, OutputLock, OutputLocked
+from pipeline.store.storage import Store
+from pipeline.synth.blur import BlurSpec, synthesize_clip
+from pipeline.synth.pairs import ClipConfig, SynthConfig, patch_psnr, psnr, write_clip, write_pairs
+from pipeline.synth.scenes import load_sample
 from tests.media import decode_video, read_samples
 
 SMALL = SynthConfig(count=6, size=(96, 128), scenes=("astronaut", "coffee", "brick"), patch_size=32)

@@ -17,15 +17,15 @@ import pyarrow.parquet as pq
 import pytest
 import skimage.data
 
-from pipeline import images
-from pipeline.exit_map import depth_colours, exit_map, owners, panel
-from pipeline.frames import PatchMap
-from pipeline.manifests import read_manifests
-from pipeline.report import ReportError, write_report
-from pipeline.restorer import FrameRestorer
-from pipeline.shard_job import MANIFEST_SCHEMA, QUARANTINE_SCHEMA, local_restore, process_shard
-from pipeline.shards import Sample, encode_shard
-from pipeline.storage import Store
+from pipeline.deblur.manifests import read_manifests
+from pipeline.deblur.restorer import FrameRestorer
+from pipeline.deblur.shard import MANIFEST_SCHEMA, QUARANTINE_SCHEMA, local_restore, process_shard
+from pipeline.formats import images
+from pipeline.formats.frames import PatchMap
+from pipeline.formats.shards import Sample, encode_shard
+from pipeline.report.exit_map import depth_colours, exit_map, owners, panel
+from pipeline.report.page import ReportError, write_report
+from pipeline.store.storage import Store
 from tests.deblur_setup import bundled_model
 
 SHARD = "frames-000000.tar"

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.job import DeblurJob, Resources, RestoreOptions
-from pipeline.storage import Store
+from pipeline.deblur.job import DeblurJob, Resources, RestoreOptions
+from pipeline.store.storage import Store
 from tests.deblur_setup import bundled_model, input_shards, run_record
 
 
@@ -107,21 +107,21 @@ def ray_with_a_gpu() -> Iterator[None]:
 def test_the_job_takes_the_clusters_gpu_by_default_and_stops_if_torch_cannot_use_it(
     ray_with_a_gpu: None, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
 ) -> None:
-    from pipeline import deblur
+    from pipeline.deblur.ray import driver
 
     source, originals = input_shards(tmp_path_factory, "gpu-default-in")
     output = Store(str(tmp_path / "out"))
     job = DeblurJob(source.url, output.url, stall_timeout_s=120)
     if torch.cuda.is_available():  # on the device machine: the default run is on the card
-        summary = deblur.run(job, bundled_model().model)
+        summary = driver.run(job, bundled_model().model)
         assert summary.frames == len(originals) and summary.devices == {"cuda": 1}
         assert run_record(output)["options"]["frames_per_batch"] == 16
         return
-    with pytest.raises(deblur.DeviceError, match=r"GPU shares \(up to 1 each\).*--gpus-per-worker 0"):
-        deblur.run(job, bundled_model().model)
+    with pytest.raises(driver.DeviceError, match=r"GPU shares \(up to 1 each\).*--gpus-per-worker 0"):
+        driver.run(job, bundled_model().model)
     assert not output.glob("*.tar") and not output.glob("_manifest/*")  # stopped before any shard
     # The lease is free, and asking for CPUs runs the job on the same cluster.
     cpus = DeblurJob(source.url, output.url, resources=Resources(gpus_per_worker=0), stall_timeout_s=120)
-    summary = deblur.run(cpus, bundled_model().model)
+    summary = driver.run(cpus, bundled_model().model)
     assert (summary.frames, summary.devices, summary.workers) == (len(originals), {"cpu": 2}, 2)
     assert run_record(output)["options"]["resources"]["gpus_per_worker"] == 0.0

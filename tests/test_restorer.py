@@ -13,14 +13,14 @@ import torch
 
 import adarevd
 from adarevd.tiling import PatchGrid
-from pipeline import images
-from pipeline.frames import FrameIn, FrameOut, Rejected, decode_sample, image_member
-from pipeline.job import RestoreOptions
-from pipeline.restorer import FrameRestorer
-from pipeline.scores import blur_score, seam_score
-from pipeline.shard_job import local_restore, output_names, process_shard
-from pipeline.shards import Sample, encode_shard, iter_samples
-from pipeline.storage import Store
+from pipeline.deblur.job import RestoreOptions
+from pipeline.deblur.restorer import FrameRestorer
+from pipeline.deblur.scores import blur_score, seam_score
+from pipeline.deblur.shard import local_restore, output_names, process_shard
+from pipeline.formats import images
+from pipeline.formats.frames import FrameIn, FrameOut, Rejected, decode_sample, image_member
+from pipeline.formats.shards import Sample, encode_shard, iter_samples
+from pipeline.store.storage import Store
 from tests.conftest import randomize
 
 SIZES = [(100, 130), (64, 64), (17, 23), (1, 1), (150, 90), (33, 200)]

@@ -8,9 +8,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.resume import footer_metadata
-from pipeline.shard_job import done_shards, output_names
-from pipeline.storage import Store
+from pipeline.deblur.resume import footer_metadata
+from pipeline.deblur.shard import done_shards, output_names
+from pipeline.store.storage import Store
 
 
 def parquet(metadata: dict[str, str], rows: int = 1000) -> bytes:

@@ -17,8 +17,8 @@ import s3fs
 import webdataset as wds
 
 from jobs.cli import main
-from pipeline.shards import use_fsspec_for_webdataset
-from pipeline.storage import StorageError, Store
+from pipeline.formats.shards import use_fsspec_for_webdataset
+from pipeline.store.storage import StorageError, Store
 from tests.media import decode_video, frames, write_video
 from tests.s3server import S3Server
 from tests.test_storage import check_read_many

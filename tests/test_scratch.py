@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.scratch import HOST, pattern, remove_orphans, scratch
+from pipeline.store.scratch import HOST, pattern, remove_orphans, scratch
 
 DEMO_CLIP = Path(__file__).parents[1] / "adarevd" / "assets" / "demo_clip.mp4"
 

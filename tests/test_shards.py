@@ -8,10 +8,10 @@ import tarfile
 import pytest
 import webdataset as wds
 
-from pipeline.digests import Digest, DigestReader, digest_of
-from pipeline.shards import Sample, ShardError, check_key, encode_shard, iter_samples, use_fsspec_for_webdataset
-from pipeline.sink import ShardSink
-from pipeline.storage import Store
+from pipeline.formats.shards import Sample, ShardError, check_key, encode_shard, iter_samples, use_fsspec_for_webdataset
+from pipeline.formats.sink import ShardSink
+from pipeline.store.digests import Digest, DigestReader, digest_of
+from pipeline.store.storage import Store
 
 SAMPLES = [
     Sample("clip_000000", {"png": b"\x89PNG one", "json": b'{"frame_index": 0}'}),

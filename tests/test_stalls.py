@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import deblur
-from pipeline.depth_pools import DepthGroup
-from pipeline.frames import FrameIn, FrameOut, Rejected
-from pipeline.restorer import FrameRestorer
-from pipeline.shard_job import output_names
-from pipeline.storage import Store
+from pipeline.deblur.depth_pools import DepthGroup
+from pipeline.deblur.ray import driver
+from pipeline.deblur.restorer import FrameRestorer
+from pipeline.deblur.shard import output_names
+from pipeline.formats.frames import FrameIn, FrameOut, Rejected
+from pipeline.store.storage import Store
 from tests.deblur_setup import Model, bundled_model, input_shards
 from tests.media import read_samples
 
@@ -54,18 +54,18 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Store, Model]:
     return input_shards(tmp_path_factory, "stall-in")[0], bundled_model()
 
 
-def stall_job(source: Store, output: Path, **kw: object) -> deblur.DeblurJob:
-    return deblur.DeblurJob(source.url, str(output), frames_per_batch=3, stall_timeout_s=STALL_S, **kw)  # type: ignore[arg-type]
+def stall_job(source: Store, output: Path, **kw: object) -> driver.DeblurJob:
+    return driver.DeblurJob(source.url, str(output), frames_per_batch=3, stall_timeout_s=STALL_S, **kw)  # type: ignore[arg-type]
 
 
 def test_a_restorer_that_never_answers_is_named_in_the_stall_report(
     local_ray: None, setup: tuple[Store, Model], tmp_path: Path
 ) -> None:
     source, model = setup
-    job = stall_job(source, tmp_path / "out", resources=deblur.Resources(workers=2, cpus_per_worker=0.5))
+    job = stall_job(source, tmp_path / "out", resources=driver.Resources(workers=2, cpus_per_worker=0.5))
     start = time.monotonic()
-    with pytest.raises(deblur.StallError) as caught:
-        deblur.run(job, model.model, make_restorer=make_hanging_fused)
+    with pytest.raises(driver.StallError) as caught:
+        driver.run(job, model.model, make_restorer=make_hanging_fused)
     assert time.monotonic() - start < 60
     report = str(caught.value)
     assert f"no frame finished for {STALL_S:.0f} s" in report
@@ -78,7 +78,7 @@ def test_a_restorer_that_never_answers_is_named_in_the_stall_report(
     output = Store(str(tmp_path / "out"))
     assert not output.exists(output_names("video-000001.tar")[1])
     done = [s for s in ("video-000000.tar", "images-000000.tar") if output.exists(output_names(s)[1])]
-    again = deblur.run(stall_job(source, tmp_path / "out"), model.model)
+    again = driver.run(stall_job(source, tmp_path / "out"), model.model)
     assert (again.shards_skipped, len(again.reports), again.took_over) == (len(done), 3 - len(done), None)
     assert len(read_samples(output)) == 10
 
@@ -87,10 +87,10 @@ def test_a_depth_pool_that_never_answers_is_named_in_the_stall_report(
     local_ray: None, setup: tuple[Store, Model], tmp_path: Path
 ) -> None:
     source, model = setup
-    resources = deblur.Resources(workers=2, cpus_per_worker=0.5, cpus_per_encoder=0.5)
+    resources = driver.Resources(workers=2, cpus_per_worker=0.5, cpus_per_encoder=0.5)
     job = stall_job(source, tmp_path / "out", resources=resources, routing="depth-pools")
-    with pytest.raises(deblur.StallError) as caught:
-        deblur.run(job, model.model, make_restorer=make_hanging_pool)
+    with pytest.raises(driver.StallError) as caught:
+        driver.run(job, model.model, make_restorer=make_hanging_pool)
     report = str(caught.value)
     waiting = [line for line in report.splitlines() if "waiting on" in line]
     assert waiting and all(re.search(r"waiting on depth-3 pool actor adarevd-restorer-\w+-\d for batch ", line)
@@ -101,10 +101,10 @@ def test_actors_that_cannot_be_placed_are_reported_with_the_cluster_free_resourc
     local_ray: None, setup: tuple[Store, Model], tmp_path: Path
 ) -> None:
     source, model = setup
-    job = stall_job(source, tmp_path / "out", resources=deblur.Resources(workers=1, cpus_per_worker=64))
+    job = stall_job(source, tmp_path / "out", resources=driver.Resources(workers=1, cpus_per_worker=64))
     job = dataclasses.replace(job, stall_timeout_s=3.0)
-    with pytest.raises(deblur.StallError, match=r"1 restorer actor\(s\) asking for 64 CPU .* within 3 s.*'CPU': 2.0"):
-        deblur.run(job, model.model)
+    with pytest.raises(driver.StallError, match=r"1 restorer actor\(s\) asking for 64 CPU .* within 3 s.*'CPU': 2.0"):
+        driver.run(job, model.model)
 
 
 def make_unreadable_weights() -> FrameRestorer:
@@ -117,8 +117,8 @@ def test_an_actor_that_cannot_build_its_model_stops_the_run_at_once_with_its_rea
     source, model = setup
     job = dataclasses.replace(stall_job(source, tmp_path / "out"), stall_timeout_s=300.0)
     start = time.monotonic()
-    with pytest.raises(deblur.ActorStartError) as caught:
-        deblur.run(job, model.model, make_restorer=make_unreadable_weights)
+    with pytest.raises(driver.ActorStartError) as caught:
+        driver.run(job, model.model, make_restorer=make_unreadable_weights)
     assert time.monotonic() - start < 120  # not the start-up budget of 300 s
     assert re.match(
         r"actor adarevd-restorer-\w+-\d failed to start: FileNotFoundError: /mnt/models/adarevd-b\.safetensors: "
@@ -162,13 +162,13 @@ def test_an_actor_that_cannot_be_rebuilt_after_a_crash_stops_the_run_with_its_re
     """Ray holds such an actor dead for good. The run stops at once and says why (not a batch resent
     round the others until one fails with Ray's traceback, nor a run that quietly goes on short)."""
     source, model = setup
-    resources = deblur.Resources(workers=2, cpus_per_worker=0.5, cpus_per_encoder=0.5)
+    resources = driver.Resources(workers=2, cpus_per_worker=0.5, cpus_per_encoder=0.5)
     job = stall_job(source, tmp_path / "out", resources=resources, routing=routing)
     job = dataclasses.replace(job, stall_timeout_s=300.0)
     crashed = tmp_path / "crashed"
     start = time.monotonic()
-    with pytest.raises(deblur.ActorStartError) as caught:
-        deblur.run(job, model.model, make_restorer=partial(DiesOnceThenCannotStart, str(crashed)))
+    with pytest.raises(driver.ActorStartError) as caught:
+        driver.run(job, model.model, make_restorer=partial(DiesOnceThenCannotStart, str(crashed)))
     assert crashed.exists() and time.monotonic() - start < 150  # not the stall budget of 300 s
     assert re.match(
         r"actor adarevd-restorer-\w+-\d failed to restart: RuntimeError: CUDA error: no CUDA-capable device is "
@@ -178,6 +178,6 @@ def test_an_actor_that_cannot_be_rebuilt_after_a_crash_stops_the_run_with_its_re
     output = Store(str(tmp_path / "out"))
     assert not output.exists(output_names("video-000001.tar")[1])  # the shard of frame 5 is not done
     done = [s for s in ("video-000000.tar", "images-000000.tar") if output.exists(output_names(s)[1])]
-    again = deblur.run(dataclasses.replace(job, stall_timeout_s=STALL_S), model.model)
+    again = driver.run(dataclasses.replace(job, stall_timeout_s=STALL_S), model.model)
     assert (again.shards_skipped, len(again.reports)) == (len(done), 3 - len(done))
     assert len(read_samples(output)) == 10

@@ -6,7 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.storage import S3_CONNECTIONS, TMP_DIR, StorageError, Store, call, parse_storage_options, redact, resolve
+from pipeline.store.storage import (
+    S3_CONNECTIONS,
+    TMP_DIR,
+    StorageError,
+    Store,
+    call,
+    parse_storage_options,
+    redact,
+    resolve,
+)
 from tests.s3server import free_port
 
 

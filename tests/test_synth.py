@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from skimage import data
 
-from pipeline.synth import BlurSpec, Wear, linear_to_srgb, srgb_to_linear, synthesize, wear
+from pipeline.synth.blur import BlurSpec, Wear, linear_to_srgb, srgb_to_linear, synthesize, wear
 
 
 @pytest.fixture(scope="module")

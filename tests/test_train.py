@@ -21,13 +21,14 @@ import adarevd
 from adarevd.calibration import propose_table
 from adarevd.weights import read_state_dict
 from jobs.cli import main
-from pipeline import evaluate, images
-from pipeline.pair_stream import PairDataError, PairStream, StreamConfig
-from pipeline.pairs import SynthConfig, write_pairs
-from pipeline.shards import Sample, encode_shard
-from pipeline.sink import ShardLimits
-from pipeline.storage import Store
-from pipeline.trainer import HISTORY_KEY, TrainError, TrainSpec, train
+from pipeline.formats import images
+from pipeline.formats.shards import Sample, encode_shard
+from pipeline.formats.sink import ShardLimits
+from pipeline.store.storage import Store
+from pipeline.synth.pairs import SynthConfig, write_pairs
+from pipeline.train import evaluate
+from pipeline.train.pair_stream import PairDataError, PairStream, StreamConfig
+from pipeline.train.trainer import HISTORY_KEY, TrainError, TrainSpec, train
 from tests.s3server import S3Server
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,15 +19,15 @@ from ray.cluster_utils import Cluster
 from safetensors.torch import load, load_file
 
 from adarevd.weights import read_state_dict
-from pipeline import deblur
-from pipeline.images import encode
-from pipeline.pair_stream import PairDataError
-from pipeline.pairs import SynthConfig, write_pairs
-from pipeline.shards import Sample, encode_shard
-from pipeline.sink import ShardLimits
-from pipeline.storage import Store
-from pipeline.train_ray import TrainResources, fit
-from pipeline.trainer import HISTORY_KEY, TrainSpec, train
+from pipeline.deblur.ray import driver
+from pipeline.formats.images import encode
+from pipeline.formats.shards import Sample, encode_shard
+from pipeline.formats.sink import ShardLimits
+from pipeline.store.storage import Store
+from pipeline.synth.pairs import SynthConfig, write_pairs
+from pipeline.train.pair_stream import PairDataError
+from pipeline.train.ray_train import TrainResources, fit
+from pipeline.train.trainer import HISTORY_KEY, TrainSpec, train
 from tests.s3server import S3Server
 
 pytestmark = pytest.mark.ray
@@ -48,7 +48,7 @@ def test_two_ray_train_workers_match_two_plain_processes(tmp_path: Path) -> None
     write_pairs(Store(data), SynthConfig(count=4, size=(72, 72), limits=ShardLimits(max_samples=2)))
     common = dict(kind="encoder", data=data, iterations=4, batch=2, crop=64, log_every=2)
     on_ray = TrainSpec(output=str(tmp_path / "ray.safetensors"), checkpoints=str(tmp_path / "ck"), **common)
-    deblur.ensure_ray(None, num_cpus=2)
+    driver.ensure_ray(None, num_cpus=2)
     try:
         result = fit(on_ray, TrainResources(workers=2, cpus_per_worker=1))
     finally:
@@ -77,7 +77,7 @@ def test_a_workers_error_is_raised_as_itself_and_missing_data_before_any_worker(
                      iterations=2, batch=2, crop=64)  # fmt: skip
     pair = Sample("a_000000", {"blur.png": encode(np.zeros((72, 72, 3), np.uint8))})  # no sharp.png
     Store(str(tmp_path / "bad")).commit_bytes("pairs-000000.tar", encode_shard([pair]))
-    deblur.ensure_ray(None, num_cpus=2)
+    driver.ensure_ray(None, num_cpus=2)
     try:
         with pytest.raises(PairDataError, match=r"none: no \*\.tar shards; make paired shards"):
             fit(spec, TrainResources(workers=2))

@@ -12,9 +12,9 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from pipeline import images
-from pipeline.shards import Sample, encode_shard
-from pipeline.storage import Store
+from pipeline.formats import images
+from pipeline.formats.shards import Sample, encode_shard
+from pipeline.store.storage import Store
 
 Outcome = Literal["quarantined", "shard_error", "deblurred"]
 MAX_FRAME_PIXELS = 10_000

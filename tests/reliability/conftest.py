@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass
 
 import pytest
 
-from pipeline.shards import iter_samples
-from pipeline.storage import Store
+from pipeline.formats.shards import iter_samples
+from pipeline.store.storage import Store
 
 
 @dataclass

@@ -16,9 +16,9 @@ import torch
 
 import adarevd
 from jobs.cli import main
-from pipeline.shard_job import output_names
-from pipeline.shards import iter_samples
-from pipeline.storage import Store
+from pipeline.deblur.shard import output_names
+from pipeline.formats.shards import iter_samples
+from pipeline.store.storage import Store
 from tests.reliability.bad_inputs import MAX_FRAME_PIXELS, build
 from tests.reliability.conftest import Entry, audit
 

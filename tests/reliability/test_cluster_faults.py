@@ -19,12 +19,12 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from pipeline import deblur
-from pipeline.ingest import IngestConfig, ingest
-from pipeline.scratch import pattern
-from pipeline.shard_job import MANIFEST_DIR
-from pipeline.sink import ShardLimits
-from pipeline.storage import Store
+from pipeline.deblur.ray import driver as deblur_driver
+from pipeline.deblur.shard import MANIFEST_DIR
+from pipeline.formats.sink import ShardLimits
+from pipeline.ingest.run import IngestConfig, ingest
+from pipeline.store.scratch import pattern
+from pipeline.store.storage import Store
 from tests.deblur_setup import Model, bundled_model, input_shards, shard_work_started, tar_bytes
 from tests.media import frames, read_samples, write_video
 from tests.reliability.conftest import Entry, audit
@@ -38,10 +38,12 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Store, Model]:
     return input_shards(tmp_path_factory, "cluster-in")[0], bundled_model()
 
 
-def run(source: Store, output: Store, model: Model, routing: str = "fused", **resources: object) -> deblur.RunSummary:
-    job = deblur.DeblurJob(source.url, output.url, frames_per_batch=3, stall_timeout_s=120,
-                           resources=deblur.Resources(**resources), routing=routing)  # type: ignore[arg-type]  # fmt: skip
-    return deblur.run(job, model.model)
+def run(
+    source: Store, output: Store, model: Model, routing: str = "fused", **resources: object
+) -> deblur_driver.RunSummary:
+    job = deblur_driver.DeblurJob(source.url, output.url, frames_per_batch=3, stall_timeout_s=120,
+                                  resources=deblur_driver.Resources(**resources), routing=routing)  # type: ignore[arg-type]  # fmt: skip
+    return deblur_driver.run(job, model.model)
 
 
 @pytest.fixture(scope="module")

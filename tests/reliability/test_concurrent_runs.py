@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import deblur
-from pipeline.frames import FrameIn, FrameOut, Rejected
-from pipeline.output_lock import LOCK_DIR, UNFINISHED, LockLost, OutputLock, OutputLocked
-from pipeline.restorer import FrameRestorer
-from pipeline.resume import refuse_foreign
-from pipeline.shard_job import MANIFEST_DIR
-from pipeline.storage import Store
+from pipeline.deblur.ray import driver
+from pipeline.deblur.restorer import FrameRestorer
+from pipeline.deblur.resume import refuse_foreign
+from pipeline.deblur.shard import MANIFEST_DIR
+from pipeline.formats.frames import FrameIn, FrameOut, Rejected
+from pipeline.store.lease import LOCK_DIR, UNFINISHED, LockLost, OutputLock, OutputLocked
+from pipeline.store.storage import Store
 from tests.deblur_setup import bundled_model, make_input, tar_bytes
 from tests.media import read_samples
 from tests.reliability.conftest import Entry, audit
@@ -165,7 +165,7 @@ def test_an_unreadable_lease_is_named_not_guessed(tmp_path: Path) -> None:
 
 def test_a_holder_whose_process_died_on_this_host_is_replaced_at_once(tmp_path: Path) -> None:
     store = Store(str(tmp_path / "out"))
-    code = (f"from pipeline.output_lock import OutputLock; from pipeline.storage import Store; "
+    code = (f"from pipeline.store.lease import OutputLock; from pipeline.store.storage import Store; "
             f"OutputLock(Store({str(store.url)!r}), 'crashed').acquire()")  # fmt: skip
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)  # exits holding it (never released)
     lock = OutputLock(store, "next")
@@ -230,8 +230,8 @@ def test_a_deblur_taken_over_mid_run_commits_no_further_shard(local_ray: None, t
     (30 s later) finds out; the old run stops naming the new holder and leaves the new lease alone."""
     source, output = Store(str(tmp_path / "in")), Store(str(tmp_path / "out"))
     make_input(tmp_path, source)  # 3 shards; one restorer: after the first commit, the next is >= 1 s away
-    job = deblur.DeblurJob(source.url, output.url, frames_per_batch=3, stall_timeout_s=120,
-                           resources=deblur.Resources(workers=1, cpus_per_worker=1))  # fmt: skip
+    job = driver.DeblurJob(source.url, output.url, frames_per_batch=3, stall_timeout_s=120,
+                           resources=driver.Resources(workers=1, cpus_per_worker=1))  # fmt: skip
     thief = OutputLock(output, "thief")
     committed: list[str] = []
 
@@ -241,13 +241,13 @@ def test_a_deblur_taken_over_mid_run_commits_no_further_shard(local_ray: None, t
             committed.extend([*done, *output.glob("*.tar")])
 
     with pytest.raises(LockLost, match=r"out was taken over by run thief \(host .*\); this run stops"):
-        deblur.run(job, bundled_model().model, make_restorer=make_slow_restorer,
+        driver.run(job, bundled_model().model, make_restorer=make_slow_restorer,
                    on_progress=take_over_after_the_first_shard)  # fmt: skip
     assert len(committed) == 2  # one manifest and its shard, when the thief took over
     assert sorted([*output.glob(f"{MANIFEST_DIR}/*.parquet"), *output.glob("*.tar")]) == sorted(committed)
     assert sorted(output.glob(f"{LOCK_DIR}/0*")) == ["_lock/00000002.beat", "_lock/00000002.json"]  # the thief's
     thief.release()
-    resumed = deblur.run(job, bundled_model().model)  # the thief gave up: the rest is done, once
+    resumed = driver.run(job, bundled_model().model)  # the thief gave up: the rest is done, once
     assert (resumed.shards_total, resumed.shards_skipped) == (3, 1)
     keys = set(read_samples(source))
     ledger.faults, ledger.frames = 1, len(keys)

@@ -16,12 +16,12 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from pipeline import deblur
-from pipeline.ingest import IngestConfig, ingest
-from pipeline.scratch import pattern, remove_orphans
-from pipeline.shard_job import MANIFEST_DIR
-from pipeline.sink import ShardLimits
-from pipeline.storage import StorageError, Store
+from pipeline.deblur.ray import driver
+from pipeline.deblur.shard import MANIFEST_DIR
+from pipeline.formats.sink import ShardLimits
+from pipeline.ingest.run import IngestConfig, ingest
+from pipeline.store.scratch import pattern, remove_orphans
+from pipeline.store.storage import StorageError, Store
 from tests.deblur_setup import Model, bundled_model, tar_bytes
 from tests.media import frames, read_samples, write_video
 from tests.reliability.conftest import Entry, audit
@@ -66,11 +66,11 @@ def setup(cluster: Cluster, server: S3Server, tmp_path_factory: pytest.TempPathF
     return source, reference, model, set(read_samples(source))
 
 
-def run(source: Store, output: Store, model: Model, server: S3Server, **job: object) -> deblur.RunSummary:
-    j = deblur.DeblurJob(source.url, output.url, frames_per_batch=3, stall_timeout_s=180,
-                         resources=deblur.Resources(workers=2, cpus_per_worker=0.5, worker_resource="depth_pool"),
+def run(source: Store, output: Store, model: Model, server: S3Server, **job: object) -> driver.RunSummary:
+    j = driver.DeblurJob(source.url, output.url, frames_per_batch=3, stall_timeout_s=180,
+                         resources=driver.Resources(workers=2, cpus_per_worker=0.5, worker_resource="depth_pool"),
                          **job)  # type: ignore[arg-type]  # fmt: skip
-    return deblur.run(j, model.model, options=server.storage_options)
+    return driver.run(j, model.model, options=server.storage_options)
 
 
 def test_restorers_and_shard_workers_killed_several_times_in_one_run(setup, server: S3Server, ledger: Entry) -> None:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.shards import Sample, encode_shard
-from pipeline.storage import Store
+from pipeline.formats.shards import Sample, encode_shard
+from pipeline.store.storage import Store
 from tests.deblur_setup import make_input
 from tests.reliability.conftest import Entry
 from tests.s3server import S3Server

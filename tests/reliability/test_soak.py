@@ -13,10 +13,11 @@ import pytest
 import ray
 
 from jobs.cli import DEFAULT_WEIGHTS
-from pipeline import deblur, images
-from pipeline.manifests import read_manifests
-from pipeline.shards import Sample, encode_shard
-from pipeline.storage import Store
+from pipeline.deblur.manifests import read_manifests
+from pipeline.deblur.ray import driver
+from pipeline.formats import images
+from pipeline.formats.shards import Sample, encode_shard
+from pipeline.store.storage import Store
 from tests.deblur_setup import bundled_model
 from tests.reliability.conftest import Entry, audit
 
@@ -78,14 +79,14 @@ def store_used() -> float:
     )
 
 
-def soak(tmp_path: Path, count: int) -> tuple[Sampler, Store, set[str], deblur.RunSummary]:
+def soak(tmp_path: Path, count: int) -> tuple[Sampler, Store, set[str], driver.RunSummary]:
     source, output = Store(str(tmp_path / f"in{count}")), Store(str(tmp_path / f"out{count}"))
     keys = make_frames(source, count)
     # 16 frames a call: each call's frames (~190 KB) go through Ray's shared object store, not inline.
-    job = deblur.DeblurJob(source.url, output.url, stall_timeout_s=300, frames_per_batch=16,
-                           resources=deblur.Resources(workers=2, cpus_per_worker=1.0))  # fmt: skip
+    job = driver.DeblurJob(source.url, output.url, stall_timeout_s=300, frames_per_batch=16,
+                           resources=driver.Resources(workers=2, cpus_per_worker=1.0))  # fmt: skip
     with Sampler() as sampler:
-        summary = deblur.run(job, bundled_model().model, weight_files=[str(DEFAULT_WEIGHTS)])
+        summary = driver.run(job, bundled_model().model, weight_files=[str(DEFAULT_WEIGHTS)])
     return sampler, output, keys, summary
 
 

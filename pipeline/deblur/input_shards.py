@@ -1,0 +1,105 @@
+"""Which input shards a deblur run reads: every `.tar` under a folder URL, or the shards a pattern names.
+
+A pattern is a URL ending in `.tar`, with wildcards or WebDataset's brace ranges, or none (one shard):
+`s3://archive/frames/video-{000000..000099}.tar`, `s3://archive/frames/*/video-*.tar`. The folder
+before the first wildcard is the input's root: shard names (and so output names) are relative to it,
+as they are under a folder URL. A brace expansion that names no shard stops the run before anything
+starts, naming what is missing: a mistyped range must not quietly deblur a different archive.
+"""
+
+from __future__ import annotations
+
+from braceexpand import braceexpand
+
+from pipeline.store.storage import Store, redact
+
+WILDCARDS = "*?[{"
+MAX_NAMED = 5  # missing names quoted in an error
+
+
+def split_input(url: str) -> tuple[str, str | None]:
+    """(root folder URL, the pattern relative to it; None for a folder URL). A URL ending in `.tar` is
+    a pattern (or one shard); any other is a folder, whatever characters its names hold."""
+    if not url.rstrip("/").endswith(".tar"):
+        return url, None
+    first = min((i for i, c in enumerate(url) if c in WILDCARDS), default=len(url))
+    cut = url.rfind("/", 0, first)
+    if cut == -1 and "://" not in url:
+        return ".", url  # shards in the working directory
+    root = url[:cut] if cut > 0 else ""
+    if root.rstrip("/") == "" or root.rstrip("/").endswith(":"):  # '/', 's3:/', 'file://'
+        raise ValueError(
+            f"{redact(url)}: a shard pattern starts with the folder (or bucket) its shards are in; its "
+            "first wildcard or brace comes after that"
+        )
+    return root, url[cut + 1 :]
+
+
+def list_shards(source: Store, pattern: str | None = None) -> list[str]:
+    """Shard names relative to `source`, sorted: every `.tar` below it (not `_*`/`.*` names, which are
+    a run's own files), or those `pattern` names."""
+    if pattern is None:
+        shards = _inputs(source.glob("**/*.tar"))
+        if not shards:
+            there = "no .tar shards found" if source.exists("") else "no such folder"
+            raise FileNotFoundError(f"{redact(source.url)}: {there}; run `adarevd ingest` first, or mend the URL")
+        return shards
+    found: set[str] = set()
+    missing: list[str] = []
+    for name in braceexpand(pattern):
+        if not name.endswith(".tar"):
+            raise ValueError(f"{redact(source.url_of(name))}: a shard pattern must name .tar files")
+        matched = _matches(source, name)
+        found.update(matched)
+        if not matched:
+            missing.append(name)
+    if missing:
+        more = len(missing) - MAX_NAMED
+        named = ", ".join(missing[:MAX_NAMED]) + (f" and {more} more" if more > 0 else "")
+        raise FileNotFoundError(
+            f"{redact(source.url)}: {len(missing)} of the shards {pattern} names do not exist ({named}); "
+            "mend the pattern, or give the folder URL to take every shard in it"
+        )
+    return sorted(found)
+
+
+def without_output(shards: list[str], source: Store, output: Store) -> list[str]:
+    """`shards` (names in `source`) less those in the output folder, where it lies inside the input folder
+    (`frames/` and `frames/deblurred/`: a re-run must not take the results for input). Raises if an
+    output shard would be written over an input shard, as when the two folders are one."""
+    (protocol, src), (out_protocol, out) = source.location(), output.location()
+    if protocol != out_protocol:
+        return shards
+    inside = _relative(out, src)
+    if inside:
+        shards = [name for name in shards if not name.startswith(inside + "/")]
+    names = set(shards)
+    clash = [name for name in shards if _relative(f"{out}/{name}", src) in names]
+    if clash:
+        raise ValueError(
+            f"{redact(output.url_of(clash[0]))}: the deblurred shard would be written over an input shard "
+            f"({len(clash)} of {len(shards)} would be); give an output folder that is not the input folder, "
+            f"e.g. {redact(source.url)}-deblurred"
+        )
+    return shards
+
+
+def _relative(path: str, folder: str) -> str | None:
+    """`path` relative to `folder` ('' for the folder itself), or None if it lies outside."""
+    if path == folder:
+        return ""
+    prefix = folder.rstrip("/") + "/"
+    return path[len(prefix) :] if path.startswith(prefix) else None
+
+
+def _matches(source: Store, name: str) -> list[str]:
+    """The shards one brace expansion names: a glob's matches (but a run's own `_*`/`.*` files), or the
+    name if it exists."""
+    if any(c in name for c in "*?["):
+        return _inputs(source.glob(name))
+    return [name] if source.exists(name) else []
+
+
+def _inputs(names: list[str]) -> list[str]:
+    """Without a run's own files (`_manifest/`, `_quarantine/`, `.tmp`...), should the input hold any."""
+    return [name for name in names if not name.startswith(("_", "."))]

@@ -1,0 +1,183 @@
+"""The Ray side of one shard: the worker that runs `process_shard` and the pieces it talks to.
+
+Nothing here imports torch: shard workers only read, decode, write and wait on the restorer actors,
+so each costs tens of MB, not a model runtime's hundreds.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
+from functools import partial
+from typing import Any
+
+import ray
+import tenacity
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+from pipeline.cluster.node_view import Place, check_sees
+from pipeline.cluster.this_node import this_node
+from pipeline.cluster.waits import OnWait, batch_label, patient_get
+from pipeline.deblur.job import DeblurJob, start_failure
+from pipeline.deblur.ray.router import Pools, depth_pool_restore
+from pipeline.deblur.shard import RestoreFn, ShardReport, add_histogram, process_shard
+from pipeline.formats.frames import FrameIn, FrameOut, Rejected
+from pipeline.store.lease import Fence
+from pipeline.store.scratch import remove_orphans
+from pipeline.store.storage import StorageError, is_transient
+
+
+@ray.remote(num_cpus=0)
+class ProgressActor:
+    """Counts finished frames per shard and patches per exit depth, for the live bar and stall checks."""
+
+    def __init__(self) -> None:
+        self.frames: dict[str, int] = {}
+        self.depths: list[int] = []
+        self.plans: list[list[int]] = []  # depth-pools layout: each new plan (actors per depth 1..N)
+        self.waits: dict[str, str] = {}  # shard -> what it has been waiting on for a while
+
+    def add(self, shard: str, frames: int, histogram: list[int]) -> None:
+        self.frames[shard] = self.frames.get(shard, 0) + frames
+        add_histogram(self.depths, histogram)
+
+    def plan(self, sizes: list[int]) -> None:
+        if not self.plans or self.plans[-1] != sizes:
+            self.plans.append(list(sizes))
+
+    def snapshot(self) -> tuple[dict[str, int], list[int]]:
+        return dict(self.frames), list(self.depths)
+
+    def pool_plans(self) -> list[list[int]]:
+        return [list(p) for p in self.plans]
+
+    def wait(self, shard: str, what: str | None) -> None:
+        if what is None:
+            self.waits.pop(shard, None)
+        else:
+            self.waits[shard] = what
+
+    def waiting(self) -> dict[str, str]:
+        return dict(self.waits)
+
+
+def actor_restore(
+    pools: Pools,
+    start: int,
+    window: int,
+    retries: int = 3,
+    on_wait: OnWait | None = None,
+    patience: float = 10.0,
+) -> RestoreFn:
+    """A RestoreFn over the fused restorer actors: `window` batches in flight, results in order, a dead
+    actor's batch resent to the next actor; `on_wait` hears what a slow answer is waited on."""
+    actors = pools.restorers
+
+    def run(batches: Iterable[list[FrameIn]]) -> Iterator[list[FrameOut | Rejected]]:
+        pending: deque[tuple[Any, list[FrameIn], int, int]] = deque()
+        turn = start
+
+        def submit(batch: list[FrameIn], attempt: int) -> tuple[Any, list[FrameIn], int, int]:
+            nonlocal turn
+            index = turn % len(actors)
+            turn += 1
+            return actors[index].restore.remote(batch), batch, attempt, index
+
+        def waited_on(index: int, batch: list[FrameIn]) -> str:
+            return f"{pools.restorer_name(index)} for batch {batch_label([f.key for f in batch])}"
+
+        def resolve(item: tuple[Any, list[FrameIn], int, int]) -> list[FrameOut | Rejected]:
+            ref, batch, attempt, index = item
+            while True:
+                try:
+                    return patient_get(ref, partial(waited_on, index, batch), on_wait, patience)
+                except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
+                    if (failed := start_failure(e, restarted=True)) is not None:
+                        raise failed from None  # Ray will not restart it again: stop, say why
+                    if attempt >= retries:
+                        raise
+                    ref, batch, attempt, index = submit(batch, attempt + 1)
+
+        for batch in batches:
+            pending.append(submit(batch, 0))
+            if len(pending) >= window:
+                yield resolve(pending.popleft())
+        while pending:
+            yield resolve(pending.popleft())
+
+    return run
+
+
+def restore_fn(pools: Pools, index: int, progress: Any, on_wait: OnWait, patience: float) -> RestoreFn:
+    """Shard `index`'s way to the actors. Fused: shard i starts at actor 2i, so that with >= workers/2
+    shards in flight every actor has work. Depth pools: shard i starts at encoder i."""
+    if pools.encoders:
+        return depth_pool_restore(pools, start=index, progress=progress, on_wait=on_wait, patience=patience)
+    return actor_restore(pools, start=2 * index, window=2, on_wait=on_wait, patience=patience)
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=3)
+class ShardWorker:
+    """Runs shards one after another in one long-lived process. (A task per shard made Ray start and
+    reap a worker process per shard: 0.5 s of CPU each, which capped 16 stand-in workers at 20% of
+    their ideal on 2 cores.) A worker lost with its node is restarted and its call retried; the
+    shard's output is committed whole, so a retry writes the same bytes once."""
+
+    def __init__(self, driver: Place) -> None:
+        # A worker killed mid-shard (this one's predecessor, after a restart) left its partial output.
+        remove_orphans()
+        self.driver = driver
+        self.sees = False  # checked before this process's first shard (a restart may be on another node)
+
+    def process(
+        self,
+        shard: str,
+        index: int,
+        job: DeblurJob,
+        options: Mapping[str, Any],
+        pools: Pools,
+        fingerprint: str,
+        run_id: str,
+        progress: Any,
+        max_frames: int | None,
+        fence: Fence,
+    ) -> ShardReport:
+        source, output = job.stores(options)
+        if not self.sees:
+            check_sees(source, output, shard, fence, this_node(), self.driver)
+            self.sees = True
+        # Report a wait well before it would count as a stall.
+        patience = min(10.0, job.stall_timeout_s / 4)
+
+        def attempt() -> ShardReport:
+            return process_shard(
+                shard,
+                source,
+                output,
+                restore_fn(pools, index, progress, lambda what: progress.wait.remote(shard, what), patience),
+                frames_per_batch=job.batch_frames(),
+                flush_s=job.flush_timeout_s,
+                image_member=job.image_member,
+                fingerprint=fingerprint,
+                run_id=run_id,
+                max_frames=max_frames,
+                on_frames=lambda n, histogram: progress.add.remote(shard, n, histogram),
+                made_with=job.made_with(fingerprint),
+                before_commit=partial(fence.check, output),  # taken over: commit nothing more
+            )
+
+        # A store that drops the connection in the middle of a shard's stream: redo the shard (its
+        # output is committed whole, so a redo writes nothing twice). Single operations retry on their
+        # own: their StorageError means the store stayed down for the whole --storage-retry window.
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(
+                lambda e: not isinstance(e, StorageError) and (is_transient(e) or is_transient(e.__cause__ or e))
+            ),
+            wait=tenacity.wait_exponential(multiplier=1, max=30),
+            stop=tenacity.stop_after_attempt(3),
+            reraise=True,
+        )
+        return retrying(attempt)
+
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()

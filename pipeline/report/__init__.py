@@ -1,0 +1,1 @@
+"""`adarevd report`: the run page, its charts and the exit-depth pictures."""

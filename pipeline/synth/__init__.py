@@ -1,0 +1,1 @@
+"""Synthetic motion blur over offline photos: paired training shards and blurry clips (`adarevd synth`)."""
