@@ -78,8 +78,26 @@ class StandInRestorer:
             h, w = frame.rgb.shape[:2]
             histogram = tuple(int((depths == d).sum()) for d in range(COLUMNS + 1))
             score = blur_score(frame.rgb)
-            out.append(FrameOut(frame.sample, frame.member, w, h, "", histogram, float(depths.mean()),
-                                1 - float(depths.mean()) / COLUMNS, score, score, 1.0, 0.0, 0.0, 0.0))  # fmt: skip
+            mean = float(depths.mean())
+            out.append(
+                FrameOut(
+                    frame.sample,
+                    frame.member,
+                    w,
+                    h,
+                    "",
+                    histogram,
+                    mean,
+                    1 - mean / COLUMNS,
+                    score,
+                    score,
+                    1.0,
+                    (0.0, 0.0, 0.0),
+                    0.0,
+                    0.0,
+                    0.0,
+                )
+            )
         return out
 
 
@@ -131,12 +149,24 @@ class MemorySampler:
         self._thread.join()
 
 
-def run_once(work: Path, name: str, frames: int, model: adarevd.AdaRevD, stand_in: StandIn, workers: int,
-             frames_per_batch: int, run_id: str) -> tuple[float, MemorySampler]:  # fmt: skip
+def run_once(
+    work: Path,
+    name: str,
+    frames: int,
+    model: adarevd.AdaRevD,
+    stand_in: StandIn,
+    workers: int,
+    frames_per_batch: int,
+    run_id: str,
+) -> tuple[float, MemorySampler]:
     source, output = Store(str(work / f"in-{name}")), Store(str(work / f"out-{name}"))
     make_input(source, frames)
-    job = driver.DeblurJob(source.url, output.url, frames_per_batch=frames_per_batch,
-                           resources=driver.Resources(workers=workers, cpus_per_worker=0.1))  # fmt: skip
+    job = driver.DeblurJob(
+        source.url,
+        output.url,
+        frames_per_batch=frames_per_batch,
+        resources=driver.Resources(workers=workers, cpus_per_worker=0.1),
+    )
     with MemorySampler(run_id) as memory:
         summary = driver.run(job, model, make_restorer=stand_in)
     assert summary.frames == frames, summary
@@ -162,8 +192,9 @@ def main() -> None:
         single, _ = run_once(work, "single", args.frames, model, stand_in, 4, 1, run_id)
         pooled, _ = run_once(work, "pooled", args.frames, model, stand_in, 4, args.pooled, run_id)
         scaled, memory_1x = run_once(work, "scaled", args.scale_frames, model, stand_in, 16, args.pooled, run_id)
-        scaled10, memory_10x = run_once(work, "scaled10", 10 * args.scale_frames, model, stand_in, 16, args.pooled,
-                                        run_id)  # fmt: skip
+        scaled10, memory_10x = run_once(
+            work, "scaled10", 10 * args.scale_frames, model, stand_in, 16, args.pooled, run_id
+        )
         # Ideal for 16 workers: each busy all the time with calls of `pooled` frames of 128x128.
         restorer = stand_in()
         grid = PatchGrid.build(128, 128, PATCH, OVERLAP)

@@ -67,8 +67,9 @@ def deblurred(tmp_path_factory: pytest.TempPathFactory) -> tuple[Store, Store, d
     root = tmp_path_factory.mktemp("report")
     source, output = Store(str(root / "in")), Store(str(root / "out"))
     astronaut = skimage.data.astronaut()  # RGB
-    crops = {f"astro_{i:06d}": np.ascontiguousarray(astronaut[40 * i : 40 * i + 96, 60 * i : 60 * i + 160])
-             for i in range(4)}  # fmt: skip
+    crops = {
+        f"astro_{i:06d}": np.ascontiguousarray(astronaut[40 * i : 40 * i + 96, 60 * i : 60 * i + 160]) for i in range(4)
+    }
     samples = [Sample(k, {"png": images.encode(rgb[..., ::-1].copy()), "cls": b"3"}) for k, rgb in crops.items()]
     broken = Sample("astro_000099", {"png": b"<not a png>"})
     source.commit_bytes(SHARD, encode_shard([*samples[:2], broken, *samples[2:]]))
@@ -102,13 +103,20 @@ def test_report_page_and_pictures(deblurred: tuple[Store, Store, dict], tmp_path
         image = cv2.imread(str(picture))[..., ::-1]
         assert image.shape == (28 + 96, 3 * 160 + 8, 3)
         assert np.array_equal(image[28:, :160], crops[key])  # the blurry input, as it went in
-        patches = PatchMap(tuple(rows[key]["patch_ys"]), tuple(rows[key]["patch_xs"]), *rows[key]["patch_size"],
-                           tuple(rows[key]["patch_depths"]))  # fmt: skip
+        patches = PatchMap(
+            tuple(rows[key]["patch_ys"]),
+            tuple(rows[key]["patch_xs"]),
+            *rows[key]["patch_size"],
+            tuple(rows[key]["patch_depths"]),
+        )
         assert np.array_equal(image[28:, 2 * 164 :], exit_map(crops[key], patches, 4))
     histogram = np.sum([r["depth_histogram"] for r in rows.values()], axis=0)
     for count in histogram:
         assert f'<td class="n">{count}</td>' in page
     assert "astro_000099" in page and "cannot be decoded" in page  # the quarantined sample and its reason
+    # The tone shift over the frames, as the manifests record it, and the blur score named as a proxy.
+    mean = np.mean([r["tone_shift"] for r in rows.values()], axis=0)
+    assert " / ".join(f"{v:+.2f}" for v in mean) in page and "no-reference proxy" in page
     links = _references(page)
     assert links == {p.relative_to(tmp_path).as_posix() for p in report.pictures}  # nothing else is fetched
 
@@ -153,11 +161,24 @@ def test_page_renders_offline_in_headless_chromium(deblurred: tuple[Store, Store
     report = write_report(output, tmp_path / "report", samples=2, input_url=source.url)
     shot = tmp_path / "page.png"
     # A fresh profile, no network: the page must draw from its own folder alone.
-    subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    "--proxy-server=127.0.0.1:9", "--proxy-bypass-list=<-loopback>",
-                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,2600",
-                    f"--screenshot={shot}", report.page.as_uri()],
-                   check=True, capture_output=True, timeout=120)  # fmt: skip
+    subprocess.run(
+        [
+            chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--proxy-server=127.0.0.1:9",
+            "--proxy-bypass-list=<-loopback>",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=1280,2600",
+            f"--screenshot={shot}",
+            report.page.as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     image = cv2.imread(str(shot))
     assert image is not None and image.shape[:2] == (2600, 1280)
     assert image.std() > 20  # not a blank page
@@ -199,8 +220,9 @@ def test_a_report_of_many_frames_stays_small(tmp_path: Path) -> None:
         n = 10_000
         histograms = rng.multinomial(12, [0.1, 0.3, 0.2, 0.3, 0.1], size=n)
         total += histograms.sum(axis=0)
-        columns = {name: pa.nulls(n, field.type) for name, field in zip(MANIFEST_SCHEMA.names, MANIFEST_SCHEMA,
-                                                                        strict=True)}  # fmt: skip
+        columns = {
+            name: pa.nulls(n, field.type) for name, field in zip(MANIFEST_SCHEMA.names, MANIFEST_SCHEMA, strict=True)
+        }
         columns |= {
             "shard": pa.array([f"s{s:03d}.tar"] * n),
             "key": pa.array([f"v_{s * n + i:07d}" for i in range(n)]),

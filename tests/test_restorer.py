@@ -15,7 +15,7 @@ import adarevd
 from adarevd.tiling import PatchGrid
 from pipeline.deblur.job import RestoreOptions
 from pipeline.deblur.restorer import FrameRestorer
-from pipeline.deblur.scores import blur_score, seam_score
+from pipeline.deblur.scores import blur_score, seam_score, tone_shift
 from pipeline.deblur.shard import local_restore, output_names, process_shard
 from pipeline.formats import images
 from pipeline.formats.frames import FrameIn, FrameOut, Rejected, decode_sample, image_member
@@ -145,6 +145,17 @@ def test_scores_see_blur_and_seams() -> None:
     assert seam_score(stepped, grid) > 3
 
 
+def test_tone_shift_sees_a_brighter_channel_and_not_a_sharper_frame() -> None:
+    frame = np.random.default_rng(1).integers(20, 200, (32, 48, 3), dtype=np.uint8)
+    brighter = frame.copy()
+    brighter[..., 2] += 6  # the blue channel, 6 levels up
+    assert tone_shift(frame, brighter) == pytest.approx((0, 0, 6))
+    soft = cv2.GaussianBlur(frame, (9, 9), 3)  # values well inside 0..255: sharpening clips nothing
+    sharpened = np.clip(soft.astype(int) * 2 - cv2.GaussianBlur(soft, (5, 5), 1).astype(int), 0, 255)
+    assert blur_score(sharpened.astype(np.uint8)) > 2 * blur_score(soft)  # the proxy rises a lot
+    assert np.abs(tone_shift(soft, sharpened.astype(np.uint8))).max() < 0.5  # the tone does not move
+
+
 def test_one_shard_end_to_end_with_quarantine_and_manifest(model: adarevd.AdaRevD, memory_store: Store) -> None:
     source = Store(memory_store.url + "-in")
     frames = [frame(f"clip_{i:06d}", 48, 64, seed=i) for i in range(5)]
@@ -152,8 +163,9 @@ def test_one_shard_end_to_end_with_quarantine_and_manifest(model: adarevd.AdaRev
     broken = Sample("clip_000099", {"png": b"not a png", "json": b'{"frame_index": 99}'})
     source.commit_bytes("frames-000000.tar", encode_shard([*samples[:2], broken, *samples[2:], samples[0]]))
     restorer = FrameRestorer(model)
-    report = process_shard("frames-000000.tar", source, memory_store, local_restore(restorer), frames_per_batch=2,
-                           fingerprint="abc")  # fmt: skip
+    report = process_shard(
+        "frames-000000.tar", source, memory_store, local_restore(restorer), frames_per_batch=2, fingerprint="abc"
+    )
     assert (report.frames, report.quarantined, report.complete) == (5, 2, True)
     out_name, manifest, q_tar, q_index = output_names("frames-000000.tar")
     with memory_store.open(out_name) as stream:
@@ -164,6 +176,7 @@ def test_one_shard_end_to_end_with_quarantine_and_manifest(model: adarevd.AdaRev
     assert [r["key"] for r in rows] == [f.key for f in frames]
     assert {r["model_fingerprint"] for r in rows} == {"abc"}
     assert all(sum(r["depth_histogram"]) == 1 for r in rows)  # 48x64 is one (48 x 64) patch
+    assert all(len(r["tone_shift"]) == 3 for r in rows)  # mean output minus input per channel
     with memory_store.open(q_tar) as stream:
         quarantined = {s.key: dict(s.members) for s in iter_samples(stream, q_tar)}
     assert quarantined["clip_000099"] == dict(broken.members)  # original bytes kept

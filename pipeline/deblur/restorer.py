@@ -23,7 +23,7 @@ from adarevd import AdaRevD
 from adarevd.tiling import PatchGrid, cut
 from pipeline.deblur.depth_pools import DepthGroup, EncodedBatch, EncodedFrame, GroupPart
 from pipeline.deblur.job import RestoreOptions
-from pipeline.deblur.scores import blur_score, seam_score
+from pipeline.deblur.scores import blur_score, seam_score, tone_shift
 from pipeline.formats.frames import FrameIn, FrameOut, PatchMap, Rejected, encode_output
 
 
@@ -186,8 +186,10 @@ class FrameRestorer:
         per_patch = self.options.encoder_mode == "patch"
         if not per_patch and budget and frame.rgb.shape[0] * frame.rgb.shape[1] > budget:
             per_patch = True
-            notes.append(f"encoded per patch: {frame.rgb.shape[1]}x{frame.rgb.shape[0]} is over the frame-mode "
-                         f"budget of {budget} pixels")  # fmt: skip
+            notes.append(
+                f"encoded per patch: {frame.rgb.shape[1]}x{frame.rgb.shape[0]} is over the frame-mode "
+                f"budget of {budget} pixels"
+            )
         with self._autocast():
             features = None
             if not per_patch:
@@ -245,6 +247,7 @@ class FrameRestorer:
             blur_before=blur_score(item.frame.rgb),
             blur_after=blur_score(rgb),
             seam=seam_score(rgb, item.grid),
+            tone_shift=tone_shift(item.frame.rgb, rgb),
             encode_ms=item.encode_ms,
             decode_ms=item.decode_ms,
             stitch_ms=(time.perf_counter() - start) * 1e3,

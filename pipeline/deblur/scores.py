@@ -1,4 +1,9 @@
-"""Per-frame quality signals for manifests: blur (variance of the Laplacian) and seams at patch borders."""
+"""Per-frame quality signals for manifests: blur (variance of the Laplacian), seams at patch borders,
+and the tone shift (how much the output's mean differs from the input's, per channel).
+
+The blur score is a no-reference proxy: it rises with edge energy, so any contrast boost raises it,
+a harmful one included. The tone shift shows such a change: a deblurrer should leave it near 0.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,12 @@ def blur_score(rgb: np.ndarray) -> float:
     """Variance of the Laplacian of the grey image: higher = sharper (more edge energy)."""
     grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
     return float(cv2.Laplacian(grey, cv2.CV_64F).var())
+
+
+def tone_shift(before: np.ndarray, after: np.ndarray) -> tuple[float, float, float]:
+    """Mean of `after` minus mean of `before`, per channel, in 8-bit levels ((H, W, 3) uint8 each)."""
+    means = after.reshape(-1, 3).mean(axis=0, dtype=np.float64) - before.reshape(-1, 3).mean(axis=0, dtype=np.float64)
+    return (float(means[0]), float(means[1]), float(means[2]))
 
 
 def seam_score(rgb: np.ndarray, grid: PatchGrid) -> float:

@@ -45,9 +45,10 @@ MANIFEST_SCHEMA = pa.schema(
         ("depth_histogram", pa.list_(pa.int32())),  # patches per exit depth 0..N
         ("mean_depth", pa.float32()),
         ("compute_saved", pa.float32()),  # 1 - mean depth / N
-        ("blur_before", pa.float32()),  # variance of the Laplacian (higher = sharper)
+        ("blur_before", pa.float32()),  # variance of the Laplacian: a no-reference proxy (contrast raises it)
         ("blur_after", pa.float32()),
         ("seam_score", pa.float32()),  # step across patch borders / step overall (1 = no seams)
+        ("tone_shift", pa.list_(pa.float32())),  # mean output minus input, R, G, B, in 8-bit levels
         ("encode_ms", pa.float32()),
         ("decode_ms", pa.float32()),
         ("stitch_ms", pa.float32()),
@@ -213,6 +214,7 @@ def _manifest_row(shard: str, result: FrameOut, fingerprint: str, run_id: str, f
         "blur_before": result.blur_before,
         "blur_after": result.blur_after,
         "seam_score": result.seam,
+        "tone_shift": list(result.tone_shift),
         "encode_ms": result.encode_ms,
         "decode_ms": result.decode_ms,
         "stitch_ms": result.stitch_ms,

@@ -58,6 +58,7 @@ class FrameOut:
     blur_before: float
     blur_after: float
     seam: float
+    tone_shift: tuple[float, float, float]  # mean output minus input per channel (RGB), in 8-bit levels
     encode_ms: float
     decode_ms: float
     stitch_ms: float

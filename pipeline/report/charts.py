@@ -56,7 +56,8 @@ MAX_POINTS = 4000  # an archive has millions of frames: a chart draws an even sa
 
 
 def blur_scores(before: Sequence[float], after: Sequence[float]) -> str:
-    """Each frame's blur score (variance of the Laplacian) after vs before; above the diagonal = sharper.
+    """Each frame's blur score (variance of the Laplacian) after vs before; above the diagonal = more edge
+    energy (a no-reference proxy: a contrast boost lands there too).
     Over MAX_POINTS frames, an evenly spaced sample of them."""
     fig, ax = plt.subplots(figsize=(4.8, 2.8))
     b, a = np.asarray(before, np.float64), np.asarray(after, np.float64)
@@ -72,7 +73,7 @@ def blur_scores(before: Sequence[float], after: Sequence[float]) -> str:
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.legend(fontsize=7, loc="upper left")
-    ax.set_xlabel("blur score before (higher = sharper)")
+    ax.set_xlabel("blur score before (more edge energy: higher)")
     ax.set_ylabel("after")
     return _svg(fig)
 

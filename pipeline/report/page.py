@@ -55,16 +55,19 @@ class Report:
     warnings: list[str] = field(default_factory=list)
 
 
-def write_report(output: Store, to: Path, *, samples: int = 6, keys: Sequence[str] = (),
-                 input_url: str | None = None) -> Report:  # fmt: skip
+def write_report(
+    output: Store, to: Path, *, samples: int = 6, keys: Sequence[str] = (), input_url: str | None = None
+) -> Report:
     """Write `to/index.html` and `to/frames/*.png` for the deblur output in `output`."""
     run = _read_run(output)
     # The statistics of every frame, without the per-patch lists: an archive has millions of rows.
     manifest, shard_errors = read_manifests(output, STATS_COLUMNS)
     quarantine = read_quarantine(output)
     if manifest.num_rows == 0 and not quarantine:
-        raise ReportError(f"{redact(output.url)}: no committed manifests under {MANIFEST_DIR}/; is this the "
-                          f"output of `adarevd deblur`, and has a shard finished?")  # fmt: skip
+        raise ReportError(
+            f"{redact(output.url)}: no committed manifests under {MANIFEST_DIR}/; is this the "
+            f"output of `adarevd deblur`, and has a shard finished?"
+        )
     manifest = manifest.sort_by([("shard", "ascending"), ("key", "ascending")])
     n = _num_columns(run, manifest)
     picks = pa.array(choose(manifest, samples, keys), pa.int64())
@@ -130,8 +133,9 @@ class _Frame:
     picture: str  # path relative to the page, "" when it could not be drawn
 
 
-def _sample_frames(output: Store, source_url: str | None, chosen: Sequence[dict[str, Any]], n: int, to: Path,
-                   report: Report) -> list[_Frame]:  # fmt: skip
+def _sample_frames(
+    output: Store, source_url: str | None, chosen: Sequence[dict[str, Any]], n: int, to: Path, report: Report
+) -> list[_Frame]:
     by_shard: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in chosen:
         by_shard[row["shard"]].append(row)
@@ -166,8 +170,9 @@ def _find(store: Store, shard: str, keys: set[str], report: Report, hint: str) -
     return found
 
 
-def _draw(row: dict[str, Any], blurry: Sample | None, deblurred: Sample | None, n: int, path: Path,
-          report: Report) -> _Frame:  # fmt: skip
+def _draw(
+    row: dict[str, Any], blurry: Sample | None, deblurred: Sample | None, n: int, path: Path, report: Report
+) -> _Frame:
     key = row["key"]
     if deblurred is None or row["patch_depths"] is None:
         why = "its output sample is missing" if deblurred is None else "its manifest predates exit maps"
@@ -191,9 +196,17 @@ def _safe(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", key)[:80] or "frame"
 
 
-def _render(output: Store, run: dict[str, Any], manifest: pa.Table, quarantine: list[dict[str, Any]],
-            shard_errors: list[str], frames: list[_Frame], n: int, source_url: str | None,
-            warnings: list[str]) -> str:  # fmt: skip
+def _render(
+    output: Store,
+    run: dict[str, Any],
+    manifest: pa.Table,
+    quarantine: list[dict[str, Any]],
+    shard_errors: list[str],
+    frames: list[_Frame],
+    n: int,
+    source_url: str | None,
+    warnings: list[str],
+) -> str:
     histogram = exit_histogram(manifest.column("depth_histogram"), n)
     patches = int(histogram.sum())
     mean_depth = float((np.arange(n + 1) * histogram).sum() / patches) if patches else 0.0
@@ -210,7 +223,7 @@ def _render(output: Store, run: dict[str, Any], manifest: pa.Table, quarantine: 
     charts = {
         "Patches per exit depth": report_charts.exit_histogram(histogram.tolist(), colours),
         "Throughput over time": report_charts.throughput(runs),
-        "Blur score before and after": report_charts.blur_scores(before, after),
+        "Blur score before and after (no-reference proxy)": report_charts.blur_scores(before, after),
         "Mean exit depth per frame": report_charts.mean_depths(_floats(manifest, "mean_depth"), n),
     }
     environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
@@ -232,12 +245,21 @@ def _render(output: Store, run: dict[str, Any], manifest: pa.Table, quarantine: 
         blur={
             "before": float(np.median(before)) if len(before) else 0.0,
             "after": float(np.median(after)) if len(after) else 0.0,
-            "sharper": float((after > before).mean()) if len(before) else 0.0,
+            "higher": float((after > before).mean()) if len(before) else 0.0,
         },
+        tone=_tone(manifest),
         charts={title: _svg_markup(svg) for title, svg in charts.items()},
         samples=frames,
         warnings=warnings,
     )
+
+
+def _tone(manifest: pa.Table) -> dict[str, Any]:
+    """The tone shift over the frames that record one: mean per channel, and the largest of one frame."""
+    shifts = np.array([s for s in manifest.column("tone_shift").to_pylist() if s is not None], np.float64)
+    if not len(shifts):
+        return {"frames": 0, "mean": [0.0, 0.0, 0.0], "worst": 0.0}
+    return {"frames": len(shifts), "mean": shifts.mean(axis=0).tolist(), "worst": float(np.abs(shifts).max())}
 
 
 def _floats(table: pa.Table, column: str) -> np.ndarray:
@@ -246,8 +268,15 @@ def _floats(table: pa.Table, column: str) -> np.ndarray:
 
 def _per_shard(manifest: pa.Table, quarantine: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
     grouped = manifest.group_by("shard").aggregate([("key", "count"), ("mean_depth", "mean")]).to_pylist()
-    table = {g["shard"]: {"shard": g["shard"], "frames": g["key_count"], "mean_depth": g["mean_depth_mean"] or 0.0,
-                          "quarantined": 0} for g in grouped}  # fmt: skip
+    table = {
+        g["shard"]: {
+            "shard": g["shard"],
+            "frames": g["key_count"],
+            "mean_depth": g["mean_depth_mean"] or 0.0,
+            "quarantined": 0,
+        }
+        for g in grouped
+    }
     for q in quarantine:
         table.setdefault(q["shard"], {"shard": q["shard"], "frames": 0, "mean_depth": 0.0, "quarantined": 0})
         table[q["shard"]]["quarantined"] += 1
