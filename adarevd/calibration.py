@@ -79,8 +79,9 @@ def propose_table(
     errors = np.concatenate([e for _, e in frames])
     counts = np.bincount(classes, minlength=num_classes)
     db = _db(errors)
-    gains = [db[classes == c].mean(axis=0) - db[classes == c, 0].mean() if counts[c] else None
-             for c in range(num_classes)]  # fmt: skip
+    gains = [
+        db[classes == c].mean(axis=0) - db[classes == c, 0].mean() if counts[c] else None for c in range(num_classes)
+    ]
     # sums[f, c, d]: summed MSE of frame f's class-c patches exiting at d; a frame's MSE is their mean.
     sums = np.zeros((len(frames), num_classes, n + 1))
     for f, (c, e) in enumerate(frames):

@@ -84,8 +84,10 @@ def compute_bound_processes(frames: list[np.ndarray], exit: str | int, processes
     what this machine does with the model when the work is spread like the pipeline's actors."""
     context = multiprocessing.get_context("spawn")
     ready, done, go = context.Semaphore(0), context.Semaphore(0), context.Event()
-    workers = [context.Process(target=_restore_share, args=(frames[i::processes], exit, ready, go, done))
-               for i in range(processes)]  # fmt: skip
+    workers = [
+        context.Process(target=_restore_share, args=(frames[i::processes], exit, ready, go, done))
+        for i in range(processes)
+    ]
     for w in workers:
         w.start()
     for _ in workers:
@@ -168,8 +170,9 @@ def layouts(device: torch.device, cpus: int, frames_per_batch: int, pool_frames:
             """n actors sharing the card in fractions, as on a cluster's GPU node."""
             return driver.Resources(workers=n, cpus_per_worker=2.0, gpus_per_worker=1 / n)
 
-        pools = driver.Resources(workers=3, cpus_per_worker=1, gpus_per_worker=0.25, encoders=1, cpus_per_encoder=1,
-                                 gpus_per_encoder=0.25)  # fmt: skip
+        pools = driver.Resources(
+            workers=3, cpus_per_worker=1, gpus_per_worker=0.25, encoders=1, cpus_per_encoder=1, gpus_per_encoder=0.25
+        )
         return {
             "1x1gpu": ("fused", gpu(1), frames_per_batch),
             "2x0.5gpu": ("fused", gpu(2), frames_per_batch),
@@ -225,15 +228,23 @@ def main() -> None:
         def run_layout(name: str) -> dict[str, Any]:
             routing, resources, batch = table[name]
             job = driver.DeblurJob(
-                source.url, str(work / f"out-{name}-{time.monotonic_ns()}"), restore=RestoreOptions(exit=exit),
-                resources=resources, frames_per_batch=batch, routing=routing,  # type: ignore[arg-type]
-            )  # fmt: skip
+                source.url,
+                str(work / f"out-{name}-{time.monotonic_ns()}"),
+                restore=RestoreOptions(exit=exit),
+                resources=resources,
+                frames_per_batch=batch,
+                routing=routing,  # type: ignore[arg-type]
+            )
             summary = driver.run(job, model, weight_files=[str(DEFAULT_WEIGHTS)])
             assert summary.frames == args.frames
             if device.type == "cuda":
                 assert set(summary.devices) == {"cuda"}, summary.devices
-            result = {"wall_s": summary.seconds, "processing_s": summary.processing_seconds,
-                      "pool_plans": summary.pool_plans[-3:], "routing": routing}  # fmt: skip
+            result = {
+                "wall_s": summary.seconds,
+                "processing_s": summary.processing_seconds,
+                "pool_plans": summary.pool_plans[-3:],
+                "routing": routing,
+            }
             print(f"pipeline {name}: {result}", flush=True)
             return result
 
@@ -250,13 +261,14 @@ def main() -> None:
         if device.type == "cpu":
             spread = compute_bound_processes(frames, exit, cpus)
             print(f"{cpus} processes x 1 thread: {args.frames / spread:.2f} frames/s", flush=True)
-        pipeline = {default: {k: statistics.median(r[k] for r in runs) for k in ("wall_s", "processing_s")}
-                    | {"pool_plans": runs[-1]["pool_plans"], "routing": runs[-1]["routing"]}}  # fmt: skip
+        pipeline = {
+            default: {k: statistics.median(r[k] for r in runs) for k in ("wall_s", "processing_s")}
+            | {"pool_plans": runs[-1]["pool_plans"], "routing": runs[-1]["routing"]}
+        }
         pipeline |= {name: run_layout(name) for name in table if name != default}
         bound = statistics.median(b for b, _ in pairs)  # for context; each ratio uses its own pair
         naive_actors = 4 if gpus else cpus
-        naive = naive_ray_data(source, work / "naive", exit, actors=naive_actors, cpus=0.9,
-                               gpus=gpus / naive_actors)  # fmt: skip
+        naive = naive_ray_data(source, work / "naive", exit, actors=naive_actors, cpus=0.9, gpus=gpus / naive_actors)
         best = min(pipeline, key=lambda k: pipeline[k]["wall_s"])
         default_s = pipeline[default]["processing_s"]
         fps = lambda s: args.frames / s  # noqa: E731

@@ -185,8 +185,9 @@ def main() -> None:
                 proxy = DelayProxy(server.port, latency / 1000)
                 stores = [through(server, proxy.port, store.url) for store in direct]
                 contenders: dict[str, Callable[[Store, Store, list[str]], tuple[float, float, int]]] = {
-                    "per_shard": per_shard, "ours": ours,
-                }  # fmt: skip
+                    "per_shard": per_shard,
+                    "ours": ours,
+                }
                 times = {name: fn(*stores, shards) for name, fn in contenders.items()}
                 botocore = [through(server, proxy.port, store.url, BOTOCORE_CONNECTIONS) for store in direct]
                 times["ours_10_connections"] = ours(*botocore, shards)  # before S3_CONNECTIONS was the default
@@ -210,8 +211,10 @@ def main() -> None:
                 rows.append(row)
         finally:
             server.stop()
-    write("output_bookkeeping", {"shards": args.shards, "frames_per_shard": args.frames, "runs": rows,
-                                 "manifest_bytes": manifest_bytes})  # fmt: skip
+    write(
+        "output_bookkeeping",
+        {"shards": args.shards, "frames_per_shard": args.frames, "runs": rows, "manifest_bytes": manifest_bytes},
+    )
 
 
 if __name__ == "__main__":

@@ -67,8 +67,20 @@ def main() -> None:
     rows = []
     for columns in COLUMNS:
         for mode in ("plain", "reversible"):
-            cmd = [sys.executable, "-m", "benchmarks.reversible_memory", "--worker", str(columns), mode,
-                   "--width", str(args.width), "--size", str(args.size), "--batch", str(args.batch)]  # fmt: skip
+            cmd = [
+                sys.executable,
+                "-m",
+                "benchmarks.reversible_memory",
+                "--worker",
+                str(columns),
+                mode,
+                "--width",
+                str(args.width),
+                "--size",
+                str(args.size),
+                "--batch",
+                str(args.batch),
+            ]
             env = os.environ | {"MALLOC_MMAP_THRESHOLD_": "131072"}
             out = (
                 subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout.strip().splitlines()[-1]

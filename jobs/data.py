@@ -131,8 +131,16 @@ def frame_size(text: str) -> tuple[int, int]:
 def cmd_assemble(args: argparse.Namespace) -> int:
     store = Store(args.input, parse_storage_options(args.storage_option))
     source = Path(args.source) if args.source else None
-    done = assemble(store, args.video, Path(args.to), codec=args.codec, source=source, image=args.image_member,
-                    constant_rate=args.constant_rate, overwrite=args.overwrite)  # fmt: skip
+    done = assemble(
+        store,
+        args.video,
+        Path(args.to),
+        codec=args.codec,
+        source=source,
+        image=args.image_member,
+        constant_rate=args.constant_rate,
+        overwrite=args.overwrite,
+    )
     audio = f", audio from {source.name}" if source else ""
     timing = "; variable frame rate: each frame at its source timestamp" if done.variable_rate else ""
     print(f"wrote {args.to}: {done.frames} frames of {args.video}{audio}{timing}")
@@ -156,14 +164,15 @@ def cmd_synth(args: argparse.Namespace) -> int:
         )
         store = Store(args.output, parse_storage_options(args.storage_option))
         with tqdm(total=config.count, unit=" pairs", desc="synth", file=sys.stderr, disable=None) as bar:
-            shards = write_pairs(store, config, progress=bar.update, overwrite=args.overwrite,
-                                 take_over=args.take_over)  # fmt: skip
+            shards = write_pairs(store, config, progress=bar.update, overwrite=args.overwrite, take_over=args.take_over)
         print(f"wrote {config.count} pairs in {len(shards)} shard(s) and _index.parquet to {args.output}")
     if args.video is not None:
         clip = ClipConfig(args.video_scene, args.video_frames, args.fps, args.video_size, args.seed, spec)
         count = write_clip(args.video, clip, args.video_sharp)
-        print(f"wrote a {count}-frame blurry clip to {args.video}" + (f" (sharp: {args.video_sharp})"
-              if args.video_sharp else ""))  # fmt: skip
+        print(
+            f"wrote a {count}-frame blurry clip to {args.video}"
+            + (f" (sharp: {args.video_sharp})" if args.video_sharp else "")
+        )
     return 0
 
 

@@ -188,8 +188,10 @@ def cmd_deblur(args: argparse.Namespace) -> int:
     job.restore.check_model(model.num_columns)
     fingerprint = adarevd.fingerprint(model)
     shards = job.shards(options)  # before Ray starts: a mistyped input stops at once
-    print(f"model: {model.config.encoder} encoder, width {model.config.width}, {model.num_columns} columns; "
-          f"weights: {source}; fingerprint {fingerprint[:12]}")  # fmt: skip
+    print(
+        f"model: {model.config.encoder} encoder, width {model.config.width}, {model.num_columns} columns; "
+        f"weights: {source}; fingerprint {fingerprint[:12]}"
+    )
     started = time.perf_counter()
     driver.ensure_ray(args.address, args.num_cpus)
     sigterm.again()
@@ -211,8 +213,10 @@ def print_summary(summary: RunSummary, output_url: str, wall: float) -> None:
     if summary.took_over:
         print(f"took the output over from {summary.took_over}")
     if summary.input_moved_from:
-        print(f"resuming: the done shards were deblurred from another place (the first: {summary.input_moved_from}); "
-              "the input here has the same bytes")  # fmt: skip
+        print(
+            f"resuming: the done shards were deblurred from another place (the first: {summary.input_moved_from}); "
+            "the input here has the same bytes"
+        )
     histogram = summary.histogram
     patches = sum(histogram)
     actors = f"workers: {summary.workers}"
@@ -220,10 +224,14 @@ def print_summary(summary: RunSummary, output_url: str, wall: float) -> None:
         actors = f"encoders: {summary.encoders}, depth-pool actors: {summary.workers}"
     if summary.devices:
         actors += " (model on " + ", ".join(f"{d}: {n}" for d, n in sorted(summary.devices.items())) + ")"
-    print(f"shards: {len(summary.reports)} processed, {summary.shards_skipped} already done, "
-          f"{summary.shards_total} in all; {actors}")  # fmt: skip
-    print(f"frames: {frames} in {summary.seconds:.1f} s ({frames / max(summary.seconds, 1e-9):.2f} frames/s; "
-          f"{wall:.1f} s with Ray start-up)")  # fmt: skip
+    print(
+        f"shards: {len(summary.reports)} processed, {summary.shards_skipped} already done, "
+        f"{summary.shards_total} in all; {actors}"
+    )
+    print(
+        f"frames: {frames} in {summary.seconds:.1f} s ({frames / max(summary.seconds, 1e-9):.2f} frames/s; "
+        f"{wall:.1f} s with Ray start-up)"
+    )
     if sum(histogram):  # none when every shard was done already, or every frame quarantined
         print("exit depth   " + " ".join(f"{d:>7}" for d in range(len(histogram))))
         print("patches      " + " ".join(f"{n:>7}" for n in histogram))

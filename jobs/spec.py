@@ -38,8 +38,16 @@ from typing import Any, Literal
 
 JobKind = Literal["ingest", "synth", "deblur", "train", "eval"]
 KINDS: tuple[JobKind, ...] = ("ingest", "synth", "deblur", "train", "eval")
-TOP = {"name": str, "kind": str, "priority": int, "input": str, "output": str, "model": str, "weights": list,
-       "stage": str}  # fmt: skip
+TOP = {
+    "name": str,
+    "kind": str,
+    "priority": int,
+    "input": str,
+    "output": str,
+    "model": str,
+    "weights": list,
+    "stage": str,
+}
 RESOURCES = {"workers": int, "cpus_per_worker": (int, float), "gpus_per_worker": (int, float), "num_cpus": (int, float)}
 STORAGE = {"endpoint_url": str, "region": str, "key_env": str, "secret_env": str}
 SECRET_NAMES = re.compile(r"(secret|password|token|key)$", re.IGNORECASE)
@@ -95,8 +103,13 @@ def load_spec(path: str | Path) -> JobSpec:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", data["name"]):
         raise fail(None, "name", "use letters, digits, '.', '_' and '-' (at most 100)")
     kind = data["kind"]
-    needs = {"ingest": ("input", "output"), "synth": ("output",), "deblur": ("input", "output"),
-             "train": ("input", "output", "stage"), "eval": ("input",)}[kind]  # fmt: skip
+    needs = {
+        "ingest": ("input", "output"),
+        "synth": ("output",),
+        "deblur": ("input", "output"),
+        "train": ("input", "output", "stage"),
+        "eval": ("input",),
+    }[kind]
     for key in needs:
         if key not in data:
             raise SpecError(f"{path}: kind {kind!r} needs {key!r}")
@@ -107,8 +120,9 @@ def load_spec(path: str | Path) -> JobSpec:
         section = data.get(table, {})
         for key, value in section.items():
             if table == "storage" and key not in allowed and SECRET_NAMES.search(key):
-                raise fail(table, key, "secrets only by environment-variable name: set one and name it in "
-                           "key_env / secret_env")  # fmt: skip
+                raise fail(
+                    table, key, "secrets only by environment-variable name: set one and name it in key_env / secret_env"
+                )
             if key not in allowed:
                 raise fail(table, key, f"unknown field; known: {', '.join(allowed)}")
             if not isinstance(value, allowed[key]) or isinstance(value, bool):
@@ -117,18 +131,31 @@ def load_spec(path: str | Path) -> JobSpec:
     options = dict(data.get("options", {}))
     for key, value in options.items():
         if SECRET_NAMES.search(key) and isinstance(value, str):
-            raise fail("options", key, "looks like a secret: put it in an environment variable and name that in "
-                       "[storage] key_env / secret_env")  # fmt: skip
+            raise fail(
+                "options",
+                key,
+                "looks like a secret: put it in an environment variable and name that in "
+                "[storage] key_env / secret_env",
+            )
         if isinstance(value, dict):
             raise fail("options", key, "nested tables are not options")
     weights = data.get("weights", [])
     if not all(isinstance(w, str) for w in weights):
         raise fail(None, "weights", "expected a list of file names")
     return JobSpec(
-        path=str(path), name=data["name"], kind=kind, priority=data.get("priority", 0), input=data.get("input"),
-        output=data.get("output"), model=data.get("model"), weights=tuple(weights), stage=data.get("stage"),
-        resources=sections["resources"], storage=sections["storage"], options=options,
-    )  # fmt: skip
+        path=str(path),
+        name=data["name"],
+        kind=kind,
+        priority=data.get("priority", 0),
+        input=data.get("input"),
+        output=data.get("output"),
+        model=data.get("model"),
+        weights=tuple(weights),
+        stage=data.get("stage"),
+        resources=sections["resources"],
+        storage=sections["storage"],
+        options=options,
+    )
 
 
 def check_options(spec: JobSpec, known: Iterable[str]) -> None:
@@ -139,8 +166,10 @@ def check_options(spec: JobSpec, known: Iterable[str]) -> None:
         for key in section:
             if "--" + key.replace("_", "-") not in known:
                 choices = ", ".join(sorted(k[2:].replace("-", "_") for k in known if k != "--help"))
-                raise SpecError(f"{spec.path}:{_line_of(text, table, key)}: {table}.{key}: not an option of "
-                                f"`adarevd {spec.kind}`; known: {choices}")  # fmt: skip
+                raise SpecError(
+                    f"{spec.path}:{_line_of(text, table, key)}: {table}.{key}: not an option of "
+                    f"`adarevd {spec.kind}`; known: {choices}"
+                )
 
 
 def to_argv(spec: JobSpec) -> list[str]:

@@ -33,6 +33,8 @@ class Commands:
 
     main: Callable[[Sequence[str]], int]  # runs one `adarevd` command line
     long_options: Callable[[str], set[str]]  # the long options of `adarevd KIND`
+
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

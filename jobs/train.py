@@ -32,13 +32,26 @@ CALIBRATION_KEY = "adarevd.calibration"
 
 def cmd_train(args: argparse.Namespace) -> int:
     spec = TrainSpec(
-        kind=args.kind, data=args.data, output=args.output, checkpoints=args.checkpoints, preset=args.model,
-        weights=tuple(args.weights), iterations=args.iterations, batch=args.batch, crop=args.crop, lr=args.lr,
-        weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed, reversible=not args.plain,
-        checkpoint_every=args.checkpoint_every, log_every=args.log_every, ema_warmup=args.ema_warmup,
+        kind=args.kind,
+        data=args.data,
+        output=args.output,
+        checkpoints=args.checkpoints,
+        preset=args.model,
+        weights=tuple(args.weights),
+        iterations=args.iterations,
+        batch=args.batch,
+        crop=args.crop,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip,
+        seed=args.seed,
+        reversible=not args.plain,
+        checkpoint_every=args.checkpoint_every,
+        log_every=args.log_every,
+        ema_warmup=args.ema_warmup,
         psnr_thresholds=tuple(args.psnr_thresholds) if args.psnr_thresholds else None,
         storage_options=parse_storage_options(args.storage_option),
-    )  # fmt: skip
+    )
     if args.workers == 1 and args.address is None:
         from pipeline.train.ray_train import format_progress
 
@@ -47,8 +60,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         # One worker trains in this process, on the GPU when one is asked for.
         if args.gpus_per_worker > 0 and not torch.cuda.is_available():
-            raise CliError(f"--gpus-per-worker {args.gpus_per_worker:g}: torch {torch.__version__} sees no CUDA "
-                           "device here; leave it out to train on the CPU")  # fmt: skip
+            raise CliError(
+                f"--gpus-per-worker {args.gpus_per_worker:g}: torch {torch.__version__} sees no CUDA "
+                "device here; leave it out to train on the CPU"
+            )
         device = torch.device("cuda" if args.gpus_per_worker > 0 else "cpu")
         result = train(spec, device=device, on_progress=show)
     else:
@@ -60,8 +75,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = fit(spec, TrainResources(args.workers, args.cpus_per_worker, args.gpus_per_worker))
     assert result is not None
     resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""
-    print(f"train {spec.kind}: {result.steps} steps{resumed} in {result.seconds:.0f} s, final loss {result.loss:.4f}; "
-          f"wrote {args.output}")  # fmt: skip
+    print(
+        f"train {spec.kind}: {result.steps} steps{resumed} in {result.seconds:.0f} s, final loss {result.loss:.4f}; "
+        f"wrote {args.output}"
+    )
     return 0
 
 
@@ -75,8 +92,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"{name:16s} {result[name]}")
     print(f"{'gain_db':16s} {result['gain_db']}  (adaptive vs full depth: {result['adaptive_vs_full_db']} dB)")
     for c, row in result["by_class"].items():
-        print(f"class {c}: {row['frames']} frames, input {row['psnr_input']} -> {row['psnr_output']} dB, "
-              f"depth {row['mean_depth']}")  # fmt: skip
+        print(
+            f"class {c}: {row['frames']} frames, input {row['psnr_input']} -> {row['psnr_output']} dB, "
+            f"depth {row['mean_depth']}"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
@@ -96,8 +115,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     print(f"patches per class {found.patches_per_class}")
     for c, gains in enumerate(found.gain_per_column):
         print(f"class {c}: gain after 1..N columns {list(gains)} dB")
-    print(f"exit table {model.config.exit_table} -> {found.exit_table}: mean depth {found.mean_depth}, "
-          f"PSNR loss vs full depth {found.psnr_loss_db} dB (budget {found.budget_db})")  # fmt: skip
+    print(
+        f"exit table {model.config.exit_table} -> {found.exit_table}: mean depth {found.mean_depth}, "
+        f"PSNR loss vs full depth {found.psnr_loss_db} dB (budget {found.budget_db})"
+    )
     calibrated = with_exit_table(model, found.exit_table)
     metadata = {k: v for k, v in read_state_dict(files[0])[1].items() if k.startswith("adarevd.")}
     metadata[CALIBRATION_KEY] = json.dumps(asdict(found) | {"data": store.url, "weights": source})
@@ -115,13 +136,21 @@ def _model_options(p: argparse.ArgumentParser) -> None:
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="train one stage on paired shards, on Ray Train with --workers N")
-    t.add_argument("kind", choices=KINDS, help="encoder: pre-train the encoder as a plain deblurrer; decoders: "
-                   "stage 1 (columns, heads); classifier: stage 2")  # fmt: skip
+    t.add_argument(
+        "kind",
+        choices=KINDS,
+        help="encoder: pre-train the encoder as a plain deblurrer; decoders: "
+        "stage 1 (columns, heads); classifier: stage 2",
+    )
     t.add_argument("data", help="folder URL of paired shards (adarevd synth)")
     t.add_argument("--output", required=True, help="weights to write (.safetensors, any fsspec URL)")
     t.add_argument("--checkpoints", help="folder URL for checkpoints; a re-run of the same command resumes there")
-    t.add_argument("--model", default="adarevd-tiny", choices=sorted(adarevd.PRESETS), help="preset when no "
-                   "project weights give the config (default: %(default)s)")  # fmt: skip
+    t.add_argument(
+        "--model",
+        default="adarevd-tiny",
+        choices=sorted(adarevd.PRESETS),
+        help="preset when no project weights give the config (default: %(default)s)",
+    )
     t.add_argument("--weights", nargs="+", default=[], help="starting weights (decoders/classifier: a trained encoder)")
     t.add_argument("--iterations", type=int, default=1000)
     t.add_argument("--batch", type=int, default=8, help="crops per worker per step (default: %(default)s)")
@@ -130,11 +159,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--weight-decay", type=float)
     t.add_argument("--grad-clip", type=float, help="clip the gradient norm (default: none; classifier 0.01)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=True,
-                   help="EMA decay min(0.999, (1+n)/(10+n)) after n steps (default); off: 0.999 always")  # fmt: skip
+    t.add_argument(
+        "--ema-warmup",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="EMA decay min(0.999, (1+n)/(10+n)) after n steps (default); off: 0.999 always",
+    )
     t.add_argument("--plain", action="store_true", help="plain autograd instead of the reversible backward")
-    t.add_argument("--psnr-thresholds", type=float, nargs="+", help="classifier: PSNR class boundaries, K-1 "
-                   "increasing values (default: the model's, 20 25 30 35 40)")  # fmt: skip
+    t.add_argument(
+        "--psnr-thresholds",
+        type=float,
+        nargs="+",
+        help="classifier: PSNR class boundaries, K-1 increasing values (default: the model's, 20 25 30 35 40)",
+    )
     t.add_argument("--checkpoint-every", type=int, default=500)
     t.add_argument("--log-every", type=int, default=50)
     t.add_argument("--workers", type=int, default=1, help="Ray Train workers (default: 1, in this process)")

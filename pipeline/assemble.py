@@ -192,8 +192,10 @@ def assemble(
     times = [frames.pts_ms[i] for i in sorted(frames.where)]
     timed = not constant_rate and variable_rate(times, fps)
     if timed and codec == "mjpg":
-        raise AssembleError(f"{to}: the frames of {video_id!r} have variable timestamps, which AVI cannot hold: "
-                            f"write .mkv or .mp4, or pass --constant-rate")  # fmt: skip
+        raise AssembleError(
+            f"{to}: the frames of {video_id!r} have variable timestamps, which AVI cannot hold: "
+            f"write .mkv or .mp4, or pass --constant-rate"
+        )
     to.parent.mkdir(parents=True, exist_ok=True)
     with scratch("assemble", str(to.parent)) as tmp:  # beside `to`: the move to it is atomic
         video = Path(tmp) / f"video{to.suffix}"
@@ -212,8 +214,10 @@ def assemble(
 
 def _in_order(store: Store, frames: VideoFrames, image: str | None) -> Iterator[np.ndarray]:
     """Pass 2: RGB frames by frame_index, holding only frames that arrive early."""
-    shards = sorted({shard for shard, _ in frames.where.values()}, key=lambda s: min(
-        i for i, (sh, _) in frames.where.items() if sh == s))  # fmt: skip
+    shards = sorted(
+        {shard for shard, _ in frames.where.values()},
+        key=lambda s: min(i for i, (sh, _) in frames.where.items() if sh == s),
+    )
     wanted = {key: index for index, (_, key) in frames.where.items()}
     pending: dict[int, np.ndarray] = {}
     following = 0
@@ -240,12 +244,29 @@ def _mux_audio(video: Path, source: Path, to: Path) -> None:
     """`to` = the video stream of `video` + the audio streams of `source` (if any), both copied."""
     import imageio_ffmpeg
 
-    command = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-i", str(video), "-i", str(source),
-               "-map", "0:v:0", "-map", "1:a?", "-c", "copy", str(to)]  # fmt: skip
+    command = [
+        imageio_ffmpeg.get_ffmpeg_exe(),
+        "-y",
+        "-loglevel",
+        "error",
+        "-i",
+        str(video),
+        "-i",
+        str(source),
+        "-map",
+        "0:v:0",
+        "-map",
+        "1:a?",
+        "-c",
+        "copy",
+        str(to),
+    ]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
-        raise AssembleError(f"{to}: copying the audio of {source} failed: {done.stderr.strip()[-400:]} "
-                            f"(the container may not hold that audio codec: try .mkv)")  # fmt: skip
+        raise AssembleError(
+            f"{to}: copying the audio of {source} failed: {done.stderr.strip()[-400:]} "
+            f"(the container may not hold that audio codec: try .mkv)"
+        )
 
 
 def _ranges(values: list[int]) -> str:

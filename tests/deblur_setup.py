@@ -50,10 +50,18 @@ def make_input(folder: Path, store: Store) -> dict[str, np.ndarray]:
         "img_odd": rng.integers(0, 256, (17, 23, 3), dtype=np.uint8),
     }
     samples = [
-        Sample(key, {"jpg" if key == "img_a" else "png": images.encode(rgb[..., ::-1].copy(), "jpg" if key == "img_a"
-               else "png"), "cls": str(i).encode(), "txt": f"caption {i}".encode()})
+        Sample(
+            key,
+            {
+                "jpg" if key == "img_a" else "png": images.encode(
+                    rgb[..., ::-1].copy(), "jpg" if key == "img_a" else "png"
+                ),
+                "cls": str(i).encode(),
+                "txt": f"caption {i}".encode(),
+            },
+        )
         for i, (key, rgb) in enumerate(pictures.items())
-    ]  # fmt: skip
+    ]
     store.commit_bytes("images-000000.tar", encode_shard(samples))
     return {key: pixels(members).copy() for key, members in read_samples(store).items()}
 

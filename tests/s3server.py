@@ -74,11 +74,19 @@ class S3Server:
             "TMPDIR": str(self.folder / "tmp"),
         }
         command = [
-            weed_binary(), f"-logdir={self.folder / 'log'}", "mini", f"-dir={data}", "-ip=127.0.0.1",
-            "-ip.bind=127.0.0.1", "-admin.ui=false", "-webdav=false", f"-s3.port={self.port}",
-            f"-bucket={self.bucket}", f"-filer.localSocket={data / 'filer.sock'}",
+            weed_binary(),
+            f"-logdir={self.folder / 'log'}",
+            "mini",
+            f"-dir={data}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-admin.ui=false",
+            "-webdav=false",
+            f"-s3.port={self.port}",
+            f"-bucket={self.bucket}",
+            f"-filer.localSocket={data / 'filer.sock'}",
             f"-s3.localSocket={data / 's3.sock'}",
-        ]  # fmt: skip
+        ]
         log = open(self.folder / "log" / "stdout.txt", "wb")  # noqa: SIM115 - lives as long as the server
         self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=self.folder)
         self._wait_ready(timeout)

@@ -35,9 +35,29 @@ def ingested(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A 20-frame 10 fps H.264 clip with a sine-wave AAC track, ingested into 3 shards."""
     folder = tmp_path_factory.mktemp("assemble")
     source = folder / "clip.mp4"
-    command = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "lavfi", "-i",
-               "testsrc=size=64x48:rate=10", "-f", "lavfi", "-i", "sine=frequency=440", "-t", "2",
-               "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", str(source)]  # fmt: skip
+    command = [
+        imageio_ffmpeg.get_ffmpeg_exe(),
+        "-y",
+        "-loglevel",
+        "error",
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc=size=64x48:rate=10",
+        "-f",
+        "lavfi",
+        "-i",
+        "sine=frequency=440",
+        "-t",
+        "2",
+        "-c:v",
+        "libx264",
+        "-pix_fmt",
+        "yuv420p",
+        "-c:a",
+        "aac",
+        str(source),
+    ]
     subprocess.run(command, check=True)
     shards = folder / "frames"
     assert main(["ingest", str(source), "--output", str(shards), "--max-frames-per-shard", "7"]) == 0
@@ -135,10 +155,29 @@ def frame_times(path: Path) -> list[float]:
 def test_a_variable_rate_source_keeps_its_timestamps(suffix: str, tmp_path: Path) -> None:
     # 10 frames at 10 fps nominal with a 0.6 s pause after frame 4 (e.g. a phone clip), plus audio.
     source = tmp_path / "vfr.mkv"
-    command = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "lavfi", "-i",
-               "testsrc=size=64x48:rate=10:duration=1", "-f", "lavfi", "-i", "sine=frequency=440:duration=1.5",
-               "-vf", "setpts='(N+if(gte(N,5),5,0))/10/TB'", "-fps_mode", "vfr", "-c:v", "ffv1",
-               "-c:a", "flac", str(source)]  # fmt: skip
+    command = [
+        imageio_ffmpeg.get_ffmpeg_exe(),
+        "-y",
+        "-loglevel",
+        "error",
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc=size=64x48:rate=10:duration=1",
+        "-f",
+        "lavfi",
+        "-i",
+        "sine=frequency=440:duration=1.5",
+        "-vf",
+        "setpts='(N+if(gte(N,5),5,0))/10/TB'",
+        "-fps_mode",
+        "vfr",
+        "-c:v",
+        "ffv1",
+        "-c:a",
+        "flac",
+        str(source),
+    ]
     subprocess.run(command, check=True)
     expected = [0.0, 100.0, 200.0, 300.0, 400.0, 1000.0, 1100.0, 1200.0, 1300.0, 1400.0]
     assert frame_times(source) == expected

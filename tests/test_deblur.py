@@ -86,8 +86,9 @@ def test_every_frame_comes_out_deblurred_with_members_passed_through(
         assert output.exists(output_names(shard)[1])
 
 
-def test_report_of_the_run(reference: tuple[Store, driver.RunSummary], tmp_path: Path,
-                           capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+def test_report_of_the_run(
+    reference: tuple[Store, driver.RunSummary], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     output, summary = reference
     assert main(["report", output.url, "--to", str(tmp_path), "--samples", "3", "--key", "img_tiny"]) == 0
     assert "warning" not in capsys.readouterr().out  # the input was found where _run.json says
@@ -120,9 +121,11 @@ def test_a_rerun_gives_the_same_bytes_and_resume_redoes_only_missing_shards(
 
 
 def test_a_shard_pattern_deblurs_only_the_shards_it_names(
-    reference: tuple[Store, driver.RunSummary], inputs: tuple[Store, dict], tmp_path: Path,
+    reference: tuple[Store, driver.RunSummary],
+    inputs: tuple[Store, dict],
+    tmp_path: Path,
     capsys: pytest.CaptureFixture,
-) -> None:  # fmt: skip
+) -> None:
     source, _ = inputs
     out = Store(str(tmp_path / "some"))
     missing = f"{source.url}/video-{{000001..000003}}.tar"  # 000002 and 000003 do not exist

@@ -29,12 +29,12 @@ def test_the_job_on_fractional_gpus_deblurs_every_frame_reproducibly(
 ) -> None:
     source, originals = input_shards(tmp_path_factory, f"gpu-in-{routing}")
     model = bundled_model()
-    resources = driver.Resources(workers=2, cpus_per_worker=0.5, gpus_per_worker=0.25, cpus_per_encoder=0.5,
-                                 gpus_per_encoder=0.25)  # fmt: skip
+    resources = driver.Resources(
+        workers=2, cpus_per_worker=0.5, gpus_per_worker=0.25, cpus_per_encoder=0.5, gpus_per_encoder=0.25
+    )
 
     def run(output: Store) -> driver.RunSummary:
-        job = driver.DeblurJob(source.url, output.url, stall_timeout_s=300, resources=resources,
-                               routing=routing)  # type: ignore[arg-type]  # fmt: skip
+        job = driver.DeblurJob(source.url, output.url, stall_timeout_s=300, resources=resources, routing=routing)  # type: ignore[arg-type]
         return driver.run(job, model.model, weight_files=[str(DEFAULT_WEIGHTS)])
 
     first = Store(str(tmp_path / "first"))

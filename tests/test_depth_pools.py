@@ -135,8 +135,15 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Store, dict[str, n
 
 def pools_job(source: Store, output: Store, **kw: object) -> driver.DeblurJob:
     resources = driver.Resources(workers=2, cpus_per_worker=0.5, cpus_per_encoder=0.5)
-    return driver.DeblurJob(source.url, output.url, frames_per_batch=3, stall_timeout_s=120, routing="depth-pools",
-                            resources=resources, **kw)  # fmt: skip
+    return driver.DeblurJob(
+        source.url,
+        output.url,
+        frames_per_batch=3,
+        stall_timeout_s=120,
+        routing="depth-pools",
+        resources=resources,
+        **kw,
+    )
 
 
 def run(job: driver.DeblurJob, model: Model) -> driver.RunSummary:
@@ -209,9 +216,12 @@ def test_a_failing_depth_pool_falls_back_to_the_fused_path(
 @pytest.mark.ray
 @pytest.mark.s3
 def test_depth_pools_from_and_to_s3_give_the_local_bytes(
-    local_ray: None, s3: S3Server, inputs: tuple[Store, dict], reference: tuple[Store, driver.RunSummary],
+    local_ray: None,
+    s3: S3Server,
+    inputs: tuple[Store, dict],
+    reference: tuple[Store, driver.RunSummary],
     model: Model,
-) -> None:  # fmt: skip
+) -> None:
     prefix = f"s3://{s3.bucket}/pools-{time.time_ns()}"
     source, output = Store(f"{prefix}/in", s3.storage_options), Store(f"{prefix}/out", s3.storage_options)
     for name, data in tar_bytes(inputs[0]).items():

@@ -134,8 +134,12 @@ def test_dotted_and_duplicate_names_get_safe_unique_ids(tmp_path: Path, memory_s
         (tmp_path / folder).mkdir()
         write_video(tmp_path / folder / "take 1.final.mkv", frames(2))
     ingest([str(tmp_path / "x"), str(tmp_path / "y")], memory_store)
-    assert sorted(read_samples(memory_store)) == ["take-1-final-2_000000", "take-1-final-2_000001",
-                                               "take-1-final_000000", "take-1-final_000001"]  # fmt: skip
+    assert sorted(read_samples(memory_store)) == [
+        "take-1-final-2_000000",
+        "take-1-final-2_000001",
+        "take-1-final_000000",
+        "take-1-final_000001",
+    ]
     notes = [r["reason"] for r in index_rows(memory_store) if r["status"] == "note"]
     assert any("made from the name 'take 1.final.mkv'" in n for n in notes)
     assert any("already taken by another source; renamed to 'take-1-final-2'" in n for n in notes)
@@ -176,8 +180,10 @@ def test_another_prefix_adds_sources_beside_an_earlier_ingest_and_the_index_list
     memory_store.commit_bytes(INDEX_NAME, buffer.getvalue())  # as an index from before the prefix column
     with pytest.raises(FileExistsError, match="or add these sources beside them with another --prefix"):
         ingest([str(b)], memory_store)
-    both = [("frames-000000.tar", f"a_{i:06d}") for i in range(3)] + [("more-000000.tar", "b_000000"),
-                                                                     ("more-000000.tar", "b_000001")]  # fmt: skip
+    both = [("frames-000000.tar", f"a_{i:06d}") for i in range(3)] + [
+        ("more-000000.tar", "b_000000"),
+        ("more-000000.tar", "b_000001"),
+    ]
 
     def listed() -> tuple[list[tuple[str, str]], list[str]]:
         rows = index_rows(memory_store)
@@ -203,7 +209,8 @@ def test_resharding_into_the_input_folder_is_refused_and_the_shards_stay(tmp_pat
     summary = ingest([f"{shards.url}/frames-*.tar"], shards, replace(again, prefix="small"))  # no clash
     assert (summary.frames, len(shards.glob("small-*.tar"))) == (12, 6)
     assert {name: shards.read_bytes(name) for name in shards.glob("frames-*.tar")} == {
-        name: data for name, data in before.items() if name.startswith("frames-")}  # fmt: skip
+        name: data for name, data in before.items() if name.startswith("frames-")
+    }
 
 
 def test_cli_ingest_summarises_and_fails_when_nothing_was_ingested(
@@ -254,8 +261,12 @@ def test_an_ingest_that_fails_leaves_its_shards_but_no_lease_so_a_deblur_into_it
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        ingest([str(write_video(tmp_path / "clip.mp4", frames(6)))], output, IngestConfig(limits=ShardLimits(1)),
-               progress=lambda _: stop_at_the_third())  # fmt: skip
+        ingest(
+            [str(write_video(tmp_path / "clip.mp4", frames(6)))],
+            output,
+            IngestConfig(limits=ShardLimits(1)),
+            progress=lambda _: stop_at_the_third(),
+        )
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["frames-000000.tar", "frames-000001.tar"]
     with pytest.raises(FileExistsError, match=r"frames-000000\.tar: the output folder already holds this shard"):
         refuse_foreign(output, ["frames-000000.tar"])
@@ -273,8 +284,12 @@ def test_an_ingest_taken_over_while_it_runs_commits_nothing_more(tmp_path: Path)
             thief[0].acquire(take_over=True)
 
     with pytest.raises(LockLost, match=r"out was taken over by run thief \(host .*\); this run stops"):
-        ingest([str(write_video(tmp_path / "clip.mp4", frames(3)))], output, IngestConfig(limits=ShardLimits(1)),
-               progress=take_over)  # fmt: skip
+        ingest(
+            [str(write_video(tmp_path / "clip.mp4", frames(3)))],
+            output,
+            IngestConfig(limits=ShardLimits(1)),
+            progress=take_over,
+        )
     assert not output.exists(INDEX_NAME)
     assert output.glob("*.tar") == []  # taken over with the first shard not yet committed
     assert thief[0].took_over is not None and thief[0].took_over.startswith("run ingest-")

@@ -18,8 +18,15 @@ from pipeline.store.storage import Store
 from tests.media import frames, write_video
 from tests.s3server import S3Server
 
-NAMES = ["a/video-000000.tar", "a/video-000001.tar", "a/video-000002.tar", "b/images-000000.tar", "notes.txt",
-         "_manifest/a/video-000000.parquet", "_quarantine/a/video-000001.tar"]  # fmt: skip
+NAMES = [
+    "a/video-000000.tar",
+    "a/video-000001.tar",
+    "a/video-000002.tar",
+    "b/images-000000.tar",
+    "notes.txt",
+    "_manifest/a/video-000000.parquet",
+    "_quarantine/a/video-000001.tar",
+]
 
 
 def filled(store: Store) -> Store:
@@ -51,8 +58,12 @@ def test_a_pattern_without_a_folder_before_its_wildcard_is_refused(url: str) -> 
 
 def test_a_folder_gives_every_shard_but_the_runs_own_files(tmp_path: Path) -> None:
     store = filled(Store(str(tmp_path)))
-    assert list_shards(store) == ["a/video-000000.tar", "a/video-000001.tar", "a/video-000002.tar",
-                                  "b/images-000000.tar"]  # fmt: skip
+    assert list_shards(store) == [
+        "a/video-000000.tar",
+        "a/video-000001.tar",
+        "a/video-000002.tar",
+        "b/images-000000.tar",
+    ]
     with pytest.raises(FileNotFoundError, match=r"b/none: no such folder"):
         list_shards(Store(str(tmp_path / "b" / "none")))
     (tmp_path / "c").mkdir()
@@ -64,7 +75,10 @@ def test_a_pattern_gives_the_shards_it_names_once_each_in_order(tmp_path: Path) 
     store = filled(Store(str(tmp_path)))
     assert list_shards(store, "a/video-{000002,000000}.tar") == ["a/video-000000.tar", "a/video-000002.tar"]
     assert list_shards(store, "{a/video-00000[01],*/*-000000}.tar") == [
-        "a/video-000000.tar", "a/video-000001.tar", "b/images-000000.tar"]  # fmt: skip
+        "a/video-000000.tar",
+        "a/video-000001.tar",
+        "b/images-000000.tar",
+    ]
     assert list_shards(store, "b/images-000000.tar") == ["b/images-000000.tar"]
     assert list_shards(store, "**/*-000001.tar") == ["a/video-000001.tar"]  # not the _quarantine copy
 
@@ -89,8 +103,12 @@ def test_patterns_on_s3(s3: S3Server) -> None:
     root, pattern = split_input(store.url + "/a/video-{000001..000002}.tar")
     assert (root, pattern) == (store.url + "/a", "video-{000001..000002}.tar")
     assert list_shards(Store(root, s3.storage_options), pattern) == ["video-000001.tar", "video-000002.tar"]
-    assert list_shards(store, "*/*.tar") == ["a/video-000000.tar", "a/video-000001.tar", "a/video-000002.tar",
-                                             "b/images-000000.tar"]  # fmt: skip
+    assert list_shards(store, "*/*.tar") == [
+        "a/video-000000.tar",
+        "a/video-000001.tar",
+        "a/video-000002.tar",
+        "b/images-000000.tar",
+    ]
     with pytest.raises(FileNotFoundError, match=r"a/video-000003\.tar"):
         list_shards(store, "a/video-{000002..000003}.tar")
 
@@ -132,7 +150,11 @@ def test_an_output_inside_the_input_is_not_read_as_input_on_the_next_run(tmp_pat
     assert job.shards({}) == ["video-000000.tar", "video-000001.tar", "video-000002.tar"]
     assert DeblurJob(f"{tmp_path}/a/*.tar", f"{tmp_path}/a/deblurred").shards({}) == job.shards({})
     assert DeblurJob(str(tmp_path), f"{tmp_path}/a/deblurred").shards({}) == [
-        "a/video-000000.tar", "a/video-000001.tar", "a/video-000002.tar", "b/images-000000.tar"]  # fmt: skip
+        "a/video-000000.tar",
+        "a/video-000001.tar",
+        "a/video-000002.tar",
+        "b/images-000000.tar",
+    ]
     apart = Store("memory://adarevd-test-apart" + str(tmp_path))  # another filesystem: nothing to leave out
     assert without_output(["a/video-000000.tar"], Store(str(tmp_path)), apart) == ["a/video-000000.tar"]
 

@@ -56,9 +56,19 @@ def test_a_spec_becomes_the_command_line_and_secrets_stay_in_the_environment(
 ) -> None:
     spec = load_spec(write(tmp_path, GOOD))
     argv = to_argv(spec)
-    assert argv == ["deblur", "s3://archive/frames", "s3://archive/deblurred", "--workers", "2",
-                    "--gpus-per-worker", "0.5", "--frames-per-batch", "16", "--quarantine-ok",
-                    "--storage-option=client_kwargs.endpoint_url=http://127.0.0.1:8333"]  # fmt: skip
+    assert argv == [
+        "deblur",
+        "s3://archive/frames",
+        "s3://archive/deblurred",
+        "--workers",
+        "2",
+        "--gpus-per-worker",
+        "0.5",
+        "--frames-per-batch",
+        "16",
+        "--quarantine-ok",
+        "--storage-option=client_kwargs.endpoint_url=http://127.0.0.1:8333",
+    ]
     with pytest.raises(SpecError, match="key_env names \\$ARCHIVE_KEY, which is not set here"):
         secret_environment(spec)
     monkeypatch.setenv("ARCHIVE_KEY", "AKIA-test")
@@ -94,8 +104,12 @@ def test_submit_without_address_runs_here(tmp_path: Path, capsys: pytest.Capture
     assert main(["submit", str(spec)]) == 0
     assert (tmp_path / "pairs" / "pairs-000000.tar").exists()
     clip = Path(__file__).parent.parent / "adarevd" / "assets" / "demo_clip.mp4"
-    ingest = write(tmp_path, f'name = "i"\nkind = "ingest"\ninput = "{clip}"\noutput = "{tmp_path}/frames"\n'
-                             f'[options]\nmax_frames_per_shard = 20\n', "ingest.toml")  # fmt: skip
+    ingest = write(
+        tmp_path,
+        f'name = "i"\nkind = "ingest"\ninput = "{clip}"\noutput = "{tmp_path}/frames"\n'
+        f"[options]\nmax_frames_per_shard = 20\n",
+        "ingest.toml",
+    )
     assert main(["submit", str(ingest)]) == 0
     assert sorted(p.name for p in (tmp_path / "frames").glob("*.tar")) == [f"frames-00000{i}.tar" for i in range(3)]
     assert main(["submit", str(write(tmp_path, "kind = 1\n", "bad.toml"))]) == 2
@@ -120,17 +134,36 @@ def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, s
     """`ray start --head` (dashboard on loopback, a Ray Client server) plus one worker node; yields the
     dashboard URL, the head's address and its Ray Client address."""
     ray = str(Path(sys.executable).with_name("ray"))
-    env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
-                        "RAY_AUTH_MODE": "disabled"}  # fmt: skip
+    env = os.environ | {
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "disabled",
+    }
     port, dashboard, client = free_port(), free_port(), free_port()
     temp = f"/tmp/rj-{os.getpid()}"
-    head = [ray, "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-            f"--ray-client-server-port={client}", "--num-cpus=1", "--include-dashboard=true", f"--temp-dir={temp}",
-            "--disable-usage-stats"]  # fmt: skip
+    head = [
+        ray,
+        "start",
+        "--head",
+        f"--port={port}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard}",
+        f"--ray-client-server-port={client}",
+        "--num-cpus=1",
+        "--include-dashboard=true",
+        f"--temp-dir={temp}",
+        "--disable-usage-stats",
+    ]
     subprocess.run(head, check=True, env=env, cwd=ROOT, capture_output=True)
     try:
-        worker = [ray, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--disable-usage-stats",
-                  '--resources={"adarevd_worker": 1}']  # fmt: skip
+        worker = [
+            ray,
+            "start",
+            f"--address=127.0.0.1:{port}",
+            "--num-cpus=1",
+            "--disable-usage-stats",
+            '--resources={"adarevd_worker": 1}',
+        ]
         subprocess.run(worker, check=True, env=env, cwd=ROOT, capture_output=True)
         yield f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{port}", f"ray://127.0.0.1:{client}"
     finally:
@@ -151,8 +184,9 @@ def test_a_jobs_address_that_does_not_answer_is_named_with_what_to_give(
 
 def test_jobs_on_a_real_cluster(head: tuple[str, str, str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     cluster = head[0]
-    quick = write(tmp_path, f'name = "quick"\nkind = "synth"\noutput = "{tmp_path}/pairs"\n[options]\ncount = 3\n'
-                  'size = "32x32"\n')  # fmt: skip
+    quick = write(
+        tmp_path, f'name = "quick"\nkind = "synth"\noutput = "{tmp_path}/pairs"\n[options]\ncount = 3\nsize = "32x32"\n'
+    )
     assert main(["submit", str(quick), "--address", cluster]) == 0
     job = capsys.readouterr().out.split()[1]
     assert job.startswith("quick-") and wait_for(cluster, job) == "SUCCEEDED"
@@ -166,8 +200,9 @@ def test_jobs_on_a_real_cluster(head: tuple[str, str, str], tmp_path: Path, caps
     assert f"adarevd jobs: error: {cluster} answered `jobs status no-such-job` with: Request failed with status" in err
     assert "Traceback" not in err
 
-    slow = write(tmp_path, f'name = "slow"\nkind = "synth"\noutput = "{tmp_path}/many"\n[options]\ncount = 100000\n',
-                 "slow.toml")  # fmt: skip
+    slow = write(
+        tmp_path, f'name = "slow"\nkind = "synth"\noutput = "{tmp_path}/many"\n[options]\ncount = 100000\n', "slow.toml"
+    )
     assert main(["submit", str(slow), "--address", cluster]) == 0
     slow_job = capsys.readouterr().out.split()[1]
     client = JobSubmissionClient(cluster)
@@ -189,13 +224,20 @@ def test_train_and_eval_specs_run_here(tmp_path: Path) -> None:
     synth = write(tmp_path, f'name = "p"\nkind = "synth"\noutput = "{pairs}"\n[options]\ncount = 2\nsize = "72x72"\n')
     assert main(["submit", str(synth)]) == 0
     weights = tmp_path / "enc.safetensors"
-    train = write(tmp_path, f'name = "t"\nkind = "train"\nstage = "encoder"\ninput = "{pairs}"\noutput = "{weights}"\n'
-                  '[options]\niterations = 2\nbatch = 2\ncrop = 64\n', "train.toml")  # fmt: skip
+    train = write(
+        tmp_path,
+        f'name = "t"\nkind = "train"\nstage = "encoder"\ninput = "{pairs}"\noutput = "{weights}"\n'
+        "[options]\niterations = 2\nbatch = 2\ncrop = 64\n",
+        "train.toml",
+    )
     assert to_argv(load_spec(train))[:5] == ["train", "encoder", str(pairs), "--output", str(weights)]
     assert main(["submit", str(train)]) == 0 and weights.exists()
     report = tmp_path / "eval.json"
-    evaluate = write(tmp_path, f'name = "e"\nkind = "eval"\ninput = "{pairs}"\nweights = ["{weights}"]\n'
-                     f'[options]\njson = "{report}"\n', "eval.toml")  # fmt: skip
+    evaluate = write(
+        tmp_path,
+        f'name = "e"\nkind = "eval"\ninput = "{pairs}"\nweights = ["{weights}"]\n[options]\njson = "{report}"\n',
+        "eval.toml",
+    )
     assert main(["submit", str(evaluate)]) == 0
     assert json.loads(report.read_text())["frames"] == 2
 
@@ -208,8 +250,18 @@ def test_deblur_on_a_ray_start_cluster_by_its_address(head: tuple[str, str, str]
     ingest([str(write_video(tmp_path / "v.mkv", frames(3)))], Store(str(shards)))
     env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     for name, address in (("gcs", head[1]), ("client", head[2])):
-        command = [sys.executable, "-m", "jobs.cli", "deblur", str(shards), str(tmp_path / name), "--address", address,
-                   "--workers", "1"]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "jobs.cli",
+            "deblur",
+            str(shards),
+            str(tmp_path / name),
+            "--address",
+            address,
+            "--workers",
+            "1",
+        ]
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, timeout=300)
         assert done.returncode == 0, done.stderr.decode()[-3000:]
         assert "frames: 3 in" in done.stdout.decode()

@@ -86,12 +86,18 @@ def cluster_that_does_not_see(tmp_path_factory: pytest.TempPathFactory) -> Itera
         pytest.skip("needs mount and pid namespaces (`unshare -m -p`, e.g. as root) for a node that sees other folders")
     hidden = tmp_path_factory.mktemp("hidden")
     ray, port, temp = Path(sys.executable).with_name("ray"), free_port(), f"/tmp/rv-{os.getpid()}"
-    start = (f"mount -t tmpfs none {hidden} && exec {ray} start --head --port={port} --num-cpus=2 --block "
-             f"--include-dashboard=false --disable-usage-stats --temp-dir={temp}")  # fmt: skip
+    start = (
+        f"mount -t tmpfs none {hidden} && exec {ray} start --head --port={port} --num-cpus=2 --block "
+        f"--include-dashboard=false --disable-usage-stats --temp-dir={temp}"
+    )
     env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     # --kill-child: once unshare is killed, so is the namespace's first process, and with it every one in it.
-    node = subprocess.Popen(["unshare", "-m", "-p", "-f", "--mount-proc", "--kill-child=SIGKILL", "sh", "-c", start],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    node = subprocess.Popen(
+        ["unshare", "-m", "-p", "-f", "--mount-proc", "--kill-child=SIGKILL", "sh", "-c", start],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 60
         status = [str(ray), "status", f"--address=127.0.0.1:{port}"]
@@ -139,8 +145,23 @@ def test_training_on_a_cluster_node_that_does_not_see_the_data_or_the_output_sto
     write_pairs(Store(str(tmp_path / "pairs")), SynthConfig(count=2, size=(72, 72)))
 
     def train(data: Path, output: Path) -> str:
-        return refused("train", "encoder", str(data), "--output", str(output), "--iterations", "2", "--batch", "2",
-                       "--crop", "64", "--workers", "1", "--address", address)  # fmt: skip
+        return refused(
+            "train",
+            "encoder",
+            str(data),
+            "--output",
+            str(output),
+            "--iterations",
+            "2",
+            "--batch",
+            "2",
+            "--crop",
+            "64",
+            "--workers",
+            "1",
+            "--address",
+            address,
+        )
 
     def error(err: str) -> str:  # (Ray Train logs the worker's traceback too, forwarded by Ray)
         return next(line for line in err.splitlines() if line.startswith("adarevd train: error: "))

@@ -100,8 +100,23 @@ def test_clip_is_continuous_and_written_losslessly(tmp_path: Path) -> None:
 
 
 def test_cli_synth_writes_pairs_and_a_clip(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code = main(["synth", "--output", str(tmp_path / "pairs"), "--count", "2", "--size", "64x48",
-                 "--video", str(tmp_path / "clip.mp4"), "--video-frames", "4", "--video-size", "96x64"])  # fmt: skip
+    code = main(
+        [
+            "synth",
+            "--output",
+            str(tmp_path / "pairs"),
+            "--count",
+            "2",
+            "--size",
+            "64x48",
+            "--video",
+            str(tmp_path / "clip.mp4"),
+            "--video-frames",
+            "4",
+            "--video-size",
+            "96x64",
+        ]
+    )
     assert code == 0
     assert "wrote 2 pairs in 1 shard(s)" in capsys.readouterr().out
     assert len(decode_video(tmp_path / "clip.mp4")) == 4
@@ -125,8 +140,13 @@ def test_bundled_demo_clip_is_what_its_recorded_command_makes(tmp_path: Path) ->
     args[args.index("--video") + 1] = str(tmp_path / "again.mp4")
     assert main(args) == 0
     again = decode_video(tmp_path / "again.mp4")
-    clip = synthesize_clip(load_sample(meta["scene"]), meta["seed"], frames=meta["frames"],
-                           size=(meta["height"], meta["width"]), spec=BlurSpec())  # fmt: skip
+    clip = synthesize_clip(
+        load_sample(meta["scene"]),
+        meta["seed"],
+        frames=meta["frames"],
+        size=(meta["height"], meta["width"]),
+        spec=BlurSpec(),
+    )
     # Two H.264 encodes agree exactly only on bit-identical frames. OpenCV 5.1 moved a few of synth's
     # pixels by one level against 5.0 (the bundled clip's), and the encodes then agree to about 42 dB;
     # each is about 38 dB from the synthesized frames, and a clip of the next seed is under 12 dB away.

@@ -81,10 +81,15 @@ def test_a_bad_setting_is_refused_by_its_flag_when_the_job_is_made(make: Callabl
 
 def test_the_defaults_and_every_edge_value_are_accepted() -> None:
     edges = DeblurJob(
-        "in", "out", RestoreOptions(exit=0, jpeg_quality=100, max_frame_pixels=0),
+        "in",
+        "out",
+        RestoreOptions(exit=0, jpeg_quality=100, max_frame_pixels=0),
         Resources(workers=0, cpus_per_worker=0, gpus_per_worker=0, encoders=0, gpus_per_encoder=0.25),
-        routing="depth-pools", max_frames=1, storage_retry_s=0, stall_timeout_s=0.5,
-    )  # fmt: skip
+        routing="depth-pools",
+        max_frames=1,
+        storage_retry_s=0,
+        stall_timeout_s=0.5,
+    )
     assert edges.resolved({"CPU": 2}).resources.encoders == 1  # 0 encoders: one, as before
     RestoreOptions(exit=4).check_model(4)
     with pytest.raises(

@@ -37,8 +37,9 @@ def test_ingest_from_s3_to_s3_round_trips_and_webdataset_reads_it(
     prefix = fresh_prefix(s3)
     fs = s3fs.S3FileSystem(**s3.storage_options)
     fs.put_file(str(video), f"{prefix}/in/street.mkv")
-    code = main(["ingest", f"{prefix}/in/", "--output", f"{prefix}/out", "--max-frames-per-shard", "2",
-                 *s3.cli_options()])  # fmt: skip
+    code = main(
+        ["ingest", f"{prefix}/in/", "--output", f"{prefix}/out", "--max-frames-per-shard", "2", *s3.cli_options()]
+    )
     assert code == 0, capsys.readouterr()
     listed = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{prefix}/out", refresh=True))
     assert listed == ["_index.parquet", "frames-000000.tar", "frames-000001.tar", "frames-000002.tar"]
@@ -70,9 +71,20 @@ def test_wrong_credentials_give_a_clear_error_without_the_secret(
 ) -> None:
     video = write_video(tmp_path / "clip.mkv", frames(1))
     secret = "wrong-secret-do-not-print-91c2"
-    code = main(["ingest", str(video), "--output", fresh_prefix(s3),
-                 "--storage-option", f"key={s3.access_key}", "--storage-option", f"secret={secret}",
-                 "--storage-option", f"client_kwargs.endpoint_url={s3.endpoint}"])  # fmt: skip
+    code = main(
+        [
+            "ingest",
+            str(video),
+            "--output",
+            fresh_prefix(s3),
+            "--storage-option",
+            f"key={s3.access_key}",
+            "--storage-option",
+            f"secret={secret}",
+            "--storage-option",
+            f"client_kwargs.endpoint_url={s3.endpoint}",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 2
     assert f"s3://{s3.bucket}/" in captured.err and "could not" in captured.err

@@ -79,9 +79,14 @@ def test_reader_refuses_unsafe_entries_after_yielding_the_good_ones(entry: tarfi
 def test_a_handler_skips_refused_entries_and_reading_goes_on() -> None:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, kind in [("a_000000.png", tarfile.REGTYPE), ("../up_000000.png", tarfile.REGTYPE),
-                           ("b_000000.png", tarfile.REGTYPE), ("b_000000.json", tarfile.SYMTYPE),
-                           ("b_000000.cls", tarfile.REGTYPE), ("c_000000.png", tarfile.REGTYPE)]:  # fmt: skip
+        for name, kind in [
+            ("a_000000.png", tarfile.REGTYPE),
+            ("../up_000000.png", tarfile.REGTYPE),
+            ("b_000000.png", tarfile.REGTYPE),
+            ("b_000000.json", tarfile.SYMTYPE),
+            ("b_000000.cls", tarfile.REGTYPE),
+            ("c_000000.png", tarfile.REGTYPE),
+        ]:
             info = _entry(name, kind, "/etc/passwd" if kind == tarfile.SYMTYPE else "")
             info.size = 1 if kind == tarfile.REGTYPE else 0
             tar.addfile(info, io.BytesIO(b"x") if kind == tarfile.REGTYPE else None)

@@ -93,8 +93,9 @@ def test_a_depth_pool_that_never_answers_is_named_in_the_stall_report(
         driver.run(job, model.model, make_restorer=make_hanging_pool)
     report = str(caught.value)
     waiting = [line for line in report.splitlines() if "waiting on" in line]
-    assert waiting and all(re.search(r"waiting on depth-3 pool actor adarevd-restorer-\w+-\d for batch ", line)
-                           for line in waiting), report  # fmt: skip
+    assert waiting and all(
+        re.search(r"waiting on depth-3 pool actor adarevd-restorer-\w+-\d for batch ", line) for line in waiting
+    ), report
 
 
 def test_actors_that_cannot_be_placed_are_reported_with_the_cluster_free_resources(

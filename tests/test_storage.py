@@ -81,8 +81,11 @@ def test_an_s3_store_without_credentials_says_how_to_give_them(
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance metadata lookup (no network)
     endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens: botocore asks for credentials first
     start = time.monotonic()
-    with pytest.raises(StorageError, match=r"s3://b/x/\*\.tar: could not list: Unable to locate credentials\. "
-                       r"Give them in AWS_ACCESS_KEY_ID .* --storage-option anon=true"):  # fmt: skip
+    with pytest.raises(
+        StorageError,
+        match=r"s3://b/x/\*\.tar: could not list: Unable to locate credentials\. "
+        r"Give them in AWS_ACCESS_KEY_ID .* --storage-option anon=true",
+    ):
         Store("s3://b/x", {"client_kwargs": {"endpoint_url": endpoint}}).glob("*.tar")
     assert time.monotonic() - start < 10  # an answer, not an outage: not retried for the window
     from jobs.cli import main

@@ -120,8 +120,10 @@ def test_a_stage_changes_what_it_trains_and_nothing_else(
 
 def test_encoder_pretraining_lowers_the_loss(paired: str, tmp_path: Path) -> None:
     losses = []
-    train(spec(paired, tmp_path, kind="encoder", iterations=60, lr=3e-3, log_every=10),
-          on_progress=lambda p: losses.append(p.loss))  # fmt: skip
+    train(
+        spec(paired, tmp_path, kind="encoder", iterations=60, lr=3e-3, log_every=10),
+        on_progress=lambda p: losses.append(p.loss),
+    )
     assert len(losses) == 6 and np.mean(losses[-2:]) < 0.8 * np.mean(losses[:2])
 
 
@@ -139,8 +141,21 @@ def test_one_worker_asked_for_a_gpu_trains_on_it_or_is_refused_where_there_is_no
     paired: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "gpu.safetensors"
-    argv = ["train", "encoder", paired, "--output", str(out), "--iterations", "2", "--batch", "2", "--crop", "64",
-            "--gpus-per-worker", "1"]  # fmt: skip
+    argv = [
+        "train",
+        "encoder",
+        paired,
+        "--output",
+        str(out),
+        "--iterations",
+        "2",
+        "--batch",
+        "2",
+        "--crop",
+        "64",
+        "--gpus-per-worker",
+        "1",
+    ]
     code = main(argv)
     if torch.cuda.is_available():
         assert code == 0 and out.exists()
@@ -194,8 +209,19 @@ def test_resume_refuses_checkpoints_of_another_job(paired: str, tmp_path: Path) 
 def test_cli_training_killed_mid_run_resumes_to_the_same_weights(paired: str, tmp_path: Path) -> None:
     def command(out: str, checkpoints: str) -> list[str]:
         options = ["--iterations", "150", "--batch", "2", "--crop", "64", "--checkpoint-every", "20"]
-        return [sys.executable, "-m", "jobs.cli", "train", "encoder", paired, "--output", out, "--checkpoints",
-                checkpoints, *options]  # fmt: skip
+        return [
+            sys.executable,
+            "-m",
+            "jobs.cli",
+            "train",
+            "encoder",
+            paired,
+            "--output",
+            out,
+            "--checkpoints",
+            checkpoints,
+            *options,
+        ]
 
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     subprocess.run(command(str(tmp_path / "a.safetensors"), str(tmp_path / "ck-a")), cwd=ROOT, env=env, check=True)
@@ -206,8 +232,14 @@ def test_cli_training_killed_mid_run_resumes_to_the_same_weights(paired: str, tm
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     assert victim.returncode == -signal.SIGKILL and not (tmp_path / "b.safetensors").exists()
-    again = subprocess.run(command(str(tmp_path / "b.safetensors"), str(tmp_path / "ck-b")), cwd=ROOT, env=env,
-                           check=True, capture_output=True, text=True)  # fmt: skip
+    again = subprocess.run(
+        command(str(tmp_path / "b.safetensors"), str(tmp_path / "ck-b")),
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     assert "resumed at step" in again.stdout
     a, b = load_file(str(tmp_path / "a.safetensors")), load_file(str(tmp_path / "b.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -264,8 +296,13 @@ def test_eval_on_known_pairs(memory_store: Store, tmp_path: Path) -> None:
     assert result["by_class"]["1"]["psnr_input"] == pytest.approx(20 * math.log10(255 / 25), abs=1e-3)
     assert result["worst_class_gain_db"] == pytest.approx(0, abs=1e-3) and result["tone_shift"] == [0, 0, 0]
     # The identity pair ("same") is summarised on its own: untouched, so capped at 80 dB, no shift.
-    assert result["sharp_in"] == {"frames": 1, "psnr_mean": 80.0, "psnr_worst": 80.0, "tone_shift": [0, 0, 0],
-                                  "tone_shift_worst": 0}  # fmt: skip
+    assert result["sharp_in"] == {
+        "frames": 1,
+        "psnr_mean": 80.0,
+        "psnr_worst": 80.0,
+        "tone_shift": [0, 0, 0],
+        "tone_shift_worst": 0,
+    }
 
 
 def test_eval_reports_the_tone_shift_of_a_model_that_brightens(memory_store: Store) -> None:

@@ -73,8 +73,14 @@ def test_two_ray_train_workers_match_two_plain_processes(tmp_path: Path) -> None
 
 def test_a_workers_error_is_raised_as_itself_and_missing_data_before_any_worker(tmp_path: Path) -> None:
     # Before: both came out as Ray Train's WorkerGroupError, a traceback with the message inside.
-    spec = TrainSpec(kind="encoder", data=str(tmp_path / "none"), output=str(tmp_path / "w.safetensors"),
-                     iterations=2, batch=2, crop=64)  # fmt: skip
+    spec = TrainSpec(
+        kind="encoder",
+        data=str(tmp_path / "none"),
+        output=str(tmp_path / "w.safetensors"),
+        iterations=2,
+        batch=2,
+        crop=64,
+    )
     pair = Sample("a_000000", {"blur.png": encode(np.zeros((72, 72, 3), np.uint8))})  # no sharp.png
     Store(str(tmp_path / "bad")).commit_bytes("pairs-000000.tar", encode_shard([pair]))
     driver.ensure_ray(None, num_cpus=2)
@@ -97,8 +103,9 @@ def test_two_workers_on_two_nodes_with_everything_in_s3_match_two_plain_processe
     write_pairs(
         Store(f"{prefix}/pairs", options), SynthConfig(count=4, size=(72, 72), limits=ShardLimits(max_samples=2))
     )
-    common = dict(kind="encoder", data=f"{prefix}/pairs", iterations=4, batch=2, crop=64, log_every=2,
-                  storage_options=options)  # fmt: skip
+    common = dict(
+        kind="encoder", data=f"{prefix}/pairs", iterations=4, batch=2, crop=64, log_every=2, storage_options=options
+    )
     on_nodes = TrainSpec(output=f"{prefix}/nodes.safetensors", checkpoints=f"{prefix}/ck", **common)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})

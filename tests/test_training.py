@@ -63,8 +63,10 @@ def test_a_checkpoint_carries_the_random_state_that_the_kernel_noise_draws_from(
     make_deterministic(device)  # what the training jobs do first: deterministic kernels on CUDA
     config = replace(adarevd.PRESETS["adarevd-tiny"], encoder="ufpnet", kernel_noise=True)
     g = torch.Generator().manual_seed(1)
-    batches = [(torch.rand(2, 3, 32, 32, generator=g).to(device), torch.rand(2, 3, 32, 32, generator=g).to(device))
-               for _ in range(4)]  # fmt: skip
+    batches = [
+        (torch.rand(2, 3, 32, 32, generator=g).to(device), torch.rand(2, 3, 32, 32, generator=g).to(device))
+        for _ in range(4)
+    ]
 
     def stage() -> Stage:
         torch.manual_seed(0)
@@ -101,8 +103,10 @@ def test_the_warmed_up_ema_follows_the_weights_early_and_settles_at_its_decay() 
     # In a stage: after 20 steps the warmed-up EMA sits near the weights, the plain one near the start.
     torch.manual_seed(0)
     pre = EncoderPretrainer(adarevd.PRESETS["adarevd-tiny"])
-    stages = {warm: Stage(pre, pre.parameters(), StageConfig(iterations=20, lr=1e-2, ema_warmup=warm))
-              for warm in (True, False)}  # fmt: skip
+    stages = {
+        warm: Stage(pre, pre.parameters(), StageConfig(iterations=20, lr=1e-2, ema_warmup=warm))
+        for warm in (True, False)
+    }
     start = {k: v.clone() for k, v in pre.state_dict().items()}
     blurry, sharp = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
     for _ in range(20):

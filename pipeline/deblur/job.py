@@ -77,8 +77,10 @@ class RestoreOptions:
     def check_model(self, num_columns: int) -> None:
         """A fixed exit the model has: refused before any actor starts or shard is read."""
         if self.exit != "adaptive" and self.exit > num_columns:
-            raise ValueError(f"--exit must be 'adaptive' or a depth 0..{num_columns} for this model "
-                             f"({num_columns} columns), got {self.exit}")  # fmt: skip
+            raise ValueError(
+                f"--exit must be 'adaptive' or a depth 0..{num_columns} for this model "
+                f"({num_columns} columns), got {self.exit}"
+            )
 
 
 @dataclass(frozen=True)
@@ -99,9 +101,12 @@ class Resources:
 
     def __post_init__(self) -> None:
         for setting, value in (
-            ("--workers", self.workers), ("--encoders", self.encoders), ("shards_in_flight", self.shards_in_flight),
-            ("--cpus-per-worker", self.cpus_per_worker), ("--cpus-per-encoder", self.cpus_per_encoder),
-        ):  # fmt: skip
+            ("--workers", self.workers),
+            ("--encoders", self.encoders),
+            ("shards_in_flight", self.shards_in_flight),
+            ("--cpus-per-worker", self.cpus_per_worker),
+            ("--cpus-per-encoder", self.cpus_per_encoder),
+        ):
             _require(value >= 0, setting, ">= 0", value)
         shares = (("--gpus-per-worker", self.gpus_per_worker), ("--gpus-per-encoder", self.gpus_per_encoder))
         for setting, share in shares:
@@ -123,9 +128,13 @@ class Resources:
                 limits.append(int(cluster.get(self.worker_resource, 0)) - encoders)
             workers = max(1, min(limits))
         return replace(
-            self, workers=workers, gpus_per_worker=gpus_per_worker, gpus_per_encoder=gpus_per_encoder,
-            shards_in_flight=self.shards_in_flight or (encoders if split else workers) + 1, encoders=encoders,
-        )  # fmt: skip
+            self,
+            workers=workers,
+            gpus_per_worker=gpus_per_worker,
+            gpus_per_encoder=gpus_per_encoder,
+            shards_in_flight=self.shards_in_flight or (encoders if split else workers) + 1,
+            encoders=encoders,
+        )
 
     def gpu_shares(self, cluster_gpus: float, split: bool) -> tuple[float, float]:
         """(per restorer or pool actor, per encoder): as given, or by the cluster (see the fields)."""
@@ -172,8 +181,10 @@ class DeblurJob:
 
     def stores(self, options: Mapping[str, Any]) -> tuple[Store, Store]:
         """(input, output) stores with the job's retry budget."""
-        return (Store(split_input(self.input_url)[0], options, self.storage_retry_s),
-                Store(self.output_url, options, self.storage_retry_s))  # fmt: skip
+        return (
+            Store(split_input(self.input_url)[0], options, self.storage_retry_s),
+            Store(self.output_url, options, self.storage_retry_s),
+        )
 
     def shards(self, options: Mapping[str, Any]) -> list[str]:
         """The input shards this job reads (`list_shards`), never the output's own (`without_output`); a

@@ -87,10 +87,17 @@ def _done_shards(output: Store, source: Store, done: list[str]) -> list[_DoneSha
     measured = [shard for shard, digest in zip(done, digests, strict=True) if digest]
     stats = dict(zip(measured, source.stats(measured), strict=True))
     return [
-        _DoneShard(shard, source.file_location(shard), record.get(SOURCE_KEY, ""), digest,
-                   record.get(SOURCE_VERSION_KEY, ""), json.loads(record.get(MADE_WITH_KEY, "{}")), stats.get(shard))
+        _DoneShard(
+            shard,
+            source.file_location(shard),
+            record.get(SOURCE_KEY, ""),
+            digest,
+            record.get(SOURCE_VERSION_KEY, ""),
+            json.loads(record.get(MADE_WITH_KEY, "{}")),
+            stats.get(shard),
+        )
         for shard, record, digest in zip(done, records, digests, strict=True)
-    ]  # fmt: skip
+    ]
 
 
 def check_resume(output: Store, source: Store, done: list[str], made_with: Mapping[str, Any]) -> str | None:
@@ -128,8 +135,11 @@ def check_resume(output: Store, source: Store, done: list[str], made_with: Mappi
                 f"{record.here}, and would be skipped as done; give another output folder"
             )
         moved = moved or (record.came_from if record.elsewhere else None)
-        other = [f"{key} {record.made_with[key]!r} (this run: {value!r})" for key, value in made_with.items()
-                 if key in record.made_with and record.made_with[key] != value]  # fmt: skip
+        other = [
+            f"{key} {record.made_with[key]!r} (this run: {value!r})"
+            for key, value in made_with.items()
+            if key in record.made_with and record.made_with[key] != value
+        ]
         if other:
             raise ValueError(
                 f"{redact(output.url)}: its shards were deblurred with {', '.join(other)}; resuming would mix "

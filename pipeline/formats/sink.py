@@ -50,8 +50,13 @@ class ShardSink:
     """Append samples; `add` returns the name of the shard the sample went into. `before_commit` runs
     before each shard's commit and raises to commit nothing more (the run lost its lease)."""
 
-    def __init__(self, store: Store, prefix: str, limits: ShardLimits = ShardLimits(),
-                 before_commit: Callable[[], None] = lambda: None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        store: Store,
+        prefix: str,
+        limits: ShardLimits = ShardLimits(),
+        before_commit: Callable[[], None] = lambda: None,
+    ) -> None:
         self.store, self.prefix, self.limits, self.before_commit = store, prefix, limits, before_commit
         self.committed: list[str] = []
         self.bytes_committed = 0

@@ -64,11 +64,35 @@ def _write_h264(path: Path, frames_rgb: Iterable[np.ndarray], fps: float, crf: i
             if process is None:
                 height, width = frame.shape[:2]
                 command = [
-                    imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "rawvideo",
-                    "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", f"{fps}", "-i", "-",
-                    "-c:v", "libx264", "-preset", "slow", "-crf", str(crf), "-pix_fmt", "yuv420p",
-                    "-threads", "1", "-bitexact", "-map_metadata", "-1", str(path),
-                ]  # fmt: skip
+                    imageio_ffmpeg.get_ffmpeg_exe(),
+                    "-y",
+                    "-loglevel",
+                    "error",
+                    "-f",
+                    "rawvideo",
+                    "-pix_fmt",
+                    "rgb24",
+                    "-s",
+                    f"{width}x{height}",
+                    "-r",
+                    f"{fps}",
+                    "-i",
+                    "-",
+                    "-c:v",
+                    "libx264",
+                    "-preset",
+                    "slow",
+                    "-crf",
+                    str(crf),
+                    "-pix_fmt",
+                    "yuv420p",
+                    "-threads",
+                    "1",
+                    "-bitexact",
+                    "-map_metadata",
+                    "-1",
+                    str(path),
+                ]
                 process = subprocess.Popen(command, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
             assert process.stdin is not None
             process.stdin.write(np.ascontiguousarray(frame, np.uint8).tobytes())

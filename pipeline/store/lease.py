@@ -56,15 +56,18 @@ class Holder:
 
     def describe(self, beat: float, now: float) -> str:
         when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.started))
-        return (f"run {self.run_id} (host {self.host}, pid {self.pid}, started {when}, "
-                f"last heartbeat {now - beat:.0f} s ago)")  # fmt: skip
+        return (
+            f"run {self.run_id} (host {self.host}, pid {self.pid}, started {when}, "
+            f"last heartbeat {now - beat:.0f} s ago)"
+        )
 
 
 class OutputLock:
     """The lease of one run on `store` (the output folder)."""
 
-    def __init__(self, store: Store, run_id: str, *, stale_after_s: float = 120.0,
-                 clock: Callable[[], float] = time.time) -> None:  # fmt: skip
+    def __init__(
+        self, store: Store, run_id: str, *, stale_after_s: float = 120.0, clock: Callable[[], float] = time.time
+    ) -> None:
         self.store, self.run_id, self.stale_after_s, self.clock = store, run_id, stale_after_s, clock
         self.generation = 0
         self.lost: str | None = None  # set by the heartbeat thread when another run took over
@@ -253,8 +256,10 @@ def still_held(store: Store, generation: int, clock: Callable[[], float] = time.
         who = held[0].describe(held[1], clock()) if held else "another run"
         raise LockLost(f"{redact(store.url)} was taken over by {who}; this run stops")
     if generation not in generations:
-        raise LockLost(f"{redact(store.url_of(_name(generation, 'json')))}: this run's lease is gone (the run "
-                       "ended or was stopped, or its lease was removed); this run stops")  # fmt: skip
+        raise LockLost(
+            f"{redact(store.url_of(_name(generation, 'json')))}: this run's lease is gone (the run "
+            "ended or was stopped, or its lease was removed); this run stops"
+        )
 
 
 def _generations(store: Store) -> list[int]:
@@ -274,8 +279,10 @@ def _read(store: Store, generation: int) -> tuple[Holder, float] | None:
     except FileNotFoundError:
         return None
     except (ValueError, TypeError, KeyError) as e:  # not written by us: say so instead of guessing
-        raise OutputLocked(f"{redact(store.url_of(name))}: an unreadable lease ({e}); if no run is "
-                           f"writing this output, remove {LOCK_DIR}/ and re-run") from None  # fmt: skip
+        raise OutputLocked(
+            f"{redact(store.url_of(name))}: an unreadable lease ({e}); if no run is "
+            f"writing this output, remove {LOCK_DIR}/ and re-run"
+        ) from None
     return holder, beat
 
 

@@ -364,9 +364,11 @@ def credentials_hint(error: BaseException) -> str:
         return ""
     if not isinstance(error, (NoCredentialsError, PartialCredentialsError)):
         return ""
-    return (". Give them in AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or as --storage-option "
-            "key=... and --storage-option secret=... (a job spec: [storage] key_env, secret_env); a public bucket: "
-            "--storage-option anon=true")  # fmt: skip
+    return (
+        ". Give them in AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or as --storage-option "
+        "key=... and --storage-option secret=... (a job spec: [storage] key_env, secret_env); a public bucket: "
+        "--storage-option anon=true"
+    )
 
 
 def is_transient(error: BaseException) -> bool:

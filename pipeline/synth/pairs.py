@@ -62,8 +62,12 @@ def patch_psnr(a: np.ndarray, b: np.ndarray, size: int) -> list[list[float]]:
     """PSNR of each size x size tile (edge tiles smaller), row by row; inf becomes 99 for JSON."""
     rows = []
     for y in range(0, a.shape[0], size):
-        rows.append([min(round(psnr(a[y : y + size, x : x + size], b[y : y + size, x : x + size]), 3), 99.0)
-                     for x in range(0, a.shape[1], size)])  # fmt: skip
+        rows.append(
+            [
+                min(round(psnr(a[y : y + size, x : x + size], b[y : y + size, x : x + size]), 3), 99.0)
+                for x in range(0, a.shape[1], size)
+            ]
+        )
     return rows
 
 
@@ -128,8 +132,15 @@ def write_pairs(
                 meta = json.loads(sample.members["json"])
                 lock.check()
                 shard = sink.add(sample)
-                rows.append({"shard": shard, "key": sample.key, "scene": meta["scene"], "seed": meta["seed"],
-                             "psnr": meta["psnr"]})  # fmt: skip
+                rows.append(
+                    {
+                        "shard": shard,
+                        "key": sample.key,
+                        "scene": meta["scene"],
+                        "seed": meta["seed"],
+                        "psnr": meta["psnr"],
+                    }
+                )
                 if progress:
                     progress(1)
         buffer = io.BytesIO()

@@ -37,9 +37,22 @@ def _grace_hopper() -> np.ndarray:
 
 
 _SKIMAGE = (
-    "astronaut", "coffee", "immunohistochemistry", "retina", "hubble_deep_field", "camera", "brick", "grass",
-    "gravel", "coins", "moon", "page", "chelsea", "rocket", "cell",
-)  # fmt: skip  # a list of names reads best as a block
+    "astronaut",
+    "coffee",
+    "immunohistochemistry",
+    "retina",
+    "hubble_deep_field",
+    "camera",
+    "brick",
+    "grass",
+    "gravel",
+    "coins",
+    "moon",
+    "page",
+    "chelsea",
+    "rocket",
+    "cell",
+)
 # The bundled ones that need no download; eagle, skin and others would fetch from the network.
 _LOADERS: dict[str, Callable[[], np.ndarray]] = {name: _skimage(name) for name in _SKIMAGE} | {
     "motorcycle_left": _motorcycle(0),

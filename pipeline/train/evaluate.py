@@ -66,15 +66,20 @@ def evaluate(model: AdaRevD, frames: Frames, *, progress: Callable[[int], None] 
         adaptive = model.restore(b)
         out = _quantised(adaptive.images)
         input_psnr = psnr(b, s)
-        rows.append({
-            "class": int(psnr_bucket(input_psnr, model.config.psnr_thresholds)[0]),
-            "identity": bool(torch.equal(blurry, sharp)),
-            "shift": (out - b).mean(dim=(0, 2, 3)).mul(255).tolist(),
-            "psnr_input": input_psnr.item(),
-            "psnr_full_depth": psnr(full, s).item(), "psnr_output": psnr(out, s).item(),
-            "ssim_input": _ssim(b, s), "ssim_full_depth": _ssim(full, s), "ssim_output": _ssim(out, s),
-            "mean_depth": adaptive.depths.float().mean().item(),
-        })  # fmt: skip
+        rows.append(
+            {
+                "class": int(psnr_bucket(input_psnr, model.config.psnr_thresholds)[0]),
+                "identity": bool(torch.equal(blurry, sharp)),
+                "shift": (out - b).mean(dim=(0, 2, 3)).mul(255).tolist(),
+                "psnr_input": input_psnr.item(),
+                "psnr_full_depth": psnr(full, s).item(),
+                "psnr_output": psnr(out, s).item(),
+                "ssim_input": _ssim(b, s),
+                "ssim_full_depth": _ssim(full, s),
+                "ssim_output": _ssim(out, s),
+                "mean_depth": adaptive.depths.float().mean().item(),
+            }
+        )
         if progress:
             progress(1)
     if not rows:

@@ -54,8 +54,10 @@ def decode_pair(sample: Sample, shard: str) -> tuple[torch.Tensor, torch.Tensor]
     where = f"{shard}: sample {sample.key!r}"
     missing = [m for m in (BLURRY, SHARP) if m not in sample.members]
     if missing:
-        raise PairDataError(f"{where} has no {', '.join(missing)} (members: {sorted(sample.members)}); "
-                            f"paired shards need {BLURRY} and {SHARP}")  # fmt: skip
+        raise PairDataError(
+            f"{where} has no {', '.join(missing)} (members: {sorted(sample.members)}); "
+            f"paired shards need {BLURRY} and {SHARP}"
+        )
     out = []
     for member in (BLURRY, SHARP):
         try:
@@ -111,8 +113,10 @@ class PairStream:
             blurry, sharp = decode_pair(sample, shard)
             h, w = blurry.shape[1:]
             if min(h, w) < c.crop:
-                raise PairDataError(f"{shard}: sample {sample.key!r} is {h}x{w}, smaller than the {c.crop} crop; "
-                                    f"use a smaller --crop or larger pairs")  # fmt: skip
+                raise PairDataError(
+                    f"{shard}: sample {sample.key!r} is {h}x{w}, smaller than the {c.crop} crop; "
+                    f"use a smaller --crop or larger pairs"
+                )
             rng = np.random.default_rng([c.seed, self.rank, n, 1])
             for r in range(c.repeats):
                 y, x, k = int(rng.integers(h - c.crop + 1)), int(rng.integers(w - c.crop + 1)), int(rng.integers(8))

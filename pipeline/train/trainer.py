@@ -98,8 +98,23 @@ class TrainSpec:
 
     def identity(self, world: int) -> dict[str, Any]:
         """What a checkpoint must agree on to be resumed (everything that changes the result)."""
-        keep = ("kind", "preset", "weights", "iterations", "batch", "crop", "lr", "weight_decay", "grad_clip",
-                "ema_decay", "ema_warmup", "seed", "reversible", "repeats", "psnr_thresholds")  # fmt: skip
+        keep = (
+            "kind",
+            "preset",
+            "weights",
+            "iterations",
+            "batch",
+            "crop",
+            "lr",
+            "weight_decay",
+            "grad_clip",
+            "ema_decay",
+            "ema_warmup",
+            "seed",
+            "reversible",
+            "repeats",
+            "psnr_thresholds",
+        )
         identity = {k: v for k, v in asdict(self).items() if k in keep} | {"data": redact(self.data), "world": world}
         return json.loads(json.dumps(identity))  # as a checkpoint gives it back (tuples are lists)
 
@@ -223,8 +238,9 @@ def read_result(spec: TrainSpec) -> TrainResult:
         local = Path(tmp) / "weights.safetensors"
         local.write_bytes(store.read_bytes(name))
         entry = json.loads(read_state_dict(local)[1][HISTORY_KEY])[-1]
-    return TrainResult(spec.output, entry["iterations"], entry["resumed_from"], entry["loss"], entry["metric"],
-                       entry["seconds"])  # fmt: skip
+    return TrainResult(
+        spec.output, entry["iterations"], entry["resumed_from"], entry["loss"], entry["metric"], entry["seconds"]
+    )
 
 
 def finished(model: AdaRevD, stage: Stage, spec: TrainSpec) -> None:

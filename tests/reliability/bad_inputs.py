@@ -113,8 +113,16 @@ def build(store: Store) -> list[Case]:
     ]:
         before, after = f"before{shard[0]}_000000", f"after{shard[0]}_000000"
         data = png() if kind == tarfile.REGTYPE else None
-        store.commit_bytes(shard, raw_tar([(entry(f"{before}.png"), png(seed=12)), (entry(name, kind), data),
-                                           (entry(f"{after}.png"), png(seed=13))]))  # fmt: skip
+        store.commit_bytes(
+            shard,
+            raw_tar(
+                [
+                    (entry(f"{before}.png"), png(seed=12)),
+                    (entry(name, kind), data),
+                    (entry(f"{after}.png"), png(seed=13)),
+                ]
+            ),
+        )
         cases.append(Case(what, shard, None, "shard_error", says))
         cases += [Case(f"good sample beside a {what}", shard, k, "deblurred", "") for k in (before, after)]
     return cases

@@ -58,10 +58,12 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     write(f"{'reliability ledger':<72} {'faults':>6} {'bad in':>6} {'frames':>6} {'lost':>5} {'dups':>5}")
     for e in LEDGER:
         write(f"{e.test[:72]:<72} {e.faults:>6} {e.bad_inputs:>6} {e.frames:>6} {e.lost:>5} {e.duplicates:>5}")
-    total = Entry("total", *(sum(getattr(e, f) for e in LEDGER) for f in ("faults", "bad_inputs", "frames", "lost",
-                                                                          "duplicates")))  # fmt: skip
-    write(f"{'total':<72} {total.faults:>6} {total.bad_inputs:>6} {total.frames:>6} {total.lost:>5} "
-          f"{total.duplicates:>5}")  # fmt: skip
+    total = Entry(
+        "total", *(sum(getattr(e, f) for e in LEDGER) for f in ("faults", "bad_inputs", "frames", "lost", "duplicates"))
+    )
+    write(
+        f"{'total':<72} {total.faults:>6} {total.bad_inputs:>6} {total.frames:>6} {total.lost:>5} {total.duplicates:>5}"
+    )
     if path := os.environ.get("ADAREVD_RELIABILITY_JSON"):
         with open(path, "w") as handle:
             json.dump({"tests": [asdict(e) for e in LEDGER], "total": asdict(total)}, handle, indent=2)

@@ -39,8 +39,24 @@ def test_every_bad_input_is_named_and_the_rest_finishes(
 ) -> None:
     source, output = Store(str(tmp_path / "in")), Store(str(tmp_path / "out"))
     cases = build(source)
-    assert main(["deblur", source.url, output.url, "--frames-per-batch", "2", "--workers", "2",
-                 "--cpus-per-worker", "0.5", "--max-frame-pixels", str(MAX_FRAME_PIXELS)]) == 3  # fmt: skip
+    assert (
+        main(
+            [
+                "deblur",
+                source.url,
+                output.url,
+                "--frames-per-batch",
+                "2",
+                "--workers",
+                "2",
+                "--cpus-per-worker",
+                "0.5",
+                "--max-frame-pixels",
+                str(MAX_FRAME_PIXELS),
+            ]
+        )
+        == 3
+    )
     printed = capsys.readouterr().out
     record = json.loads(output.read_bytes("_run.json"))
     errors = record["shard_errors"]
@@ -87,8 +103,9 @@ MARKER = Path("/tmp/adarevd-reliability-pickle-ran")
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
-def test_bad_weights_files_are_refused_before_any_work(tmp_path: Path, ledger: Entry,
-                                                       capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+def test_bad_weights_files_are_refused_before_any_work(
+    tmp_path: Path, ledger: Entry, capsys: pytest.CaptureFixture
+) -> None:
     source = tmp_path / "in"
     MARKER.unlink(missing_ok=True)
     evil = tmp_path / "evil.pth"
@@ -112,8 +129,9 @@ def test_bad_weights_files_are_refused_before_any_work(tmp_path: Path, ledger: E
     ledger.bad_inputs = 3
 
 
-def test_unknown_options_and_spec_fields_are_refused(tmp_path: Path, ledger: Entry,
-                                                     capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+def test_unknown_options_and_spec_fields_are_refused(
+    tmp_path: Path, ledger: Entry, capsys: pytest.CaptureFixture
+) -> None:
     with pytest.raises(SystemExit) as exit_:
         main(["deblur", "in", "out", "--frames-per-bach", "2"])
     assert exit_.value.code == 2 and "unrecognized arguments: --frames-per-bach" in capsys.readouterr().err

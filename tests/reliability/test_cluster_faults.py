@@ -41,8 +41,14 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Store, Model]:
 def run(
     source: Store, output: Store, model: Model, routing: str = "fused", **resources: object
 ) -> deblur_driver.RunSummary:
-    job = deblur_driver.DeblurJob(source.url, output.url, frames_per_batch=3, stall_timeout_s=120,
-                                  resources=deblur_driver.Resources(**resources), routing=routing)  # type: ignore[arg-type]  # fmt: skip
+    job = deblur_driver.DeblurJob(
+        source.url,
+        output.url,
+        frames_per_batch=3,
+        stall_timeout_s=120,
+        resources=deblur_driver.Resources(**resources),
+        routing=routing,
+    )  # type: ignore[arg-type]
     return deblur_driver.run(job, model.model)
 
 
@@ -68,8 +74,13 @@ def test_pools_on_other_nodes_and_a_node_removed_mid_run(
     cluster.wait_for_nodes()
     head_id = ray.get_runtime_context().get_node_id()
     reference = Store(str(tmp_path / "reference"))
-    options = {"workers": 2, "cpus_per_worker": 0.5, "encoders": 2, "cpus_per_encoder": 0.5,
-               "worker_resource": "depth_pool"}  # fmt: skip
+    options = {
+        "workers": 2,
+        "cpus_per_worker": 0.5,
+        "encoders": 2,
+        "cpus_per_encoder": 0.5,
+        "worker_resource": "depth_pool",
+    }
     summary = run(source, reference, model, routing, **options)
     assert summary.frames == 10 and head_id not in summary.worker_nodes
     assert sum(summary.worker_nodes.values()) == 2
@@ -134,14 +145,17 @@ def driver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[str]
 
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_driver_stopped_mid_run_then_resumed_gives_identical_output(
-    driver: tuple[list[str], dict[str, str], Store, Store], tmp_path: Path, ledger: Entry,
+    driver: tuple[list[str], dict[str, str], Store, Store],
+    tmp_path: Path,
+    ledger: Entry,
     signum: int,
-) -> None:  # fmt: skip
+) -> None:
     command, env, reference, source = driver
     out = tmp_path / "out"
     # Stop the driver as soon as its first shard is committed: the other shards are unfinished.
-    first = subprocess.Popen([*command, str(out), *DRIVER_OPTIONS], cwd=ROOT, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    first = subprocess.Popen(
+        [*command, str(out), *DRIVER_OPTIONS], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not list((out / MANIFEST_DIR).glob("*.parquet")):
         time.sleep(0.1)

@@ -165,8 +165,10 @@ def test_an_unreadable_lease_is_named_not_guessed(tmp_path: Path) -> None:
 
 def test_a_holder_whose_process_died_on_this_host_is_replaced_at_once(tmp_path: Path) -> None:
     store = Store(str(tmp_path / "out"))
-    code = (f"from pipeline.store.lease import OutputLock; from pipeline.store.storage import Store; "
-            f"OutputLock(Store({str(store.url)!r}), 'crashed').acquire()")  # fmt: skip
+    code = (
+        f"from pipeline.store.lease import OutputLock; from pipeline.store.storage import Store; "
+        f"OutputLock(Store({str(store.url)!r}), 'crashed').acquire()"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)  # exits holding it (never released)
     lock = OutputLock(store, "next")
     lock.acquire()
@@ -181,10 +183,23 @@ def test_two_deblur_commands_at_once_on_one_output(tmp_path: Path, ledger: Entry
     make_input(tmp_path, source)
     out = tmp_path / "out"
     env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rt-", dir="/tmp")}
-    command = [sys.executable, "-m", "jobs.cli", "deblur", source.url, str(out), "--num-cpus", "1", "--workers", "1",
-               "--frames-per-batch", "3"]  # fmt: skip
-    runs = [subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            for _ in range(2)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "jobs.cli",
+        "deblur",
+        source.url,
+        str(out),
+        "--num-cpus",
+        "1",
+        "--workers",
+        "1",
+        "--frames-per-batch",
+        "3",
+    ]
+    runs = [
+        subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)
+    ]
     results = [(p.wait(300), p.stdout.read().decode(), p.stderr.read().decode()) for p in runs]  # type: ignore[union-attr]
     codes = sorted(code for code, _, _ in results)
     refused = next((err for code, _, err in results if code == 2), "")
@@ -230,8 +245,13 @@ def test_a_deblur_taken_over_mid_run_commits_no_further_shard(local_ray: None, t
     (30 s later) finds out; the old run stops naming the new holder and leaves the new lease alone."""
     source, output = Store(str(tmp_path / "in")), Store(str(tmp_path / "out"))
     make_input(tmp_path, source)  # 3 shards; one restorer: after the first commit, the next is >= 1 s away
-    job = driver.DeblurJob(source.url, output.url, frames_per_batch=3, stall_timeout_s=120,
-                           resources=driver.Resources(workers=1, cpus_per_worker=1))  # fmt: skip
+    job = driver.DeblurJob(
+        source.url,
+        output.url,
+        frames_per_batch=3,
+        stall_timeout_s=120,
+        resources=driver.Resources(workers=1, cpus_per_worker=1),
+    )
     thief = OutputLock(output, "thief")
     committed: list[str] = []
 
@@ -241,8 +261,9 @@ def test_a_deblur_taken_over_mid_run_commits_no_further_shard(local_ray: None, t
             committed.extend([*done, *output.glob("*.tar")])
 
     with pytest.raises(LockLost, match=r"out was taken over by run thief \(host .*\); this run stops"):
-        driver.run(job, bundled_model().model, make_restorer=make_slow_restorer,
-                   on_progress=take_over_after_the_first_shard)  # fmt: skip
+        driver.run(
+            job, bundled_model().model, make_restorer=make_slow_restorer, on_progress=take_over_after_the_first_shard
+        )
     assert len(committed) == 2  # one manifest and its shard, when the thief took over
     assert sorted([*output.glob(f"{MANIFEST_DIR}/*.parquet"), *output.glob("*.tar")]) == sorted(committed)
     assert sorted(output.glob(f"{LOCK_DIR}/0*")) == ["_lock/00000002.beat", "_lock/00000002.json"]  # the thief's

@@ -67,9 +67,14 @@ def setup(cluster: Cluster, server: S3Server, tmp_path_factory: pytest.TempPathF
 
 
 def run(source: Store, output: Store, model: Model, server: S3Server, **job: object) -> driver.RunSummary:
-    j = driver.DeblurJob(source.url, output.url, frames_per_batch=3, stall_timeout_s=180,
-                         resources=driver.Resources(workers=2, cpus_per_worker=0.5, worker_resource="depth_pool"),
-                         **job)  # type: ignore[arg-type]  # fmt: skip
+    j = driver.DeblurJob(
+        source.url,
+        output.url,
+        frames_per_batch=3,
+        stall_timeout_s=180,
+        resources=driver.Resources(workers=2, cpus_per_worker=0.5, worker_resource="depth_pool"),
+        **job,
+    )  # type: ignore[arg-type]
     return driver.run(j, model.model, options=server.storage_options)
 
 

@@ -37,11 +37,21 @@ def test_credentials_stay_out_of_logs_outputs_and_errors(s3: S3Server, tmp_path:
     ray_tmp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}
     cli = [sys.executable, "-m", "jobs.cli"]
-    run = subprocess.run([*cli, "deblur", source.url, output.url, "--num-cpus", "2", "--frames-per-batch", "3",
-                          *s3.cli_options()], cwd=ROOT, env=env, capture_output=True, timeout=300)  # fmt: skip
+    run = subprocess.run(
+        [*cli, "deblur", source.url, output.url, "--num-cpus", "2", "--frames-per-batch", "3", *s3.cli_options()],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
     assert run.returncode == 3, run.stderr.decode()[-2000:]  # 3: a frame was quarantined
-    report = subprocess.run([*cli, "report", output.url, "--to", str(tmp_path / "report"), *s3.cli_options()],
-                            cwd=ROOT, env=env, capture_output=True, timeout=300)  # fmt: skip
+    report = subprocess.run(
+        [*cli, "report", output.url, "--to", str(tmp_path / "report"), *s3.cli_options()],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
     assert report.returncode == 0, report.stderr.decode()[-2000:]
     secrets = [s3.secret_key, s3.access_key]
     for secret in secrets:
@@ -60,13 +70,28 @@ def test_credentials_stay_out_of_logs_outputs_and_errors(s3: S3Server, tmp_path:
         assert not leaks(secret, *pages), secret
         assert not leaks(secret, *ray_logs), secret
     # Error messages: an endpoint that does not answer, and a URL carrying user:password.
-    down = [f"--storage-option=key={s3.access_key}", f"--storage-option=secret={s3.secret_key}",
-            "--storage-option=client_kwargs.endpoint_url=http://127.0.0.1:9", "--storage-retry", "1"]  # fmt: skip
-    failed = subprocess.run([*cli, "deblur", f"s3://{s3.bucket}/x", str(tmp_path / "o"), *down], cwd=ROOT, env=env,
-                            capture_output=True, timeout=300)  # fmt: skip
+    down = [
+        f"--storage-option=key={s3.access_key}",
+        f"--storage-option=secret={s3.secret_key}",
+        "--storage-option=client_kwargs.endpoint_url=http://127.0.0.1:9",
+        "--storage-retry",
+        "1",
+    ]
+    failed = subprocess.run(
+        [*cli, "deblur", f"s3://{s3.bucket}/x", str(tmp_path / "o"), *down],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
     assert failed.returncode == 2 and b"unreachable" in failed.stderr and b"Traceback" not in failed.stderr
-    userinfo = subprocess.run([*cli, "ingest", f"memory://{s3.access_key}:{s3.secret_key}@host/none.mp4", "--output",
-                               str(tmp_path / "i")], cwd=ROOT, env=env, capture_output=True, timeout=300)  # fmt: skip
+    userinfo = subprocess.run(
+        [*cli, "ingest", f"memory://{s3.access_key}:{s3.secret_key}@host/none.mp4", "--output", str(tmp_path / "i")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
     assert userinfo.returncode != 0
     for secret in secrets:
         assert not leaks(secret, failed.stdout, failed.stderr), secret

@@ -83,8 +83,13 @@ def soak(tmp_path: Path, count: int) -> tuple[Sampler, Store, set[str], driver.R
     source, output = Store(str(tmp_path / f"in{count}")), Store(str(tmp_path / f"out{count}"))
     keys = make_frames(source, count)
     # 16 frames a call: each call's frames (~190 KB) go through Ray's shared object store, not inline.
-    job = driver.DeblurJob(source.url, output.url, stall_timeout_s=300, frames_per_batch=16,
-                           resources=driver.Resources(workers=2, cpus_per_worker=1.0))  # fmt: skip
+    job = driver.DeblurJob(
+        source.url,
+        output.url,
+        stall_timeout_s=300,
+        frames_per_batch=16,
+        resources=driver.Resources(workers=2, cpus_per_worker=1.0),
+    )
     with Sampler() as sampler:
         summary = driver.run(job, bundled_model().model, weight_files=[str(DEFAULT_WEIGHTS)])
     return sampler, output, keys, summary
@@ -104,10 +109,12 @@ def test_memory_throughput_files_and_objects_stay_flat(local_ray: None, tmp_path
     done = sorted(r["finished_at"] for r in read_manifests(output)[0].to_pylist())
     half = len(done) // 2
     first, second = half / (done[half] - done[0]), (len(done) - half) / (done[-1] - done[half])
-    print(f"soak: peak RSS {peak_small / 2**30:.2f} GiB at {BASE} frames, {peak_large / 2**30:.2f} GiB at "
-          f"{10 * BASE} ({ratio:.3f}x); frames/s {first:.1f} then {second:.1f}; open files {files_before} -> "
-          f"{files_small} -> {files_large}; object store peak {max(small.store):.0f} / {max(large.store):.0f} B, "
-          f"after {store_after:.0f} B")  # fmt: skip
+    print(
+        f"soak: peak RSS {peak_small / 2**30:.2f} GiB at {BASE} frames, {peak_large / 2**30:.2f} GiB at "
+        f"{10 * BASE} ({ratio:.3f}x); frames/s {first:.1f} then {second:.1f}; open files {files_before} -> "
+        f"{files_small} -> {files_large}; object store peak {max(small.store):.0f} / {max(large.store):.0f} B, "
+        f"after {store_after:.0f} B"
+    )
     assert ratio <= 1.2, ratio
     assert second >= 0.75 * first, (first, second)
     # One descriptor leaked per shard would add 36 (40 shards vs 4).

@@ -169,8 +169,7 @@ def run(
         summary.shards_skipped = len(done)
         if todo:
             lock.mark_unfinished()  # until it finishes, whatever happens to it
-            _process(job, model, fingerprint, todo, summary, weight_files, options, on_progress, make_restorer,
-                     lock)  # fmt: skip
+            _process(job, model, fingerprint, todo, summary, weight_files, options, on_progress, make_restorer, lock)
         summary.seconds = time.perf_counter() - start
         totals = output_totals(output, config.num_columns)
         lock.confirm()  # taken over meanwhile: the summary is the new holder's to write
@@ -243,11 +242,20 @@ def _process(
         summary.encoder_nodes = dict(Counter(nodes[len(actors) :]))
         devices = ray.get([a.device.remote() for a in [*actors, *encoders]])
         summary.devices = dict(Counter(devices))
-        _check_devices(devices, [resources.gpus_per_worker or 0.0] * len(actors)
-                       + [resources.gpus_per_encoder or 0.0] * len(encoders))  # fmt: skip
-        pools = Pools(actors, nodes[: len(actors)], encoders, nodes[len(actors) :], config.num_columns,
-                      tuple(config.exit_table), names("restorer", len(actors)),
-                      names("encoder", len(encoders)))  # fmt: skip
+        _check_devices(
+            devices,
+            [resources.gpus_per_worker or 0.0] * len(actors) + [resources.gpus_per_encoder or 0.0] * len(encoders),
+        )
+        pools = Pools(
+            actors,
+            nodes[: len(actors)],
+            encoders,
+            nodes[len(actors) :],
+            config.num_columns,
+            tuple(config.exit_table),
+            names("restorer", len(actors)),
+            names("encoder", len(encoders)),
+        )
         ready = time.perf_counter()
         context = _Context(job, options, pools, fingerprint, summary.run_id, progress, lock)
         summary.reports = _drive(context, todo, shard_workers, on_progress)
@@ -325,8 +333,18 @@ def _drive(
         while queue and free and (budget is None or budget > 0):
             index, shard = queue.popleft()
             worker = free.popleft()
-            ref = worker.process.remote(shard, index, context.job, context.options, context.pools, context.fingerprint,
-                                        context.run_id, context.progress, budget, context.lock.fence())  # fmt: skip
+            ref = worker.process.remote(
+                shard,
+                index,
+                context.job,
+                context.options,
+                context.pools,
+                context.fingerprint,
+                context.run_id,
+                context.progress,
+                budget,
+                context.lock.fence(),
+            )
             running[ref] = (shard, worker)
         if not running:
             break
