@@ -67,13 +67,11 @@ def _db(mse: np.ndarray) -> np.ndarray:
     return -10 * np.log10(np.maximum(mse, 1e-5))
 
 
-def propose_table(
-    frames: Sequence[tuple[np.ndarray, np.ndarray]], num_classes: int, budget_db: float, current: Sequence[int]
-) -> Calibration:
+def propose_table(frames: Sequence[tuple[np.ndarray, np.ndarray]], num_classes: int, budget_db: float) -> Calibration:
     """The exit table with the least mean depth whose mean frame PSNR is within budget_db of the best
     table's, from each frame's (classes, MSE) of `patch_errors`. A class's depth must not lower its
-    patches' mean PSNR below the input's (depth 0 always qualifies). Classes no patch fell into keep
-    their `current` depth."""
+    patches' mean PSNR below the input's (depth 0 always qualifies). A class no patch fell into gets
+    depth 0: nothing shows that columns help it."""
     n = frames[0][1].shape[1] - 1
     classes = np.concatenate([c for c, _ in frames])
     errors = np.concatenate([e for _, e in frames])
@@ -88,7 +86,7 @@ def propose_table(
         np.add.at(sums[f], c, e)
     sizes = np.array([len(c) for c, _ in frames], dtype=np.float64)
     options = [
-        [d for d in range(n + 1) if d == 0 or gain[d] >= 0] if (gain := gains[c]) is not None else [min(current[c], n)]
+        [d for d in range(n + 1) if d == 0 or gain[d] >= 0] if (gain := gains[c]) is not None else [0]
         for c in range(num_classes)
     ]
     index = np.arange(num_classes)

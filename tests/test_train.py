@@ -253,14 +253,14 @@ def test_calibration_picks_the_cheapest_table_within_the_budget() -> None:
     hard = np.array([[0.04, 0.01, 0.001]])
     easy = np.array([[0.001, 0.001, 0.001]])
     frames = [(np.array([0, 1]), np.concatenate([hard, easy])) for _ in range(3)]
-    found = propose_table(frames, num_classes=3, budget_db=0.05, current=(2, 2, 1))
-    assert found.exit_table == (2, 0, 1)  # class 2 never seen: keeps its depth
+    found = propose_table(frames, num_classes=3, budget_db=0.05)
+    assert found.exit_table == (2, 0, 0)  # class 2 never seen: nothing shows columns help it, so depth 0
     assert found.patches_per_class == (3, 3, 0) and found.mean_depth == 1.0 and found.psnr_loss_db == 0.0
-    strict = propose_table(frames, num_classes=3, budget_db=0.0, current=(2, 2, 1))
-    assert strict.exit_table == (2, 0, 1)
+    strict = propose_table(frames, num_classes=3, budget_db=0.0)
+    assert strict.exit_table == (2, 0, 0)
     # A looser budget buys a shallower exit for class 0: frame MSE (0.01 + 0.001)/2 vs (0.001 + 0.001)/2.
-    loose = propose_table(frames, num_classes=3, budget_db=8.0, current=(2, 2, 1))
-    assert loose.exit_table == (1, 0, 1) and loose.psnr_loss_db == pytest.approx(10 * math.log10(5.5), abs=1e-4)
+    loose = propose_table(frames, num_classes=3, budget_db=8.0)
+    assert loose.exit_table == (1, 0, 0) and loose.psnr_loss_db == pytest.approx(10 * math.log10(5.5), abs=1e-4)
 
 
 def test_calibration_gives_depth_0_to_a_class_the_columns_make_worse() -> None:
@@ -270,11 +270,11 @@ def test_calibration_gives_depth_0_to_a_class_the_columns_make_worse() -> None:
     sharp = np.array([[0.0001, 0.0004, 0.0002]])
     frames = [(np.array([0, 1]), np.concatenate([hard, sharp])) for _ in range(3)]
     for budget in (0.0, 0.5, 30.0):
-        found = propose_table(frames, num_classes=2, budget_db=budget, current=(2, 2))
+        found = propose_table(frames, num_classes=2, budget_db=budget)
         assert found.exit_table[1] == 0, budget
     assert found.gain_per_column[1][0] < 0 and found.gain_per_column[0][1] > 0
     # Against the best table (2, 0), not against full depth (2, 2): the strict budget keeps class 0 at 2.
-    assert propose_table(frames, num_classes=2, budget_db=0.0, current=(2, 2)).exit_table == (2, 0)
+    assert propose_table(frames, num_classes=2, budget_db=0.0).exit_table == (2, 0)
 
 
 def test_eval_on_known_pairs(memory_store: Store, tmp_path: Path) -> None:

@@ -133,4 +133,4 @@ def calibrate(
             progress(1)
     if not measured:
         raise ValueError("no pairs to calibrate on: the shards hold none")
-    return propose_table(measured, model.config.num_classes, budget_db, model.config.exit_table)
+    return propose_table(measured, model.config.num_classes, budget_db)
