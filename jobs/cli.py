@@ -134,8 +134,10 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda":
         count = torch.cuda.device_count()  # 0 without CUDA (a CPU build, or no card)
         if (device.index or 0) >= count:
-            raise CliError(f"--device {name}: this machine has {count} CUDA device(s) visible to torch "
-                           f"{torch.__version__}; use --device cpu or auto")  # fmt: skip
+            raise CliError(
+                f"--device {name}: this machine has {count} CUDA device(s) visible to torch "
+                f"{torch.__version__}; use --device cpu or auto"
+            )
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise CliError(f"--device {name}: MPS is not available here; use --device cpu or auto")
     elif device.type not in ("cpu", "mps"):
@@ -151,7 +153,7 @@ def cmd_make_default_weights(args: argparse.Namespace) -> int:
     print(f"recipe {args.recipe} on {device}: {recipe}")
     work = Path(args.work) if args.work else None
     metrics = make_default_weights(Path(args.output), recipe, device=str(device), work=work)
-    print(f"wrote {args.output}: held-out {json.dumps(metrics)}")
+    print(f"wrote {args.output}: test {json.dumps(metrics)}")
     return 0
 
 
@@ -200,8 +202,11 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--output", default=str(DEFAULT_WEIGHTS))
     w.add_argument("--recipe", default="cpu", choices=["cpu", "gpu"], help="preset (default: %(default)s)")
     w.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, auto (default: %(default)s)")
-    w.add_argument("--work", help="folder that keeps each finished stage: a re-run with it skips them and ends "
-                   "with the weights of an unbroken run")  # fmt: skip
+    w.add_argument(
+        "--work",
+        help="folder that keeps each finished stage: a re-run with it skips them and ends "
+        "with the weights of an unbroken run",
+    )
     for name in RECIPE_FIELDS:
         w.add_argument(f"--{name.replace('_', '-')}", type=int, help="override the recipe's value")
     w.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, help="override the recipe's EMA warm-up")

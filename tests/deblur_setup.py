@@ -16,6 +16,7 @@ import ray
 import torch
 
 import adarevd
+from adarevd.calibration import with_exit_table
 from jobs.cli import DEFAULT_WEIGHTS
 from pipeline.formats import images
 from pipeline.formats.shards import Sample, encode_shard
@@ -36,6 +37,14 @@ def bundled_model() -> Model:
     model = adarevd.AdaRevD(adarevd.read_config(DEFAULT_WEIGHTS))
     adarevd.load_weights(model, DEFAULT_WEIGHTS)
     return Model(model.eval(), adarevd.fingerprint(model))
+
+
+def routing_model() -> Model:
+    """The bundled weights with an exit table that sends every class to depth 2, 3 or 4 (the classes the
+    bundled classifier uses, 0, 1, 4 and 5, to 4, 3, 2 and 3). The bundled table gives every class
+    depth 0 (do no harm), which leaves the depth pools no work; these tests need work at depth 3."""
+    model = with_exit_table(bundled_model().model, (4, 3, 4, 4, 2, 3)).eval()
+    return Model(model, adarevd.fingerprint(model))
 
 
 def make_input(folder: Path, store: Store) -> dict[str, np.ndarray]:

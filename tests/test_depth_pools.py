@@ -29,10 +29,10 @@ from pipeline.store.storage import Store
 from tests.deblur_setup import (
     ActorKiller,
     Model,
-    bundled_model,
     input_shards,
     pixels,
     restore_u8,
+    routing_model,
     run_record,
     tar_bytes,
 )
@@ -86,7 +86,7 @@ def test_batch_summaries() -> None:
 
 @pytest.fixture(scope="module")
 def model() -> Model:
-    return bundled_model()
+    return routing_model()
 
 
 def test_the_three_steps_give_what_the_fused_restorer_gives(model: Model) -> None:
@@ -121,7 +121,7 @@ class FailingDecoder(FrameRestorer):
 
 
 def make_failing() -> FailingDecoder:
-    m = bundled_model().model
+    m = routing_model().model
     return FailingDecoder(m)
 
 
@@ -147,9 +147,8 @@ def pools_job(source: Store, output: Store, **kw: object) -> driver.DeblurJob:
 
 
 def run(job: driver.DeblurJob, model: Model) -> driver.RunSummary:
-    from jobs.cli import DEFAULT_WEIGHTS
 
-    return driver.run(job, model.model, weight_files=[str(DEFAULT_WEIGHTS)])
+    return driver.run(job, model.model)
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +207,7 @@ def test_a_failing_depth_pool_falls_back_to_the_fused_path(
         assert np.abs(pixels(out[key]).astype(int) - restore_u8(model.model, rgb)).mean() <= tolerance, key
     # Every frame with depth-3 patches says how it was decoded (so do its batch-mates).
     rows = read_manifests(output)[0].to_pylist()
-    noted = {r["key"] for r in rows if "decoded on the fused path: RuntimeError: depth 3 pool" in r["notes"]}
+    noted = {r["key"] for r in rows if "decoded on the fused path: RuntimeError: depth 3 pool" in (r["notes"] or "")}
     deep = {r["key"] for r in rows if r["depth_histogram"][3] > 0}
     assert deep and deep <= noted, (deep, noted)
 

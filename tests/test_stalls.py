@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.deblur.depth_pools import DepthGroup
+from pipeline.deblur.depth_pools import DepthGroup, EncodedBatch
 from pipeline.deblur.ray import driver
 from pipeline.deblur.restorer import FrameRestorer
 from pipeline.deblur.shard import output_names
 from pipeline.formats.frames import FrameIn, FrameOut, Rejected
 from pipeline.store.storage import Store
-from tests.deblur_setup import Model, bundled_model, input_shards
+from tests.deblur_setup import Model, input_shards, routing_model
 from tests.media import read_samples
 
 pytestmark = pytest.mark.ray
@@ -42,16 +42,16 @@ class HangsAtDepth3(FrameRestorer):
 
 
 def make_hanging_fused() -> HangsOnFrame5:
-    return HangsOnFrame5(bundled_model().model)
+    return HangsOnFrame5(routing_model().model)
 
 
 def make_hanging_pool() -> HangsAtDepth3:
-    return HangsAtDepth3(bundled_model().model)
+    return HangsAtDepth3(routing_model().model)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Store, Model]:
-    return input_shards(tmp_path_factory, "stall-in")[0], bundled_model()
+    return input_shards(tmp_path_factory, "stall-in")[0], routing_model()
 
 
 def stall_job(source: Store, output: Path, **kw: object) -> driver.DeblurJob:
@@ -131,13 +131,13 @@ def test_an_actor_that_cannot_build_its_model_stops_the_run_at_once_with_its_rea
 
 
 class DiesOnceThenCannotStart(FrameRestorer):
-    """Its process dies on frame street_000005 (fused) or at depth 3 (depth pools), the first time one
-    does; rebuilt after that by Ray's restart, it fails as a broken device would."""
+    """Its process dies on frame street_000005 the first time one comes (fused: restoring it; depth
+    pools: encoding it); rebuilt after that by Ray's restart, it fails as a broken device would."""
 
     def __init__(self, crashed: str) -> None:
         if os.path.exists(crashed):
             raise RuntimeError("CUDA error: no CUDA-capable device is detected")
-        super().__init__(bundled_model().model)
+        super().__init__(routing_model().model)
         self.crashed = crashed
 
     def crash(self) -> None:
@@ -150,10 +150,10 @@ class DiesOnceThenCannotStart(FrameRestorer):
             self.crash()
         return super().__call__(frames)
 
-    def decode_depth(self, group: DepthGroup) -> DepthGroup:
-        if group.depth == 3:
+    def encode_by_depth(self, frames: Sequence[FrameIn]) -> list[EncodedBatch | DepthGroup]:
+        if any(f.key == "street_000005" for f in frames):
             self.crash()
-        return super().decode_depth(group)
+        return super().encode_by_depth(frames)
 
 
 @pytest.mark.parametrize("routing", ["fused", "depth-pools"])
@@ -171,9 +171,10 @@ def test_an_actor_that_cannot_be_rebuilt_after_a_crash_stops_the_run_with_its_re
     with pytest.raises(driver.ActorStartError) as caught:
         driver.run(job, model.model, make_restorer=partial(DiesOnceThenCannotStart, str(crashed)))
     assert crashed.exists() and time.monotonic() - start < 150  # not the stall budget of 300 s
+    # Fused: the restorer dies; depth pools: the encoder actor, which encodes frame 5.
     assert re.match(
-        r"actor adarevd-restorer-\w+-\d failed to restart: RuntimeError: CUDA error: no CUDA-capable device is "
-        r"detected\. Each model actor builds the model itself .* The shards committed so far are kept",
+        r"actor adarevd-(restorer|encoder)-\w+-\d failed to restart: RuntimeError: CUDA error: no CUDA-capable "
+        r"device is detected\. Each model actor builds the model itself .* The shards committed so far are kept",
         str(caught.value),
     ), caught.value
     output = Store(str(tmp_path / "out"))
