@@ -200,7 +200,7 @@ def make_default_weights(
     work: Path | None = None,
 ) -> dict:
     """Train adarevd-tiny by the recipe on `device`, calibrate its exit table and write it, with
-    provenance, to `output` (safetensors). Returns the held-out metrics. `work`: keep each finished
+    provenance, to `output` (safetensors). Returns the test metrics. `work`: keep each finished
     stage there, and skip the stages a previous run of the same recipe kept."""
     trained = train_default_weights(recipe, log, device, work)
     return finish_default_weights(trained, output, recipe, log, trained_on=device_name(device))

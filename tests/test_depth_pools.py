@@ -147,7 +147,6 @@ def pools_job(source: Store, output: Store, **kw: object) -> driver.DeblurJob:
 
 
 def run(job: driver.DeblurJob, model: Model) -> driver.RunSummary:
-
     return driver.run(job, model.model)
 
 
