@@ -117,7 +117,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(f"class {c}: gain after 1..N columns {list(gains)} dB")
     print(
         f"exit table {model.config.exit_table} -> {found.exit_table}: mean depth {found.mean_depth}, "
-        f"PSNR loss vs full depth {found.psnr_loss_db} dB (budget {found.budget_db})"
+        f"PSNR loss vs the best table {found.psnr_loss_db} dB (budget {found.budget_db})"
     )
     calibrated = with_exit_table(model, found.exit_table)
     metadata = {k: v for k, v in read_state_dict(files[0])[1].items() if k.startswith("adarevd.")}
@@ -186,7 +186,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     c.add_argument("data", help="folder URL of paired validation shards")
     _model_options(c)
     c.add_argument("--output", required=True, help="weights with the new exit table (.safetensors)")
-    c.add_argument("--budget-db", type=float, default=0.05, help="mean patch PSNR loss allowed vs full depth")
+    c.add_argument(
+        "--budget-db",
+        type=float,
+        default=0.05,
+        help="mean frame PSNR loss allowed vs the best table that harms no class",
+    )
     c.add_argument("--limit", type=int, help="use only the first N pairs")
     add_storage_option(c)
     c.set_defaults(run=cmd_calibrate)
