@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from pipeline.formats.sink import ShardLimits
 from pipeline.ingest.run import IngestConfig, ingest
 from pipeline.store.scratch import pattern, remove_orphans
 from pipeline.store.storage import StorageError, Store
-from tests.deblur_setup import Model, bundled_model, tar_bytes
+from tests.deblur_setup import Model, routing_model, tar_bytes
 from tests.media import frames, read_samples, write_video
 from tests.reliability.conftest import Entry, audit
 from tests.s3server import S3Server
@@ -59,14 +59,21 @@ def setup(cluster: Cluster, server: S3Server, tmp_path_factory: pytest.TempPathF
     video = write_video(folder / "walk.mkv", frames(FRAMES, height=72, width=88, seed=3))
     source = Store(f"s3://{server.bucket}/input", server.storage_options)
     ingest([str(video)], source, IngestConfig(limits=ShardLimits(max_samples=5)))
-    model = bundled_model()
+    model = routing_model()  # work at depth 2-4: the restorers are busy while they are killed
     reference = Store(str(folder / "reference"))
     summary = run(source, reference, model, server)
     assert summary.frames == FRAMES
     return source, reference, model, set(read_samples(source))
 
 
-def run(source: Store, output: Store, model: Model, server: S3Server, **job: object) -> driver.RunSummary:
+def run(
+    source: Store,
+    output: Store,
+    model: Model,
+    server: S3Server,
+    on_progress: Callable[[int, list[int]], None] | None = None,
+    **job: object,
+) -> driver.RunSummary:
     j = driver.DeblurJob(
         source.url,
         output.url,
@@ -75,35 +82,28 @@ def run(source: Store, output: Store, model: Model, server: S3Server, **job: obj
         resources=driver.Resources(workers=2, cpus_per_worker=0.5, worker_resource="depth_pool"),
         **job,
     )  # type: ignore[arg-type]
-    return driver.run(j, model.model, options=server.storage_options)
+    return driver.run(j, model.model, options=server.storage_options, on_progress=on_progress)
 
 
 def test_restorers_and_shard_workers_killed_several_times_in_one_run(setup, server: S3Server, ledger: Entry) -> None:
+    """Each kill lands once the run has restored a given number of frames (of 40), so every kill
+    hits a run at work, however fast or slow the machine is."""
     source, reference, model, keys = setup
     output = Store(f"s3://{server.bucket}/killed", server.storage_options)
-    plan = ["adarevd-restorer-", "adarevd-shards-", "adarevd-restorer-", "adarevd-shards-", "adarevd-restorer-"]
+    plan = [(2, "adarevd-restorer-"), (8, "adarevd-shards-"), (14, "adarevd-restorer-")]
+    plan += [(20, "adarevd-shards-"), (26, "adarevd-restorer-")]
     killed: list[str] = []
 
-    def killer() -> None:
-        deadline = time.monotonic() + 120
-        while plan and time.monotonic() < deadline:
-            alive = sorted(ray.util.list_named_actors())
-            target = next((n for n in alive if n.startswith(plan[0])), None)
-            if target is None:
-                time.sleep(0.2)
-                continue
-            time.sleep(1.5)  # let it get to work (or back to work after the last kill)
-            try:
-                ray.kill(ray.get_actor(target), no_restart=False)  # Ray restarts it
-            except ValueError:
-                continue  # the run ended meanwhile
+    def kill_on_progress(frames_done: int, depths: list[int]) -> None:
+        if not plan or frames_done < plan[0][0]:
+            return
+        target = next((n for n in sorted(ray.util.list_named_actors()) if n.startswith(plan[0][1])), None)
+        if target is not None:
+            ray.kill(ray.get_actor(target), no_restart=False)  # Ray restarts it
             killed.append(target)
             plan.pop(0)
 
-    thread = threading.Thread(target=killer)
-    thread.start()
-    summary = run(source, output, model, server)
-    thread.join()
+    summary = run(source, output, model, server, on_progress=kill_on_progress)
     assert len(killed) == 5, f"the run ended before all kills landed: {killed}"
     # restarted shard workers removed their predecessors' partial output
     assert [path for path in remove_orphans() if fnmatch(path, pattern("deblur"))] == []
