@@ -4,16 +4,35 @@ import adarevd
 model = adarevd.build("adarevd-b")
 adarevd.load_weights(model, "AdaRevD-B-GoPro.pth", "AdaRevD-B-GoPro-classifier.pth")
 out = model.restore(images)          # out.images (B, 3, H, W), out.depths (B, rows, cols)
+
+The names below load on first use: `adarevd.config` and `adarevd.modes` are torch-free, and importing
+them (job configs, shard workers) must not load torch.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from adarevd.config import PRESETS, AdaRevDConfig
-from adarevd.model import AdaRevD, Restored
-from adarevd.weights import LoadReport, WeightsError, fingerprint, load_weights, read_config, save_weights
+from adarevd.errors import InvalidInput
 
+if TYPE_CHECKING:
+    from adarevd.config import PRESETS, AdaRevDConfig
+    from adarevd.model import AdaRevD, Restored
+    from adarevd.weights import LoadReport, WeightsError, fingerprint, load_weights, read_config, save_weights
+
+_MODULE_OF = {
+    "PRESETS": "adarevd.config",
+    "AdaRevDConfig": "adarevd.config",
+    "AdaRevD": "adarevd.model",
+    "Restored": "adarevd.model",
+    "LoadReport": "adarevd.weights",
+    "WeightsError": "adarevd.weights",
+    "fingerprint": "adarevd.weights",
+    "load_weights": "adarevd.weights",
+    "read_config": "adarevd.weights",
+    "save_weights": "adarevd.weights",
+}
 __all__ = [
     "PRESETS",
     "AdaRevD",
@@ -29,8 +48,17 @@ __all__ = [
 ]
 
 
+def __getattr__(name: str) -> Any:
+    if name in _MODULE_OF:
+        return getattr(importlib.import_module(_MODULE_OF[name]), name)
+    raise AttributeError(f"module 'adarevd' has no attribute {name!r}")
+
+
 def build(name: str, **overrides: Any) -> AdaRevD:
     """Build a preset (`adarevd-s`, `-b`, `-l`, `-tiny`) with optional config field overrides."""
+    from adarevd.config import PRESETS
+    from adarevd.model import AdaRevD
+
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        raise InvalidInput(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return AdaRevD(PRESETS[name].with_overrides(**overrides))

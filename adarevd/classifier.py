@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 from torch import nn
 
 from adarevd.blocks import NAFBlock
-
-ClassifierInput = Literal["e3", "e4"]
+from adarevd.metrics import psnr
+from adarevd.modes import ClassifierInput
 
 
 class ClassifierHead(nn.Module):
@@ -41,12 +40,6 @@ def build_classifier(width: int, num_classes: int, source: ClassifierInput) -> n
     if source == "e3":
         return nn.Sequential(nn.Conv2d(8 * width, c, 2, stride=2), NAFBlock(c), ClassifierHead(c, num_classes))
     return nn.Sequential(NAFBlock(c), ClassifierHead(c, num_classes))
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB of (B, C, H, W) tensors in [0, 1]: 10*log10(1 / (MSE + 1e-8))."""
-    mse = (a.float() - b.float()).square().flatten(1).mean(dim=1)
-    return 10 * torch.log10(1 / (mse + 1e-8))
 
 
 def psnr_bucket(values: torch.Tensor, thresholds: Sequence[float]) -> torch.Tensor:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-from adarevd.classifier import ClassifierInput
+from adarevd.errors import InvalidInput
+from adarevd.modes import ClassifierInput, EncoderKind
 
 GOPRO_THRESHOLDS = (20.0, 25.0, 30.0, 35.0, 40.0)
-EncoderKind = Literal["ufpnet", "nafnet"]
 
 
 @dataclass(frozen=True)
@@ -57,14 +57,14 @@ class AdaRevDConfig:
         if self.tlc_window is not None and self.tlc_window < 16:
             problems.append(f"tlc_window must be >= 16 or None, got {self.tlc_window}")
         if problems:
-            raise ValueError("invalid AdaRevD config: " + "; ".join(problems))
+            raise InvalidInput("invalid AdaRevD config: " + "; ".join(problems))
 
     def with_overrides(self, **fields: Any) -> AdaRevDConfig:
         """A copy with some fields replaced (lists become tuples); unknown names are an error."""
         known = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(fields) - known)
         if unknown:
-            raise ValueError(f"unknown AdaRevD config field(s) {unknown}; known: {sorted(known)}")
+            raise InvalidInput(f"unknown AdaRevD config field(s) {unknown}; known: {sorted(known)}")
         tuples = {k: tuple(v) for k, v in fields.items() if isinstance(v, list)}
         return dataclasses.replace(self, **(fields | tuples))
 

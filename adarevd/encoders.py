@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from adarevd.blocks import ChannelPool, NAFBlock
-from adarevd.config import AdaRevDConfig, EncoderKind
+from adarevd.config import AdaRevDConfig
 from adarevd.kernel_prior import KernelCodeNet, KernelFlow, kernel_map
+from adarevd.modes import EncoderKind
 
 
 class KernelAttention(nn.Module):

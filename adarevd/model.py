@@ -9,7 +9,6 @@ with a classifier that lets each patch exit after fewer columns.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -18,11 +17,9 @@ from torch import nn
 from adarevd import classifier, tiling
 from adarevd.config import AdaRevDConfig
 from adarevd.encoders import Encoder
+from adarevd.modes import EncoderMode, ExitMode
 from adarevd.reversible import Column, State, run_columns
 from adarevd.tiling import PatchGrid
-
-EncoderMode = Literal["frame", "patch"]
-ExitMode = Literal["adaptive"] | int
 
 
 @dataclass(frozen=True)
@@ -163,19 +160,27 @@ class AdaRevD(nn.Module):
         with torch.autocast(
             images.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None
         ):
-            if encoder_mode == "frame":
-                patches = self.cut(self.encode(padded), grid)
-            else:
-                image_patches = tiling.cut(padded, grid).split(encoder_batch)
-                chunks = [self.encode(chunk) for chunk in image_patches]
-                patches = [torch.cat(level) for level in zip(*chunks, strict=True)]
-            if exit == "adaptive":
-                depths = self.exit_depths(self.classify(patches))
-            else:
-                depths = torch.full((patches[0].shape[0],), exit, dtype=torch.long, device=images.device)
+            patches = self.encode_patches(padded, grid, encoder_mode, encoder_batch)
+            depths = self.choose_depths(patches, exit)
             residuals = self.decode(*self.initial_state(patches), depths)
         restored = (self.stitch(residuals.float(), grid)[..., :h, :w] + images).clamp(0, 1)
         return Restored(restored, depths.reshape(images.shape[0], *grid.shape), grid)
+
+    def encode_patches(
+        self, padded: torch.Tensor, grid: tiling.PatchGrid, mode: EncoderMode = "frame", batch: int = 8
+    ) -> list[torch.Tensor]:
+        """Each patch's encoder features, per level: the whole frame encoded, then cut ("frame"), or each
+        patch of the image encoded apart, `batch` at a time ("patch": memory bounded by the patch)."""
+        if mode == "frame":
+            return self.cut(self.encode(padded), grid)
+        chunks = [self.encode(chunk) for chunk in tiling.cut(padded, grid).split(batch)]
+        return [torch.cat(level) for level in zip(*chunks, strict=True)]
+
+    def choose_depths(self, patches: list[torch.Tensor], exit: ExitMode = "adaptive") -> torch.Tensor:
+        """Each patch's exit depth: the classifier's pick ("adaptive") or `exit` for all."""
+        if exit == "adaptive":
+            return self.exit_depths(self.classify(patches))
+        return torch.full((patches[0].shape[0],), int(exit), dtype=torch.long, device=patches[0].device)
 
     def forward(self, images: torch.Tensor, *, reversible: bool = True) -> list[torch.Tensor]:
         """Training forward on (B, 3, H, W) crops: the restored image of every column, in order.

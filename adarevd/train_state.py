@@ -15,12 +15,13 @@ from typing import Any
 import safetensors.torch
 import torch
 
+from adarevd.errors import InvalidInput
 from adarevd.training import Stage
 
 MEMBERS = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "state.json")
 
 
-class TrainStateError(ValueError):
+class TrainStateError(InvalidInput):
     """A checkpoint that does not fit the stage being resumed."""
 
 

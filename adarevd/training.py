@@ -20,9 +20,10 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from adarevd.blocks import NAFBlock
-from adarevd.classifier import psnr, psnr_classes
+from adarevd.classifier import psnr_classes
 from adarevd.config import AdaRevDConfig
 from adarevd.encoders import Encoder
+from adarevd.metrics import psnr
 from adarevd.model import AdaRevD
 
 

@@ -20,13 +20,14 @@ import torch
 from torch import nn
 
 from adarevd.config import AdaRevDConfig
+from adarevd.errors import InvalidInput
 
 CONFIG_KEY = "adarevd.config"
 FORMAT_KEY = "adarevd.format"
 FORMAT = "adarevd-weights/1"
 
 
-class WeightsError(ValueError):
+class WeightsError(InvalidInput):
     """A weights file that cannot be read or does not fit the model."""
 
 

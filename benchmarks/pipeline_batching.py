@@ -168,7 +168,7 @@ def run_once(
         resources=driver.Resources(workers=workers, cpus_per_worker=0.1),
     )
     with MemorySampler(run_id) as memory:
-        summary = driver.run(job, model, make_restorer=stand_in)
+        summary = driver.run(job, model, hooks=driver.Hooks(make_restorer=stand_in))
     assert summary.frames == frames, summary
     return summary.processing_seconds, memory
 

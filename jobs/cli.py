@@ -28,34 +28,25 @@ import numpy as np
 import torch
 
 import adarevd
-from adarevd.classifier import psnr
+from adarevd.errors import UserError
+from adarevd.metrics import psnr
 from jobs import data, deblur, report, sigterm, submit, train
 from jobs.models import ASSETS, DEFAULT_WEIGHTS, CliError, exit_mode, load_model
-from pipeline.cluster.address import ClusterUnreachable
-from pipeline.cluster.node_view import NodeCannotSee
-from pipeline.deblur.job import ActorStartError, DeviceError, StallError
+from pipeline.formats import images
 from pipeline.formats.frames import PatchMap
-from pipeline.formats.shards import ShardError
 from pipeline.report.exit_map import exit_map
-from pipeline.store.lease import LockLost, OutputLocked
-from pipeline.store.storage import StorageError
 
 DEMO_BLURRY, DEMO_SHARP = ASSETS / "demo_blurry.png", ASSETS / "demo_sharp.png"
 
 
 def read_image(path: Path) -> torch.Tensor:
-    """Any image OpenCV reads (grey, RGBA, 8/16-bit) -> (3, H, W) float RGB in [0, 1]."""
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if image is None:
-        raise CliError(f"{path}: cannot read it as an image (missing, not an image, or truncated)")
-    scale = 65535.0 if image.dtype == np.uint16 else 255.0
-    if image.ndim == 2:
-        image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
-    elif image.shape[2] == 4:
-        image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
-    else:
-        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    return torch.from_numpy(image.astype(np.float32) / scale).permute(2, 0, 1)
+    """An image file, decoded as the deblur job decodes frames (`images.decode`: grey, RGBA, 16-bit
+    and float become 8-bit RGB) -> (3, H, W) float RGB in [0, 1]."""
+    try:
+        bgr, _ = images.decode(path.read_bytes())
+    except (OSError, images.ImageError) as e:
+        raise CliError(f"{path}: cannot read it as an image ({e})") from None
+    return torch.from_numpy(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)).permute(2, 0, 1).float().div(255)
 
 
 def to_rgb8(image: torch.Tensor) -> np.ndarray:
@@ -234,22 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.run(args)
-    except (
-        CliError,
-        adarevd.WeightsError,
-        ValueError,
-        FileExistsError,
-        FileNotFoundError,
-        StorageError,
-        ShardError,
-        OutputLocked,
-        LockLost,
-        StallError,
-        DeviceError,
-        ActorStartError,
-        ClusterUnreachable,
-        NodeCannotSee,
-    ) as e:
+    except UserError as e:  # anything else is a bug: its traceback is kept
         print(f"adarevd {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.assemble import CODEC_SUFFIX, assemble
+from adarevd.errors import InvalidInput
+from pipeline.assemble import CODEC_SUFFIX, AssembleOptions, assemble
 from pipeline.formats.sink import ShardLimits
 from pipeline.ingest.run import IngestConfig, ingest
 from pipeline.store.storage import Store, parse_storage_options
@@ -131,16 +132,14 @@ def frame_size(text: str) -> tuple[int, int]:
 def cmd_assemble(args: argparse.Namespace) -> int:
     store = Store(args.input, parse_storage_options(args.storage_option))
     source = Path(args.source) if args.source else None
-    done = assemble(
-        store,
-        args.video,
-        Path(args.to),
+    options = AssembleOptions(
         codec=args.codec,
         source=source,
         image=args.image_member,
         constant_rate=args.constant_rate,
         overwrite=args.overwrite,
     )
+    done = assemble(store, args.video, Path(args.to), options)
     audio = f", audio from {source.name}" if source else ""
     timing = "; variable frame rate: each frame at its source timestamp" if done.variable_rate else ""
     print(f"wrote {args.to}: {done.frames} frames of {args.video}{audio}{timing}")
@@ -149,7 +148,7 @@ def cmd_assemble(args: argparse.Namespace) -> int:
 
 def cmd_synth(args: argparse.Namespace) -> int:
     if args.output is None and args.video is None:
-        raise ValueError("nothing to do: give --output (paired shards) and/or --video (a blurry clip)")
+        raise InvalidInput("nothing to do: give --output (paired shards) and/or --video (a blurry clip)")
     spec = BlurSpec(sub_frames=args.sub_frames, max_pan=args.max_pan, noise_sigma=args.noise)
     if args.output is not None:
         config = SynthConfig(

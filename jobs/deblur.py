@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 import adarevd
+from adarevd.errors import InvalidInput
 from jobs import sigterm
 from jobs.data import add_storage_option, add_take_over
 from jobs.models import ASSETS, exit_mode, load_model
@@ -154,7 +155,7 @@ def cmd_deblur(args: argparse.Namespace) -> int:
 
     options = parse_storage_options(args.storage_option)
     if (args.input is None) != (args.output is None):
-        raise ValueError("give both INPUT_URL and OUTPUT_URL, or neither (the bundled demo)")
+        raise InvalidInput("give both INPUT_URL and OUTPUT_URL, or neither (the bundled demo)")
     input_url = args.input or demo_input()
     output_url = args.output or DEMO_OUTPUT
     job = driver.DeblurJob(
@@ -202,7 +203,9 @@ def cmd_deblur(args: argparse.Namespace) -> int:
             bar.set_postfix_str(f"patches by exit depth {depths}", refresh=False)
             bar.update(done - bar.n)
 
-        summary = driver.run(job, model, weight_files=weight_files, options=options, on_progress=show, shards=shards)
+        summary = driver.run(
+            job, model, weight_files=weight_files, options=options, shards=shards, hooks=driver.Hooks(on_progress=show)
+        )
     print_summary(summary, output_url, time.perf_counter() - started)
     failed = summary.shard_errors or (summary.quarantined and not args.quarantine_ok)
     return 3 if failed else 0

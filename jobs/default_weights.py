@@ -35,6 +35,7 @@ from torch import nn
 
 import adarevd
 from adarevd.calibration import with_exit_table
+from adarevd.errors import InvalidInput
 from adarevd.training import EncoderPretrainer, Stage, StageConfig, dihedral, freeze_all_but, make_deterministic
 from pipeline.synth.blur import Wear, synthesize, wear
 from pipeline.synth.scenes import load_sample as load_image
@@ -286,12 +287,12 @@ class Marks:
             with safetensors.safe_open(str(path), "pt") as f:
                 metadata = f.metadata() or {}
         except (OSError, safetensors.SafetensorError) as e:
-            raise ValueError(f"{path} is not a kept stage ({e}); delete it, or use another --work folder") from e
+            raise InvalidInput(f"{path} is not a kept stage ({e}); delete it, or use another --work folder") from e
         if "rng" not in metadata:
-            raise ValueError(f"{path} holds no random states: not a kept stage; use another --work folder")
+            raise InvalidInput(f"{path} holds no random states: not a kept stage; use another --work folder")
         for key, value in self.made_by.items():
             if metadata.get(key) != value:
-                raise ValueError(
+                raise InvalidInput(
                     f"{path} was made with another {key} ({metadata.get(key)!r}, this run: {value!r}); "
                     "use another --work folder, or the options that made it"
                 )

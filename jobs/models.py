@@ -9,12 +9,13 @@ from pathlib import Path
 import torch
 
 import adarevd
+from adarevd.errors import UserError
 
 ASSETS = Path(adarevd.__file__).resolve().parent / "assets"
 DEFAULT_WEIGHTS = ASSETS / "adarevd-tiny.safetensors"
 
 
-class CliError(Exception):
+class CliError(UserError):
     """A user-facing error: printed without a traceback, exit status 2."""
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from adarevd.errors import InvalidInput
 from jobs.data import add_storage_option
 from jobs.deblur import DEMO_OUTPUT
 from pipeline.report.page import write_report
@@ -29,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     if args.samples < 0:
-        raise ValueError(f"--samples must be >= 0, got {args.samples}")
+        raise InvalidInput(f"--samples must be >= 0, got {args.samples}")
     output = Store(args.output, parse_storage_options(args.storage_option))
     report = write_report(output, Path(args.to), samples=args.samples, keys=args.key, input_url=args.input)
     for warning in report.warnings:

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from adarevd.errors import InvalidInput
+
 JobKind = Literal["ingest", "synth", "deblur", "train", "eval"]
 KINDS: tuple[JobKind, ...] = ("ingest", "synth", "deblur", "train", "eval")
 TOP = {
@@ -53,7 +55,7 @@ STORAGE = {"endpoint_url": str, "region": str, "key_env": str, "secret_env": str
 SECRET_NAMES = re.compile(r"(secret|password|token|key)$", re.IGNORECASE)
 
 
-class SpecError(ValueError):
+class SpecError(InvalidInput):
     """A spec that cannot be run; the message names the file, the line and the field."""
 
 

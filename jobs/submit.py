@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from adarevd.errors import InvalidInput
 from jobs.models import CliError
 from jobs.spec import check_options, load_spec, secret_environment, to_argv
 from pipeline.store.scratch import scratch
@@ -114,7 +115,7 @@ def _jobs(client: Any, args: argparse.Namespace) -> int:
             print(f"{job.submission_id or job.job_id}  {job.status}  {meta.get('kind', '-')}  {meta.get('name', '-')}")
         return 0
     if args.job is None:
-        raise ValueError(f"adarevd jobs {args.action} needs a JOB id (see adarevd jobs list)")
+        raise InvalidInput(f"adarevd jobs {args.action} needs a JOB id (see adarevd jobs list)")
     if args.action == "status":
         info = client.get_job_info(args.job)
         print(f"{args.job}: {info.status}" + (f" ({info.message})" if info.message else ""))

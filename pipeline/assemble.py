@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 import pyarrow.compute as pc
 
+from adarevd.errors import InvalidInput
 from pipeline.deblur.manifests import read_manifests, read_quarantine
 from pipeline.deblur.shard import output_names
 from pipeline.formats import images
@@ -36,7 +37,7 @@ Codec = Literal["ffv1", "h264", "mp4v", "mjpg"]
 CODEC_SUFFIX: dict[Codec, str] = {"ffv1": ".mkv", "h264": ".mp4", "mp4v": ".mp4", "mjpg": ".avi"}
 
 
-class AssembleError(ValueError):
+class AssembleError(InvalidInput):
     """The frames cannot make the video as asked; the message lists what is wrong."""
 
 
@@ -163,26 +164,24 @@ class Assembled:
     variable_rate: bool  # True: each frame kept its source timestamp
 
 
-def assemble(
-    store: Store,
-    video_id: str,
-    to: Path,
-    *,
-    codec: Codec | None = None,
-    source: Path | None = None,
-    image: str | None = None,
-    constant_rate: bool = False,
-    overwrite: bool = False,
-) -> Assembled:
-    """Write the video (complete, or nothing at `to`). `codec` defaults from `to`'s suffix;
-    `constant_rate` ignores the frames' timestamps even when they vary; an existing `to` is replaced
-    only with `overwrite`, and never when it is `source`."""
+@dataclass(frozen=True, kw_only=True)
+class AssembleOptions:
+    codec: Codec | None = None  # default: from the file's suffix
+    source: Path | None = None  # the video the frames came from: its audio is copied, its frames counted
+    image: str | None = None  # which member holds the frame (default: the one image member)
+    constant_rate: bool = False  # ignore the frames' timestamps even when they vary
+    overwrite: bool = False  # replace an existing file (never the source)
+
+
+def assemble(store: Store, video_id: str, to: Path, options: AssembleOptions = AssembleOptions()) -> Assembled:
+    """Write the video (complete, or nothing at `to`)."""
+    codec, source, image = options.codec, options.source, options.image
     codec = codec or next((c for c, s in CODEC_SUFFIX.items() if s == to.suffix.lower()), None)
     if codec is None or CODEC_SUFFIX[codec] != to.suffix.lower():
         raise AssembleError(f"{to}: use .mkv (ffv1), .mp4 (h264, mp4v) or .avi (mjpg) for --codec {codec or '?'}")
     if source is not None and to.exists() and to.samefile(source):
         raise AssembleError(f"{to}: this is the --source video, which is read for its audio; write to another file")
-    if to.exists() and not overwrite:
+    if to.exists() and not options.overwrite:
         raise AssembleError(f"{to}: already exists; choose another --to, or pass --overwrite to replace it")
     frames = index_video(store, video_id)
     if not frames.where:
@@ -190,7 +189,7 @@ def assemble(
     check(frames, count_frames(source) if source is not None else None)
     fps = frames.fps or 25.0
     times = [frames.pts_ms[i] for i in sorted(frames.where)]
-    timed = not constant_rate and variable_rate(times, fps)
+    timed = not options.constant_rate and variable_rate(times, fps)
     if timed and codec == "mjpg":
         raise AssembleError(
             f"{to}: the frames of {video_id!r} have variable timestamps, which AVI cannot hold: "

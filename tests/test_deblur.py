@@ -270,6 +270,7 @@ def test_undecodable_frame_is_quarantined_and_fails_the_exit_status(
     assert "quarantined: 1 frame(s)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 @pytest.mark.s3
 def test_s3_in_and_out(
     local_ray: None,

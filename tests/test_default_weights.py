@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import adarevd
-from adarevd.classifier import psnr
+from adarevd.metrics import psnr
 from jobs.cli import DEFAULT_WEIGHTS, RECIPE_FIELDS, main, parser, recipe_overrides
 from jobs.default_weights import (
     ASSETS,
@@ -52,6 +52,7 @@ def provenance(path: Path) -> dict:
         return json.loads(f.metadata()["adarevd.provenance"])
 
 
+@pytest.mark.slow
 def test_a_short_recipe_trains_calibrates_and_writes_loadable_weights(device: torch.device, tmp_path: Path) -> None:
     recipe = SHORT
     out = tmp_path / "tiny.safetensors"
@@ -130,6 +131,7 @@ class Stopped(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_a_recipe_stopped_after_each_stage_resumes_from_its_work_folder_to_the_unbroken_weights(
     tmp_path: Path,
 ) -> None:

@@ -198,7 +198,7 @@ def test_a_failing_depth_pool_falls_back_to_the_fused_path(
 ) -> None:
     source, originals = inputs
     output = Store(str(tmp_path / "fallback"))
-    summary = driver.run(pools_job(source, output), model.model, make_restorer=make_failing)
+    summary = driver.run(pools_job(source, output), model.model, hooks=driver.Hooks(make_restorer=make_failing))
     assert summary.frames == 10 and summary.quarantined == 0
     out = read_samples(output)
     for key, rgb in originals.items():

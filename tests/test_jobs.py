@@ -182,6 +182,7 @@ def test_a_jobs_address_that_does_not_answer_is_named_with_what_to_give(
         assert "Give the head's dashboard address (http://HEAD:8265" in err
 
 
+@pytest.mark.slow
 def test_jobs_on_a_real_cluster(head: tuple[str, str, str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     cluster = head[0]
     quick = write(
@@ -242,6 +243,7 @@ def test_train_and_eval_specs_run_here(tmp_path: Path) -> None:
     assert json.loads(report.read_text())["frames"] == 2
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_deblur_on_a_ray_start_cluster_by_its_address(head: tuple[str, str, str], tmp_path: Path) -> None:
     """`adarevd deblur --address HOST:PORT` (the address `ray start --head` prints) and `ray://HOST:PORT`
@@ -270,6 +272,7 @@ def test_deblur_on_a_ray_start_cluster_by_its_address(head: tuple[str, str, str]
     assert (tmp_path / "client" / shard).read_bytes() == (tmp_path / "gcs" / shard).read_bytes()
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_a_deblur_spec_submitted_to_a_cluster_runs_on_the_cluster(head: tuple[str, str, str], tmp_path: Path) -> None:
     """The submitted command joins the cluster (`run-spec --address auto`): its restorer needs a resource

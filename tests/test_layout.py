@@ -5,11 +5,15 @@
   client of `jobs/submit.py`; fsspec only where storage is reached (`pipeline/store/`, the shard reader,
   ingest's sources). The model library imports neither.
 - No import cycles between modules.
+- No function in `pipeline/` or `jobs/` takes more than 6 parameters (`self` and `cls` aside): more
+  context travels as a frozen dataclass (`ShardTask`, `WorkerRun`, `AssembleOptions`).
 """
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -90,6 +94,29 @@ def test_no_import_cycles() -> None:
     assert not cycles, "; ".join(cycles)
 
 
+MAX_PARAMETERS = 6
+
+
+def parameter_counts(path: Path) -> Iterator[tuple[str, int]]:
+    """(function name and line, parameters) of every function in the file, nested ones too."""
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            a = node.args
+            named = [p.arg for p in [*a.posonlyargs, *a.args, *a.kwonlyargs] if p.arg not in ("self", "cls")]
+            yield f"{node.name} (line {node.lineno})", len(named) + bool(a.vararg) + bool(a.kwarg)
+
+
+def test_no_long_parameter_lists_in_the_dataflow_and_the_jobs() -> None:
+    long = [
+        f"{path.relative_to(ROOT)}: {name} takes {count}"
+        for module, path in modules()
+        if module.startswith(("pipeline", "jobs"))
+        for name, count in parameter_counts(path)
+        if count > MAX_PARAMETERS
+    ]
+    assert not long, "; ".join(long)
+
+
 def test_the_rules_see_what_they_check() -> None:
     # The walk finds the modules and the imports it judges (a rule over nothing would always pass).
     names = dict(modules())
@@ -97,3 +124,15 @@ def test_the_rules_see_what_they_check() -> None:
     assert "ray" in imports(names["pipeline.deblur.ray.driver"])
     assert "fsspec" in imports(names["pipeline.store.storage"])
     assert "jobs.submit" in imports(names["jobs.cli"])
+    counts = dict(parameter_counts(names["pipeline.deblur.shard"]))
+    assert next(n for name, n in counts.items() if name.startswith("process_shard ")) == 6
+
+
+def test_job_configs_and_shard_workers_load_without_torch() -> None:
+    # They name the model's modes (adarevd.modes) and read its config; torch stays out of their processes.
+    code = (
+        "import sys, pipeline.deblur.job, pipeline.deblur.ray.workers, adarevd.config, adarevd.modes; "
+        "print('torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import adarevd
-from adarevd.classifier import exit_depths, psnr, psnr_bucket, psnr_classes
+from adarevd.classifier import exit_depths, psnr_bucket, psnr_classes
+from adarevd.metrics import psnr
 from tests.conftest import randomize
 
 

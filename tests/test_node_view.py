@@ -111,6 +111,7 @@ def cluster_that_does_not_see(tmp_path_factory: pytest.TempPathFactory) -> Itera
         shutil.rmtree(temp, ignore_errors=True)
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_a_cluster_node_that_does_not_see_a_local_input_or_output_stops_the_run_by_name(
     cluster_that_does_not_see: tuple[str, Path], tmp_path: Path
@@ -136,6 +137,7 @@ def test_a_cluster_node_that_does_not_see_a_local_input_or_output_stops_the_run_
         assert sorted(str(p.relative_to(output)) for p in output.rglob("*")) == ["_lock", "_lock/unfinished"]
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_training_on_a_cluster_node_that_does_not_see_the_data_or_the_output_stops_before_any_step(
     cluster_that_does_not_see: tuple[str, Path], tmp_path: Path

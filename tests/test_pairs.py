@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from adarevd.classifier import psnr_bucket
+from adarevd.metrics import psnr_uint8
 from jobs.cli import main
 from pipeline.formats.sink import ShardLimits
 from pipeline.store.lease import LockLost, OutputLock, OutputLocked
 from pipeline.store.storage import Store
 from pipeline.synth.blur import BlurSpec, synthesize_clip
-from pipeline.synth.pairs import ClipConfig, SynthConfig, patch_psnr, psnr, write_clip, write_pairs
+from pipeline.synth.pairs import ClipConfig, SynthConfig, patch_psnr, write_clip, write_pairs
 from pipeline.synth.scenes import load_sample
 from tests.media import decode_video, read_samples
 
@@ -60,7 +61,7 @@ def test_pairs_carry_trajectory_and_psnr_that_match_the_pixels(memory_store: Sto
         blurry, sharp = rgb(members["blur.png"]), rgb(members["sharp.png"])
         assert blurry.shape == sharp.shape == (96, 128, 3)
         assert len(meta["camera"]) == meta["sub_frames"] == 15 and len(meta["camera"][0]) == 4
-        assert meta["psnr"] == pytest.approx(psnr(blurry, sharp), abs=1e-3)
+        assert meta["psnr"] == pytest.approx(psnr_uint8(blurry, sharp), abs=1e-3)
         assert meta["patch_psnr"] == patch_psnr(blurry, sharp, 32)
         assert np.array(meta["patch_psnr"]).shape == (3, 4)
 
@@ -80,7 +81,7 @@ def test_jpeg_option_degrades_the_blurry_frame_only(memory_store: Store) -> None
     write_pairs(compressed, SynthConfig(count=1, size=(96, 96), jpeg_quality=30))
     a, b = read_samples(plain)["synth-s0_000000"], read_samples(compressed)["synth-s0_000000"]
     assert a["sharp.png"] == b["sharp.png"]
-    assert 20 < psnr(rgb(a["blur.png"]), rgb(b["blur.png"])) < 45
+    assert 20 < psnr_uint8(rgb(a["blur.png"]), rgb(b["blur.png"])) < 45
     assert json.loads(b["json"])["jpeg_quality"] == 30
 
 
@@ -94,8 +95,8 @@ def test_clip_is_continuous_and_written_losslessly(tmp_path: Path) -> None:
         np.testing.assert_array_equal(got_b[..., ::-1], b)
         np.testing.assert_array_equal(got_s[..., ::-1], s)
     # One camera path: neighbouring frames look alike, distant ones less so.
-    near = np.mean([psnr(clip[k][1], clip[k + 1][1]) for k in range(11)])
-    far = np.mean([psnr(clip[k][1], clip[k + 8][1]) for k in range(4)])
+    near = np.mean([psnr_uint8(clip[k][1], clip[k + 1][1]) for k in range(11)])
+    far = np.mean([psnr_uint8(clip[k][1], clip[k + 8][1]) for k in range(4)])
     assert near > far + 2
 
 
@@ -151,8 +152,8 @@ def test_bundled_demo_clip_is_what_its_recorded_command_makes(tmp_path: Path) ->
     # pixels by one level against 5.0 (the bundled clip's), and the encodes then agree to about 42 dB;
     # each is about 38 dB from the synthesized frames, and a clip of the next seed is under 12 dB away.
     for bundled, fresh, (blurry, _) in zip(decoded, again, clip, strict=True):
-        assert psnr(bundled[..., ::-1], blurry) > 35
-        assert psnr(fresh, bundled) > 38
+        assert psnr_uint8(bundled[..., ::-1], blurry) > 35
+        assert psnr_uint8(fresh, bundled) > 38
 
 
 def test_synth_holds_the_output_while_it_writes_and_leaves_no_lease(tmp_path: Path) -> None:

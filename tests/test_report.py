@@ -19,7 +19,7 @@ import skimage.data
 
 from pipeline.deblur.manifests import read_manifests
 from pipeline.deblur.restorer import FrameRestorer
-from pipeline.deblur.shard import MANIFEST_SCHEMA, QUARANTINE_SCHEMA, local_restore, process_shard
+from pipeline.deblur.shard import MANIFEST_SCHEMA, QUARANTINE_SCHEMA, ShardTask, local_restore, process_shard
 from pipeline.formats import images
 from pipeline.formats.frames import PatchMap
 from pipeline.formats.shards import Sample, encode_shard
@@ -74,7 +74,9 @@ def deblurred(tmp_path_factory: pytest.TempPathFactory) -> tuple[Store, Store, d
     broken = Sample("astro_000099", {"png": b"<not a png>"})
     source.commit_bytes(SHARD, encode_shard([*samples[:2], broken, *samples[2:]]))
     restorer = FrameRestorer(bundled_model().model)
-    report = process_shard(SHARD, source, output, local_restore(restorer), frames_per_batch=2, run_id="run1")
+    report = process_shard(
+        ShardTask(shard=SHARD, frames_per_batch=2, run_id="run1"), source, output, local_restore(restorer)
+    )
     assert (report.frames, report.quarantined) == (4, 1)
     return source, output, crops
 

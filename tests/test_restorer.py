@@ -12,11 +12,12 @@ import pytest
 import torch
 
 import adarevd
+from adarevd.metrics import tone_shift
 from adarevd.tiling import PatchGrid
 from pipeline.deblur.job import RestoreOptions
 from pipeline.deblur.restorer import FrameRestorer
-from pipeline.deblur.scores import blur_score, seam_score, tone_shift
-from pipeline.deblur.shard import local_restore, output_names, process_shard
+from pipeline.deblur.scores import blur_score, seam_score
+from pipeline.deblur.shard import ShardTask, local_restore, output_names, process_shard
 from pipeline.formats import images
 from pipeline.formats.frames import FrameIn, FrameOut, Rejected, decode_sample, image_member
 from pipeline.formats.shards import Sample, encode_shard, iter_samples
@@ -164,7 +165,10 @@ def test_one_shard_end_to_end_with_quarantine_and_manifest(model: adarevd.AdaRev
     source.commit_bytes("frames-000000.tar", encode_shard([*samples[:2], broken, *samples[2:], samples[0]]))
     restorer = FrameRestorer(model)
     report = process_shard(
-        "frames-000000.tar", source, memory_store, local_restore(restorer), frames_per_batch=2, fingerprint="abc"
+        ShardTask(shard="frames-000000.tar", frames_per_batch=2, fingerprint="abc"),
+        source,
+        memory_store,
+        local_restore(restorer),
     )
     assert (report.frames, report.quarantined, report.complete) == (5, 2, True)
     out_name, manifest, q_tar, q_index = output_names("frames-000000.tar")
@@ -190,7 +194,7 @@ def test_a_preview_stops_early_and_is_not_marked_done(model: adarevd.AdaRevD, me
     source = Store(memory_store.url + "-in")
     source.commit_bytes("s.tar", encode_shard([frame(f"k_{i:06d}", 32, 32, seed=i).sample for i in range(4)]))
     restorer = FrameRestorer(model)
-    report = process_shard("s.tar", source, memory_store, local_restore(restorer), max_frames=3)
+    report = process_shard(ShardTask(shard="s.tar", max_frames=3), source, memory_store, local_restore(restorer))
     assert (report.frames, report.complete) == (3, False)
     assert memory_store.exists("s.tar") and not memory_store.exists(output_names("s.tar")[1])
 
@@ -204,12 +208,12 @@ def test_a_mended_shard_leaves_no_stale_quarantine(model: adarevd.AdaRevD, memor
     cut = damaged.index(good[2].members["png"]) + 20  # inside the last frame's image
     source.commit_bytes("s.tar", damaged[:cut])
     restore = local_restore(FrameRestorer(model))
-    report = process_shard("s.tar", source, memory_store, restore)
+    report = process_shard(ShardTask(shard="s.tar"), source, memory_store, restore)
     _, manifest, q_tar, q_index = output_names("s.tar")
     assert report.damaged and report.quarantined == 1
     assert memory_store.exists(q_tar) and memory_store.exists(q_index) and not memory_store.exists(manifest)
     # Mended (every frame decodes now), the redo's records say so: no quarantine left from the first try.
     source.commit_bytes("s.tar", encode_shard(good))
-    report = process_shard("s.tar", source, memory_store, restore)
+    report = process_shard(ShardTask(shard="s.tar"), source, memory_store, restore)
     assert (report.frames, report.quarantined, report.damaged) == (3, 0, False)
     assert memory_store.exists(manifest) and not memory_store.exists(q_tar) and not memory_store.exists(q_index)

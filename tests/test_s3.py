@@ -106,6 +106,7 @@ def test_credentials_and_endpoint_from_the_usual_environment(
     s3fs.S3FileSystem.clear_instance_cache()
 
 
+@pytest.mark.slow
 def test_a_store_that_goes_away_for_seconds_is_retried_and_one_that_stays_down_fails_clearly(
     tmp_path: Path,
 ) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.deblur.depth_pools import DepthGroup, EncodedBatch
+from pipeline.deblur.job import ActorStartError
 from pipeline.deblur.ray import driver
 from pipeline.deblur.restorer import FrameRestorer
 from pipeline.deblur.shard import output_names
@@ -58,6 +59,7 @@ def stall_job(source: Store, output: Path, **kw: object) -> driver.DeblurJob:
     return driver.DeblurJob(source.url, str(output), frames_per_batch=3, stall_timeout_s=STALL_S, **kw)  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 def test_a_restorer_that_never_answers_is_named_in_the_stall_report(
     local_ray: None, setup: tuple[Store, Model], tmp_path: Path
 ) -> None:
@@ -65,7 +67,7 @@ def test_a_restorer_that_never_answers_is_named_in_the_stall_report(
     job = stall_job(source, tmp_path / "out", resources=driver.Resources(workers=2, cpus_per_worker=0.5))
     start = time.monotonic()
     with pytest.raises(driver.StallError) as caught:
-        driver.run(job, model.model, make_restorer=make_hanging_fused)
+        driver.run(job, model.model, hooks=driver.Hooks(make_restorer=make_hanging_fused))
     assert time.monotonic() - start < 60
     report = str(caught.value)
     assert f"no frame finished for {STALL_S:.0f} s" in report
@@ -83,6 +85,7 @@ def test_a_restorer_that_never_answers_is_named_in_the_stall_report(
     assert len(read_samples(output)) == 10
 
 
+@pytest.mark.slow
 def test_a_depth_pool_that_never_answers_is_named_in_the_stall_report(
     local_ray: None, setup: tuple[Store, Model], tmp_path: Path
 ) -> None:
@@ -90,7 +93,7 @@ def test_a_depth_pool_that_never_answers_is_named_in_the_stall_report(
     resources = driver.Resources(workers=2, cpus_per_worker=0.5, cpus_per_encoder=0.5)
     job = stall_job(source, tmp_path / "out", resources=resources, routing="depth-pools")
     with pytest.raises(driver.StallError) as caught:
-        driver.run(job, model.model, make_restorer=make_hanging_pool)
+        driver.run(job, model.model, hooks=driver.Hooks(make_restorer=make_hanging_pool))
     report = str(caught.value)
     waiting = [line for line in report.splitlines() if "waiting on" in line]
     assert waiting and all(
@@ -118,8 +121,8 @@ def test_an_actor_that_cannot_build_its_model_stops_the_run_at_once_with_its_rea
     source, model = setup
     job = dataclasses.replace(stall_job(source, tmp_path / "out"), stall_timeout_s=300.0)
     start = time.monotonic()
-    with pytest.raises(driver.ActorStartError) as caught:
-        driver.run(job, model.model, make_restorer=make_unreadable_weights)
+    with pytest.raises(ActorStartError) as caught:
+        driver.run(job, model.model, hooks=driver.Hooks(make_restorer=make_unreadable_weights))
     assert time.monotonic() - start < 120  # not the start-up budget of 300 s
     assert re.match(
         r"actor adarevd-restorer-\w+-\d failed to start: FileNotFoundError: /mnt/models/adarevd-b\.safetensors: "
@@ -168,8 +171,8 @@ def test_an_actor_that_cannot_be_rebuilt_after_a_crash_stops_the_run_with_its_re
     job = dataclasses.replace(job, stall_timeout_s=300.0)
     crashed = tmp_path / "crashed"
     start = time.monotonic()
-    with pytest.raises(driver.ActorStartError) as caught:
-        driver.run(job, model.model, make_restorer=partial(DiesOnceThenCannotStart, str(crashed)))
+    with pytest.raises(ActorStartError) as caught:
+        driver.run(job, model.model, hooks=driver.Hooks(make_restorer=partial(DiesOnceThenCannotStart, str(crashed))))
     assert crashed.exists() and time.monotonic() - start < 150  # not the stall budget of 300 s
     # Fused: the restorer dies; depth pools: the encoder actor, which encodes frame 5.
     assert re.match(

@@ -43,6 +43,7 @@ def _rank(rank: int, spec: TrainSpec, port: int) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ray_train_workers_match_two_plain_processes(tmp_path: Path) -> None:
     data = str(tmp_path / "pairs")
     write_pairs(Store(data), SynthConfig(count=4, size=(72, 72), limits=ShardLimits(max_samples=2)))
@@ -71,6 +72,7 @@ def test_two_ray_train_workers_match_two_plain_processes(tmp_path: Path) -> None
     assert not all(torch.equal(a[k], c[k]) for k in a)  # the second worker's data made a difference
 
 
+@pytest.mark.slow
 def test_a_workers_error_is_raised_as_itself_and_missing_data_before_any_worker(tmp_path: Path) -> None:
     # Before: both came out as Ray Train's WorkerGroupError, a traceback with the message inside.
     spec = TrainSpec(

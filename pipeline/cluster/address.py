@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import socket
 
+from adarevd.errors import UserError
+
 PROBE_S = 5.0  # how long a TCP connection to the address may take
 WHAT_TO_GIVE = (
     "give the head's address as `ray start --head` prints it (HOST:6379), ray://HOST:10001 (Ray Client), or "
@@ -12,7 +14,7 @@ WHAT_TO_GIVE = (
 )
 
 
-class ClusterUnreachable(RuntimeError):
+class ClusterUnreachable(UserError, RuntimeError):
     """No Ray cluster answers at the address given; the message says what to give instead."""
 
 

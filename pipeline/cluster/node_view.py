@@ -14,13 +14,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from adarevd.errors import UserError
 from pipeline.store.lease import LOCK_DIR, Fence
 from pipeline.store.storage import StorageError, Store, redact
 
 CHECK_RETRY_S = 10.0  # how long the check retries a store that does not answer from this node
 
 
-class NodeCannotSee(RuntimeError):
+class NodeCannotSee(UserError, RuntimeError):
     """A node does not see the input or the output the driver sees; the message names both. (Not a
     StorageError: the store is fine, so the run cleans up after itself as after any other refusal.)"""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from braceexpand import braceexpand
 
+from adarevd.errors import InvalidInput, NotFound
 from pipeline.store.storage import Store, redact
 
 WILDCARDS = "*?[{"
@@ -28,7 +29,7 @@ def split_input(url: str) -> tuple[str, str | None]:
         return ".", url  # shards in the working directory
     root = url[:cut] if cut > 0 else ""
     if root.rstrip("/") == "" or root.rstrip("/").endswith(":"):  # '/', 's3:/', 'file://'
-        raise ValueError(
+        raise InvalidInput(
             f"{redact(url)}: a shard pattern starts with the folder (or bucket) its shards are in; its "
             "first wildcard or brace comes after that"
         )
@@ -42,13 +43,13 @@ def list_shards(source: Store, pattern: str | None = None) -> list[str]:
         shards = _inputs(source.glob("**/*.tar"))
         if not shards:
             there = "no .tar shards found" if source.exists("") else "no such folder"
-            raise FileNotFoundError(f"{redact(source.url)}: {there}; run `adarevd ingest` first, or mend the URL")
+            raise NotFound(f"{redact(source.url)}: {there}; run `adarevd ingest` first, or mend the URL")
         return shards
     found: set[str] = set()
     missing: list[str] = []
     for name in braceexpand(pattern):
         if not name.endswith(".tar"):
-            raise ValueError(f"{redact(source.url_of(name))}: a shard pattern must name .tar files")
+            raise InvalidInput(f"{redact(source.url_of(name))}: a shard pattern must name .tar files")
         matched = _matches(source, name)
         found.update(matched)
         if not matched:
@@ -56,7 +57,7 @@ def list_shards(source: Store, pattern: str | None = None) -> list[str]:
     if missing:
         more = len(missing) - MAX_NAMED
         named = ", ".join(missing[:MAX_NAMED]) + (f" and {more} more" if more > 0 else "")
-        raise FileNotFoundError(
+        raise NotFound(
             f"{redact(source.url)}: {len(missing)} of the shards {pattern} names do not exist ({named}); "
             "mend the pattern, or give the folder URL to take every shard in it"
         )
@@ -76,7 +77,7 @@ def without_output(shards: list[str], source: Store, output: Store) -> list[str]
     names = set(shards)
     clash = [name for name in shards if _relative(f"{out}/{name}", src) in names]
     if clash:
-        raise ValueError(
+        raise InvalidInput(
             f"{redact(output.url_of(clash[0]))}: the deblurred shard would be written over an input shard "
             f"({len(clash)} of {len(shards)} would be); give an output folder that is not the input folder, "
             f"e.g. {redact(source.url)}-deblurred"

@@ -8,25 +8,26 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from adarevd.errors import InvalidInput, UserError
+from adarevd.modes import EncoderMode, ExitMode
 from pipeline.deblur.input_shards import list_shards, split_input, without_output
+from pipeline.deblur.shard import ShardTask
 from pipeline.store.storage import Store
 
-ExitMode = Literal["adaptive"] | int
-EncoderMode = Literal["frame", "patch"]
 # fused: each restorer actor runs a batch through every stage (the default: measured fastest, see
 # docs/ARCHITECTURE.md). depth-pools: encoder actors -> one pool per exit depth -> encoder actors.
 Routing = Literal["fused", "depth-pools"]
 
 
-class StallError(RuntimeError):
+class StallError(UserError, RuntimeError):
     """No progress for too long; the message says what is waiting on what."""
 
 
-class DeviceError(RuntimeError):
+class DeviceError(UserError, RuntimeError):
     """The actors were given GPUs that their torch cannot use."""
 
 
-class ActorStartError(RuntimeError):
+class ActorStartError(UserError, RuntimeError):
     """A model actor's constructor failed (weights unreadable where it runs, a broken device, ...): at the
     start, or when Ray restarted the actor after a crash. Ray then holds it dead for good."""
 
@@ -53,7 +54,7 @@ def _require(ok: bool, setting: str, rule: str, value: object) -> None:
     """Refuse a bad setting at construction, named as the user gives it: its `adarevd deblur` flag (a job
     spec's [options] use the same names), or the field where no flag sets it."""
     if not ok:
-        raise ValueError(f"{setting} must be {rule}, got {value!r}")
+        raise InvalidInput(f"{setting} must be {rule}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ class RestoreOptions:
     def check_model(self, num_columns: int) -> None:
         """A fixed exit the model has: refused before any actor starts or shard is read."""
         if self.exit != "adaptive" and self.exit > num_columns:
-            raise ValueError(
+            raise InvalidInput(
                 f"--exit must be 'adaptive' or a depth 0..{num_columns} for this model "
                 f"({num_columns} columns), got {self.exit}"
             )
@@ -205,6 +206,20 @@ class DeblurJob:
             "jpeg_quality": r.jpeg_quality,
             "image_member": self.image_member,
         }
+
+    def task(self, shard: str, index: int, *, fingerprint: str, run_id: str, max_frames: int | None) -> ShardTask:
+        """Shard `shard`'s work in this run (the `index`-th handed out); `max_frames`: the budget left."""
+        return ShardTask(
+            shard=shard,
+            index=index,
+            frames_per_batch=self.batch_frames(),
+            flush_s=self.flush_timeout_s,
+            image_member=self.image_member,
+            fingerprint=fingerprint,
+            run_id=run_id,
+            max_frames=max_frames,
+            made_with=self.made_with(fingerprint),
+        )
 
     def batch_frames(self) -> int:
         """Frames per call; on a resolved job (`resolved`), the default follows the actors' device."""

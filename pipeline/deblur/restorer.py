@@ -20,10 +20,11 @@ import numpy as np
 import torch
 
 from adarevd import AdaRevD
-from adarevd.tiling import PatchGrid, cut
+from adarevd.metrics import tone_shift
+from adarevd.tiling import PatchGrid
 from pipeline.deblur.depth_pools import DepthGroup, EncodedBatch, EncodedFrame, GroupPart
 from pipeline.deblur.job import RestoreOptions
-from pipeline.deblur.scores import blur_score, seam_score, tone_shift
+from pipeline.deblur.scores import blur_score, seam_score
 from pipeline.formats.frames import FrameIn, FrameOut, PatchMap, Rejected, encode_output
 
 
@@ -194,19 +195,14 @@ class FrameRestorer:
             features = None
             if not per_patch:
                 try:
-                    features = model.cut(model.encode(padded), grid)
+                    features = model.encode_patches(padded, grid, "frame")
                 except RuntimeError as e:  # torch.OutOfMemoryError is one too
                     if not _out_of_memory(e):
                         raise
                     notes.append("encoded per patch: the whole frame ran out of memory")
             if features is None:
-                # Memory bounded by the patch size: 8 patches of the padded frame at a time.
-                chunks = [model.encode(c) for c in cut(padded, grid).split(8)]
-                features = [torch.cat(level) for level in zip(*chunks, strict=True)]
-            if self.options.exit == "adaptive":
-                depths = model.exit_depths(model.classify(features))
-            else:
-                depths = torch.full((features[0].shape[0],), int(self.options.exit), dtype=torch.long)
+                features = model.encode_patches(padded, grid, "patch")
+            depths = model.choose_depths(features, self.options.exit)
         elapsed = (time.perf_counter() - start) * 1e3
         return _Encoded(frame, image, grid, features, depths.to(self.device), elapsed, notes=tuple(notes))
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from adarevd.errors import AlreadyExists, InvalidInput
 from pipeline.deblur.shard import (
     MADE_WITH_KEY,
     MANIFEST_DIR,
@@ -71,7 +72,7 @@ def footer_metadata(output: Store, name: str, tail: bytes) -> dict[str, str]:
     """The key-value metadata of a Parquet file from its last bytes (the whole file read where its
     footer is longer than `tail`)."""
     if len(tail) < 12 or tail[-4:] != b"PAR1":
-        raise ValueError(
+        raise InvalidInput(
             f"{redact(output.url_of(name))}: not a Parquet file (a damaged manifest); remove it to redo its shard"
         )
     length = int.from_bytes(tail[-8:-4], "little")
@@ -123,14 +124,14 @@ def check_resume(output: Store, source: Store, done: list[str], made_with: Mappi
                 now = _input_digest(source, record.shard)
             if record.resized or (now is not None and now != record.digest):
                 redo = "" if record.elsewhere else ", or remove the manifests of the shards that changed to redo them"
-                raise FileExistsError(
+                raise AlreadyExists(
                     f"{redact(manifest)}: {record.shard} was deblurred from {record.came_from} ({record.digest}); "
                     f"this run's {record.here} ({now or f'{record.now.size if record.now else None} bytes'}) is "
                     f"another file, and would be skipped as done{_how_many(changed, len(done))}; give another "
                     f"output folder{redo}"
                 )
         elif record.elsewhere:
-            raise FileExistsError(
+            raise AlreadyExists(
                 f"{redact(manifest)}: {record.shard} was deblurred from {record.came_from}, not from this run's "
                 f"{record.here}, and would be skipped as done; give another output folder"
             )
@@ -141,7 +142,7 @@ def check_resume(output: Store, source: Store, done: list[str], made_with: Mappi
             if key in record.made_with and record.made_with[key] != value
         ]
         if other:
-            raise ValueError(
+            raise InvalidInput(
                 f"{redact(output.url)}: its shards were deblurred with {', '.join(other)}; resuming would mix "
                 "the two in one output. Give another output folder, or the same options to resume"
             )
@@ -166,7 +167,7 @@ def refuse_foreign(output: Store, shards: list[str]) -> None:
     there = set(output.glob("**/*.tar"))
     foreign = [shard for shard in shards if output_names(shard)[0] in there]
     if foreign:
-        raise FileExistsError(
+        raise AlreadyExists(
             f"{redact(output.url_of(output_names(foreign[0])[0]))}: the output folder already holds this shard "
             f"({len(foreign)} of the {len(shards)} this run writes) but no deblur run's _manifest/ or {RUN_FILE}, so "
             "they are not deblurred output and the run would replace them; give an empty folder or an earlier "

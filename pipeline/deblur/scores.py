@@ -19,12 +19,6 @@ def blur_score(rgb: np.ndarray) -> float:
     return float(cv2.Laplacian(grey, cv2.CV_64F).var())
 
 
-def tone_shift(before: np.ndarray, after: np.ndarray) -> tuple[float, float, float]:
-    """Mean of `after` minus mean of `before`, per channel, in 8-bit levels ((H, W, 3) uint8 each)."""
-    means = after.reshape(-1, 3).mean(axis=0, dtype=np.float64) - before.reshape(-1, 3).mean(axis=0, dtype=np.float64)
-    return (float(means[0]), float(means[1]), float(means[2]))
-
-
 def seam_score(rgb: np.ndarray, grid: PatchGrid) -> float:
     """Mean absolute step across the lines where a patch starts or ends, over the mean step across all
     lines: about 1 means no visible seams; well above 1 means the patch grid shows."""

@@ -17,6 +17,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -26,7 +27,7 @@ import pyarrow.parquet as pq
 from pipeline.deblur.batching import batched
 from pipeline.formats.frames import FrameIn, FrameOut, Rejected, decode_sample
 from pipeline.formats.shards import ShardError, TarShardWriter, encode_shard, iter_samples
-from pipeline.store.digests import DigestReader
+from pipeline.store.digests import Digest, DigestReader
 from pipeline.store.scratch import scratch
 from pipeline.store.storage import Store
 
@@ -116,95 +117,134 @@ def read_frames(
         report.damaged = True
 
 
+@dataclass(frozen=True, kw_only=True)
+class ShardTask:
+    """One input shard's work in a run: everything `process_shard` needs besides the stores and the
+    restorer (`DeblurJob.task` makes it)."""
+
+    shard: str
+    index: int = 0  # the shard's place in the run: which actor its batches start at
+    frames_per_batch: int = 8
+    flush_s: float = 0.0  # a batch waits at most this long for more frames
+    image_member: str | None = None
+    fingerprint: str = ""  # the model's, for the manifest
+    run_id: str = ""
+    max_frames: int | None = None  # stop after this many frames (the shard is then not done)
+    made_with: Mapping[str, Any] = field(default_factory=dict)  # for resume: `DeblurJob.made_with`
+
+
+class ShardOutput:
+    """A shard's output while it is made: `write` restored frames and `reject` bad ones into a local
+    temporary tar, then `commit` the output shard, the quarantine and (when the input was read whole)
+    the manifest, in that order. `before_commit` runs before the first commit and before the manifest;
+    it raises to commit nothing more (the run lost its lease: `Fence.check`)."""
+
+    def __init__(self, task: ShardTask, output: Store, before_commit: Callable[[], None]) -> None:
+        self.task, self.output, self.before_commit = task, output, before_commit
+        self.rows: list[dict[str, Any]] = []
+        self.rejected: list[Rejected] = []
+
+    def __enter__(self) -> ShardOutput:
+        self._stack = ExitStack()
+        self.local = os.path.join(self._stack.enter_context(scratch("deblur")), "out.tar")
+        self._tar = ExitStack()  # the local tar: closed by `commit`, or on the way out
+        self._stack.push(self._tar)
+        self._writer = self._tar.enter_context(TarShardWriter(self._tar.enter_context(open(self.local, "wb"))))
+        return self
+
+    def __exit__(self, *exc: Any) -> bool | None:
+        return self._stack.__exit__(*exc)
+
+    def write(self, result: FrameOut, finished_at: float) -> None:
+        self._writer.write(result.sample)
+        self.rows.append(_manifest_row(self.task, result, finished_at))
+
+    def reject(self, item: Rejected) -> None:
+        self.rejected.append(item)
+
+    def commit(self, report: ShardReport, source: Store, read: Digest | None, version: str) -> None:
+        """Commit what was written; the manifest only when `report` says the input was read whole.
+        `read`: the input's digest; `version`: its `FileStat.version` taken before the read."""
+        task, output = self.task, self.output
+        out_name, manifest_name, quarantine_name, quarantine_index = output_names(task.shard)
+        self._tar.close()
+        self.before_commit()
+        output.commit_file(out_name, self.local)
+        report.bytes_out = os.path.getsize(self.local)
+        report.quarantined = len(self.rejected)
+        if self.rejected:
+            # Original bytes and the reason: nothing is dropped silently.
+            output.commit_bytes(quarantine_name, encode_shard([r.sample for r in self.rejected]))
+            reasons = [{"shard": task.shard, "key": r.key, "reason": r.reason} for r in self.rejected]
+            output.commit_bytes(quarantine_index, _parquet(pa.Table.from_pylist(reasons, schema=QUARANTINE_SCHEMA)))
+        else:
+            # An earlier try at this shard, before its input was mended: its rejects are not this try's.
+            for name in (quarantine_index, quarantine_name):
+                if output.exists(name):
+                    output.remove(name)
+        if report.complete and not report.damaged:
+            table = pa.Table.from_pylist(self.rows, schema=MANIFEST_SCHEMA).replace_schema_metadata(
+                {
+                    "adarevd.shard_errors": json.dumps(report.errors),
+                    SOURCE_KEY: source.file_location(task.shard),
+                    SOURCE_DIGEST_KEY: json.dumps(asdict(read)) if read else "",
+                    SOURCE_VERSION_KEY: version,
+                    MADE_WITH_KEY: json.dumps(dict(task.made_with), sort_keys=True),
+                }
+            )
+            self.before_commit()
+            output.commit_bytes(manifest_name, _parquet(table))  # last: the shard is done
+
+
 def process_shard(
-    shard: str,
+    task: ShardTask,
     source: Store,
     output: Store,
     restore: RestoreFn,
     *,
-    frames_per_batch: int = 8,
-    flush_s: float = 0.0,
-    image_member: str | None = None,
-    fingerprint: str = "",
-    run_id: str = "",
-    max_frames: int | None = None,
     on_frames: Callable[[int, list[int]], None] | None = None,
-    made_with: Mapping[str, Any] | None = None,
     before_commit: Callable[[], None] = lambda: None,
 ) -> ShardReport:
-    """Deblur one shard into `output` and commit it: the output shard, its quarantine, then (when the
-    whole input was read) the manifest that marks it done. `before_commit` runs before the first commit
-    and before the manifest; it raises to commit nothing more (the run lost its lease: `Fence.check`)."""
+    """Deblur one shard into `output` and commit it (`ShardOutput`): read -> decode -> batch ->
+    restore -> write or reject -> commit. `on_frames` hears each batch's frame count and depths."""
     start = time.perf_counter()
-    report = ShardReport(shard)
-    out_name, manifest_name, quarantine_name, quarantine_index = output_names(shard)
-    rejected: list[Rejected] = []
-    rows: list[dict[str, Any]] = []
+    report = ShardReport(task.shard)
+    with ShardOutput(task, output, before_commit) as sink:
 
-    def frames_only(items: Iterable[FrameIn | Rejected]) -> Iterator[FrameIn]:
-        for item in items:
-            if isinstance(item, Rejected):
-                rejected.append(item)
-            else:
-                yield item
+        def frames_only(items: Iterable[FrameIn | Rejected]) -> Iterator[FrameIn]:
+            for item in items:
+                if isinstance(item, Rejected):
+                    sink.reject(item)
+                else:
+                    yield item
 
-    with scratch("deblur") as tmp:  # a shard's output while it is written
-        local = os.path.join(tmp, "out.tar")
-        version = source.stat(shard).version  # before the read: a write after it changes the version
-        with source.open(shard) as stream, open(local, "wb") as file, TarShardWriter(file) as writer:
+        version = source.stat(task.shard).version  # before the read: a write after it changes the version
+        with source.open(task.shard) as stream:
             reader = DigestReader(stream)
-            items = read_frames(reader, shard, image_member, report, max_frames)
-            for results in restore(batched(frames_only(items), frames_per_batch, flush_s)):
+            items = read_frames(reader, task.shard, task.image_member, report, task.max_frames)
+            for results in restore(batched(frames_only(items), task.frames_per_batch, task.flush_s)):
                 batch_histogram: list[int] = []
                 finished_at = time.time()
                 for result in results:
                     if isinstance(result, Rejected):
-                        rejected.append(result)
+                        sink.reject(result)
                         continue
-                    writer.write(result.sample)
-                    rows.append(_manifest_row(shard, result, fingerprint, run_id, finished_at))
+                    sink.write(result, finished_at)
                     report.frames += 1
                     add_histogram(batch_histogram, result.depth_histogram)
                 add_histogram(report.histogram, batch_histogram)
                 if on_frames:
                     on_frames(len(results), batch_histogram)
             read = reader.digest() if report.complete and not report.damaged else None
-        before_commit()
-        output.commit_file(out_name, local)
-        report.bytes_out = os.path.getsize(local)
-    report.quarantined = len(rejected)
-    if rejected:
-        # Original bytes and the reason: nothing is dropped silently.
-        output.commit_bytes(quarantine_name, encode_shard([r.sample for r in rejected]))
-        table = pa.Table.from_pylist(
-            [{"shard": shard, "key": r.key, "reason": r.reason} for r in rejected], schema=QUARANTINE_SCHEMA
-        )
-        output.commit_bytes(quarantine_index, _parquet(table))
-    else:
-        # An earlier try at this shard, before its input was mended: its rejects are not this try's.
-        for name in (quarantine_index, quarantine_name):
-            if output.exists(name):
-                output.remove(name)
-    if report.complete and not report.damaged:
-        table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA).replace_schema_metadata(
-            {
-                "adarevd.shard_errors": json.dumps(report.errors),
-                SOURCE_KEY: source.file_location(shard),
-                SOURCE_DIGEST_KEY: json.dumps(asdict(read)) if read else "",
-                SOURCE_VERSION_KEY: version,
-                MADE_WITH_KEY: json.dumps(made_with or {}, sort_keys=True),
-            }
-        )
-        before_commit()
-        output.commit_bytes(manifest_name, _parquet(table))  # last: the shard is done
+        sink.commit(report, source, read, version)
     report.seconds = time.perf_counter() - start
     return report
 
 
-def _manifest_row(shard: str, result: FrameOut, fingerprint: str, run_id: str, finished_at: float) -> dict[str, Any]:
+def _manifest_row(task: ShardTask, result: FrameOut, finished_at: float) -> dict[str, Any]:
     patches = result.patches
     return {
-        "shard": shard,
+        "shard": task.shard,
         "key": result.sample.key,
         "member": result.member,
         "output_sha256": result.sha256,
@@ -219,14 +259,14 @@ def _manifest_row(shard: str, result: FrameOut, fingerprint: str, run_id: str, f
         "decode_ms": result.decode_ms,
         "stitch_ms": result.stitch_ms,
         "notes": "; ".join(result.notes) or None,
-        "model_fingerprint": fingerprint,
+        "model_fingerprint": task.fingerprint,
         "width": result.width,
         "height": result.height,
         "patch_ys": list(patches.ys) if patches else None,
         "patch_xs": list(patches.xs) if patches else None,
         "patch_size": [patches.size_h, patches.size_w] if patches else None,
         "patch_depths": list(patches.depths) if patches else None,
-        "run_id": run_id,
+        "run_id": task.run_id,
         "finished_at": finished_at,
     }
 

@@ -14,11 +14,13 @@ from typing import Literal
 import cv2
 import numpy as np
 
+from adarevd.errors import InvalidInput
+
 ImageFormat = Literal["png", "jpg"]
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm"})
 
 
-class ImageError(ValueError):
+class ImageError(InvalidInput):
     """Bytes that are not a usable image; the caller adds the file or key."""
 
 

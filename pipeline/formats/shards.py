@@ -21,8 +21,10 @@ from typing import IO, Any
 
 import fsspec
 
+from adarevd.errors import InvalidInput, UserError
 
-class ShardError(Exception):
+
+class ShardError(UserError):
     """A shard that cannot be read as WebDataset (message names the shard, entry and what to do)."""
 
 
@@ -41,22 +43,22 @@ def split_name(name: str) -> tuple[str, str]:
     folder, base = posixpath.split(name)
     stem, dot, member = base.partition(".")
     if not dot or not stem or not member:
-        raise ValueError(f"{name!r} is not <key>.<member>")
+        raise InvalidInput(f"{name!r} is not <key>.<member>")
     return posixpath.join(folder, stem) if folder else stem, member
 
 
 def check_key(key: str) -> str:
     """Raise ValueError unless `key` is usable as a WebDataset key and as a relative output path."""
     if not key or key.startswith("/") or "\\" in key:
-        raise ValueError(f"key {key!r} is empty, absolute or has a backslash")
+        raise InvalidInput(f"key {key!r} is empty, absolute or has a backslash")
     if any(part in ("", ".", "..") for part in key.split("/")):
-        raise ValueError(f"key {key!r} has an empty, '.' or '..' path part")
+        raise InvalidInput(f"key {key!r} has an empty, '.' or '..' path part")
     if "." in posixpath.basename(key):
-        raise ValueError(f"key {key!r} has a dot; WebDataset would split the member name there")
+        raise InvalidInput(f"key {key!r} has a dot; WebDataset would split the member name there")
     if any("\udc80" <= c <= "\udcff" for c in key):  # how tarfile decodes bytes that are not UTF-8
-        raise ValueError(f"key {key!r} has bytes that are not UTF-8")
+        raise InvalidInput(f"key {key!r} has bytes that are not UTF-8")
     if not key.isprintable():
-        raise ValueError(f"key {key!r} has control characters")
+        raise InvalidInput(f"key {key!r} has control characters")
     return key
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 
+from adarevd.errors import AlreadyExists, InvalidInput
 from pipeline.formats.shards import Sample, TarShardWriter
 from pipeline.store.scratch import scratch
 from pipeline.store.storage import Store
@@ -26,7 +27,7 @@ class ShardLimits:
 
     def __post_init__(self) -> None:
         if self.max_samples < 1 or self.max_bytes < 1:
-            raise ValueError(f"shard limits must be positive, got {self}")
+            raise InvalidInput(f"shard limits must be positive, got {self}")
 
 
 def refuse_earlier(store: Store, prefix: str, index: str | None, overwrite: bool, hint: str = "") -> None:
@@ -34,7 +35,7 @@ def refuse_earlier(store: Store, prefix: str, index: str | None, overwrite: bool
     `overwrite`: new shards over some of the old ones would leave a mix of the two."""
     earlier = store.glob(f"{prefix}-*.tar") + (store.glob(index) if index else [])
     if earlier and not overwrite:
-        raise FileExistsError(
+        raise AlreadyExists(
             f"{store.url} already holds {earlier[0]} (an earlier run's); choose another --output or pass "
             f"--overwrite{hint}"
         )

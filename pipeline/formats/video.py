@@ -17,6 +17,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from adarevd.errors import InvalidInput
+
 OPENCV_CODECS = {".mkv": "FFV1", ".avi": "MJPG"}
 SUFFIXES = (".mp4", *OPENCV_CODECS)
 
@@ -27,7 +29,7 @@ def write_video(path: Path, frames_rgb: Iterable[np.ndarray], fps: float, *, crf
     part 2 through OpenCV instead of H.264."""
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
-        raise ValueError(f"{path}: unsupported video extension; use one of {', '.join(SUFFIXES)}")
+        raise InvalidInput(f"{path}: unsupported video extension; use one of {', '.join(SUFFIXES)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".mp4" and mp4v:
         return _write_opencv(path, frames_rgb, fps, "mp4v")
@@ -119,7 +121,7 @@ def write_timed_video(path: Path, frames_rgb: Iterable[np.ndarray], pts_ms: Sequ
     import av
 
     if codec not in TIMED_CODECS:
-        raise ValueError(f"{path}: variable-rate video needs one of {', '.join(TIMED_CODECS)}, not {codec}")
+        raise InvalidInput(f"{path}: variable-rate video needs one of {', '.join(TIMED_CODECS)}, not {codec}")
     encoder, pix_fmt, options = TIMED_CODECS[codec]
     path.parent.mkdir(parents=True, exist_ok=True)
     millis = Fraction(1, 1000)
@@ -136,7 +138,7 @@ def write_timed_video(path: Path, frames_rgb: Iterable[np.ndarray], pts_ms: Sequ
                 stream.time_base = stream.codec_context.time_base = millis
             ticks = round(pts - start)
             if ticks <= last:
-                raise ValueError(f"{path}: frame {count} at {pts} ms does not come after the one before")
+                raise InvalidInput(f"{path}: frame {count} at {pts} ms does not come after the one before")
             picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame, np.uint8), format="rgb24")
             picture = picture.reformat(format=pix_fmt)
             picture.pts, picture.time_base = ticks, millis

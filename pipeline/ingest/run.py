@@ -25,13 +25,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from adarevd.errors import InvalidInput
 from pipeline.formats import images
 from pipeline.formats.images import ImageFormat
 from pipeline.formats.parquet_rows import ParquetRows
+from pipeline.formats.sharded_run import ShardedOutput, ShardedRun
 from pipeline.formats.shards import Sample, check_key, sample_meta
-from pipeline.formats.sink import ShardLimits, ShardSink, refuse_earlier, remove_stale
+from pipeline.formats.sink import ShardLimits
 from pipeline.ingest import sources
-from pipeline.store.lease import OutputLock, new_run_id
 from pipeline.store.scratch import scratch
 from pipeline.store.storage import Store, location
 
@@ -78,9 +79,9 @@ class IngestConfig:
 
     def __post_init__(self) -> None:
         if self.image_format not in ("png", "jpg"):
-            raise ValueError(f"image format must be png or jpg, got {self.image_format!r}")
+            raise InvalidInput(f"image format must be png or jpg, got {self.image_format!r}")
         if not 1 <= self.quality <= 100:
-            raise ValueError(f"JPEG quality must be 1..100, got {self.quality}")
+            raise InvalidInput(f"JPEG quality must be 1..100, got {self.quality}")
         check_key(self.prefix)
 
 
@@ -204,49 +205,61 @@ def ingest(
     """Ingest every source under `urls` (read with `options`) into shards + index under `output`,
     holding `output`'s lease: a second ingest (or deblur, synth) into it at once is refused."""
     start = time.perf_counter()
-    hint = ", or add these sources beside them with another --prefix"
-    refuse_earlier(output, config.prefix, None, config.overwrite, hint)  # before anything is written
     plan, problems = sources.plan(urls, options or {})
     _refuse_writing_over(plan, output, config.prefix)
-    with OutputLock(output, new_run_id("ingest")).held(config.take_over) as lock, scratch("index") as tmp:
-        refuse_earlier(output, config.prefix, None, config.overwrite, hint)  # one that ended meanwhile
+    spec = ShardedOutput(
+        output=output,
+        prefix=config.prefix,
+        kind="ingest",
+        limits=config.limits,
+        overwrite=config.overwrite,
+        take_over=config.take_over,
+        hint=", or add these sources beside them with another --prefix",
+    )
+    with ShardedRun(spec) as run, scratch("index") as tmp:
         summary = IngestSummary(problems=list(problems))
         # The index goes to a local file as the frames come, a row group at a time: its memory does not
         # grow with the archive (row dicts held to the end took about 2.8 KB a frame).
         local = os.path.join(tmp, INDEX_NAME)
         with ParquetRows(local, INDEX_SCHEMA) as index:
             index.add_table(_other_prefixes_rows(output, config.prefix))
-
-            def add(row: dict[str, Any]) -> None:
-                summary.notes += row["status"] == "note"
-                index.add(row | {"prefix": config.prefix})
-
+            rows = _Rows(index, config.prefix, summary)
             for problem in problems:
-                add(problem_row(problem))
-            _write_shards(plan, output, config, summary, add, lock, progress)
-        lock.confirm()  # taken over meanwhile: the index is the new holder's to write
-        output.commit_file(INDEX_NAME, local)
-        if config.overwrite:
-            remove_stale(output, config.prefix, summary.shards)
+                rows.add(problem_row(problem))
+            _write_shards(plan, run, config, rows, progress)
+        summary.shards, summary.bytes = run.finish(INDEX_NAME, local), run.sink.bytes_committed
     summary.skipped = sum(p.skipped for p in summary.problems)
     summary.seconds = time.perf_counter() - start
     return summary
 
 
+class _Rows:
+    """The index being written: each row with its prefix; problems and notes counted in `summary`."""
+
+    def __init__(self, index: ParquetRows, prefix: str, summary: IngestSummary) -> None:
+        self.index, self.prefix, self.summary = index, prefix, summary
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.summary.notes += row["status"] == "note"
+        self.index.add(row | {"prefix": self.prefix})
+
+    def problem(self, problem: sources.Problem) -> None:
+        self.summary.problems.append(problem)
+        self.add(problem_row(problem))
+
+
 def _write_shards(
     plan: Sequence[sources.Source],
-    output: Store,
+    run: ShardedRun,
     config: IngestConfig,
-    summary: IngestSummary,
-    add: Callable[[dict[str, Any]], None],
-    lock: OutputLock,
+    rows: _Rows,
     progress: Callable[[int], None] | None,
 ) -> None:
-    """Every source's frames, in order, into the shards; their index rows (and problems') to `add`."""
+    """Every source's frames, in order, into `run`'s shards; their index rows (and problems') to `rows`."""
     seen_keys: set[str] = set()
     workers = config.workers or os.cpu_count() or 1
-    sink = ShardSink(output, config.prefix, config.limits, lock.fenced(output))  # taken over: no more commits
-    with ThreadPoolExecutor(workers) as pool, sink:
+    summary = rows.summary
+    with ThreadPoolExecutor(workers) as pool:
         for source in plan:
             summary.videos += source.kind == "video"
             summary.image_folders += source.kind == "images"
@@ -254,23 +267,19 @@ def _write_shards(
             events = sources.read(source, fps=config.fps)
             for item in _in_order(events, pool, config, 2 * workers):
                 if isinstance(item, sources.Problem):
-                    summary.problems.append(item)
-                    add(problem_row(item))
+                    rows.problem(item)
                     continue
                 sample, row = item
                 if sample.key in seen_keys:
-                    problem = sources.Problem(row["source"], f"duplicate key {sample.key!r}; the first one was kept")
-                    summary.problems.append(problem)
-                    add(problem_row(problem))
+                    duplicate = f"duplicate key {sample.key!r}; the first one was kept"
+                    rows.problem(sources.Problem(row["source"], duplicate))
                     continue
                 seen_keys.add(sample.key)
-                lock.check()
-                row["shard"] = sink.add(sample)
-                add(row)
+                row["shard"] = run.add(sample)
+                rows.add(row)
                 summary.frames += 1
                 if progress:
                     progress(1)
-    summary.shards, summary.bytes = sink.committed, sink.bytes_committed
 
 
 def _other_prefixes_rows(output: Store, prefix: str) -> pa.Table:
@@ -286,7 +295,7 @@ def _other_prefixes_rows(output: Store, prefix: str) -> pa.Table:
         table = table.select(INDEX_SCHEMA.names).cast(INDEX_SCHEMA)
     except (pa.ArrowInvalid, pa.ArrowTypeError, KeyError) as e:
         index = output.url_of(INDEX_NAME)
-        raise ValueError(f"{index}: not an ingest index ({e}); ingest into another --output") from None
+        raise InvalidInput(f"{index}: not an ingest index ({e}); ingest into another --output") from None
     prefixes = pc.coalesce(table["prefix"], pc.replace_substring_regex(table["shard"], r"-[^-]*$", ""))
     known = pc.unique(prefixes.drop_null())
     if len(known) == 1:
@@ -307,7 +316,7 @@ def _refuse_writing_over(plan: list[sources.Source], output: Store, prefix: str)
             and (protocol, posixpath.dirname(path)) == folder
             and fnmatch(name, f"{prefix}-*.tar")
         ):
-            raise ValueError(
+            raise InvalidInput(
                 f"{source.url}: an input shard where this ingest writes its own {prefix}-*.tar shards, which "
                 "would replace it before it is read; ingest into another --output folder (or with another --prefix)"
             )

@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from adarevd.errors import InvalidInput
 from pipeline.deblur.manifests import (
     PATCH_COLUMNS,
     STATS_COLUMNS,
@@ -44,7 +45,7 @@ PAGE = "index.html"
 TEMPLATE = Path(__file__).with_name("templates") / "report.html.j2"
 
 
-class ReportError(ValueError):
+class ReportError(InvalidInput):
     """The folder is not a deblur output, or a requested frame is not in it."""
 
 
@@ -78,7 +79,8 @@ def write_report(
         old.unlink()
     source_url = input_url or run.get("input")
     frames = _sample_frames(output, source_url, chosen, n, to, report)
-    page = _render(output, run, manifest, quarantine, shard_errors, frames, n, source_url, report.warnings)
+    contents = _Contents(run=run, manifest=manifest, quarantine=quarantine, shard_errors=shard_errors, num_columns=n)
+    page = _render(output, contents, frames, source_url, report.warnings)
     report.page.write_text(page, encoding="utf-8")
     return report
 
@@ -196,17 +198,21 @@ def _safe(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", key)[:80] or "frame"
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Contents:
+    """What an output holds, as the page shows it."""
+
+    run: dict[str, Any]  # _run.json ({} for a run stopped before its end)
+    manifest: pa.Table  # every frame's statistics, in shard and key order
+    quarantine: list[dict[str, Any]]
+    shard_errors: list[str]
+    num_columns: int
+
+
 def _render(
-    output: Store,
-    run: dict[str, Any],
-    manifest: pa.Table,
-    quarantine: list[dict[str, Any]],
-    shard_errors: list[str],
-    frames: list[_Frame],
-    n: int,
-    source_url: str | None,
-    warnings: list[str],
+    output: Store, contents: _Contents, frames: list[_Frame], source_url: str | None, warnings: list[str]
 ) -> str:
+    run, manifest, quarantine, n = contents.run, contents.manifest, contents.quarantine, contents.num_columns
     histogram = exit_histogram(manifest.column("depth_histogram"), n)
     patches = int(histogram.sum())
     mean_depth = float((np.arange(n + 1) * histogram).sum() / patches) if patches else 0.0
@@ -235,7 +241,7 @@ def _render(
         run_json=json.dumps(run, indent=2, sort_keys=True),
         frames=manifest.num_rows,
         quarantine=quarantine,
-        shard_errors=shard_errors,
+        shard_errors=contents.shard_errors,
         shards=_per_shard(manifest, quarantine, n),
         histogram=histogram.tolist(),
         colours=colours,

@@ -25,6 +25,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from functools import partial
 
+from adarevd.errors import UserError
 from pipeline.store.processes import alive
 from pipeline.store.storage import StorageError, Store, redact
 
@@ -39,11 +40,11 @@ def new_run_id(kind: str = "") -> str:
     return f"{kind}-{uuid.uuid4().hex[:12]}" if kind else uuid.uuid4().hex[:12]
 
 
-class OutputLocked(RuntimeError):
+class OutputLocked(UserError, RuntimeError):
     """Another run holds the output; the message says which, since when, and what to do."""
 
 
-class LockLost(RuntimeError):
+class LockLost(UserError, RuntimeError):
     """Another run took this output over while this one was still running."""
 
 
@@ -209,7 +210,7 @@ class OutputLock:
         return Fence(self.generation)
 
     def fenced(self, store: Store) -> Callable[[], None]:
-        """The check before a commit to `store` in this process (`ShardSink`'s `before_commit`)."""
+        """The check before a commit to `store` in this process (a `ShardSink`'s `before_commit`)."""
         return partial(self.fence().check, store)
 
     def _gone(self, holder: Holder, beat: float, now: float) -> str:

@@ -26,6 +26,8 @@ import tenacity
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
+from adarevd.errors import AlreadyExists, InvalidInput, UserError
+
 TMP_DIR = "_tmp"
 STAT_THREADS = 16
 # What fsspec's `info` says of a file that changes whenever it is written again: ETag / generation on
@@ -34,7 +36,7 @@ VERSION_FIELDS = ("ETag", "etag", "generation", "LastModified", "last_modified",
 T = TypeVar("T")
 
 
-class StorageError(Exception):
+class StorageError(UserError):
     """A store could not be reached or an object could not be read/written (message names the URL)."""
 
 
@@ -45,7 +47,7 @@ def parse_storage_options(pairs: Iterable[str]) -> dict[str, Any]:
     for pair in pairs:
         name, sep, raw = pair.partition("=")
         if not sep or not name:
-            raise ValueError(f"--storage-option {pair.split('=')[0]!r}: expected key=value")
+            raise InvalidInput(f"--storage-option {pair.split('=')[0]!r}: expected key=value")
         try:
             value: Any = json.loads(raw)
         except json.JSONDecodeError:
@@ -55,7 +57,7 @@ def parse_storage_options(pairs: Iterable[str]) -> dict[str, Any]:
         for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ValueError(f"--storage-option {name}: {part} is both a value and a group")
+                raise InvalidInput(f"--storage-option {name}: {part} is both a value and a group")
         node[leaf] = value
     return options
 
@@ -272,7 +274,7 @@ class Store:
                 fs.pipe_file(path, data, mode="create")
             except OSError as e:
                 if isinstance(e, FileExistsError) or "pre-condition" in str(e) or "PreconditionFailed" in str(e):
-                    raise FileExistsError(f"{redact(self.url_of(name))} exists") from e
+                    raise AlreadyExists(f"{redact(self.url_of(name))} exists") from e
                 raise
 
         self._call("create", name, put)

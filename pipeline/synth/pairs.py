@@ -8,9 +8,8 @@ blurry video from one continuous camera path over a scene (the bundled demo clip
 
 from __future__ import annotations
 
-import io
 import json
-import math
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,12 +17,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from adarevd.errors import InvalidInput
+from adarevd.metrics import psnr_uint8
 from pipeline.formats import images
+from pipeline.formats.sharded_run import ShardedOutput, ShardedRun
 from pipeline.formats.shards import Sample, check_key
-from pipeline.formats.sink import ShardLimits, ShardSink, refuse_earlier, remove_stale
+from pipeline.formats.sink import ShardLimits
 from pipeline.formats.video import write_video
 from pipeline.ingest.run import INDEX_NAME
-from pipeline.store.lease import OutputLock, new_run_id
+from pipeline.store.scratch import scratch
 from pipeline.store.storage import Store
 from pipeline.synth.blur import BlurSpec, synthesize_clip, synthesize_pair
 from pipeline.synth.scenes import SAMPLE_IMAGES, fit, load_sample
@@ -43,28 +45,22 @@ class SynthConfig:
 
     def __post_init__(self) -> None:
         if self.count < 1 or min(self.size) < 8 or self.patch_size < 1:
-            raise ValueError(f"synth needs count >= 1, size >= 8 and patch size >= 1, got {self}")
+            raise InvalidInput(f"synth needs count >= 1, size >= 8 and patch size >= 1, got {self}")
         if self.jpeg_quality is not None and not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"JPEG quality must be 1..100, got {self.jpeg_quality}")
+            raise InvalidInput(f"JPEG quality must be 1..100, got {self.jpeg_quality}")
         unknown = sorted(set(self.scenes) - set(SAMPLE_IMAGES))
         if unknown or not self.scenes:
-            raise ValueError(f"unknown scene(s) {unknown or '(none given)'}; choose from {', '.join(SAMPLE_IMAGES)}")
+            raise InvalidInput(f"unknown scene(s) {unknown or '(none given)'}; choose from {', '.join(SAMPLE_IMAGES)}")
         check_key(self.prefix)
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB of two uint8 images; inf when equal."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
-
-
 def patch_psnr(a: np.ndarray, b: np.ndarray, size: int) -> list[list[float]]:
-    """PSNR of each size x size tile (edge tiles smaller), row by row; inf becomes 99 for JSON."""
+    """PSNR of each size x size tile (edge tiles smaller), row by row."""
     rows = []
     for y in range(0, a.shape[0], size):
         rows.append(
             [
-                min(round(psnr(a[y : y + size, x : x + size], b[y : y + size, x : x + size]), 3), 99.0)
+                round(psnr_uint8(a[y : y + size, x : x + size], b[y : y + size, x : x + size]), 3)
                 for x in range(0, a.shape[1], size)
             ]
         )
@@ -93,7 +89,7 @@ def pair_sample(i: int, config: SynthConfig, scenes: dict[str, np.ndarray]) -> S
         "object_size": pair.object_size,
         "width": config.size[1],
         "height": config.size[0],
-        "psnr": round(psnr(blurry, pair.sharp), 4),
+        "psnr": round(psnr_uint8(blurry, pair.sharp), 4),
         "patch_size": config.patch_size,
         "patch_psnr": patch_psnr(blurry, pair.sharp, config.patch_size),
     }
@@ -121,35 +117,30 @@ def write_pairs(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    refuse_earlier(output, config.prefix, INDEX_NAME, overwrite)  # before anything is written
-    with OutputLock(output, new_run_id("synth")).held(take_over) as lock:
-        refuse_earlier(output, config.prefix, INDEX_NAME, overwrite)  # one that ended meanwhile
+    spec = ShardedOutput(
+        output=output,
+        prefix=config.prefix,
+        kind="synth",
+        limits=config.limits,
+        overwrite=overwrite,
+        take_over=take_over,
+        earlier_index=INDEX_NAME,
+    )
+    with ShardedRun(spec) as run, scratch("index") as tmp:
         scenes = {name: load_sample(name) for name in dict.fromkeys(config.scenes)}
         rows = []
-        with ShardSink(output, config.prefix, config.limits, lock.fenced(output)) as sink:
-            for i in range(config.count):
-                sample = pair_sample(i, config, scenes)
-                meta = json.loads(sample.members["json"])
-                lock.check()
-                shard = sink.add(sample)
-                rows.append(
-                    {
-                        "shard": shard,
-                        "key": sample.key,
-                        "scene": meta["scene"],
-                        "seed": meta["seed"],
-                        "psnr": meta["psnr"],
-                    }
-                )
-                if progress:
-                    progress(1)
-        buffer = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist(rows), buffer)
-        lock.confirm()
-        output.commit_bytes(INDEX_NAME, buffer.getvalue())
-        if overwrite:
-            remove_stale(output, config.prefix, sink.committed)
-    return sink.committed
+        for i in range(config.count):
+            sample = pair_sample(i, config, scenes)
+            meta = json.loads(sample.members["json"])
+            shard = run.add(sample)
+            rows.append(
+                {"shard": shard, "key": sample.key, "scene": meta["scene"], "seed": meta["seed"], "psnr": meta["psnr"]}
+            )
+            if progress:
+                progress(1)
+        local = os.path.join(tmp, INDEX_NAME)
+        pq.write_table(pa.Table.from_pylist(rows), local)
+        return run.finish(INDEX_NAME, local)
 
 
 @dataclass(frozen=True)

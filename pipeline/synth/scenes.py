@@ -10,6 +10,8 @@ from collections.abc import Callable
 import cv2
 import numpy as np
 
+from adarevd.errors import InvalidInput
+
 
 def _skimage(name: str) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
@@ -65,7 +67,7 @@ SAMPLE_IMAGES = tuple(_LOADERS)
 def load_sample(name: str, max_side: int = 512) -> np.ndarray:
     """A sample image as (H, W, 3) uint8 RGB, its longer side at most max_side."""
     if name not in _LOADERS:
-        raise ValueError(f"unknown sample image {name!r}; choose from {', '.join(SAMPLE_IMAGES)}")
+        raise InvalidInput(f"unknown sample image {name!r}; choose from {', '.join(SAMPLE_IMAGES)}")
     image = _LOADERS[name]()
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=2)

@@ -20,7 +20,9 @@ from skimage.metrics import structural_similarity
 
 from adarevd import AdaRevD
 from adarevd.calibration import Calibration, patch_errors, propose_table
-from adarevd.classifier import psnr, psnr_bucket
+from adarevd.classifier import psnr_bucket
+from adarevd.errors import InvalidInput
+from adarevd.metrics import psnr, tone_shift
 from pipeline.formats.shards import iter_samples
 from pipeline.store.storage import Store
 from pipeline.train.pair_stream import decode_pair, paired_shards
@@ -70,7 +72,7 @@ def evaluate(model: AdaRevD, frames: Frames, *, progress: Callable[[int], None] 
             {
                 "class": int(psnr_bucket(input_psnr, model.config.psnr_thresholds)[0]),
                 "identity": bool(torch.equal(blurry, sharp)),
-                "shift": (out - b).mean(dim=(0, 2, 3)).mul(255).tolist(),
+                "shift": tone_shift(b[0].permute(1, 2, 0).numpy(), out[0].permute(1, 2, 0).numpy(), scale=255),
                 "psnr_input": input_psnr.item(),
                 "psnr_full_depth": psnr(full, s).item(),
                 "psnr_output": psnr(out, s).item(),
@@ -83,7 +85,7 @@ def evaluate(model: AdaRevD, frames: Frames, *, progress: Callable[[int], None] 
         if progress:
             progress(1)
     if not rows:
-        raise ValueError("no pairs to evaluate: the shards hold none")
+        raise InvalidInput("no pairs to evaluate: the shards hold none")
     result = _summary(rows, model.num_columns)
     result["by_class"] = {
         str(c): _summary([r for r in rows if r["class"] == c], model.num_columns)
@@ -132,5 +134,5 @@ def calibrate(
         if progress:
             progress(1)
     if not measured:
-        raise ValueError("no pairs to calibrate on: the shards hold none")
+        raise InvalidInput("no pairs to calibrate on: the shards hold none")
     return propose_table(measured, model.config.num_classes, budget_db)

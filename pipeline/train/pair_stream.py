@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from adarevd.errors import InvalidInput
 from adarevd.training import dihedral
 from pipeline.formats import images
 from pipeline.formats.shards import Sample, iter_samples
@@ -24,7 +25,7 @@ from pipeline.store.storage import Store
 BLURRY, SHARP = "blur.png", "sharp.png"
 
 
-class PairDataError(ValueError):
+class PairDataError(InvalidInput):
     """Paired training data that cannot be used (names the store, shard or key)."""
 
 
@@ -38,7 +39,7 @@ class StreamConfig:
 
     def __post_init__(self) -> None:
         if min(self.batch, self.crop, self.repeats, self.buffer) < 1:
-            raise ValueError(f"batch, crop, repeats and buffer must be >= 1, got {self}")
+            raise InvalidInput(f"batch, crop, repeats and buffer must be >= 1, got {self}")
 
 
 def paired_shards(store: Store) -> list[str]:

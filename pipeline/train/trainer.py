@@ -23,6 +23,7 @@ from torch import nn
 
 import adarevd
 from adarevd import AdaRevD, AdaRevDConfig
+from adarevd.errors import InvalidInput
 from adarevd.train_state import load_stage_state, stage_state
 from adarevd.training import EncoderPretrainer, Stage, StageConfig, freeze_all_but, make_deterministic
 from adarevd.weights import read_state_dict
@@ -43,7 +44,7 @@ STAGE_DEFAULTS: dict[TrainKind, StageConfig] = {
 }
 
 
-class TrainError(ValueError):
+class TrainError(InvalidInput):
     """A training job that cannot start as asked (message says what to change)."""
 
 

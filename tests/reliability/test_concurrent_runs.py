@@ -262,7 +262,9 @@ def test_a_deblur_taken_over_mid_run_commits_no_further_shard(local_ray: None, t
 
     with pytest.raises(LockLost, match=r"out was taken over by run thief \(host .*\); this run stops"):
         driver.run(
-            job, bundled_model().model, make_restorer=make_slow_restorer, on_progress=take_over_after_the_first_shard
+            job,
+            bundled_model().model,
+            hooks=driver.Hooks(make_restorer=make_slow_restorer, on_progress=take_over_after_the_first_shard),
         )
     assert len(committed) == 2  # one manifest and its shard, when the thief took over
     assert sorted([*output.glob(f"{MANIFEST_DIR}/*.parquet"), *output.glob("*.tar")]) == sorted(committed)

@@ -82,7 +82,7 @@ def run(
         resources=driver.Resources(workers=2, cpus_per_worker=0.5, worker_resource="depth_pool"),
         **job,
     )  # type: ignore[arg-type]
-    return driver.run(j, model.model, options=server.storage_options, on_progress=on_progress)
+    return driver.run(j, model.model, options=server.storage_options, hooks=driver.Hooks(on_progress=on_progress))
 
 
 def test_restorers_and_shard_workers_killed_several_times_in_one_run(setup, server: S3Server, ledger: Entry) -> None:

@@ -33,12 +33,11 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import adarevd
 from adarevd import AdaRevD, AdaRevDConfig, load_weights
+from adarevd.errors import UserError
 from pipeline.cluster.address import probe, unreachable
-from pipeline.cluster.node_view import NodeCannotSee
 from pipeline.cluster.this_node import this_node
 from pipeline.deblur.depth_pools import DepthGroup, EncodedBatch
 from pipeline.deblur.job import (
-    ActorStartError,
     DeblurJob,
     DeviceError,
     Resources,
@@ -47,15 +46,13 @@ from pipeline.deblur.job import (
     start_failure,
 )
 from pipeline.deblur.ray.router import Pools
-from pipeline.deblur.ray.workers import ProgressActor, ShardWorker
+from pipeline.deblur.ray.workers import ProgressActor, ShardWorker, WorkerRun
 from pipeline.deblur.restorer import FrameRestorer
 from pipeline.deblur.resume import check_resume, refuse_foreign
 from pipeline.deblur.run_record import RunSummary, output_totals, run_json
 from pipeline.deblur.shard import RUN_FILE, ShardReport, done_shards
 from pipeline.formats.frames import FrameIn, FrameOut, Rejected
-from pipeline.formats.shards import ShardError
-from pipeline.store.lease import LockLost, OutputLock
-from pipeline.store.storage import StorageError
+from pipeline.store.lease import OutputLock
 
 Restorer = Callable[[list[FrameIn]], list[FrameOut | Rejected]]
 
@@ -135,20 +132,26 @@ def ensure_ray(address: str | None, num_cpus: float | None = None) -> None:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING")
 
 
+@dataclass(frozen=True, kw_only=True)
+class Hooks:
+    """Seams for the command line, tests and benchmarks."""
+
+    on_progress: Callable[[int, list[int]], None] | None = None  # frames done, patches per depth; ~1/s
+    make_restorer: Callable[[], Restorer] | None = None  # replaces the model in the actors (a stand-in)
+
+
 def run(
     job: DeblurJob,
     model: AdaRevD,
     *,
     weight_files: Sequence[str] = (),
     options: Mapping[str, Any] | None = None,
-    on_progress: Callable[[int, list[int]], None] | None = None,
-    make_restorer: Callable[[], Restorer] | None = None,
     shards: Sequence[str] | None = None,
+    hooks: Hooks = Hooks(),
 ) -> RunSummary:
     """Run the job on the connected Ray cluster (call `ensure_ray` first). `model` carries the loaded
     weights; `weight_files` (the files it was loaded from) let actors on a one-node cluster read them
-    directly instead of through the object store. `make_restorer` replaces the model in the actors
-    (benchmarks use a stand-in whose cost is known). `shards`: the input shards, where the caller has
+    directly instead of through the object store. `shards`: the input shards, where the caller has
     listed them already (`job.shards`, to refuse a bad input before it starts Ray)."""
     config, fingerprint = model.config, adarevd.fingerprint(model)
     job.restore.check_model(config.num_columns)
@@ -169,7 +172,7 @@ def run(
         summary.shards_skipped = len(done)
         if todo:
             lock.mark_unfinished()  # until it finishes, whatever happens to it
-            _process(job, model, fingerprint, todo, summary, weight_files, options, on_progress, make_restorer, lock)
+            _process(_Run(job, model, fingerprint, weight_files, options, hooks, lock, summary), todo)
         summary.seconds = time.perf_counter() - start
         totals = output_totals(output, config.num_columns)
         lock.confirm()  # taken over meanwhile: the summary is the new holder's to write
@@ -177,31 +180,21 @@ def run(
     return summary
 
 
-def _process(
-    job: DeblurJob,
-    model: AdaRevD,
-    fingerprint: str,
-    todo: list[str],
-    summary: RunSummary,
-    weight_files: Sequence[str],
-    options: Mapping[str, Any],
-    on_progress: Callable[[int, list[int]], None] | None,
-    make_restorer: Callable[[], Restorer] | None,
-    lock: OutputLock,
-) -> None:
-    """Start the actors, run every shard in `todo`, stop the actors; fills `summary`."""
+def _process(run: _Run, todo: list[str]) -> None:
+    """Start the actors, run every shard in `todo`, stop the actors; fills `run.summary`."""
+    job, model, summary = run.job, run.model, run.summary
     config = model.config
     resources = job.resources
     summary.workers, summary.encoders = resources.workers, resources.encoders
     weights: tuple[str, ...] | list[Any]
-    if weight_files and len(ray.nodes()) == 1:
-        weights = tuple(os.path.abspath(f) for f in weight_files)
+    if run.weight_files and len(ray.nodes()) == 1:
+        weights = tuple(os.path.abspath(f) for f in run.weight_files)
     else:
         # Held by this driver for the whole run (Ray warns that a restarted actor needs it: it has it).
         weights = [ray.put(model.state_dict())]
 
     def maker(cpus: float) -> Callable[[], Restorer]:
-        return make_restorer or ModelRestorer(config, weights, actor_options(job.restore, cpus))
+        return run.hooks.make_restorer or ModelRestorer(config, weights, actor_options(job.restore, cpus))
 
     pin = {resources.worker_resource: 1} if resources.worker_resource else None
     # Depth pools: spread encoders and pool actors over the nodes, so that each node holds encoders
@@ -257,8 +250,8 @@ def _process(
             names("encoder", len(encoders)),
         )
         ready = time.perf_counter()
-        context = _Context(job, options, pools, fingerprint, summary.run_id, progress, lock)
-        summary.reports = _drive(context, todo, shard_workers, on_progress)
+        workers_run = WorkerRun(job=job, options=run.options, pools=pools, progress=progress, fence=run.lock.fence())
+        summary.reports = _drive(run, workers_run, todo, shard_workers)
         summary.processing_seconds = time.perf_counter() - ready
         summary.pool_plans = ray.get(progress.pool_plans.remote())
     finally:
@@ -304,47 +297,34 @@ def _check_devices(devices: list[str], gpu_shares: list[float]) -> None:
 
 
 @dataclass(frozen=True)
-class _Context:
-    """What every shard needs besides its name."""
+class _Run:
+    """One run of a job, as `run` passes it on."""
 
     job: DeblurJob
-    options: Mapping[str, Any]
-    pools: Pools
+    model: AdaRevD
     fingerprint: str
-    run_id: str
-    progress: Any
+    weight_files: Sequence[str]
+    options: Mapping[str, Any]
+    hooks: Hooks
     lock: OutputLock
+    summary: RunSummary  # filled in as the run goes
 
 
-def _drive(
-    context: _Context,
-    todo: list[str],
-    shard_workers: list[Any],
-    on_progress: Callable[[int, list[int]], None] | None,
-) -> list[ShardReport]:
+def _drive(run: _Run, workers_run: WorkerRun, todo: list[str], shard_workers: list[Any]) -> list[ShardReport]:
     """Hand shards to free shard workers until all are done; watch progress and stalls."""
     queue = deque(enumerate(todo))
     free = deque(shard_workers)
     running: dict[Any, tuple[str, Any]] = {}
     reports: list[ShardReport] = []
-    budget = context.job.max_frames
+    job, progress = run.job, workers_run.progress
+    budget = job.max_frames
     last_total, last_change = -1, time.monotonic()
     while queue or running:
         while queue and free and (budget is None or budget > 0):
             index, shard = queue.popleft()
             worker = free.popleft()
-            ref = worker.process.remote(
-                shard,
-                index,
-                context.job,
-                context.options,
-                context.pools,
-                context.fingerprint,
-                context.run_id,
-                context.progress,
-                budget,
-                context.lock.fence(),
-            )
+            task = job.task(shard, index, fingerprint=run.fingerprint, run_id=run.summary.run_id, max_frames=budget)
+            ref = worker.process.remote(task, workers_run)
             running[ref] = (shard, worker)
         if not running:
             break
@@ -355,24 +335,24 @@ def _drive(
             except RayTaskError as e:
                 # A store that stayed down, a shard that cannot be read, an actor that could not be
                 # restarted, another run that took the output over: each has its own clear message.
-                if isinstance(e.cause, (StorageError, ShardError, ActorStartError, LockLost, NodeCannotSee)):
+                if isinstance(e.cause, UserError):
                     raise e.cause from None
                 raise
             free.append(running.pop(ref)[1])
             reports.append(report)
             if budget is not None:
                 budget -= report.frames + report.quarantined
-        context.lock.check()
-        counts, depths = ray.get(context.progress.snapshot.remote())
+        run.lock.check()
+        counts, depths = ray.get(progress.snapshot.remote())
         total = sum(counts.values())
-        if on_progress:
-            on_progress(total, depths)
+        if run.hooks.on_progress:
+            run.hooks.on_progress(total, depths)
         if total != last_total or done:
             last_total, last_change = total, time.monotonic()
-        elif time.monotonic() - last_change > context.job.stall_timeout_s:
-            waits = ray.get(context.progress.waiting.remote())
+        elif time.monotonic() - last_change > job.stall_timeout_s:
+            waits = ray.get(progress.waiting.remote())
             shards = [s for s, _ in running.values()]
-            raise StallError(_stall_report(shards, counts, waits, context.job.stall_timeout_s))
+            raise StallError(_stall_report(shards, counts, waits, job.stall_timeout_s))
     return sorted(reports, key=lambda r: r.shard)
 
 

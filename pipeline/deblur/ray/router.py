@@ -29,7 +29,6 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, ObjectLostErro
 from pipeline.cluster.waits import OnWait, batch_label, patient_get
 from pipeline.deblur.depth_pools import EncodedBatch, ExitMix, assign
 from pipeline.deblur.job import start_failure
-from pipeline.deblur.shard import RestoreFn
 from pipeline.formats.frames import FrameIn, FrameOut, Rejected
 
 LOST = (RayActorError, ActorDiedError, ActorUnavailableError, ObjectLostError, OwnerDiedError)
@@ -74,77 +73,97 @@ class _Flight:
     fallback: str | None = None  # why the batch went the fused way, once it has
     observed: bool = False  # its exit depths are in the mix (a re-encoded batch is not counted again)
 
+    def label(self) -> str:
+        return batch_label([f.key for f in self.batch])
 
-def depth_pool_restore(
-    pools: Pools,
-    start: int,
-    window: int = 3,
-    retries: int = 3,
-    progress: Any = None,
-    on_wait: OnWait | None = None,
-    patience: float = 10.0,
-) -> RestoreFn:
-    """A RestoreFn over depth pools: `window` batches in flight, results in order. `progress` (the
-    run's ProgressActor) is told each new pool plan; `on_wait` what a slow answer is waited on."""
-    mix = ExitMix(pools.exit_table, pools.num_columns)
-    turns: dict[tuple[str, int], int] = defaultdict(int)  # (node, depth) -> next actor of that pool
-    encoder_turn = start
-    last_plan: list[int] | None = None
 
-    def launch(flight: _Flight) -> None:
-        nonlocal encoder_turn
-        flight.encoder = encoder_turn % len(pools.encoders)
-        encoder_turn += 1
+@dataclass(frozen=True, kw_only=True)
+class Watch:
+    """Who hears how a shard's batches fare: `progress` (the run's ProgressActor) each new pool plan,
+    `on_wait` what an answer slower than `patience` seconds is waited on."""
+
+    progress: Any = None
+    on_wait: OnWait | None = None
+    patience: float = 10.0
+
+
+class DepthPoolRouter:
+    """A RestoreFn over depth pools: `window` batches in flight, results in order, a batch whose actor
+    or object is lost redone from the encoder up to `retries` times."""
+
+    def __init__(self, pools: Pools, start: int, watch: Watch = Watch(), window: int = 3, retries: int = 3) -> None:
+        self.pools, self.watch, self.window, self.retries = pools, watch, window, retries
+        self.mix = ExitMix(pools.exit_table, pools.num_columns)
+        self.turns: dict[tuple[str, int], int] = defaultdict(int)  # (node, depth) -> next actor of that pool
+        self.encoder_turn = start
+        self.last_plan: list[int] | None = None
+
+    def __call__(self, batches: Iterable[list[FrameIn]]) -> Iterator[list[FrameOut | Rejected]]:
+        pending: deque[_Flight] = deque()
+        for batch in batches:
+            flight = _Flight(batch)
+            self._launch(flight)
+            pending.append(flight)
+            for waiting in pending:  # route every batch whose encoder has answered, without blocking
+                if waiting.result is None and ray.wait([waiting.encoded[0]], timeout=0)[0]:
+                    with contextlib.suppress(ray.exceptions.RayError):  # _resolve() redoes it and handles it
+                        self._route(waiting)
+            while len(pending) >= self.window:
+                yield self._resolve(pending.popleft())
+        while pending:
+            yield self._resolve(pending.popleft())
+
+    def _launch(self, flight: _Flight) -> None:
+        pools = self.pools
+        flight.encoder = self.encoder_turn % len(pools.encoders)
+        self.encoder_turn += 1
         flight.frames = ray.put(flight.batch)
         actor = pools.encoders[flight.encoder]
         flight.encoded = actor.encode_by_depth.options(num_returns=pools.num_columns + 1).remote(flight.frames)
         flight.result, flight.decoding, flight.fallback = None, [], None
 
-    def label(flight: _Flight) -> str:
-        return batch_label([f.key for f in flight.batch])
+    def _encoding(self, flight: _Flight) -> str:
+        return f"{self.pools.encoder_name(flight.encoder)} to encode batch {flight.label()}"
 
-    def encoding(flight: _Flight) -> str:
-        return f"{pools.encoder_name(flight.encoder)} to encode batch {label(flight)}"
-
-    def waited_on(flight: _Flight) -> str:
+    def _waited_on(self, flight: _Flight) -> str:
         """What a routed batch is still waiting for: a depth pool's actor, or the encoder's stitch."""
         for depth, actor, ref in flight.decoding:
             if not ray.wait([ref], timeout=0)[0]:
-                return f"depth-{depth} pool actor {pools.restorer_name(actor)} for batch {label(flight)}"
-        return f"{pools.encoder_name(flight.encoder)} to stitch batch {label(flight)}"
+                return f"depth-{depth} pool actor {self.pools.restorer_name(actor)} for batch {flight.label()}"
+        return f"{self.pools.encoder_name(flight.encoder)} to stitch batch {flight.label()}"
 
-    def route(flight: _Flight) -> None:
-        nonlocal last_plan
-        encoded: EncodedBatch = patient_get(flight.encoded[0], partial(encoding, flight), on_wait, patience)
+    def _route(self, flight: _Flight) -> None:
+        pools, watch = self.pools, self.watch
+        encoded: EncodedBatch = patient_get(
+            flight.encoded[0], partial(self._encoding, flight), watch.on_wait, watch.patience
+        )
         if not flight.observed:
-            mix.observe(encoded)
+            self.mix.observe(encoded)
             flight.observed = True
         node = pools.encoder_nodes[flight.encoder]
         local = pools.local_restorers(node)
-        sizes = mix.sizes(len(local))
-        if progress is not None and sizes != last_plan:
-            last_plan = sizes
-            progress.plan.remote(sizes)
+        sizes = self.mix.sizes(len(local))
+        if watch.progress is not None and sizes != self.last_plan:
+            self.last_plan = sizes
+            watch.progress.plan.remote(sizes)
         members = assign(sizes, len(local))
         flight.decoding = []
         for depth in encoded.depths_present():
             pool = members[depth - 1]
-            actor = local[pool[turns[node, depth] % len(pool)]]
-            turns[node, depth] += 1
+            actor = local[pool[self.turns[node, depth] % len(pool)]]
+            self.turns[node, depth] += 1
             flight.decoding.append((depth, actor, pools.restorers[actor].decode_depth.remote(flight.encoded[depth])))
         encoder = pools.encoders[flight.encoder]
         residuals = [ref for _, _, ref in flight.decoding]
         flight.result = encoder.finish_routed.remote(flight.frames, flight.encoded[0], *residuals)
 
-    def ready(flight: _Flight) -> bool:
-        return bool(ray.wait([flight.encoded[0]], timeout=0)[0])
-
-    def resolve(flight: _Flight) -> list[FrameOut | Rejected]:
+    def _resolve(self, flight: _Flight) -> list[FrameOut | Rejected]:
         while True:
             try:
                 if flight.result is None:
-                    route(flight)
-                results = patient_get(flight.result, partial(waited_on, flight), on_wait, patience)
+                    self._route(flight)
+                waited_on = partial(self._waited_on, flight)
+                results = patient_get(flight.result, waited_on, self.watch.on_wait, self.watch.patience)
                 if flight.fallback is None:
                     return results
                 note = f"decoded on the fused path: {flight.fallback}"
@@ -152,10 +171,10 @@ def depth_pool_restore(
             except LOST as e:
                 if (failed := start_failure(e, restarted=True)) is not None:
                     raise failed from None  # Ray will not restart it again: stop, say why
-                if flight.attempt >= retries:
+                if flight.attempt >= self.retries:
                     raise
                 flight.attempt += 1
-                launch(flight)
+                self._launch(flight)
             except ray.exceptions.RayTaskError as e:
                 if flight.fallback is not None:
                     raise
@@ -163,21 +182,4 @@ def depth_pool_restore(
                 # decodes frame by frame and rejects only what fails.
                 flight.fallback = f"{type(e.cause).__name__}: {e.cause}"[:300]
                 flight.decoding = []
-                flight.result = pools.encoders[flight.encoder].restore.remote(flight.batch)
-
-    def run(batches: Iterable[list[FrameIn]]) -> Iterator[list[FrameOut | Rejected]]:
-        pending: deque[_Flight] = deque()
-        for batch in batches:
-            flight = _Flight(batch)
-            launch(flight)
-            pending.append(flight)
-            for waiting in pending:  # route every batch whose encoder has answered, without blocking
-                if waiting.result is None and ready(waiting):
-                    with contextlib.suppress(ray.exceptions.RayError):  # resolve() redoes it and handles it
-                        route(waiting)
-            while len(pending) >= window:
-                yield resolve(pending.popleft())
-        while pending:
-            yield resolve(pending.popleft())
-
-    return run
+                flight.result = self.pools.encoders[flight.encoder].restore.remote(flight.batch)

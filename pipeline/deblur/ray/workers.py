@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -17,10 +18,10 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from pipeline.cluster.node_view import Place, check_sees
 from pipeline.cluster.this_node import this_node
-from pipeline.cluster.waits import OnWait, batch_label, patient_get
+from pipeline.cluster.waits import batch_label, patient_get
 from pipeline.deblur.job import DeblurJob, start_failure
-from pipeline.deblur.ray.router import Pools, depth_pool_restore
-from pipeline.deblur.shard import RestoreFn, ShardReport, add_histogram, process_shard
+from pipeline.deblur.ray.router import DepthPoolRouter, Pools, Watch
+from pipeline.deblur.shard import RestoreFn, ShardReport, ShardTask, add_histogram, process_shard
 from pipeline.formats.frames import FrameIn, FrameOut, Rejected
 from pipeline.store.lease import Fence
 from pipeline.store.scratch import remove_orphans
@@ -61,16 +62,9 @@ class ProgressActor:
         return dict(self.waits)
 
 
-def actor_restore(
-    pools: Pools,
-    start: int,
-    window: int,
-    retries: int = 3,
-    on_wait: OnWait | None = None,
-    patience: float = 10.0,
-) -> RestoreFn:
+def actor_restore(pools: Pools, start: int, window: int, watch: Watch, retries: int = 3) -> RestoreFn:
     """A RestoreFn over the fused restorer actors: `window` batches in flight, results in order, a dead
-    actor's batch resent to the next actor; `on_wait` hears what a slow answer is waited on."""
+    actor's batch resent to the next actor; `watch` hears what a slow answer is waited on."""
     actors = pools.restorers
 
     def run(batches: Iterable[list[FrameIn]]) -> Iterator[list[FrameOut | Rejected]]:
@@ -90,7 +84,7 @@ def actor_restore(
             ref, batch, attempt, index = item
             while True:
                 try:
-                    return patient_get(ref, partial(waited_on, index, batch), on_wait, patience)
+                    return patient_get(ref, partial(waited_on, index, batch), watch.on_wait, watch.patience)
                 except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
                     if (failed := start_failure(e, restarted=True)) is not None:
                         raise failed from None  # Ray will not restart it again: stop, say why
@@ -108,12 +102,23 @@ def actor_restore(
     return run
 
 
-def restore_fn(pools: Pools, index: int, progress: Any, on_wait: OnWait, patience: float) -> RestoreFn:
+def restore_fn(pools: Pools, index: int, watch: Watch) -> RestoreFn:
     """Shard `index`'s way to the actors. Fused: shard i starts at actor 2i, so that with >= workers/2
     shards in flight every actor has work. Depth pools: shard i starts at encoder i."""
     if pools.encoders:
-        return depth_pool_restore(pools, start=index, progress=progress, on_wait=on_wait, patience=patience)
-    return actor_restore(pools, start=2 * index, window=2, on_wait=on_wait, patience=patience)
+        return DepthPoolRouter(pools, start=index, watch=watch)
+    return actor_restore(pools, start=2 * index, window=2, watch=watch)
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerRun:
+    """What every shard of a run needs on a shard worker besides its `ShardTask`."""
+
+    job: DeblurJob
+    options: Mapping[str, Any]
+    pools: Pools
+    progress: Any  # the run's ProgressActor
+    fence: Fence  # checked before each commit
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=3)
@@ -129,41 +134,26 @@ class ShardWorker:
         self.driver = driver
         self.sees = False  # checked before this process's first shard (a restart may be on another node)
 
-    def process(
-        self,
-        shard: str,
-        index: int,
-        job: DeblurJob,
-        options: Mapping[str, Any],
-        pools: Pools,
-        fingerprint: str,
-        run_id: str,
-        progress: Any,
-        max_frames: int | None,
-        fence: Fence,
-    ) -> ShardReport:
-        source, output = job.stores(options)
+    def process(self, task: ShardTask, run: WorkerRun) -> ShardReport:
+        source, output = run.job.stores(run.options)
         if not self.sees:
-            check_sees(source, output, shard, fence, this_node(), self.driver)
+            check_sees(source, output, task.shard, run.fence, this_node(), self.driver)
             self.sees = True
         # Report a wait well before it would count as a stall.
-        patience = min(10.0, job.stall_timeout_s / 4)
+        watch = Watch(
+            progress=run.progress,
+            on_wait=lambda what: run.progress.wait.remote(task.shard, what),
+            patience=min(10.0, run.job.stall_timeout_s / 4),
+        )
 
         def attempt() -> ShardReport:
             return process_shard(
-                shard,
+                task,
                 source,
                 output,
-                restore_fn(pools, index, progress, lambda what: progress.wait.remote(shard, what), patience),
-                frames_per_batch=job.batch_frames(),
-                flush_s=job.flush_timeout_s,
-                image_member=job.image_member,
-                fingerprint=fingerprint,
-                run_id=run_id,
-                max_frames=max_frames,
-                on_frames=lambda n, histogram: progress.add.remote(shard, n, histogram),
-                made_with=job.made_with(fingerprint),
-                before_commit=partial(fence.check, output),  # taken over: commit nothing more
+                restore_fn(run.pools, task.index, watch),
+                on_frames=lambda n, histogram: run.progress.add.remote(task.shard, n, histogram),
+                before_commit=partial(run.fence.check, output),  # taken over: commit nothing more
             )
 
         # A store that drops the connection in the middle of a shard's stream: redo the shard (its

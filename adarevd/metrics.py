@@ -1,0 +1,36 @@
+"""Image quality, one definition each: PSNR (torch tensors, NumPy arrays and MSE agree) and tone shift.
+
+PSNR adds a floor of 1e-8 of the peak squared to the MSE: identical images read 80 dB, never inf
+(inf is not JSON, and one untouched frame must not outweigh every other in a mean).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+MSE_FLOOR = 1e-8  # of the peak squared: 80 dB at most
+
+
+def psnr_of_mse(mse: np.ndarray | float, peak: float = 1.0) -> np.ndarray:
+    """PSNR in dB of mean squared errors on a scale whose white is `peak` (1.0, or 255 for 8 bits)."""
+    return 10 * np.log10(peak**2 / (np.asarray(mse, np.float64) + MSE_FLOOR * peak**2))
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of (B, C, H, W) tensors in [0, 1]."""
+    mse = (a.float() - b.float()).square().flatten(1).mean(dim=1)
+    return 10 * torch.log10(1 / (mse + MSE_FLOOR))
+
+
+def psnr_uint8(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of two 8-bit images of one shape."""
+    return float(psnr_of_mse(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2), peak=255.0))
+
+
+def tone_shift(before: np.ndarray, after: np.ndarray, scale: float = 1.0) -> tuple[float, float, float]:
+    """Mean of `after` minus mean of `before` per channel ((..., 3) arrays), times `scale`: 8-bit levels
+    for 8-bit images (scale 1) or for images in [0, 1] (scale 255)."""
+    before64, after64 = before.reshape(-1, 3).astype(np.float64), after.reshape(-1, 3).astype(np.float64)
+    means = (after64.mean(axis=0) - before64.mean(axis=0)) * scale
+    return (float(means[0]), float(means[1]), float(means[2]))
