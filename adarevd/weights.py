@@ -47,6 +47,8 @@ def read_state_dict(path: str | Path, *, use_ema: bool = False) -> tuple[dict[st
     """Tensors and metadata of one weights file. Pickles are read with `weights_only=True`, so a file
     that would run code is refused."""
     path = Path(path)
+    if path.is_dir():
+        raise WeightsError(f"{path} is a folder, not a weights file; give the .safetensors or .pth file in it")
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
@@ -56,6 +58,13 @@ def read_state_dict(path: str | Path, *, use_ema: bool = False) -> tuple[dict[st
             return safetensors.torch.load_file(str(path)), metadata
         except (safetensors.SafetensorError, OSError) as e:
             raise WeightsError(f"{path}: not a readable safetensors file ({e})") from e
+    with path.open("rb") as f:
+        head = f.read(4)
+    if head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":  # torch's zip format, or a legacy pickle
+        raise WeightsError(
+            f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle) nor a .safetensors file; "
+            "give the weights file itself"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -63,8 +72,8 @@ def read_state_dict(path: str | Path, *, use_ema: bool = False) -> tuple[dict[st
             f"{path}: refused; it is not a plain tensor checkpoint and loading it would run code. "
             f"Convert it to safetensors on a trusted machine. ({str(e).splitlines()[0]})"
         ) from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
+    except Exception as e:  # an untrusted file: torch's reader fails on garbage in many ways (KeyError, ...)
+        raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
     return _unwrap(obj, path, use_ema), {}
 
 

@@ -172,7 +172,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("images", nargs="*", help="image files (png, jpg, ...); default: the bundled demo image")
     r.add_argument("--output", default="adarevd-out", help="output folder (default: %(default)s)")
     r.add_argument(
-        "--model", default="adarevd-tiny", choices=sorted(adarevd.PRESETS), help="preset (default: %(default)s)"
+        "--model",
+        choices=sorted(adarevd.PRESETS),
+        help="preset (default: the weights file's own model; adarevd-tiny for the bundled weights)",
     )
     r.add_argument(
         "--weights", nargs="+", default=[], help="weights files: a .safetensors, or the authors' .pth (+ classifier)"

@@ -8,6 +8,7 @@ the summary.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -49,9 +50,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("output", nargs="?", help=f"output folder URL (default: {DEMO_OUTPUT})")
     d.add_argument(
         "--model",
-        default="adarevd-tiny",
         choices=sorted(adarevd.PRESETS),
-        help="model preset (default adarevd-tiny, which has bundled weights; the others need --weights)",
+        help="model preset (default: the weights file's own model; adarevd-tiny, which has bundled weights, "
+        "without --weights; the others need --weights)",
     )
     d.add_argument("--weights", nargs="+", default=[], help="weights files (default: the bundled adarevd-tiny)")
     d.add_argument(
@@ -188,7 +189,7 @@ def cmd_deblur(args: argparse.Namespace) -> int:
     model, source, weight_files = load_model(args.model, args.weights, torch.device("cpu"))
     job.restore.check_model(model.num_columns)
     fingerprint = adarevd.fingerprint(model)
-    shards = job.shards(options)  # before Ray starts: a mistyped input stops at once
+    listing = job.listing(options)  # before Ray starts: a mistyped input stops at once
     print(
         f"model: {model.config.encoder} encoder, width {model.config.width}, {model.num_columns} columns; "
         f"weights: {source}; fingerprint {fingerprint[:12]}"
@@ -196,7 +197,7 @@ def cmd_deblur(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     driver.ensure_ray(args.address, args.num_cpus)
     sigterm.again()
-    total = expected_frames(job.stores(options)[0], shards)
+    total = expected_frames(job.stores(options)[0], listing.shards)
     with tqdm(total=total, unit=" frames", desc="deblur", file=sys.stderr, disable=None) as bar:
 
         def show(done: int, depths: list[int]) -> None:
@@ -204,7 +205,12 @@ def cmd_deblur(args: argparse.Namespace) -> int:
             bar.update(done - bar.n)
 
         summary = driver.run(
-            job, model, weight_files=weight_files, options=options, shards=shards, hooks=driver.Hooks(on_progress=show)
+            job,
+            model,
+            weight_files=weight_files,
+            options=options,
+            listing=listing,
+            hooks=driver.Hooks(on_progress=show),
         )
     print_summary(summary, output_url, time.perf_counter() - started)
     failed = summary.shard_errors or (summary.quarantined and not args.quarantine_ok)
@@ -242,6 +248,22 @@ def print_summary(summary: RunSummary, output_url: str, wall: float) -> None:
     if summary.pool_plans:
         plans = " -> ".join("/".join(map(str, p)) for p in summary.pool_plans[-4:])
         print(f"depth pools (actors for depth 1..{len(histogram) - 1}; 0: borrows another's): {plans}")
+    if summary.inputs_passed_over:
+        passed = summary.inputs_passed_over
+        shown = "; ".join(f"{name}: {why}" for name, why in list(passed.items())[:3])
+        more = f"; {len(passed) - 3} more" if len(passed) > 3 else ""
+        print(
+            f"not read: {len(passed)} input entries ({shown}{more}; all in _run.json); rename a hidden shard, "
+            "or name it in a shard pattern, to deblur it"
+        )
+    if summary.shared_keys.get("count"):
+        shared = summary.shared_keys
+        key, shards = next(iter(shared["examples"].items()))
+        print(
+            f"warning: {shared['count']} key(s) are in more than one shard (e.g. {key!r} in {' and '.join(shards)}; "
+            "more in _run.json); each copy is deblurred, but the report and `assemble` find frames by key: "
+            "give every frame its own key"
+        )
     if summary.quarantined:
         print(f"quarantined: {summary.quarantined} frame(s); see {output_url}/_quarantine/ (original bytes + reasons)")
     for error in summary.shard_errors:
@@ -249,5 +271,7 @@ def print_summary(summary: RunSummary, output_url: str, wall: float) -> None:
     if not summary.reports and summary.shards_skipped:
         print("nothing to do: every shard is already done here (resume); remove the output or choose another to redo")
     print(f"output: {absolute(output_url)} (shards, _manifest/, _run.json)")
-    report = "adarevd report" if output_url == DEMO_OUTPUT else f"adarevd report {output_url} --to REPORT_DIR"
+    report = (
+        "adarevd report" if output_url == DEMO_OUTPUT else f"adarevd report {shlex.quote(output_url)} --to REPORT_DIR"
+    )
     print(f"pictures and a run page: {report}")

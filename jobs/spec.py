@@ -35,6 +35,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from adarevd.errors import InvalidInput
 
@@ -141,9 +142,19 @@ def load_spec(path: str | Path) -> JobSpec:
             )
         if isinstance(value, dict):
             raise fail("options", key, "nested tables are not options")
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str) and (problem := _unsafe_value(item)):
+                raise fail("options", key, problem)
     weights = data.get("weights", [])
     if not all(isinstance(w, str) for w in weights):
         raise fail(None, "weights", "expected a list of file names")
+    for table, key, value in [
+        *((None, k, data[k]) for k in ("input", "output") if isinstance(data.get(k), str)),
+        *((None, "weights", w) for w in weights),
+        *(("storage", k, v) for k, v in sections["storage"].items() if isinstance(v, str)),
+    ]:
+        if problem := _unsafe_value(value):
+            raise fail(table, key, problem)
     return JobSpec(
         path=str(path),
         name=data["name"],
@@ -158,6 +169,27 @@ def load_spec(path: str | Path) -> JobSpec:
         storage=sections["storage"],
         options=options,
     )
+
+
+def _unsafe_value(value: str) -> str | None:
+    """Why a spec's value must not be used as given: it would read as a flag, or it holds a secret (a
+    `name=value` whose name looks like one, or a URL with a user name or password)."""
+    if value.startswith("-"):
+        return f"{value!r} starts with '-' and would read as a flag; values from a spec are values"
+    name, _, rest = value.partition("=")
+    if rest and SECRET_NAMES.search(name.rsplit(".", 1)[-1]):
+        return (
+            f"{name}=... looks like a secret: put it in an environment variable and name that in "
+            "[storage] key_env / secret_env"
+        )
+    for text in (value, rest):
+        url = urlsplit(text) if "://" in text else None
+        if url is not None and (url.username or url.password):
+            return (
+                "a URL with a user name or password: give credentials by environment-variable name "
+                "([storage] key_env / secret_env)"
+            )
+    return None
 
 
 def check_options(spec: JobSpec, known: Iterable[str]) -> None:

@@ -36,7 +36,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         data=args.data,
         output=args.output,
         checkpoints=args.checkpoints,
-        preset=args.model,
+        preset=args.model or "adarevd-tiny",
         weights=tuple(args.weights),
         iterations=args.iterations,
         batch=args.batch,
@@ -130,7 +130,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def _model_options(p: argparse.ArgumentParser) -> None:
     presets = sorted(adarevd.PRESETS)
-    p.add_argument("--model", default="adarevd-tiny", choices=presets, help="preset (default: %(default)s)")
+    p.add_argument("--model", choices=presets, help="preset (default: the weights file's own model, else adarevd-tiny)")
     p.add_argument("--weights", nargs="+", default=[], help="weights files (default: the bundled tiny weights)")
 
 

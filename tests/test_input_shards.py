@@ -10,8 +10,9 @@ import pytest
 import pipeline.deblur.ray.driver
 from jobs.cli import main
 from jobs.deblur import expected_frames
-from pipeline.deblur.input_shards import list_shards, split_input, without_output
+from pipeline.deblur.input_shards import list_folder, list_shards, split_input, without_output
 from pipeline.deblur.job import DeblurJob
+from pipeline.deblur.shard import output_names
 from pipeline.formats.sink import ShardLimits
 from pipeline.ingest.run import IngestConfig, ingest
 from pipeline.store.storage import Store
@@ -67,7 +68,7 @@ def test_a_folder_gives_every_shard_but_the_runs_own_files(tmp_path: Path) -> No
     with pytest.raises(FileNotFoundError, match=r"b/none: no such folder"):
         list_shards(Store(str(tmp_path / "b" / "none")))
     (tmp_path / "c").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"c: no \.tar shards found"):
+    with pytest.raises(FileNotFoundError, match=r"c: no \.tar, \.tar\.gz or \.tgz shards found"):
         list_shards(Store(str(tmp_path / "c")))
 
 
@@ -128,7 +129,7 @@ def test_the_cli_refuses_a_bad_input_before_it_starts_ray(
     assert "b/none: no such folder; run `adarevd ingest` first, or mend the URL" in capsys.readouterr().err
     (tmp_path / "in" / "empty").mkdir()
     assert main(["deblur", str(tmp_path / "in" / "empty"), str(out)]) == 2
-    assert "empty: no .tar shards found; run `adarevd ingest` first" in capsys.readouterr().err
+    assert "empty: no .tar, .tar.gz or .tgz shards found; run `adarevd ingest` first" in capsys.readouterr().err
     assert not out.exists()
 
 
@@ -157,6 +158,9 @@ def test_an_output_inside_the_input_is_not_read_as_input_on_the_next_run(tmp_pat
     ]
     apart = Store("memory://adarevd-test-apart" + str(tmp_path))  # another filesystem: nothing to leave out
     assert without_output(["a/video-000000.tar"], Store(str(tmp_path)), apart) == ["a/video-000000.tar"]
+    # A pattern that names only the output's shards: refused, as one naming nothing is (was: "0 in all", exit 0).
+    with pytest.raises(FileNotFoundError, match=r"every shard it names is in the output folder"):
+        DeblurJob(f"{tmp_path}/a/*/video-*.tar", f"{tmp_path}/a/deblurred").shards({})
 
 
 def test_an_output_that_would_overwrite_input_shards_is_refused_before_anything_is_written(
@@ -175,3 +179,17 @@ def test_an_output_that_would_overwrite_input_shards_is_refused_before_anything_
     assert DeblurJob(f"{tmp_path}/in/b", f"{tmp_path}/in").shards({}) == ["images-000000.tar"]  # no clash
     files = {str(f.relative_to(tmp_path / "in")): f.read_bytes() for f in (tmp_path / "in").rglob("*") if f.is_file()}
     assert files == {name: name.encode() for name in NAMES} | {"a/a/video-000000.tar": b"nested"}  # nothing written
+
+
+def test_a_folder_lists_compressed_shards_and_passes_over_hidden_ones(tmp_path: Path) -> None:
+    store = Store(str(tmp_path))
+    for name in ("a.tar", "b.tar.gz", "sub/c.tgz", "_x.tar", ".cache/y.tar", "out/_quarantine/z.tar", "notes.txt"):
+        store.commit_bytes(name, b"x")
+    listing = list_folder(store)
+    assert listing.shards == ["a.tar", "b.tar.gz", "sub/c.tgz"]
+    # a deblur output's own files are not named
+    assert listing.passed_over == {".cache/y.tar": "a hidden or _ name", "_x.tar": "a hidden or _ name"}
+    assert [output_names(name)[0] for name in listing.shards] == ["a.tar", "b.tar", "sub/c.tar"]
+    store.commit_bytes("b.tar", b"x")
+    with pytest.raises(ValueError, match=r"b.tar.gz and b.tar would both be written as b.tar;"):
+        list_folder(store)

@@ -1,13 +1,18 @@
-"""Which input shards a deblur run reads: every `.tar` under a folder URL, or the shards a pattern names.
+"""Which input shards a deblur run reads: every `.tar` (or gzip-compressed `.tar.gz`, `.tgz`) under a
+folder URL, or the shards a pattern names.
 
 A pattern is a URL ending in `.tar`, with wildcards or WebDataset's brace ranges, or none (one shard):
 `s3://archive/frames/video-{000000..000099}.tar`, `s3://archive/frames/*/video-*.tar`. The folder
 before the first wildcard is the input's root: shard names (and so output names) are relative to it,
 as they are under a folder URL. A brace expansion that names no shard stops the run before anything
 starts, naming what is missing: a mistyped range must not quietly deblur a different archive.
+A folder's shards under a hidden or underscore name (`_x.tar`, `.cache/y.tar`) are not read, and are
+listed as passed over, so a run says so.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 from braceexpand import braceexpand
 
@@ -16,6 +21,22 @@ from pipeline.store.storage import Store, redact
 
 WILDCARDS = "*?[{"
 MAX_NAMED = 5  # missing names quoted in an error
+SUFFIXES = (".tar", ".tar.gz", ".tgz")  # what a folder run reads; output shards are plain .tar
+RUN_FOLDERS = {"_manifest", "_quarantine", "_tmp", "_lock"}  # a deblur output's own, inside the input
+
+
+@dataclass(frozen=True)
+class Listing:
+    shards: list[str]  # what the run reads, sorted
+    passed_over: dict[str, str] = field(default_factory=dict)  # name -> why it is not read
+
+
+def shard_stem(name: str) -> str:
+    """`a/s-000001` for `a/s-000001.tar`, `.tar.gz` or `.tgz`: the name its output shard takes."""
+    for suffix in SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 def split_input(url: str) -> tuple[str, str | None]:
@@ -37,14 +58,45 @@ def split_input(url: str) -> tuple[str, str | None]:
 
 
 def list_shards(source: Store, pattern: str | None = None) -> list[str]:
-    """Shard names relative to `source`, sorted: every `.tar` below it (not `_*`/`.*` names, which are
-    a run's own files), or those `pattern` names."""
-    if pattern is None:
-        shards = _inputs(source.glob("**/*.tar"))
-        if not shards:
-            there = "no .tar shards found" if source.exists("") else "no such folder"
-            raise NotFound(f"{redact(source.url)}: {there}; run `adarevd ingest` first, or mend the URL")
-        return shards
+    """Shard names relative to `source`, sorted: every shard below it (`list_folder`), or those
+    `pattern` names."""
+    return list_folder(source).shards if pattern is None else _named(source, pattern)
+
+
+def list_folder(source: Store) -> Listing:
+    """Every `.tar`, `.tar.gz` and `.tgz` file below `source`. Passed over, with the reason: those under a
+    hidden or underscore name (a user's private files; a deblur output's own are not named), and
+    entries that are not files (a folder named `x.tar`). Two shards of one stem are refused."""
+    files: set[str] = set()
+    passed_over: dict[str, str] = {}
+    for suffix in SUFFIXES:
+        found, others = source.glob_files(f"**/*{suffix}")
+        files.update(found)
+        passed_over.update((name, "not a file") for name in others)
+    for name in sorted(files):
+        parts = name.split("/")
+        if any(part.startswith(("_", ".")) for part in parts):
+            files.discard(name)
+            if not RUN_FOLDERS & set(parts):
+                passed_over[name] = "a hidden or _ name"
+    shards = sorted(files)
+    passed_over = dict(sorted(passed_over.items()))
+    if not shards:
+        there = "no .tar, .tar.gz or .tgz shards found" if source.exists("") else "no such folder"
+        first = next(iter(passed_over.items()), None)
+        under = f" ({len(passed_over)} not read, e.g. {first[0]}: {first[1]})" if first else ""
+        raise NotFound(f"{redact(source.url)}: {there}{under}; run `adarevd ingest` first, or mend the URL")
+    stems: dict[str, str] = {}
+    for name in shards:
+        if (other := stems.setdefault(shard_stem(name), name)) != name:
+            raise InvalidInput(
+                f"{redact(source.url_of(name))} and {other} would both be written as {shard_stem(name)}.tar; "
+                "keep one of them in the input folder"
+            )
+    return Listing(shards, passed_over)
+
+
+def _named(source: Store, pattern: str) -> list[str]:
     found: set[str] = set()
     missing: list[str] = []
     for name in braceexpand(pattern):

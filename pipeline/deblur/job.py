@@ -8,11 +8,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from adarevd.errors import InvalidInput, UserError
+from adarevd.errors import InvalidInput, NotFound, UserError
 from adarevd.modes import EncoderMode, ExitMode
-from pipeline.deblur.input_shards import list_shards, split_input, without_output
+from pipeline.deblur.input_shards import Listing, list_folder, list_shards, split_input, without_output
 from pipeline.deblur.shard import ShardTask
-from pipeline.store.storage import Store
+from pipeline.store.storage import Store, redact
 
 # fused: each restorer actor runs a batch through every stage (the default: measured fastest, see
 # docs/ARCHITECTURE.md). depth-pools: encoder actors -> one pool per exit depth -> encoder actors.
@@ -188,10 +188,23 @@ class DeblurJob:
         )
 
     def shards(self, options: Mapping[str, Any]) -> list[str]:
-        """The input shards this job reads (`list_shards`), never the output's own (`without_output`); a
-        pattern naming a missing shard, a folder with none, or an output over the input raises here."""
+        """The input shards this job reads: `listing(options).shards`."""
+        return self.listing(options).shards
+
+    def listing(self, options: Mapping[str, Any]) -> Listing:
+        """The input shards this job reads (`list_shards`), never the output's own (`without_output`),
+        and those a folder holds under hidden names; a pattern naming a missing shard, a folder with
+        none, or an output over the input raises here."""
         source, output = self.stores(options)
-        return without_output(list_shards(source, split_input(self.input_url)[1]), source, output)
+        pattern = split_input(self.input_url)[1]
+        found = list_folder(source) if pattern is None else Listing(list_shards(source, pattern))
+        shards = without_output(found.shards, source, output)
+        if not shards:
+            raise NotFound(
+                f"{redact(self.input_url)}: every shard it names is in the output folder {redact(self.output_url)}; "
+                "name the input shards, not the deblurred ones"
+            )
+        return replace(found, shards=shards)
 
     def made_with(self, fingerprint: str) -> dict[str, Any]:
         """What decides an output frame's pixels, recorded in each manifest: a resume must not mix

@@ -105,23 +105,22 @@ def check_resume(output: Store, source: Store, done: list[str], made_with: Mappi
     """Raise unless every done shard's manifest says it came from this run's input shard of its name,
     made as this run makes it: a resume must not skip another input's shard of the same name, nor mix
     outputs of other weights or options. A done shard's input is the recorded one when its size is the
-    same and its sha256 too where that is in doubt: where the shard lies elsewhere than recorded (read
-    once, for the first such shard: the same bytes at another place are a moved input, whose recorded
-    place is returned), and where it was written again since it was read (its version changed: each such
-    shard is read). Manifests written before these records existed are checked for what they hold. Costs a
-    listing's worth of requests: the manifests' footers and the input stats are asked for many at a time."""
+    same, and its sha256 too where that is in doubt. In doubt: a shard that lies elsewhere than recorded
+    (another folder's shard of the same name and size is no proof of a move), and one written again
+    since it was read (its version changed). Each such shard is read. The same bytes at another place
+    are a moved input, whose recorded place is returned. Manifests written before these records existed
+    are checked for what they hold. The manifests' footers and the input stats are asked for many at a
+    time."""
     records = _done_shards(output, source, done)
-    rewritten = [r.shard for r in records if r.rewritten]
+    doubtful = [r.shard for r in records if r.digest is not None and (r.rewritten or (r.elsewhere and not r.resized))]
     with ThreadPoolExecutor(max_workers=HASH_THREADS) as pool:
-        rehashed = dict(zip(rewritten, pool.map(partial(_input_digest, source), rewritten), strict=True))
+        rehashed = dict(zip(doubtful, pool.map(partial(_input_digest, source), doubtful), strict=True))
     changed = sum(r.resized or (r.shard in rehashed and rehashed[r.shard] != r.digest) for r in records)
     moved: str | None = None
     for record in records:
         manifest = output.url_of(output_names(record.shard)[1])
         if record.digest is not None:
             now = rehashed.get(record.shard)
-            if record.elsewhere and moved is None and not record.resized:
-                now = _input_digest(source, record.shard)
             if record.resized or (now is not None and now != record.digest):
                 redo = "" if record.elsewhere else ", or remove the manifests of the shards that changed to redo them"
                 raise AlreadyExists(

@@ -7,6 +7,9 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from pipeline.deblur.input_shards import split_input
 from pipeline.deblur.job import DeblurJob
 from pipeline.deblur.manifests import exit_histogram, read_manifests
@@ -34,6 +37,8 @@ class RunSummary:
     took_over: str | None = None  # the earlier run whose lease on the output this one took, and why
     input_moved_from: str | None = None  # resume: where the done shards were read (the same bytes as here)
     pool_plans: list[list[int]] = field(default_factory=list)  # depth pools: actors per depth 1..N, each plan
+    inputs_passed_over: dict[str, str] = field(default_factory=dict)  # input entries not read -> why
+    shared_keys: dict[str, Any] = field(default_factory=dict)  # keys in more than one output shard (`shared_keys`)
 
     @property
     def frames(self) -> int:
@@ -56,10 +61,23 @@ class RunSummary:
 
 
 def output_totals(output: Store, num_columns: int) -> dict[str, Any]:
-    """Frames and exit histogram over every committed manifest: the whole output, all runs."""
-    table, _ = read_manifests(output, ["depth_histogram"])
+    """Frames and exit histogram over every committed manifest (the whole output, all runs), and the
+    keys that more than one shard holds."""
+    table, _ = read_manifests(output, ["shard", "key", "depth_histogram"])
     histogram = exit_histogram(table.column("depth_histogram"), num_columns).tolist()
-    return {"frames": table.num_rows, **_depth_stats(histogram, num_columns)}
+    return {"frames": table.num_rows, **_depth_stats(histogram, num_columns), "shared_keys": shared_keys(table)}
+
+
+def shared_keys(table: pa.Table, examples: int = 5) -> dict[str, Any]:
+    """Keys that rows of more than one shard carry: how many, and the first few with their shards."""
+    counts = table.group_by("key").aggregate([("shard", "count_distinct")])
+    shared = counts.filter(pc.greater(counts.column("shard_count_distinct"), 1)).column("key").to_pylist()
+    first = sorted(shared)[:examples]
+    rows = table.filter(pc.is_in(table.column("key"), pa.array(first, pa.string()))).to_pylist()
+    return {
+        "count": len(shared),
+        "examples": {key: sorted({r["shard"] for r in rows if r["key"] == key}) for key in first},
+    }
 
 
 def _depth_stats(histogram: list[int], num_columns: int) -> dict[str, Any]:
@@ -85,6 +103,7 @@ def run_json(
         "output": redact(absolute(job.output_url)),
         "took_over": summary.took_over,
         "input_moved_from": summary.input_moved_from,
+        "inputs_passed_over": summary.inputs_passed_over,
         "model": {"fingerprint": fingerprint, "config": json.loads(config.to_json())},
         "options": {
             "restore": asdict(job.restore),

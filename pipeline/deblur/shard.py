@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.deblur.batching import batched
+from pipeline.deblur.input_shards import shard_stem
 from pipeline.formats.frames import FrameIn, FrameOut, Rejected, decode_sample
 from pipeline.formats.shards import ShardError, TarShardWriter, encode_shard, iter_samples
 from pipeline.store.digests import Digest, DigestReader
@@ -70,8 +71,9 @@ QUARANTINE_SCHEMA = pa.schema([("shard", pa.string()), ("key", pa.string()), ("r
 
 
 def output_names(shard: str) -> tuple[str, str, str, str]:
-    """(output shard, manifest, quarantine tar, quarantine index) names for an input shard name."""
-    stem = shard[: -len(".tar")] if shard.endswith(".tar") else shard
+    """(output shard, manifest, quarantine tar, quarantine index) names for an input shard name (a
+    compressed input's output is a plain .tar)."""
+    stem = shard_stem(shard)
     return (
         f"{stem}.tar",
         f"{MANIFEST_DIR}/{stem}.parquet",

@@ -9,15 +9,20 @@ SHA-256 of its pixels as (H, W, 3) uint8 in RGB order, independent of the file f
 from __future__ import annotations
 
 import hashlib
+import io
 from typing import Literal
 
 import cv2
 import numpy as np
+import PIL.Image
 
 from adarevd.errors import InvalidInput
 
 ImageFormat = Literal["png", "jpg"]
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm"})
+
+
+ORIENTATION_TAG = 0x0112
 
 
 class ImageError(InvalidInput):
@@ -33,10 +38,29 @@ def decode(data: bytes) -> tuple[np.ndarray, list[str]]:
         raise ImageError("truncated JPEG (no end-of-image marker)")
     if data[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" not in data[-16:]:
         raise ImageError("truncated PNG (no IEND chunk)")
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    orientation = exif_orientation(data)
+    # IMREAD_COLOR turns the picture as its EXIF orientation says (as viewers show it); IMREAD_UNCHANGED,
+    # which keeps 16 bits and alpha, does not. JPEGs, where the tag lives, are 8-bit colour or grey.
+    flags = cv2.IMREAD_COLOR if orientation != 1 else cv2.IMREAD_UNCHANGED
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     if image is None or image.size == 0:
         raise ImageError("cannot be decoded as an image (not an image, or damaged)")
-    return to_bgr8(image)
+    bgr, notes = to_bgr8(image)
+    if orientation != 1:
+        notes.append(f"EXIF orientation {orientation} applied (the picture is turned as viewers show it)")
+    return bgr, notes
+
+
+def exif_orientation(data: bytes) -> int:
+    """The EXIF orientation tag of a JPEG (1..8; 1: as stored), 1 when there is none or it is unreadable."""
+    if data[:2] != b"\xff\xd8":
+        return 1
+    try:
+        with PIL.Image.open(io.BytesIO(data)) as picture:
+            value = picture.getexif().get(ORIENTATION_TAG, 1)
+    except (OSError, ValueError, SyntaxError):  # Pillow's errors for damaged headers
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
 def to_bgr8(image: np.ndarray) -> tuple[np.ndarray, list[str]]:

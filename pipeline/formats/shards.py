@@ -23,6 +23,8 @@ import fsspec
 
 from adarevd.errors import InvalidInput, UserError
 
+MAX_MEMBER_BYTES = 2**30  # one member (an image) of a shard; a compressed shard could expand without bound
+
 
 class ShardError(UserError):
     """A shard that cannot be read as WebDataset (message names the shard, entry and what to do)."""
@@ -120,7 +122,7 @@ def iter_samples(
     members: dict[str, bytes] = {}
     tainted: str | None = None  # a key whose sample lost an entry: left out whole
     try:
-        with tarfile.open(fileobj=stream, mode="r|") as tar:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:  # plain, or gzip/bz2/xz-compressed
             for info in tar:
                 if info.isdir():
                     continue
@@ -129,6 +131,8 @@ def iter_samples(
                     check_key(entry_key)
                     if not info.isfile():
                         raise ValueError("is a link or device; shards may hold files only")
+                    if info.size > MAX_MEMBER_BYTES:
+                        raise ValueError(f"holds {info.size} bytes, over the {MAX_MEMBER_BYTES} a member may hold")
                 except ValueError as e:
                     # The sample before a bad entry is complete unless the bad entry belongs to it.
                     ours = key is not None and info.name.startswith(key + ".")

@@ -183,6 +183,15 @@ class Store:
         found = self._call("list", pattern, lambda: self.fs.glob(self.path(pattern)))
         return sorted(p[len(root) + 1 :] for p in found if p.startswith(root + "/"))
 
+    def glob_files(self, pattern: str) -> tuple[list[str], list[str]]:
+        """(files, other entries: folders and the like) matching `pattern`, each sorted, relative names."""
+        root = self.root
+        found = self._call("list", pattern, lambda: self.fs.glob(self.path(pattern), detail=True))
+        named = {p[len(root) + 1 :]: info.get("type") for p, info in found.items() if p.startswith(root + "/")}
+        return sorted(n for n, kind in named.items() if kind == "file"), sorted(
+            n for n, k in named.items() if k != "file"
+        )
+
     def read_bytes(self, name: str) -> bytes:
         return self._call("read", name, lambda: self.fs.cat_file(self.path(name)))
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from jobs.spec import SpecError, load_spec
 from pipeline.formats.shards import Sample, encode_shard
 from pipeline.store.storage import Store
 from tests.deblur_setup import make_input
@@ -97,3 +98,48 @@ def test_credentials_stay_out_of_logs_outputs_and_errors(s3: S3Server, tmp_path:
         assert not leaks(secret, failed.stdout, failed.stderr), secret
         assert not leaks(s3.secret_key, userinfo.stdout, userinfo.stderr)
     ledger.faults = 2  # the unreachable endpoint and the URL with credentials
+
+
+SPEC = """\
+name = "deblur-archive"
+kind = "deblur"
+input = "s3://archive/frames"
+output = "s3://archive/deblurred"
+
+[storage]
+endpoint_url = "http://127.0.0.1:8333"
+
+[options]
+"""
+
+
+@pytest.mark.parametrize(
+    ("added", "says"),
+    [
+        # each was accepted, and `adarevd submit` printed the secret or turned the value into a flag
+        ('storage_option = "secret=hunter2"', "options.storage_option: secret=... looks like a secret"),
+        ('storage_option = ["a=b", "--take-over"]', "'--take-over' starts with '-' and would read as a flag"),
+        (
+            'storage_option = "client_kwargs.endpoint_url=http://AKIA:hunter2@127.0.0.1:8333"',
+            "a URL with a user name or password",
+        ),
+    ],
+)
+def test_specs_refuse_secrets_in_values_and_values_that_read_as_flags(
+    tmp_path: Path, ledger: Entry, added: str, says: str
+) -> None:
+    path = tmp_path / "job.toml"
+    path.write_text(SPEC + added + "\n")
+    with pytest.raises(SpecError) as refused:
+        load_spec(path)
+    assert says in str(refused.value) and "job.toml:10" in str(refused.value)
+    assert "hunter2" not in str(refused.value)
+    ledger.bad_inputs = 1
+
+
+def test_a_spec_url_with_a_password_is_refused_without_showing_it(tmp_path: Path) -> None:
+    path = tmp_path / "job.toml"
+    path.write_text(SPEC.replace("http://127.0.0.1:8333", "http://AKIA:hunter2@127.0.0.1:8333"))
+    with pytest.raises(SpecError, match=r"storage.endpoint_url: a URL with a user name or password") as refused:
+        load_spec(path)
+    assert "hunter2" not in str(refused.value)

@@ -37,6 +37,7 @@ from adarevd.errors import UserError
 from pipeline.cluster.address import probe, unreachable
 from pipeline.cluster.this_node import this_node
 from pipeline.deblur.depth_pools import DepthGroup, EncodedBatch
+from pipeline.deblur.input_shards import Listing
 from pipeline.deblur.job import (
     DeblurJob,
     DeviceError,
@@ -90,6 +91,10 @@ class RestorerActor:
         return str(getattr(getattr(self.restorer, "device", None), "type", "none"))
 
 
+CLIENT_TRIES = 3  # connections to a Ray Client head whose per-client server failed to start
+CLIENT_SERVER_FAILED = "Starting Ray client server failed"
+
+
 @dataclass(frozen=True)
 class ModelRestorer:
     """Builds a FrameRestorer inside an actor. `weights`: files every node can read (on one machine,
@@ -123,10 +128,16 @@ def ensure_ray(address: str | None, num_cpus: float | None = None) -> None:
         return
     if address:
         probe(address)  # nothing answers there: say so at once, not after Ray's minutes of retries
-        try:
-            ray.init(address=address, logging_level="WARNING")
-        except ConnectionError as e:  # `auto` without a cluster, a Ray Client that does not answer
-            raise unreachable(address, e) from None
+        for attempt in range(1, CLIENT_TRIES + 1):
+            try:
+                ray.init(address=address, logging_level="WARNING")
+                return
+            except ConnectionError as e:  # `auto` without a cluster, a Ray Client that does not answer
+                # A Ray Client head sometimes fails to start the server for one client (a busy node): retry.
+                if attempt < CLIENT_TRIES and CLIENT_SERVER_FAILED in str(e):
+                    time.sleep(2.0 * attempt)
+                    continue
+                raise unreachable(address, e) from None
     else:
         # "local": always a fresh embedded instance, whatever RAY_ADDRESS says.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING")
@@ -146,21 +157,22 @@ def run(
     *,
     weight_files: Sequence[str] = (),
     options: Mapping[str, Any] | None = None,
-    shards: Sequence[str] | None = None,
+    listing: Listing | None = None,
     hooks: Hooks = Hooks(),
 ) -> RunSummary:
     """Run the job on the connected Ray cluster (call `ensure_ray` first). `model` carries the loaded
     weights; `weight_files` (the files it was loaded from) let actors on a one-node cluster read them
-    directly instead of through the object store. `shards`: the input shards, where the caller has
-    listed them already (`job.shards`, to refuse a bad input before it starts Ray)."""
+    directly instead of through the object store. `listing`: the input shards, where the caller has
+    listed them already (`job.listing`, to refuse a bad input before it starts Ray)."""
     config, fingerprint = model.config, adarevd.fingerprint(model)
     job.restore.check_model(config.num_columns)
     options = dict(options or {})
     start = time.perf_counter()
     job = job.resolved(ray.cluster_resources())  # GPU shares and actor counts for this cluster
     source, output = job.stores(options)
-    shards = list(job.shards(options) if shards is None else shards)
-    summary = RunSummary(shards_total=len(shards))
+    listing = listing or job.listing(options)
+    shards = listing.shards
+    summary = RunSummary(shards_total=len(shards), inputs_passed_over=dict(listing.passed_over))
     refuse_foreign(output, shards)  # before the lease: nothing is written into another dataset's folder
     # One run at a time on an output: a second one refuses (or takes over a dead one's lease).
     lock = OutputLock(output, summary.run_id, stale_after_s=job.lock_stale_s)
@@ -175,6 +187,7 @@ def run(
             _process(_Run(job, model, fingerprint, weight_files, options, hooks, lock, summary), todo)
         summary.seconds = time.perf_counter() - start
         totals = output_totals(output, config.num_columns)
+        summary.shared_keys = totals["shared_keys"]
         lock.confirm()  # taken over meanwhile: the summary is the new holder's to write
         output.commit_bytes(RUN_FILE, run_json(job, summary, fingerprint, config, totals))
     return summary
