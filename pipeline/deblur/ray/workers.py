@@ -62,44 +62,53 @@ class ProgressActor:
         return dict(self.waits)
 
 
-def actor_restore(pools: Pools, start: int, window: int, watch: Watch, retries: int = 3) -> RestoreFn:
+@dataclass
+class _Call:
+    """One batch on its way through a fused restorer actor."""
+
+    ref: Any
+    batch: list[FrameIn]
+    attempt: int
+    actor: int
+
+
+class FusedRouter:
     """A RestoreFn over the fused restorer actors: `window` batches in flight, results in order, a dead
-    actor's batch resent to the next actor; `watch` hears what a slow answer is waited on."""
-    actors = pools.restorers
+    actor's batch resent to the next actor (up to `retries` times); `watch` hears what a slow answer is
+    waited on. Batches go to the actors in turn from actor `start`."""
 
-    def run(batches: Iterable[list[FrameIn]]) -> Iterator[list[FrameOut | Rejected]]:
-        pending: deque[tuple[Any, list[FrameIn], int, int]] = deque()
-        turn = start
+    def __init__(self, pools: Pools, start: int, watch: Watch, window: int = 2, retries: int = 3) -> None:
+        self.pools, self.watch, self.window, self.retries = pools, watch, window, retries
+        self.turn = start
 
-        def submit(batch: list[FrameIn], attempt: int) -> tuple[Any, list[FrameIn], int, int]:
-            nonlocal turn
-            index = turn % len(actors)
-            turn += 1
-            return actors[index].restore.remote(batch), batch, attempt, index
-
-        def waited_on(index: int, batch: list[FrameIn]) -> str:
-            return f"{pools.restorer_name(index)} for batch {batch_label([f.key for f in batch])}"
-
-        def resolve(item: tuple[Any, list[FrameIn], int, int]) -> list[FrameOut | Rejected]:
-            ref, batch, attempt, index = item
-            while True:
-                try:
-                    return patient_get(ref, partial(waited_on, index, batch), watch.on_wait, watch.patience)
-                except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
-                    if (failed := start_failure(e, restarted=True)) is not None:
-                        raise failed from None  # Ray will not restart it again: stop, say why
-                    if attempt >= retries:
-                        raise
-                    ref, batch, attempt, index = submit(batch, attempt + 1)
-
+    def __call__(self, batches: Iterable[list[FrameIn]]) -> Iterator[list[FrameOut | Rejected]]:
+        pending: deque[_Call] = deque()
         for batch in batches:
-            pending.append(submit(batch, 0))
-            if len(pending) >= window:
-                yield resolve(pending.popleft())
+            pending.append(self._submit(batch, 0))
+            if len(pending) >= self.window:
+                yield self._resolve(pending.popleft())
         while pending:
-            yield resolve(pending.popleft())
+            yield self._resolve(pending.popleft())
 
-    return run
+    def _submit(self, batch: list[FrameIn], attempt: int) -> _Call:
+        actors = self.pools.restorers
+        index = self.turn % len(actors)
+        self.turn += 1
+        return _Call(actors[index].restore.remote(batch), batch, attempt, index)
+
+    def _waited_on(self, call: _Call) -> str:
+        return f"{self.pools.restorer_name(call.actor)} for batch {batch_label([f.key for f in call.batch])}"
+
+    def _resolve(self, call: _Call) -> list[FrameOut | Rejected]:
+        while True:
+            try:
+                return patient_get(call.ref, partial(self._waited_on, call), self.watch.on_wait, self.watch.patience)
+            except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
+                if (failed := start_failure(e, restarted=True)) is not None:
+                    raise failed from None  # Ray will not restart it again: stop, say why
+                if call.attempt >= self.retries:
+                    raise
+                call = self._submit(call.batch, call.attempt + 1)
 
 
 def restore_fn(pools: Pools, index: int, watch: Watch) -> RestoreFn:
@@ -107,7 +116,7 @@ def restore_fn(pools: Pools, index: int, watch: Watch) -> RestoreFn:
     shards in flight every actor has work. Depth pools: shard i starts at encoder i."""
     if pools.encoders:
         return DepthPoolRouter(pools, start=index, watch=watch)
-    return actor_restore(pools, start=2 * index, window=2, watch=watch)
+    return FusedRouter(pools, start=2 * index, watch=watch)
 
 
 @dataclass(frozen=True, kw_only=True)
