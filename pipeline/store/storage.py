@@ -15,7 +15,7 @@ import posixpath
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import IO, Any, TypeVar
@@ -252,7 +252,8 @@ class Store:
     def commit_bytes(self, name: str, data: bytes) -> None:
         """Write `data` at `name` so that readers see all of it or nothing."""
         tmp = self._tmp_name(name)
-        self._call("write", tmp, lambda: self._mkparent(tmp).pipe_file(self.path(tmp), data))
+        with self._discarded_on_failure(tmp):
+            self._call("write", tmp, lambda: self._mkparent(tmp).pipe_file(self.path(tmp), data))
         self._commit(tmp, name)
 
     def create(self, name: str, data: bytes) -> None:
@@ -274,6 +275,10 @@ class Store:
                         if attempt == 2:
                             raise
                         os.makedirs(posixpath.dirname(path), exist_ok=True)
+                    except BaseException:  # a full disk: leave no partial file behind
+                        with suppress(FileNotFoundError):
+                            os.unlink(part)
+                        raise
                 try:
                     os.link(part, path)
                 finally:
@@ -291,8 +296,20 @@ class Store:
     def commit_file(self, name: str, local_path: str) -> None:
         """Upload a finished local file to `name`, all or nothing."""
         tmp = self._tmp_name(name)
-        self._call("write", tmp, lambda: self._mkparent(tmp).put_file(local_path, self.path(tmp)))
+        with self._discarded_on_failure(tmp):
+            self._call("write", tmp, lambda: self._mkparent(tmp).put_file(local_path, self.path(tmp)))
         self._commit(tmp, name)
+
+    @contextmanager
+    def _discarded_on_failure(self, tmp: str) -> Iterator[None]:
+        """Remove the partial `tmp` of a write that failed: on a full disk it would keep the disk full
+        and fail every later write. Best effort: a store that is gone keeps it."""
+        try:
+            yield
+        except BaseException:
+            with suppress(Exception):
+                self.fs.rm_file(self.path(tmp))
+            raise
 
     def remove_tmp_folder(self) -> None:
         """Remove the temporary folder unless a (crashed) writer left parts in it. Object stores that

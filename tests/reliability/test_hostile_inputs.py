@@ -6,6 +6,8 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -19,6 +21,9 @@ from jobs.cli import main
 from pipeline.formats.shards import Sample, encode_shard, iter_samples
 from pipeline.store.storage import Store
 from tests.reliability.conftest import Entry
+from tests.test_node_view import unshare_works
+
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.reliability, pytest.mark.ray]
 RUN = ["--workers", "1", "--cpus-per-worker", "1"]
@@ -160,3 +165,34 @@ def test_a_jpeg_with_an_exif_orientation_comes_out_turned_as_viewers_show_it(
     (row,) = pq.read_table(io.BytesIO(out.read_bytes("_manifest/s.parquet"))).to_pylist()
     assert "EXIF orientation 6 applied" in row["notes"]
     ledger.bad_inputs, ledger.frames = 1, 1
+
+
+FULL_DISK = """
+import json, os, subprocess, sys
+disk = sys.argv[1]
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", disk], check=True)
+from pipeline.store.storage import Store
+store = Store(disk, retry_seconds=0)
+try:
+    store.commit_bytes("big.tar", os.urandom(1 << 20))
+    failed = ""
+except Exception as e:
+    failed = f"{type(e).__name__}: {e}"
+left = sorted(os.path.relpath(os.path.join(r, f), disk) for r, _, files in os.walk(disk) for f in files)
+store.commit_bytes("small.tar", b"x" * 100_000)  # was: no space left, the failed write's part kept it
+print(json.dumps({"failed": failed, "left": left, "small": os.path.getsize(os.path.join(disk, "small.tar"))}))
+"""
+
+
+def test_a_write_that_fills_the_disk_leaves_no_partial_file_behind(tmp_path: Path, ledger: Entry) -> None:
+    if not unshare_works():
+        pytest.skip("needs a mount namespace (`unshare -m`, e.g. as root) for a small disk of its own")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    command = ["unshare", "-m", sys.executable, "-c", FULL_DISK, str(disk)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "No space left on device" in result["failed"] and "big.tar" in result["failed"]
+    assert result["left"] == [] and result["small"] == 100_000
+    ledger.bad_inputs = 1
