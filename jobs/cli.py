@@ -36,6 +36,7 @@ from pipeline.formats import images
 from pipeline.formats.frames import PatchMap
 from pipeline.report.exit_map import exit_map
 
+INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 DEMO_BLURRY, DEMO_SHARP = ASSETS / "demo_blurry.png", ASSETS / "demo_sharp.png"
 
 
@@ -237,6 +238,9 @@ def cli() -> int:
     sigterm.install()
     try:
         return main()
+    except KeyboardInterrupt:  # Ctrl-C: the same unwinding, one line, no traceback
+        print("adarevd: stopped (Ctrl-C); what was committed is kept", file=sys.stderr)
+        return INTERRUPTED
     except SystemExit:
         if not sigterm.received():
             raise

@@ -302,13 +302,15 @@ class Store:
 
     @contextmanager
     def _discarded_on_failure(self, tmp: str) -> Iterator[None]:
-        """Remove the partial `tmp` of a write that failed: on a full disk it would keep the disk full
-        and fail every later write. Best effort: a store that is gone keeps it."""
+        """Remove the partial `tmp` of a write that failed on a local disk: on a full disk it would keep
+        the disk full and fail every later write. (An object store's failed PUT leaves no object, and
+        one that is down would only be asked again.)"""
         try:
             yield
         except BaseException:
-            with suppress(Exception):
-                self.fs.rm_file(self.path(tmp))
+            if isinstance(self.fs, LocalFileSystem):
+                with suppress(OSError):
+                    os.unlink(self.path(tmp))
             raise
 
     def remove_tmp_folder(self) -> None:

@@ -143,7 +143,9 @@ def driver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[str]
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+@pytest.mark.parametrize(
+    "signum", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=["SIGKILL", "SIGTERM", "SIGINT"]
+)
 def test_driver_stopped_mid_run_then_resumed_gives_identical_output(
     driver: tuple[list[str], dict[str, str], Store, Store],
     tmp_path: Path,
@@ -154,7 +156,13 @@ def test_driver_stopped_mid_run_then_resumed_gives_identical_output(
     out = tmp_path / "out"
     # Stop the driver as soon as its first shard is committed: the other shards are unfinished.
     first = subprocess.Popen(
-        [*command, str(out), *DRIVER_OPTIONS], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        [*command, str(out), *DRIVER_OPTIONS],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        # Ctrl-C reaches it even where this test runs with SIGINT ignored (a background job)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not list((out / MANIFEST_DIR).glob("*.parquet")):
@@ -163,8 +171,9 @@ def test_driver_stopped_mid_run_then_resumed_gives_identical_output(
     _, err = first.communicate(timeout=120)
     done_before = len(list((out / MANIFEST_DIR).glob("*.parquet")))
     assert 1 <= done_before < len(source.glob("*.tar")), "the stop must land mid-run"
-    if signum == signal.SIGTERM:  # a stop unwinds: the lease is given back, the status says why
-        assert first.returncode == 143 and b"stopped (SIGTERM)" in err, err.decode()[-3000:]
+    if signum != signal.SIGKILL:  # a stop unwinds: the lease is given back, one line says why
+        status, says = (143, b"stopped (SIGTERM)") if signum == signal.SIGTERM else (130, b"stopped (Ctrl-C)")
+        assert first.returncode == status and says in err and b"Traceback" not in err, err.decode()[-3000:]
         assert [p.name for p in (out / "_lock").iterdir()] == ["unfinished"]  # the lease given back, the mark kept
     resumed = subprocess.run([*command, str(out), *DRIVER_OPTIONS], cwd=ROOT, env=env, capture_output=True)
     assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]
