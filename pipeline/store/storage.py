@@ -117,6 +117,9 @@ def absolute(url: str) -> str:
     return url if "://" in url else os.path.abspath(url)
 
 
+OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")  # credentials never ride in their URLs
+
+
 def redact(url: str) -> str:
     """The URL without any user:password@ part, for messages and metadata."""
     parts = urlsplit(url)
@@ -137,6 +140,13 @@ class Store:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "url", self.url.rstrip("/") or self.url)
+        parts = urlsplit(self.url)
+        if parts.scheme in OBJECT_STORES and (parts.username or parts.password):
+            # s3fs would take `KEY:SECRET@bucket` for a bucket name, and botocore's error would print it.
+            raise InvalidInput(
+                f"{redact(self.url)}: a user name or password in an {parts.scheme}:// URL is not read; give "
+                "credentials by environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) or --storage-option"
+            )
 
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
