@@ -26,7 +26,7 @@ import tenacity
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from adarevd.errors import AlreadyExists, InvalidInput, UserError
+from adarevd.errors import AlreadyExists, InvalidInput, NotFound, UserError
 
 TMP_DIR = "_tmp"
 STAT_THREADS = 16
@@ -372,7 +372,8 @@ def _several(names: Sequence[str]) -> str:
 
 def call(verb: str, url: str, fn: Callable[[], T], retry_seconds: float = 60.0) -> T:
     """Run one storage operation on `url`; retry it while the store is unreachable, then fail clearly
-    (StorageError naming the URL). Not found is passed through as FileNotFoundError."""
+    (StorageError naming the URL). Not found and already there stay FileNotFoundError and
+    FileExistsError, as `NotFound` and `AlreadyExists` naming the URL (a user's to fix)."""
     backoff = tenacity.wait_exponential(multiplier=0.5, max=10)
 
     def wait(state: tenacity.RetryCallState) -> float:  # the last try at the end of the window, not past it
@@ -386,8 +387,12 @@ def call(verb: str, url: str, fn: Callable[[], T], retry_seconds: float = 60.0) 
     )
     try:
         return retrying(fn)
-    except (FileNotFoundError, FileExistsError):
+    except (NotFound, AlreadyExists):
         raise
+    except FileNotFoundError as e:  # "The specified bucket does not exist" names no bucket: the URL does
+        raise NotFound(f"{redact(url)}: could not {verb}: {e}") from e
+    except FileExistsError as e:
+        raise AlreadyExists(f"{redact(url)}: could not {verb}: {e}") from e
     except Exception as e:
         hint = credentials_hint(e)
         if not (hint or is_transient(e) or isinstance(e, (OSError, RuntimeError))):

@@ -21,6 +21,7 @@ from jobs.cli import main
 from pipeline.formats.shards import Sample, encode_shard, iter_samples
 from pipeline.store.storage import Store
 from tests.reliability.conftest import Entry
+from tests.s3server import S3Server
 from tests.test_node_view import unshare_works
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -196,3 +197,10 @@ def test_a_write_that_fills_the_disk_leaves_no_partial_file_behind(tmp_path: Pat
     assert "No space left on device" in result["failed"] and "big.tar" in result["failed"]
     assert result["left"] == [] and result["small"] == 100_000
     ledger.bad_inputs = 1
+
+
+@pytest.mark.s3
+def test_a_bucket_that_does_not_exist_is_named(s3: S3Server, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["deblur", "s3://no-such-bucket-here/frames", str(tmp_path / "out"), *s3.cli_options()]) == 2
+    said = capsys.readouterr().err  # was: "The specified bucket does not exist", naming none
+    assert "s3://no-such-bucket-here/frames" in said and "Traceback" not in said, said
