@@ -200,7 +200,10 @@ def test_a_write_that_fills_the_disk_leaves_no_partial_file_behind(tmp_path: Pat
 
 
 @pytest.mark.s3
-def test_a_bucket_that_does_not_exist_is_named(s3: S3Server, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_a_bucket_that_does_not_exist_is_named(
+    s3: S3Server, tmp_path: Path, ledger: Entry, capsys: pytest.CaptureFixture
+) -> None:
     assert main(["deblur", "s3://no-such-bucket-here/frames", str(tmp_path / "out"), *s3.cli_options()]) == 2
     said = capsys.readouterr().err  # was: "The specified bucket does not exist", naming none
     assert "s3://no-such-bucket-here/frames" in said and "Traceback" not in said, said
+    ledger.bad_inputs = 1
