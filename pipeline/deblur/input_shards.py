@@ -67,12 +67,9 @@ def list_folder(source: Store) -> Listing:
     """Every `.tar`, `.tar.gz` and `.tgz` file below `source`. Passed over, with the reason: those under a
     hidden or underscore name (a user's private files; a deblur output's own are not named), and
     entries that are not files (a folder named `x.tar`). Two shards of one stem are refused."""
-    files: set[str] = set()
-    passed_over: dict[str, str] = {}
-    for suffix in SUFFIXES:
-        found, others = source.glob_files(f"**/*{suffix}")
-        files.update(found)
-        passed_over.update((name, "not a file") for name in others)
+    found, others = source.glob_files("**/*.t*")  # one listing for .tar, .tar.gz and .tgz
+    files = {name for name in found if name.endswith(SUFFIXES)}
+    passed_over = {name: "not a file" for name in others if name.endswith(SUFFIXES)}
     for name in sorted(files):
         parts = name.split("/")
         if any(part.startswith(("_", ".")) for part in parts):
