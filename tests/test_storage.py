@@ -95,7 +95,7 @@ def test_an_s3_store_without_credentials_says_how_to_give_them(
         == 2
     )
     err = capsys.readouterr().err
-    assert "adarevd deblur: error: s3://b/x/**/*.tar: could not list: Unable to locate credentials. Give" in err
+    assert "adarevd deblur: error: s3://b/x/**/*.t*: could not list: Unable to locate credentials. Give" in err
     assert "Traceback" not in err
 
 
