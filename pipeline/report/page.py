@@ -148,8 +148,8 @@ def _sample_frames(
     order = {r["key"]: i for i, r in enumerate(chosen)}
     for shard, rows in by_shard.items():
         wanted = {r["key"] for r in rows}
-        deblurred = _find(output, output_names(shard)[0], wanted, report, "")
-        blurry = _find(source, shard, wanted, report, "; pass --input if the input moved") if source else {}
+        deblurred = _find(output, output_names(shard)[0], wanted, report)
+        blurry = _find(source, shard, wanted, report) if source else {}
         for row in rows:
             name = f"frames/{order[row['key']]:03d}-{_safe(row['key'])}.png"  # page order
             frames[row["key"]] = _draw(row, blurry.get(row["key"]), deblurred.get(row["key"]), n, to / name, report)
@@ -157,18 +157,21 @@ def _sample_frames(
     return [frames[r["key"]] for r in chosen]
 
 
-def _find(store: Store, shard: str, keys: set[str], report: Report, hint: str) -> dict[str, Sample]:
-    """The samples of `keys` in one shard (streamed; stops once all are found). Problems become warnings."""
+def _find(store: Store, shard: str, keys: set[str], report: Report) -> dict[str, Sample]:
+    """The samples of `keys` in one shard (streamed; stops once all are found). Problems become warnings.
+    Entries the run refused (links, unsafe names) are passed over here too: the quarantine names them."""
     found: dict[str, Sample] = {}
     try:
         with store.open(shard) as stream:
-            for sample in iter_samples(stream, shard):
+            for sample in iter_samples(stream, shard, on_bad_entry=lambda _: None):
                 if sample.key in keys and sample.key not in found:
                     found[sample.key] = sample
                     if len(found) == len(keys):
                         break
-    except (FileNotFoundError, StorageError, ShardError, OSError) as e:
-        report.warnings.append(f"{redact(store.url_of(shard))}: cannot read it ({e}){hint}")
+    except FileNotFoundError as e:  # NotFound too
+        report.warnings.append(f"{redact(store.url_of(shard))}: not there ({e}); pass --input if the input moved")
+    except (StorageError, ShardError, OSError) as e:
+        report.warnings.append(f"{redact(store.url_of(shard))}: cannot read it ({e})")
     return found
 
 

@@ -12,12 +12,15 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import re
+import traceback
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from functools import partial
+from pathlib import Path
 from typing import IO, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -128,6 +131,15 @@ def redact(url: str) -> str:
     host = parts.hostname or ""
     netloc = f"{host}:{parts.port}" if parts.port else host
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]*@")
+
+
+def redact_text(text: str) -> str:
+    """`text` with the user:password@ part of every URL in it removed (a library's message may quote
+    an endpoint URL as it was given)."""
+    return USERINFO.sub(r"\g<scheme>", text)
 
 
 @dataclass(frozen=True)
@@ -396,9 +408,25 @@ def call(verb: str, url: str, fn: Callable[[], T], retry_seconds: float = 60.0) 
     except Exception as e:
         hint = credentials_hint(e)
         if not (hint or is_transient(e) or isinstance(e, (OSError, RuntimeError))):
-            raise
+            if not raised_by_storage_library(e):
+                raise  # a defect here: its traceback is wanted
+            hint = ". Check the URL and the storage options (--storage-option; a job spec: [storage])"
+            e = RuntimeError(f"{type(e).__name__}: {e}")
         why = f"still unreachable after {retry_seconds:.0f} s of retries: " if is_transient(e) else ""
-        raise StorageError(f"{redact(url)}: could not {verb}: {why}{e}{hint}") from e
+        raise StorageError(f"{redact(url)}: could not {verb}: {why}{redact_text(str(e))}{hint}") from e
+
+
+STORAGE_LIBRARIES = frozenset({"fsspec", "s3fs", "botocore", "aiobotocore", "aiohttp", "gcsfs", "adlfs", "azure"})
+
+
+def raised_by_storage_library(error: BaseException) -> bool:
+    """Whether `error` was raised inside a storage library (an invalid bucket name, endpoint or option
+    is its answer to the user's input, not a defect here)."""
+    frames = traceback.extract_tb(error.__traceback__)
+    if not frames:
+        return False
+    parts = Path(frames[-1].filename).parts
+    return "site-packages" in parts and parts[parts.index("site-packages") + 1] in STORAGE_LIBRARIES
 
 
 def credentials_hint(error: BaseException) -> str:

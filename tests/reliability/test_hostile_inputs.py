@@ -8,6 +8,7 @@ import io
 import json
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import cv2
@@ -206,4 +207,64 @@ def test_a_bucket_that_does_not_exist_is_named(
     assert main(["deblur", "s3://no-such-bucket-here/frames", str(tmp_path / "out"), *s3.cli_options()]) == 2
     said = capsys.readouterr().err  # was: "The specified bucket does not exist", naming none
     assert "s3://no-such-bucket-here/frames" in said and "Traceback" not in said, said
+    ledger.bad_inputs = 1
+
+
+def test_the_report_reads_past_an_entry_the_run_refused(
+    local_ray: None, tmp_path: Path, ledger: Entry, capsys: pytest.CaptureFixture
+) -> None:
+    source, out = Store(str(tmp_path / "in")), Store(str(tmp_path / "out"))
+    samples = fixed_size_samples("f", 4, seed=3)
+    link = tarfile.TarInfo("f_000099.png")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    shard = io.BytesIO()
+    with tarfile.open(fileobj=shard, mode="w") as tar:
+        for i, sample in enumerate(samples):
+            if i == 2:
+                tar.addfile(link)  # refused by the run; the report must read on past it
+            info = tarfile.TarInfo(f"{sample.key}.png")
+            info.size = len(sample.members["png"])
+            tar.addfile(info, io.BytesIO(sample.members["png"]))
+    source.commit_bytes("s-000000.tar", shard.getvalue())
+    assert main(["deblur", source.url, out.url, *RUN]) == 3  # 3: one entry quarantined, 4 frames deblurred
+    capsys.readouterr()
+    assert main(["report", out.url, "--to", str(tmp_path / "page"), "--samples", "4"]) == 0
+    said = capsys.readouterr()
+    # was: "cannot read it (... link or device); pass --input if the input moved", then "input n/a"
+    assert "moved" not in said.out + said.err and "cannot read" not in said.out + said.err
+    pictures = sorted((tmp_path / "page" / "frames").glob("*.png"))
+    assert len(pictures) == 4
+    for picture, sample in zip(pictures, samples, strict=True):
+        drawn = cv2.imread(str(picture))
+        blurry = cv2.imdecode(np.frombuffer(sample.members["png"], np.uint8), cv2.IMREAD_COLOR)
+        assert np.array_equal(drawn[28:, :32], blurry), picture.name  # the blurry input is drawn
+    ledger.bad_inputs, ledger.frames = 1, 4
+
+
+@pytest.mark.parametrize(
+    ("url", "option", "named"),
+    [
+        ("s3://Bad_Bucket!/x", "client_kwargs.region_name=us-east-1", "Invalid bucket name"),
+        ("s3://b/x", "client_kwargs.endpoint_url=not-a-url", "Invalid endpoint: not-a-url"),
+        ("s3://b/x", "client_kwargs.endpoint_url=ftp://KEYID:SECRETX@127.0.0.1:1", "ftp://127.0.0.1:1"),
+        ("s3://b/x", "no_such_option=1", "no_such_option"),
+    ],
+)
+def test_a_storage_library_refusing_the_url_or_options_is_one_line_not_a_traceback(
+    url: str,
+    option: str,
+    named: str,
+    tmp_path: Path,
+    ledger: Entry,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    endpoint = "--storage-option=client_kwargs.endpoint_url=http://127.0.0.1:9"  # nothing is reached
+    assert main(["deblur", url, str(tmp_path / "out"), endpoint, f"--storage-option={option}"]) == 2
+    said = capsys.readouterr().err  # was: botocore's / aiobotocore's traceback, exit 1
+    assert said.startswith(f"adarevd deblur: error: {url}") and named in said, said
+    assert "Check the URL and the storage options" in said and "Traceback" not in said
+    assert "SECRETX" not in said and "KEYID" not in said
     ledger.bad_inputs = 1
