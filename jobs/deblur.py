@@ -23,6 +23,7 @@ from jobs import sigterm
 from jobs.data import add_storage_option, add_take_over
 from jobs.models import ASSETS, exit_mode, load_model
 from pipeline.deblur.job import RestoreOptions
+from pipeline.deblur.resume import megabytes
 from pipeline.deblur.run_record import RunSummary
 from pipeline.formats.sink import ShardLimits
 from pipeline.ingest.run import INDEX_NAME, IngestConfig, ingest, read_index
@@ -210,7 +211,7 @@ def cmd_deblur(args: argparse.Namespace) -> int:
             weight_files=weight_files,
             options=options,
             listing=listing,
-            hooks=driver.Hooks(on_progress=show),
+            hooks=driver.Hooks(on_progress=show, on_warning=lambda line: bar.write(f"warning: {line}", sys.stderr)),
         )
     print_summary(summary, output_url, time.perf_counter() - started)
     failed = summary.shard_errors or (summary.quarantined and not args.quarantine_ok)
@@ -221,6 +222,9 @@ def print_summary(summary: RunSummary, output_url: str, wall: float) -> None:
     frames = summary.frames
     if summary.took_over:
         print(f"took the output over from {summary.took_over}")
+    if summary.parts_cleared[0]:
+        files, size = summary.parts_cleared
+        print(f"cleared {files} partial files ({megabytes(size)}) that stopped runs left in {output_url}/_tmp")
     if summary.input_moved_from:
         print(
             f"resuming: the done shards were deblurred from another place (the first: {summary.input_moved_from}); "

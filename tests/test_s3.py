@@ -21,7 +21,7 @@ from pipeline.formats.shards import use_fsspec_for_webdataset
 from pipeline.store.storage import StorageError, Store
 from tests.media import decode_video, frames, write_video
 from tests.s3server import S3Server
-from tests.test_storage import check_read_many
+from tests.test_storage import check_read_many, check_sweep_parts
 
 pytestmark = pytest.mark.s3
 
@@ -142,3 +142,7 @@ def test_a_store_that_goes_away_for_seconds_is_retried_and_one_that_stays_down_f
 
 def test_read_many_and_stats_on_s3(s3: S3Server) -> None:
     check_read_many(Store(fresh_prefix(s3), s3.storage_options))
+
+
+def test_sweep_parts_on_s3(s3: S3Server) -> None:
+    check_sweep_parts(Store(fresh_prefix(s3), s3.storage_options))

@@ -117,9 +117,27 @@ def check_read_many(store: Store) -> None:
         list(store.read_many([names[0], "d/missing.bin"]))
 
 
+def check_sweep_parts(store: Store) -> None:
+    """`sweep_parts` on any store: the partial files written before the time given, and no other file."""
+    store.commit_bytes("_tmp/a.tar.1.part", b"a" * 10)
+    store.commit_bytes("_tmp/sub__b.tar.2.part", b"b" * 5)
+    store.commit_bytes("_tmp/notes.txt", b"kept")
+    store.commit_bytes("kept.part", b"not in _tmp")
+    now = time.time()
+    assert store.sweep_parts(older_than=now - 3600) == (0, 0)  # written just now: another run's, maybe
+    assert store.sweep_parts(older_than=now + 5) == (2, 15)
+    assert store.glob("_tmp/*") == ["_tmp/notes.txt"] and store.exists("kept.part")
+    assert Store(store.url + "/empty", store.options).sweep_parts(now + 5) == (0, 0)
+
+
 def test_read_many_and_stats_on_local_and_memory_folders(tmp_path: Path, memory_store: Store) -> None:
     check_read_many(Store(str(tmp_path / "local")))
     check_read_many(memory_store)
+
+
+def test_sweep_parts_on_local_and_memory_folders(tmp_path: Path, memory_store: Store) -> None:
+    check_sweep_parts(Store(str(tmp_path / "local")))
+    check_sweep_parts(memory_store)
 
 
 def test_an_unreachable_store_is_retried_until_the_window_ends_and_not_past_it() -> None:

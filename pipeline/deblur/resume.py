@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -172,3 +172,24 @@ def refuse_foreign(output: Store, shards: list[str]) -> None:
             "they are not deblurred output and the run would replace them; give an empty folder or an earlier "
             "deblur output"
         )
+
+
+def space_short(source: Store, output: Store, todo: Sequence[str]) -> str:
+    """A warning when the output's disk has less free space than the shards left to deblur take (the
+    output takes about as much as its input); "" when it has enough, or is an object store."""
+    free = output.free_bytes()
+    if free is None or not todo:
+        return ""
+    needed = sum(stat.size for stat in source.stats(todo))
+    if free >= needed:
+        return ""
+    return (
+        f"{redact(output.url)}: {megabytes(free)} free on its disk; the {len(todo)} shard(s) left take "
+        f"{megabytes(needed)} as input and about as much as output. The run stops when the disk is full; "
+        "what it committed by then stays, and a re-run after freeing space goes on from there"
+    )
+
+
+def megabytes(size: int) -> str:
+    """A size for a message: `412.3 MB`."""
+    return f"{size / 1e6:,.1f} MB"

@@ -35,6 +35,7 @@ class RunSummary:
     encoder_nodes: dict[str, int] = field(default_factory=dict)  # node id -> encoder actors (depth pools)
     devices: dict[str, int] = field(default_factory=dict)  # 'cuda' / 'cpu' -> actors whose model runs there
     took_over: str | None = None  # the earlier run whose lease on the output this one took, and why
+    parts_cleared: tuple[int, int] = (0, 0)  # partial files (count, bytes) earlier runs left in _tmp/
     input_moved_from: str | None = None  # resume: where the done shards were read (the same bytes as here)
     pool_plans: list[list[int]] = field(default_factory=list)  # depth pools: actors per depth 1..N, each plan
     inputs_passed_over: dict[str, str] = field(default_factory=dict)  # input entries not read -> why

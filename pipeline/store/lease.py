@@ -31,6 +31,7 @@ from pipeline.store.storage import StorageError, Store, redact
 
 LOCK_DIR = "_lock"
 UNFINISHED = f"{LOCK_DIR}/unfinished"  # a deblur's mark on its output from its lease until it finishes
+PART_GRACE_S = 10.0  # partial files younger than this are not an earlier run's
 BEAT_RETRY_S = 5.0  # how long one heartbeat retries a store that does not answer
 _HELD: set[str] = set()  # run ids holding a lease in this process
 
@@ -73,6 +74,7 @@ class OutputLock:
         self.generation = 0
         self.lost: str | None = None  # set by the heartbeat thread when another run took over
         self.took_over: str | None = None  # whom this run replaced, and why
+        self.swept = (0, 0)  # partial files (count, bytes) that runs which died or failed left behind
 
     def acquire(self, take_over: bool = False) -> None:
         newest = _generations(self.store)[-1:] or [0]
@@ -91,6 +93,7 @@ class OutputLock:
                         f"to finish; if it died, re-run after {self.stale_after_s:.0f} s without a heartbeat, or now "
                         f"with --take-over."
                     )
+        self._sweep()
         me = Holder(self.run_id, socket.gethostname(), os.getpid(), self.clock())
         data = json.dumps(asdict(me), sort_keys=True).encode()
         # Marked held before the lease exists: another thread of this process that reads the lease
@@ -113,6 +116,13 @@ class OutputLock:
         except LockLost as e:  # taken over between our create and our first beat
             self.release()
             raise OutputLocked(str(e)) from None
+
+    def _sweep(self) -> None:
+        """Remove the partial files of earlier runs (none is alive to finish them: this run is about to
+        take the lease). They keep a full disk full. Files written in the last `PART_GRACE_S` stay: a run
+        that takes the lease at this moment may be writing them (object stores stamp whole seconds)."""
+        with suppress(OSError, StorageError):  # (a run that cannot sweep can still run)
+            self.swept = self.store.retrying_at_most(BEAT_RETRY_S).sweep_parts(time.time() - PART_GRACE_S)
 
     def beat(self, retry_s: float | None = None) -> None:
         """Refresh the heartbeat; raise LockLost if the lease was taken over or is gone (`still_held`)."""

@@ -13,12 +13,14 @@ import json
 import os
 import posixpath
 import re
+import shutil
 import traceback
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -346,6 +348,35 @@ class Store:
             pass
         fs.invalidate_cache(self.root)
 
+    def sweep_parts(self, older_than: float) -> tuple[int, int]:
+        """Remove the partial files in the temporary folder last written before `older_than` (Unix
+        time): those of runs that died or failed mid-write (a full disk). Returns (files, bytes)."""
+
+        def sweep() -> tuple[int, int]:
+            try:
+                found = self.fs.find(self.path(TMP_DIR), detail=True)
+            except FileNotFoundError:
+                return 0, 0
+            files = size = 0
+            for path, info in found.items():
+                written = _written_at(info)
+                if path.endswith(".part") and written is not None and written < older_than:
+                    with suppress(FileNotFoundError):
+                        self.fs.rm_file(path)
+                        files, size = files + 1, size + int(info.get("size") or 0)
+            return files, size
+
+        return self._call("clear old partial files in", TMP_DIR, sweep)
+
+    def free_bytes(self) -> int | None:
+        """Free space on the disk of a local folder (None on object stores, which do not fill up)."""
+        if not isinstance(self.fs, LocalFileSystem):
+            return None
+        folder = Path(self.root)
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        return shutil.disk_usage(folder).free
+
     def _tmp_name(self, name: str) -> str:
         return f"{TMP_DIR}/{name.replace('/', '__')}.{uuid.uuid4().hex}.part"
 
@@ -375,6 +406,17 @@ class Store:
 
     def _call(self, verb: str, name: str, fn: Callable[[], T]) -> T:
         return call(verb, self.url_of(name), fn, self.retry_seconds)
+
+
+def _written_at(info: Mapping[str, Any]) -> float | None:
+    """When a file was last written, as Unix time, from fsspec's `info` (None where it says nothing)."""
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        value = info.get(key)
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, datetime):
+            return value.timestamp()
+    return None
 
 
 def _several(names: Sequence[str]) -> str:

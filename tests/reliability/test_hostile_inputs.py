@@ -6,9 +6,11 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import cv2
@@ -182,22 +184,46 @@ except Exception as e:
     failed = f"{type(e).__name__}: {e}"
 left = sorted(os.path.relpath(os.path.join(r, f), disk) for r, _, files in os.walk(disk) for f in files)
 store.commit_bytes("small.tar", b"x" * 100_000)  # was: no space left, the failed write's part kept it
-print(json.dumps({"failed": failed, "left": left, "small": os.path.getsize(os.path.join(disk, "small.tar"))}))
+# A run killed mid-write left a part that fills the disk: the next run's lease clears it first.
+os.makedirs(os.path.join(disk, "_tmp"), exist_ok=True)
+dead = os.path.join(disk, "_tmp", "s-000001.tar.0123.part")
+try:
+    with open(dead, "wb") as handle:
+        handle.write(os.urandom(1 << 20))
+except OSError:
+    pass
+os.utime(dead, (0, 0))
+from pipeline.deblur.resume import space_short
+from pipeline.store.lease import OutputLock
+short = space_short(Store(sys.argv[2]), store, ["in.tar"])  # the full disk, before the run
+lock = OutputLock(store, "rerun")
+with lock.held():
+    store.commit_bytes("after.tar", b"y" * 100_000)  # was: every re-run failed at once, the part stayed
+print(json.dumps({
+    "failed": failed, "left": left, "small": os.path.getsize(os.path.join(disk, "small.tar")),
+    "swept": lock.swept, "after": os.path.getsize(os.path.join(disk, "after.tar")), "short": short,
+    "tmp": os.path.exists(os.path.join(disk, "_tmp")),
+}))
 """
 
 
-def test_a_write_that_fills_the_disk_leaves_no_partial_file_behind(tmp_path: Path, ledger: Entry) -> None:
+def test_a_full_disk_leaves_no_partial_file_and_a_dead_runs_parts_are_cleared(tmp_path: Path, ledger: Entry) -> None:
     if not unshare_works():
         pytest.skip("needs a mount namespace (`unshare -m`, e.g. as root) for a small disk of its own")
     disk = tmp_path / "disk"
     disk.mkdir()
-    command = ["unshare", "-m", sys.executable, "-c", FULL_DISK, str(disk)]
+    source = tmp_path / "in"
+    Store(str(source)).commit_bytes("in.tar", b"z" * 400_000)
+    command = ["unshare", "-m", sys.executable, "-c", FULL_DISK, str(disk), str(source)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert "No space left on device" in result["failed"] and "big.tar" in result["failed"]
     assert result["left"] == [] and result["small"] == 100_000
-    ledger.bad_inputs = 1
+    files, size = result["swept"]
+    assert files == 1 and 100_000 < size < 256_000 and result["after"] == 100_000 and not result["tmp"]
+    assert "0.0 MB free on its disk; the 1 shard(s) left take 0.4 MB as input" in result["short"], result["short"]
+    ledger.bad_inputs = 2
 
 
 @pytest.mark.s3
@@ -268,3 +294,19 @@ def test_a_storage_library_refusing_the_url_or_options_is_one_line_not_a_traceba
     assert "Check the URL and the storage options" in said and "Traceback" not in said
     assert "SECRETX" not in said and "KEYID" not in said
     ledger.bad_inputs = 1
+
+
+def test_a_rerun_clears_the_partial_files_a_killed_run_left(
+    local_ray: None, tmp_path: Path, ledger: Entry, capsys: pytest.CaptureFixture
+) -> None:
+    source, out = Store(str(tmp_path / "in")), Store(str(tmp_path / "out"))
+    source.commit_bytes("s-000000.tar", encode_shard(fixed_size_samples("f", 2, seed=4)))
+    dead = tmp_path / "out" / "_tmp" / "s-000000.tar.0123abcd.part"  # as a killed run leaves it
+    dead.parent.mkdir(parents=True)
+    dead.write_bytes(b"\0" * 3_000_000)
+    os.utime(dead, (time.time() - 600, time.time() - 600))
+    assert main(["deblur", source.url, out.url, *RUN]) == 0
+    said = capsys.readouterr().out  # was: the part stayed for good
+    assert f"cleared 1 partial files (3.0 MB) that stopped runs left in {out.url}/_tmp" in said, said
+    assert not dead.exists() and keys(out, "s-000000.tar") == ["f_000000", "f_000001"]
+    ledger.bad_inputs, ledger.frames = 1, 2

@@ -49,7 +49,7 @@ from pipeline.deblur.job import (
 from pipeline.deblur.ray.router import Pools
 from pipeline.deblur.ray.workers import ProgressActor, ShardWorker, WorkerRun
 from pipeline.deblur.restorer import FrameRestorer
-from pipeline.deblur.resume import check_resume, refuse_foreign
+from pipeline.deblur.resume import check_resume, refuse_foreign, space_short
 from pipeline.deblur.run_record import RunSummary, output_totals, run_json
 from pipeline.deblur.shard import RUN_FILE, ShardReport, done_shards
 from pipeline.formats.frames import FrameIn, FrameOut, Rejected
@@ -149,6 +149,7 @@ class Hooks:
 
     on_progress: Callable[[int, list[int]], None] | None = None  # frames done, patches per depth; ~1/s
     make_restorer: Callable[[], Restorer] | None = None  # replaces the model in the actors (a stand-in)
+    on_warning: Callable[[str], None] | None = None  # a line for the user before the work starts
 
 
 def run(
@@ -177,9 +178,12 @@ def run(
     # One run at a time on an output: a second one refuses (or takes over a dead one's lease).
     lock = OutputLock(output, summary.run_id, stale_after_s=job.lock_stale_s)
     with lock.held(job.take_over):
-        summary.took_over = lock.took_over
+        summary.took_over, summary.parts_cleared = lock.took_over, lock.swept
         finished = done_shards(output, shards)
         todo, done = [s for s in shards if s not in finished], [s for s in shards if s in finished]
+        short = space_short(source, output, todo)
+        if short and hooks.on_warning:
+            hooks.on_warning(short)
         summary.input_moved_from = check_resume(output, source, done, job.made_with(fingerprint))
         summary.shards_skipped = len(done)
         if todo:
