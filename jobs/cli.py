@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -30,13 +31,12 @@ import torch
 import adarevd
 from adarevd.errors import UserError
 from adarevd.metrics import psnr
-from jobs import data, deblur, report, sigterm, submit, train
+from jobs import data, deblur, report, signals, submit, train
 from jobs.models import ASSETS, DEFAULT_WEIGHTS, CliError, exit_mode, load_model
 from pipeline.formats import images
 from pipeline.formats.frames import PatchMap
 from pipeline.report.exit_map import exit_map
 
-INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 DEMO_BLURRY, DEMO_SHARP = ASSETS / "demo_blurry.png", ASSETS / "demo_sharp.png"
 
 
@@ -234,18 +234,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cli() -> int:
-    """The `adarevd` process (the console script, `python -m jobs.cli`): `main` with SIGTERM handled."""
-    sigterm.install()
+    """The `adarevd` process (the console script, `python -m jobs.cli`): `main` with Ctrl-C and SIGTERM
+    handled (`jobs.signals`), and what it started on this machine stopped when it ends."""
+    signals.install()
+    signum = None
     try:
         return main()
-    except KeyboardInterrupt:  # Ctrl-C: the same unwinding, one line, no traceback
-        print("adarevd: stopped (Ctrl-C); what was committed is kept", file=sys.stderr)
-        return INTERRUPTED
-    except SystemExit:
-        if not sigterm.received():
+    except (KeyboardInterrupt, SystemExit) as e:  # unwound: one line, no traceback
+        signum = signals.received(e) or (signal.SIGINT if isinstance(e, KeyboardInterrupt) else None)
+        if signum is None:
             raise
-        print("adarevd: stopped (SIGTERM); what was committed is kept", file=sys.stderr)
-        return sigterm.EXIT_STATUS
+        return signals.say(signum)
+    finally:
+        signals.finish(signum)  # (stopped: exits here, with the signal's status)
 
 
 if __name__ == "__main__":

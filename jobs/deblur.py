@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 import adarevd
 from adarevd.errors import InvalidInput
-from jobs import sigterm
+from jobs import signals
 from jobs.data import add_storage_option, add_take_over
 from jobs.models import ASSETS, exit_mode, load_model
 from pipeline.deblur.job import RestoreOptions
@@ -197,7 +197,7 @@ def cmd_deblur(args: argparse.Namespace) -> int:
     )
     started = time.perf_counter()
     driver.ensure_ray(args.address, args.num_cpus)
-    sigterm.again()
+    signals.again()
     total = expected_frames(job.stores(options)[0], listing.shards)
     with tqdm(total=total, unit=" frames", desc="deblur", file=sys.stderr, disable=None) as bar:
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 import adarevd
 from adarevd.calibration import with_exit_table
 from adarevd.weights import CONFIG_KEY, read_state_dict
-from jobs import sigterm
+from jobs import signals
 from jobs.data import add_storage_option
 from jobs.models import CliError, load_model
 from pipeline.store.storage import Store, parse_storage_options
@@ -71,7 +71,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from pipeline.train.ray_train import TrainResources, fit
 
         ensure_ray(args.address, args.num_cpus)
-        sigterm.again()
+        signals.again()
         result = fit(spec, TrainResources(args.workers, args.cpus_per_worker, args.gpus_per_worker))
     assert result is not None
     resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""

@@ -155,18 +155,8 @@ def test_driver_stopped_mid_run_then_resumed_gives_identical_output(
     command, env, reference, source = driver
     out = tmp_path / "out"
     # Stop the driver as soon as its first shard is committed: the other shards are unfinished.
-    first = subprocess.Popen(
-        [*command, str(out), *DRIVER_OPTIONS],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        # Ctrl-C reaches it even where this test runs with SIGINT ignored (a background job)
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not list((out / MANIFEST_DIR).glob("*.parquet")):
-        time.sleep(0.1)
+    first = _start(command, out, env)
+    _first_shard_committed(out)
     first.send_signal(signum)
     _, err = first.communicate(timeout=120)
     done_before = len(list((out / MANIFEST_DIR).glob("*.parquet")))
@@ -189,6 +179,26 @@ def test_driver_stopped_mid_run_then_resumed_gives_identical_output(
     _kill_leftovers(env["RAY_TMPDIR"])
 
 
+def _start(command: list[str], out: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """The deblur command line into `out`, as a process of its own."""
+    return subprocess.Popen(
+        [*command, str(out), *DRIVER_OPTIONS],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        # Ctrl-C reaches it even where this test runs with SIGINT ignored (a background job)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
+
+def _first_shard_committed(out: Path) -> None:
+    """Wait (at most 2 min) until the run into `out` committed its first shard: the others are unfinished."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list((out / MANIFEST_DIR).glob("*.parquet")):
+        time.sleep(0.1)
+
+
 def _kill_leftovers(ray_tmp: str) -> None:
     """Ray's dashboard and runtime-env agents outlive a SIGKILLed driver; find them by their RAY_TMPDIR."""
     marker = f"RAY_TMPDIR={ray_tmp}".encode()
@@ -198,3 +208,60 @@ def _kill_leftovers(ray_tmp: str) -> None:
                 os.kill(int(environ.parent.name), signal.SIGKILL)
         except (OSError, ValueError):
             continue
+
+
+def _ray_tmp_processes(ray_tmp: str) -> list[int]:
+    """Pids of the processes started with this RAY_TMPDIR (a run's Ray: raylet, agents, workers)."""
+    marker = f"RAY_TMPDIR={ray_tmp}".encode()
+    pids = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker in environ.read_bytes().split(b"\0"):
+                pids.append(int(environ.parent.name))
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+@pytest.mark.parametrize(
+    "moment", ["SIGTERM while Ray starts", "SIGINT twice mid-run", "SIGTERM mid-run", "SIGTERM twice mid-run"]
+)
+def test_a_stop_at_any_moment_unwinds_with_one_line_and_leaves_no_process_or_scratch(
+    driver: tuple[list[str], dict[str, str], Store, Store], tmp_path: Path, ledger: Entry, moment: str
+) -> None:
+    command, _, _, _ = driver
+    ray_tmp = tempfile.mkdtemp(prefix="rs-", dir="/tmp")  # this run's alone: its processes and scratch
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "TMPDIR": ray_tmp}
+    out = tmp_path / "out"
+    run = _start(command, out, env)
+    try:
+        deadline = time.monotonic() + 120
+        if moment.endswith("while Ray starts"):
+            while time.monotonic() < deadline and not any(p != run.pid for p in _ray_tmp_processes(ray_tmp)):
+                time.sleep(0.02)
+        else:
+            _first_shard_committed(out)
+        signum = signal.SIGINT if moment.startswith("SIGINT") else signal.SIGTERM
+        run.send_signal(signum)
+        if "twice" in moment:
+            time.sleep(0.5)  # while it unwinds: a user who presses Ctrl-C again
+            run.send_signal(signum)
+        _, err = run.communicate(timeout=120)
+        said = err.decode()
+        status, line = (130, "stopped (Ctrl-C)") if signum == signal.SIGINT else (143, "stopped (SIGTERM)")
+        assert run.returncode == status and line in said and "Traceback" not in said, said[-3000:]
+        left: list[int] = []
+        for _ in range(50):  # gone within 5 s of the command's end (was: Ray's agents for a minute)
+            left = _ray_tmp_processes(ray_tmp)
+            if not left:
+                break
+            time.sleep(0.1)
+        assert left == [], [Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in left if Path(f"/proc/{p}").exists()]
+        assert glob.glob(os.path.join(ray_tmp, "adarevd-*")) == []  # was: adarevd-deblur-* left
+        if (out / "_lock").exists():
+            assert [p.name for p in (out / "_lock").iterdir()] == ["unfinished"]  # the lease given back
+    finally:
+        run.kill()
+        _kill_leftovers(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    ledger.faults = 2 if "twice" in moment else 1
