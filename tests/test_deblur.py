@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 import time
@@ -11,6 +12,8 @@ import numpy as np
 import pytest
 import ray
 
+import adarevd
+from adarevd.calibration import with_exit_table
 from jobs.cli import DEFAULT_WEIGHTS, main
 from pipeline.deblur.manifests import read_manifests
 from pipeline.deblur.ray import driver
@@ -165,6 +168,12 @@ def test_a_resume_refuses_other_weights_options_or_an_input_with_the_same_names(
     before = {f: f.read_bytes() for f in (tmp_path / "out").rglob("*") if f.is_file()}
     with pytest.raises(ValueError, match=r"deblurred with exit 'adaptive' \(this run: 2\); resuming would mix"):
         run(job(source, copy, restore=driver.RestoreOptions(exit=2)), model)
+    # The same tensors re-calibrated (another exit table): the config is part of what made the pixels.
+    table = model.model.config.exit_table
+    recalibrated = with_exit_table(model.model, tuple(min(d + 1, 4) for d in table))
+    assert adarevd.fingerprint(recalibrated) == model.fingerprint  # the tensors alone cannot tell
+    with pytest.raises(ValueError, match=re.escape(f"model_config.exit_table {list(table)!r} (this run: [")):
+        driver.run(job(source, copy), recalibrated)
     # Another input with the same shard names (the first done one, images-000000.tar, differs): refused,
     # whether its size differs or only its bytes (sha256).
     first = tmp_path / "other-input" / "images-000000.tar"

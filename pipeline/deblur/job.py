@@ -3,11 +3,13 @@ every shard task and actor cheaply."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from adarevd.config import AdaRevDConfig
 from adarevd.errors import InvalidInput, NotFound, UserError
 from adarevd.modes import EncoderMode, ExitMode
 from pipeline.deblur.input_shards import Listing, list_folder, list_shards, split_input, without_output
@@ -206,13 +208,15 @@ class DeblurJob:
             )
         return replace(found, shards=shards)
 
-    def made_with(self, fingerprint: str) -> dict[str, Any]:
+    def made_with(self, fingerprint: str, config: AdaRevDConfig) -> dict[str, Any]:
         """What decides an output frame's pixels, recorded in each manifest: a resume must not mix
-        outputs made otherwise. Batch size, routing and resources are left out: they move only the
-        last bit of float rounding, and a run may resume on other hardware."""
+        outputs made otherwise. The weights' tensors (`fingerprint`) and the model's config (its exit
+        table: a re-calibrated file has the same tensors). Batch size, routing and resources are left
+        out: they move only the last bit of float rounding, and a run may resume on other hardware."""
         r = self.restore
         return {
             "model_fingerprint": fingerprint,
+            "model_config": json.loads(config.to_json()),
             "exit": r.exit,
             "encoder_mode": r.encoder_mode,
             "precision": r.precision,
@@ -220,18 +224,21 @@ class DeblurJob:
             "image_member": self.image_member,
         }
 
-    def task(self, shard: str, index: int, *, fingerprint: str, run_id: str, max_frames: int | None) -> ShardTask:
-        """Shard `shard`'s work in this run (the `index`-th handed out); `max_frames`: the budget left."""
+    def task(
+        self, shard: str, index: int, *, made_with: Mapping[str, Any], run_id: str, max_frames: int | None
+    ) -> ShardTask:
+        """Shard `shard`'s work in this run (the `index`-th handed out); `made_with`: `made_with(...)`;
+        `max_frames`: the budget left."""
         return ShardTask(
             shard=shard,
             index=index,
             frames_per_batch=self.batch_frames(),
             flush_s=self.flush_timeout_s,
             image_member=self.image_member,
-            fingerprint=fingerprint,
+            fingerprint=made_with["model_fingerprint"],
             run_id=run_id,
             max_frames=max_frames,
-            made_with=self.made_with(fingerprint),
+            made_with=made_with,
         )
 
     def batch_frames(self) -> int:

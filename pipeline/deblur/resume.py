@@ -135,17 +135,28 @@ def check_resume(output: Store, source: Store, done: list[str], made_with: Mappi
                 f"{record.here}, and would be skipped as done; give another output folder"
             )
         moved = moved or (record.came_from if record.elsewhere else None)
-        other = [
-            f"{key} {record.made_with[key]!r} (this run: {value!r})"
-            for key, value in made_with.items()
-            if key in record.made_with and record.made_with[key] != value
-        ]
+        other = _differences(record.made_with, made_with)
         if other:
             raise InvalidInput(
                 f"{redact(output.url)}: its shards were deblurred with {', '.join(other)}; resuming would mix "
                 "the two in one output. Give another output folder, or the same options to resume"
             )
     return moved
+
+
+def _differences(recorded: Mapping[str, Any], now: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """`name 'then' (this run: 'now')` for each field both record and that differs; a table's fields
+    (`model_config`) are named one by one. A field the manifest does not record (an older one) is not
+    compared."""
+    found = []
+    for key, value in now.items():
+        if key not in recorded or recorded[key] == value:
+            continue
+        if isinstance(value, Mapping) and isinstance(recorded[key], Mapping):
+            found += _differences(recorded[key], value, f"{prefix}{key}.")
+        else:
+            found.append(f"{prefix}{key} {recorded[key]!r} (this run: {value!r})")
+    return found
 
 
 def _how_many(changed: int, done: int) -> str:

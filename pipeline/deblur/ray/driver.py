@@ -184,7 +184,7 @@ def run(
         short = space_short(source, output, todo)
         if short and hooks.on_warning:
             hooks.on_warning(short)
-        summary.input_moved_from = check_resume(output, source, done, job.made_with(fingerprint))
+        summary.input_moved_from = check_resume(output, source, done, job.made_with(fingerprint, config))
         summary.shards_skipped = len(done)
         if todo:
             lock.mark_unfinished()  # until it finishes, whatever happens to it
@@ -340,7 +340,8 @@ def _drive(run: _Run, workers_run: WorkerRun, todo: list[str], shard_workers: li
         while queue and free and (budget is None or budget > 0):
             index, shard = queue.popleft()
             worker = free.popleft()
-            task = job.task(shard, index, fingerprint=run.fingerprint, run_id=run.summary.run_id, max_frames=budget)
+            made_with = job.made_with(run.fingerprint, run.model.config)
+            task = job.task(shard, index, made_with=made_with, run_id=run.summary.run_id, max_frames=budget)
             ref = worker.process.remote(task, workers_run)
             running[ref] = (shard, worker)
         if not running:
