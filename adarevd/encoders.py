@@ -7,6 +7,8 @@ output. UFPNet's levels 0-2 use a kernel-attention block fed by a per-pixel blur
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -100,10 +102,16 @@ class Encoder(nn.Module):
                 if isinstance(module, ChannelPool):
                     module.window = None if window is None else max(window // 2**level, 1)
 
-    def forward(self, image: torch.Tensor) -> list[torch.Tensor]:
-        kernel = (
-            kernel_map(self.kernel_extra, self.flow, image, noise=self.kernel_noise) if self.kind == "ufpnet" else None
-        )
+    @property
+    def draws_noise(self) -> bool:
+        """Whether the encoder draws random numbers (UFPNet's kernel noise)."""
+        return self.kind == "ufpnet" and self.kernel_noise
+
+    def forward(self, image: torch.Tensor, seeds: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """Features of (B, 3, H, W) images; `seeds`: one per image for the kernel noise (`kernel_map`)."""
+        kernel = None
+        if self.kind == "ufpnet":
+            kernel = kernel_map(self.kernel_extra, self.flow, image, noise=self.kernel_noise, seeds=seeds)
         x = self.intro(image)
         feats: list[torch.Tensor] = []
         for level, (level_blocks, down) in enumerate(zip(self.encoders, self.downs, strict=True)):

@@ -9,6 +9,9 @@ where K = kernel_size (19 in every released checkpoint).
 
 from __future__ import annotations
 
+import zlib
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -155,19 +158,49 @@ class KernelFlow(nn.Module):
 
 
 @torch.no_grad()
-def kernel_map(code_net: KernelCodeNet, flow: KernelFlow, image: torch.Tensor, *, noise: bool) -> torch.Tensor:
+def kernel_map(
+    code_net: KernelCodeNet,
+    flow: KernelFlow,
+    image: torch.Tensor,
+    *,
+    noise: bool,
+    seeds: Sequence[int] | None = None,
+) -> torch.Tensor:
     """Per-pixel blur kernels (B, K*K, H, W) for an image (B, 3, H, W); frozen, no gradients.
 
-    The code is blurred by its uncertainty, code*sqrt(1-sigma^2) + eps*sigma, with one draw of eps from
-    torch's default generator in the reference's (B, H*W, K*K) order, so a seeded run reproduces it;
-    `noise=False` drops the eps term.
+    The code is blurred by its uncertainty, code*sqrt(1-sigma^2) + eps*sigma. `seeds` (one per image):
+    each image's eps from a generator of its own seed, so an image's kernels do not depend on what else
+    is in the batch or ran before. Without: one draw from torch's default generator in the reference's
+    (B, H*W, K*K) order, so a seeded run reproduces it (training). `noise=False` drops the eps term.
     """
     b, _, h, w = image.shape
     code, sigma = code_net(image)  # (B, KK, H, W), (B, 1, H, W)
     code = code.flatten(2).transpose(1, 2)  # (B, H*W, KK)
     sigma = sigma.flatten(2).transpose(1, 2)  # (B, H*W, 1)
     noisy = code * torch.sqrt(1 - sigma.square())
-    if noise:
+    if noise and seeds is None:
         noisy = noisy + torch.randn_like(code) * sigma
+    elif noise:
+        if len(seeds) != b:
+            raise ValueError(f"kernel noise needs one seed per image: {b} images, {len(seeds)} seeds")
+        eps = [_normal(code.shape[1:], seed, code) for seed in seeds]
+        noisy = noisy + torch.stack(eps) * sigma
     kernel = flow.inverse(noisy.reshape(b * h * w, -1))
     return kernel.reshape(b, h * w, -1).transpose(1, 2).reshape(b, -1, h, w)
+
+
+def _normal(shape: torch.Size, seed: int, like: torch.Tensor) -> torch.Tensor:
+    generator = torch.Generator(device=like.device).manual_seed(seed)
+    return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
+
+
+def content_seeds(images: torch.Tensor) -> list[int]:
+    """One seed per image (B, C, H, W) from its values (CRC-32 of its bytes): the same image draws the
+    same kernel noise in any batch, run or process."""
+    values = images.detach().float().cpu().contiguous().numpy()
+    return [zlib.crc32(image.tobytes()) for image in values]
+
+
+def patch_seeds(seeds: Sequence[int], per_image: int) -> list[int]:
+    """The seeds of each image's `per_image` patches, in order (CRC-32 of `seed/index`)."""
+    return [zlib.crc32(f"{seed}/{i}".encode()) for seed in seeds for i in range(per_image)]

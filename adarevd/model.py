@@ -8,6 +8,7 @@ with a classifier that lets each patch exit after fewer columns.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 from adarevd import classifier, tiling
 from adarevd.config import AdaRevDConfig
 from adarevd.encoders import Encoder
+from adarevd.kernel_prior import content_seeds, patch_seeds
 from adarevd.modes import EncoderMode, ExitMode
 from adarevd.reversible import Column, State, run_columns
 from adarevd.tiling import PatchGrid
@@ -70,10 +72,11 @@ class AdaRevD(nn.Module):
         mode = "reflect" if ph < h and pw < w else "replicate"
         return F.pad(images, (0, pw, 0, ph), mode=mode)
 
-    def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Padded images (B, 3, H, W) -> scaled features [e0 (w, H), ..., e4 (16w, H/16)]."""
+    def encode(self, images: torch.Tensor, seeds: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """Padded images (B, 3, H, W) -> scaled features [e0 (w, H), ..., e4 (16w, H/16)]. `seeds`: one
+        per image for UFPNet's kernel noise; without, it draws from torch's default generator."""
         with torch.no_grad():
-            feats = self.encoder(images)
+            feats = self.encoder(images, seeds)
         return [f * k for f, k in zip(feats, self.conv_features, strict=True)]
 
     def grid(self, height: int, width: int) -> PatchGrid:
@@ -170,10 +173,18 @@ class AdaRevD(nn.Module):
         self, padded: torch.Tensor, grid: tiling.PatchGrid, mode: EncoderMode = "frame", batch: int = 8
     ) -> list[torch.Tensor]:
         """Each patch's encoder features, per level: the whole frame encoded, then cut ("frame"), or each
-        patch of the image encoded apart, `batch` at a time ("patch": memory bounded by the patch)."""
+        patch of the image encoded apart, `batch` at a time ("patch": memory bounded by the patch).
+        UFPNet's kernel noise is seeded by each frame's values (and each patch's place in patch mode):
+        a frame comes out the same in any batch, run, worker or order."""
+        seeds = content_seeds(padded) if self.encoder.draws_noise else None
         if mode == "frame":
-            return self.cut(self.encode(padded), grid)
-        chunks = [self.encode(chunk) for chunk in tiling.cut(padded, grid).split(batch)]
+            return self.cut(self.encode(padded, seeds), grid)
+        patches = tiling.cut(padded, grid)
+        per_patch = patch_seeds(seeds, len(patches) // len(padded)) if seeds is not None else None
+        chunks = [
+            self.encode(chunk, per_patch[i : i + batch] if per_patch is not None else None)
+            for i, chunk in zip(range(0, len(patches), batch), patches.split(batch), strict=True)
+        ]
         return [torch.cat(level) for level in zip(*chunks, strict=True)]
 
     def choose_depths(self, patches: list[torch.Tensor], exit: ExitMode = "adaptive") -> torch.Tensor:

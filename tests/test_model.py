@@ -77,14 +77,50 @@ def test_ufpnet_encoder_noise_is_seeded_and_can_be_turned_off() -> None:
     model = randomize(model, scale=0.05).eval()
     images = torch.rand(1, 3, 32, 32)
 
-    def run(seed: int) -> torch.Tensor:
+    def encode(seed: int) -> torch.Tensor:  # training's draw: torch's default generator
         torch.manual_seed(seed)
-        return model.restore(images, exit=2).images
+        return model.encode(images)[0]
 
-    assert torch.equal(run(1), run(1))
-    assert not torch.equal(run(1), run(2))
+    assert torch.equal(encode(1), encode(1))
+    assert not torch.equal(encode(1), encode(2))
+    assert torch.equal(model.encode(images, [7])[0], model.encode(images, [7])[0])
+    assert not torch.equal(model.encode(images, [7])[0], model.encode(images, [8])[0])
     model.encoder.kernel_noise = False
-    assert torch.equal(run(1), run(2))
+    assert torch.equal(encode(1), encode(2))
+
+
+@pytest.mark.parametrize("encoder_mode", ["frame", "patch"])
+def test_ufpnet_restores_a_frame_to_the_same_bytes_in_any_batch_and_after_any_draw(encoder_mode: str) -> None:
+    torch.manual_seed(0)
+    config = {
+        "encoder": "ufpnet",
+        "encoder_blocks": (1, 1, 1, 1),
+        "kernel_noise": True,
+        "patch_size": 48,
+        "overlap": 16,
+    }
+    model = randomize(adarevd.build("adarevd-tiny", **config), scale=0.05).eval()
+    frames = torch.rand(3, 3, 48, 64)
+
+    def restore(images: torch.Tensor) -> torch.Tensor:
+        return model.restore(images, exit=2, encoder_mode=encoder_mode, encoder_batch=3).images
+
+    alone = restore(frames[1:2])
+    torch.rand(1000)  # whatever else the process drew meanwhile
+    assert torch.equal(restore(frames[1:2]), alone)  # a re-run: the same bytes
+    together = restore(frames)  # another batch (and, in patch mode, other encoder chunks)
+    torch.testing.assert_close(together[1:2], alone, rtol=0, atol=1e-6)  # float sums of another batch size
+    turned = restore(frames.flip(0))  # the frame at another place in the batch
+    torch.testing.assert_close(turned[1:2], alone, rtol=0, atol=1e-6)
+    # The features, where the noise acts: the same bytes after other draws, and not the noise-free ones.
+    padded = model.pad(frames[1:2])
+    grid = model.grid(*padded.shape[-2:])
+    features = model.encode_patches(padded, grid, encoder_mode, batch=3)
+    torch.rand(1000)
+    again = model.encode_patches(padded, grid, encoder_mode, 3)
+    assert all(torch.equal(a, b) for a, b in zip(again, features, strict=True))
+    model.encoder.kernel_noise = False  # (random weights this small pass little of the kernels on)
+    assert not torch.equal(model.encode_patches(padded, grid, encoder_mode, 3)[0], features[0])
 
 
 def test_training_forward_leaves_the_encoder_frozen(tiny: adarevd.AdaRevD) -> None:
