@@ -22,6 +22,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from importlib.metadata import version
 from pathlib import Path
 
 import cv2
@@ -32,7 +33,7 @@ import adarevd
 from adarevd.errors import UserError
 from adarevd.metrics import psnr
 from jobs import data, deblur, report, signals, submit, train
-from jobs.models import ASSETS, DEFAULT_WEIGHTS, CliError, exit_mode, load_model
+from jobs.models import ASSETS, DEFAULT_WEIGHTS, CliError, add_weights_option, exit_mode, load_model
 from pipeline.formats import images
 from pipeline.formats.frames import PatchMap
 from pipeline.report.exit_map import exit_map
@@ -167,6 +168,7 @@ def cmd_make_demo_image(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="adarevd", description="AdaRevD deblurring at scale")
+    p.add_argument("--version", action="version", version=f"adarevd {version('adarevd')}")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("restore", help="deblur images (default: the bundled demo image with bundled weights)")
@@ -177,13 +179,17 @@ def parser() -> argparse.ArgumentParser:
         choices=sorted(adarevd.PRESETS),
         help="preset (default: the weights file's own model; adarevd-tiny for the bundled weights)",
     )
-    r.add_argument(
-        "--weights", nargs="+", default=[], help="weights files: a .safetensors, or the authors' .pth (+ classifier)"
-    )
+    add_weights_option(r, "the bundled adarevd-tiny")
     r.add_argument("--exit", default="adaptive", type=exit_mode, help="'adaptive' or a fixed number of columns 0..N")
     r.add_argument("--encoder-mode", default="frame", choices=["frame", "patch"])
     r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    r.add_argument("--reference", nargs="+", default=[], help="sharp images, one per input: prints PSNR")
+    r.add_argument(
+        "--reference",
+        action="append",
+        default=[],
+        metavar="IMAGE",
+        help="the sharp image of an input, once per input in their order: prints PSNR",
+    )
     r.set_defaults(run=cmd_restore)
 
     i = sub.add_parser("info", help="config and provenance stored in a weights file")
@@ -220,12 +226,33 @@ def parser() -> argparse.ArgumentParser:
 
 def long_options(kind: str) -> set[str]:
     """The long options of `adarevd KIND` (argparse lists a parser's options in `_actions` only)."""
-    commands = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return {flag for action in commands.choices[kind]._actions for flag in action.option_strings if flag[:2] == "--"}
+    return {flag for action in _command(parser(), kind)._actions for flag in action.option_strings if flag[:2] == "--"}
+
+
+def _command(top: argparse.ArgumentParser, kind: str) -> argparse.ArgumentParser:
+    """The parser of `adarevd KIND`."""
+    commands = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
+    return commands.choices[kind]
+
+
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, options and positional arguments in any order (`deblur IN --workers 2 OUT`):
+    argparse's plain parse stops filling positionals at the first option, so a command's arguments
+    are parsed again intermixed where that leaves any over."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = parser()
+    args, left = top.parse_known_args(argv)
+    if not left:
+        return args
+    try:
+        mixed = _command(top, args.command).parse_intermixed_args(argv[argv.index(args.command) + 1 :])
+    except TypeError:  # a command with commands of its own: argparse cannot intermix those
+        return top.parse_args(argv)  # (the usual error for what is left over)
+    return argparse.Namespace(**{**vars(args), **vars(mixed)})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parse(argv)
     try:
         return args.run(args)
     except UserError as e:  # anything else is a bug: its traceback is kept

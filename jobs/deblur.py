@@ -21,7 +21,7 @@ import adarevd
 from adarevd.errors import InvalidInput
 from jobs import signals
 from jobs.data import add_storage_option, add_take_over
-from jobs.models import ASSETS, exit_mode, load_model
+from jobs.models import ASSETS, add_weights_option, exit_mode, load_model
 from pipeline.deblur.job import RestoreOptions
 from pipeline.deblur.resume import megabytes
 from pipeline.deblur.run_record import RunSummary
@@ -55,7 +55,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="model preset (default: the weights file's own model; adarevd-tiny, which has bundled weights, "
         "without --weights; the others need --weights)",
     )
-    d.add_argument("--weights", nargs="+", default=[], help="weights files (default: the bundled adarevd-tiny)")
+    add_weights_option(d, "the bundled adarevd-tiny")
     d.add_argument(
         "--exit",
         default="adaptive",

@@ -24,6 +24,18 @@ class CliError(UserError):
 ROUTING_FIELDS = ("exit_table", "psnr_thresholds")
 
 
+def add_weights_option(parser: argparse.ArgumentParser, default: str) -> None:
+    """`--weights FILE`, once per file (the authors' model and classifier: twice). One value an option,
+    so it never takes the positional arguments that follow it."""
+    parser.add_argument(
+        "--weights",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help=f"a weights file: .safetensors, or the authors' .pth; repeat for their classifier (default: {default})",
+    )
+
+
 def load_model(
     preset: str | None, weights: Sequence[str], device: torch.device
 ) -> tuple[adarevd.AdaRevD, str, list[str]]:

@@ -222,7 +222,7 @@ def to_argv(spec: JobSpec) -> list[str]:
     if spec.model:
         argv += ["--model", spec.model]
     if spec.weights:
-        argv += ["--weights", *spec.weights]
+        argv += [arg for weights in spec.weights for arg in ("--weights", weights)]
     for key, value in {**spec.resources, **spec.options}.items():
         flag = "--" + key.replace("_", "-")
         if value is True:

@@ -22,7 +22,7 @@ from adarevd.calibration import with_exit_table
 from adarevd.weights import CONFIG_KEY, read_state_dict
 from jobs import signals
 from jobs.data import add_storage_option
-from jobs.models import CliError, load_model
+from jobs.models import CliError, add_weights_option, load_model
 from pipeline.store.storage import Store, parse_storage_options
 from pipeline.train import evaluate
 from pipeline.train.trainer import KINDS, Progress, TrainSpec, publish_weights, train
@@ -131,7 +131,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def _model_options(p: argparse.ArgumentParser) -> None:
     presets = sorted(adarevd.PRESETS)
     p.add_argument("--model", choices=presets, help="preset (default: the weights file's own model, else adarevd-tiny)")
-    p.add_argument("--weights", nargs="+", default=[], help="weights files (default: the bundled tiny weights)")
+    add_weights_option(p, "the bundled adarevd-tiny")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -151,7 +151,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         choices=sorted(adarevd.PRESETS),
         help="preset when no project weights give the config (default: %(default)s)",
     )
-    t.add_argument("--weights", nargs="+", default=[], help="starting weights (decoders/classifier: a trained encoder)")
+    add_weights_option(t, "none; decoders and classifier start from a trained encoder's file")
     t.add_argument("--iterations", type=int, default=1000)
     t.add_argument("--batch", type=int, default=8, help="crops per worker per step (default: %(default)s)")
     t.add_argument("--crop", type=int, help="crop size (default: 96; classifier: the model's patch size)")

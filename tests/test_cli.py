@@ -9,7 +9,7 @@ import cv2
 import pytest
 
 import adarevd
-from jobs.cli import DEFAULT_WEIGHTS, main
+from jobs.cli import DEFAULT_WEIGHTS, main, parse
 from pipeline.store.storage import Store
 
 
@@ -24,6 +24,25 @@ def test_restore_on_the_bundled_demo_writes_images_and_reports(tmp_path: Path, c
     psnr_in, psnr_out = map(float, re.search(r"([\d.]+) -> ([\d.]+) dB", out).groups())
     # Do no harm: the bundled weights must not make the held-out demo image worse.
     assert psnr_out >= psnr_in
+
+
+def test_weights_before_the_positional_arguments_take_one_file_each(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`--weights W IN OUT` once parsed as three weights files and no input (the demo ran instead)."""
+    args = parse(["deblur", "--weights", "a.pth", "--weights", "a-cls.pth", "in/", "out/"])
+    assert (args.weights, args.input, args.output) == (["a.pth", "a-cls.pth"], "in/", "out/")
+    args = parse(["deblur", "in/", "--weights", "a.pth", "out/"])
+    assert (args.weights, args.input, args.output) == (["a.pth"], "in/", "out/")
+    image = tmp_path / "mine.png"
+    image.write_bytes((DEFAULT_WEIGHTS.parent / "demo_sharp.png").read_bytes())
+    out = tmp_path / "out"
+    assert main(["restore", "--weights", str(DEFAULT_WEIGHTS), str(image), "--output", str(out)]) == 0
+    assert (out / "mine.png").exists() and not (out / "demo_blurry.png").exists()  # the user's image, not the demo
+    assert "mine.png" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith("adarevd 0.")
 
 
 def test_bundled_weights_carry_config_and_provenance() -> None:
