@@ -22,6 +22,7 @@ from adarevd.errors import InvalidInput
 from jobs import signals
 from jobs.data import add_storage_option, add_take_over
 from jobs.models import ASSETS, add_weights_option, exit_mode, load_model
+from pipeline.cluster.address import ADDRESS_HELP, ray_address
 from pipeline.deblur.job import RestoreOptions
 from pipeline.deblur.resume import megabytes
 from pipeline.deblur.run_record import RunSummary
@@ -76,7 +77,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="frames with more pixels are encoded per patch in frame mode (default: 4K UHD; 0: no limit)",
     )
     d.add_argument("--image-member", help="the member to deblur (default: the one png/jpg/... member)")
-    d.add_argument("--address", help="Ray cluster: auto, ray://HOST:10001 or HOST:6379 (default: embedded local Ray)")
+    d.add_argument("--address", help=ADDRESS_HELP)
     d.add_argument("--num-cpus", type=float, help="CPUs of the embedded local Ray (default: all)")
     d.add_argument("--workers", type=int, default=0, help="restorer actors (default: as many as fit)")
     d.add_argument(
@@ -195,8 +196,10 @@ def cmd_deblur(args: argparse.Namespace) -> int:
         f"model: {model.config.encoder} encoder, width {model.config.width}, {model.num_columns} columns; "
         f"weights: {source}; fingerprint {fingerprint[:12]}"
     )
+    where = ray_address(args.address)
+    print(f"ray: {where.describe()}")
     started = time.perf_counter()
-    driver.ensure_ray(args.address, args.num_cpus)
+    driver.ensure_ray(where.address, args.num_cpus, where.source)
     signals.again()
     total = expected_frames(job.stores(options)[0], listing.shards)
     with tqdm(total=total, unit=" frames", desc="deblur", file=sys.stderr, disable=None) as bar:

@@ -23,6 +23,7 @@ from adarevd.weights import CONFIG_KEY, read_state_dict
 from jobs import signals
 from jobs.data import add_storage_option
 from jobs.models import CliError, add_weights_option, load_model
+from pipeline.cluster.address import ADDRESS_HELP, ray_address
 from pipeline.store.storage import Store, parse_storage_options
 from pipeline.train import evaluate
 from pipeline.train.trainer import KINDS, Progress, TrainSpec, publish_weights, train
@@ -52,7 +53,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         psnr_thresholds=tuple(args.psnr_thresholds) if args.psnr_thresholds else None,
         storage_options=parse_storage_options(args.storage_option),
     )
-    if args.workers == 1 and args.address is None:
+    if args.workers == 1 and args.address in (None, "local"):
         from pipeline.train.ray_train import format_progress
 
         def show(p: Progress) -> None:
@@ -70,7 +71,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         from pipeline.deblur.ray.driver import ensure_ray
         from pipeline.train.ray_train import TrainResources, fit
 
-        ensure_ray(args.address, args.num_cpus)
+        where = ray_address(args.address)
+        print(f"ray: {where.describe()}")
+        ensure_ray(where.address, args.num_cpus, where.source)
         signals.again()
         result = fit(spec, TrainResources(args.workers, args.cpus_per_worker, args.gpus_per_worker))
     assert result is not None
@@ -177,7 +180,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--workers", type=int, default=1, help="Ray Train workers (default: 1, in this process)")
     t.add_argument("--cpus-per-worker", type=float, default=1.0)
     t.add_argument("--gpus-per-worker", type=float, default=0.0)
-    t.add_argument("--address", help="Ray cluster: auto, ray://HOST:10001 or HOST:6379 (default: embedded local Ray)")
+    t.add_argument("--address", help=ADDRESS_HELP)
     t.add_argument("--num-cpus", type=float, help="CPUs of the embedded local Ray (default: all)")
     add_storage_option(t)
     t.set_defaults(run=cmd_train)

@@ -143,3 +143,25 @@ def test_a_cluster_address_where_no_ray_answers_fails_at_once_saying_what_to_giv
     err = capsys.readouterr().err
     assert re.search(message, err) and "give the head's address as `ray start --head` prints it (HOST:6379)" in err
     assert "Traceback" not in err and time.monotonic() - start < 30 and not ray.is_initialized()
+
+
+def test_ray_address_is_read_as_rays_own_tools_read_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.cluster.address import RayAddress, ray_address
+    from pipeline.ingest.run import ingest
+    from tests.media import frames, write_video
+    from tests.s3server import free_port
+
+    assert ray_address("h:6379", {"RAY_ADDRESS": "auto"}) == RayAddress("h:6379", "--address")
+    assert ray_address(None, {"RAY_ADDRESS": "auto"}) == RayAddress("auto", "RAY_ADDRESS")
+    assert ray_address("local", {"RAY_ADDRESS": "auto"}).address is None
+    assert ray_address(None, {}).address is None and ray_address(None, {"RAY_ADDRESS": "local"}).address is None
+    # `ray job submit -- adarevd deblur ...` sets RAY_ADDRESS: the command joins that cluster (was: a Ray of its own).
+    shards = tmp_path / "in"
+    ingest([str(write_video(tmp_path / "v.mkv", frames(2)))], Store(str(shards)))
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{free_port()}")
+    assert main(["deblur", str(shards), str(tmp_path / "out")]) == 2
+    said = capsys.readouterr()
+    assert "ray: the cluster at 127.0.0.1:" in said.out and "(RAY_ADDRESS)" in said.out
+    assert re.search(r"RAY_ADDRESS 127\.0\.0\.1:\d+: nothing answers there", said.err), said.err

@@ -120,14 +120,15 @@ def actor_options(options: RestoreOptions, cpus: float) -> RestoreOptions:
     return replace(options, threads=options.threads or max(1, int(cpus)))
 
 
-def ensure_ray(address: str | None, num_cpus: float | None = None) -> None:
-    """Connect to a cluster (`auto`, `ray://...`, `HOST:PORT`) or start an embedded local Ray."""
+def ensure_ray(address: str | None, num_cpus: float | None = None, source: str = "--address") -> None:
+    """Connect to a cluster (`auto`, `ray://...`, `HOST:PORT`) or, with None, start an embedded local
+    Ray. `source`: where the address came from (`pipeline.cluster.address.ray_address`), for messages."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
         return
     if address:
-        probe(address)  # nothing answers there: say so at once, not after Ray's minutes of retries
+        probe(address, source=source)  # nothing answers there: say so at once, not after Ray's minutes of retries
         for attempt in range(1, CLIENT_TRIES + 1):
             try:
                 ray.init(address=address, logging_level="WARNING")
@@ -137,9 +138,9 @@ def ensure_ray(address: str | None, num_cpus: float | None = None) -> None:
                 if attempt < CLIENT_TRIES and CLIENT_SERVER_FAILED in str(e):
                     time.sleep(2.0 * attempt)
                     continue
-                raise unreachable(address, e) from None
+                raise unreachable(address, e, source) from None
     else:
-        # "local": always a fresh embedded instance, whatever RAY_ADDRESS says.
+        # Always a fresh embedded instance, whatever RAY_ADDRESS says (the caller read it).
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING")
 
 
