@@ -1,7 +1,12 @@
-"""Image quality, one definition each: PSNR (torch tensors, NumPy arrays and MSE agree) and tone shift.
+"""Image quality, one definition each: PSNR (torch tensors, NumPy arrays and MSE agree), SSIM and tone
+shift.
 
 PSNR adds a floor of 1e-8 of the peak squared to the MSE: identical images read 80 dB, never inf
 (inf is not JSON, and one untouched frame must not outweigh every other in a mean).
+
+SSIM is the published one (Wang et al. 2004): an 11x11 Gaussian window of sigma 1.5, population
+statistics, the mean over the pixels the whole window covers, then over the channels. Deblurring
+papers and torchmetrics report it so; scikit-image's default (a uniform 7x7 window) reads higher.
 """
 
 from __future__ import annotations
@@ -26,6 +31,17 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def psnr_uint8(a: np.ndarray, b: np.ndarray) -> float:
     """PSNR in dB of two 8-bit images of one shape."""
     return float(psnr_of_mse(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2), peak=255.0))
+
+
+def ssim_uint8(a: np.ndarray, b: np.ndarray) -> float:
+    """SSIM of two 8-bit (H, W, 3) images of one shape (Gaussian window, sigma 1.5)."""
+    from skimage.metrics import structural_similarity  # (a slow import, for evaluation only)
+
+    return float(
+        structural_similarity(
+            a, b, channel_axis=2, data_range=255, gaussian_weights=True, sigma=1.5, use_sample_covariance=False
+        )
+    )
 
 
 def tone_shift(before: np.ndarray, after: np.ndarray, scale: float = 1.0) -> tuple[float, float, float]:

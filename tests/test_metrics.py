@@ -1,14 +1,15 @@
-"""PSNR and tone shift have one definition: tensors, 8-bit arrays and MSE give the same numbers."""
+"""PSNR, SSIM and tone shift have one definition: tensors, 8-bit arrays and MSE give the same numbers."""
 
 from __future__ import annotations
 
 import json
 
+import cv2
 import numpy as np
 import pytest
 import torch
 
-from adarevd.metrics import psnr, psnr_of_mse, psnr_uint8, tone_shift
+from adarevd.metrics import psnr, psnr_of_mse, psnr_uint8, ssim_uint8, tone_shift
 
 
 def test_psnr_agrees_on_tensors_arrays_and_mse() -> None:
@@ -36,3 +37,19 @@ def test_tone_shift_is_per_channel_in_8_bit_levels() -> None:
     after = before + np.array([2, 0, 255], np.uint8)
     assert tone_shift(before, after) == (2.0, 0.0, 255.0)
     assert tone_shift(before / 255, after / 255, scale=255) == pytest.approx((2.0, 0.0, 255.0))
+
+
+def test_ssim_is_the_published_gaussian_window_one() -> None:
+    """The same number as pytorch-msssim (11x11 Gaussian window, sigma 1.5), which papers' code uses;
+    scikit-image's default uniform 7x7 window would read otherwise."""
+    from pytorch_msssim import ssim
+    from skimage.metrics import structural_similarity
+
+    rng = np.random.default_rng(0)
+    sharp = cv2.GaussianBlur(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8), (0, 0), 2)
+    blurry = cv2.GaussianBlur(sharp, (0, 0), 1.5)
+    ours = ssim_uint8(blurry, sharp)
+    theirs = ssim(*(torch.from_numpy(x).permute(2, 0, 1)[None].double() for x in (blurry, sharp)), data_range=255)
+    assert abs(ours - float(theirs)) < 1e-6
+    assert abs(structural_similarity(blurry, sharp, channel_axis=2, data_range=255) - ours) > 1e-3
+    assert ssim_uint8(sharp, sharp) == 1.0

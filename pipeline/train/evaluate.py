@@ -16,13 +16,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from skimage.metrics import structural_similarity
 
 from adarevd import AdaRevD
 from adarevd.calibration import Calibration, patch_errors, propose_table
 from adarevd.classifier import psnr_bucket
 from adarevd.errors import InvalidInput
-from adarevd.metrics import psnr, tone_shift
+from adarevd.metrics import psnr, ssim_uint8, tone_shift
 from pipeline.formats.shards import iter_samples
 from pipeline.store.storage import Store
 from pipeline.train.pair_stream import decode_pair, paired_shards
@@ -48,7 +47,7 @@ def _ssim(a: torch.Tensor, b: torch.Tensor) -> float:
     def pixels(t: torch.Tensor) -> np.ndarray:
         return t[0].mul(255).round().byte().permute(1, 2, 0).numpy()
 
-    return float(structural_similarity(pixels(a), pixels(b), channel_axis=2, data_range=255))
+    return ssim_uint8(pixels(a), pixels(b))
 
 
 Frames = Iterable[tuple[torch.Tensor, torch.Tensor]]  # (blurry, sharp), (3, H, W) in [0, 1]
