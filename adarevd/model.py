@@ -19,7 +19,7 @@ from adarevd import classifier, tiling
 from adarevd.config import AdaRevDConfig
 from adarevd.encoders import Encoder
 from adarevd.kernel_prior import content_seeds, patch_seeds
-from adarevd.modes import EncoderMode, ExitMode
+from adarevd.modes import Blend, EncoderMode, ExitMode
 from adarevd.reversible import Column, State, run_columns
 from adarevd.tiling import PatchGrid
 
@@ -127,9 +127,9 @@ class AdaRevD(nn.Module):
         return residual[torch.argsort(order)]
 
     @staticmethod
-    def stitch(residuals: torch.Tensor, grid: PatchGrid) -> torch.Tensor:
-        """Blend (B * patches, 3, k, k) residual patches into (B, 3, H, W)."""
-        return tiling.stitch(residuals, grid)
+    def stitch(residuals: torch.Tensor, grid: PatchGrid, blend: Blend = "normalised") -> torch.Tensor:
+        """Blend (B * patches, 3, k, k) residual patches into (B, 3, H, W) (`tiling.stitch`)."""
+        return tiling.stitch(residuals, grid, blend)
 
     # ---- whole-image inference and training forward ----------------------------------------------
 
@@ -142,6 +142,7 @@ class AdaRevD(nn.Module):
         encoder_mode: EncoderMode = "frame",
         autocast_dtype: torch.dtype | None = None,
         encoder_batch: int = 8,
+        blend: Blend = "normalised",
     ) -> Restored:
         """Deblur (B, 3, H, W) images in [0, 1].
 
@@ -150,6 +151,8 @@ class AdaRevD(nn.Module):
         "patch" runs it per image patch (`encoder_batch` at a time), for frames too large for a
         whole-frame encoder.
         autocast_dtype: e.g. torch.bfloat16 to run under autocast; None is full precision.
+        blend: how overlapping patches are blended: "normalised" (a weighted mean) or "reference" (the
+        reference code's weights, to match published numbers; `adarevd.tiling`).
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"restore expects (B, 3, H, W) images, got shape {tuple(images.shape)}")
@@ -166,7 +169,7 @@ class AdaRevD(nn.Module):
             patches = self.encode_patches(padded, grid, encoder_mode, encoder_batch)
             depths = self.choose_depths(patches, exit)
             residuals = self.decode(*self.initial_state(patches), depths)
-        restored = (self.stitch(residuals.float(), grid)[..., :h, :w] + images).clamp(0, 1)
+        restored = (self.stitch(residuals.float(), grid, blend)[..., :h, :w] + images).clamp(0, 1)
         return Restored(restored, depths.reshape(images.shape[0], *grid.shape), grid)
 
     def encode_patches(

@@ -9,3 +9,4 @@ EncoderMode = Literal["frame", "patch"]  # encode each frame whole, or each patc
 ExitMode = Literal["adaptive"] | int  # the classifier picks each patch's depth, or every patch runs N
 EncoderKind = Literal["ufpnet", "nafnet"]
 ClassifierInput = Literal["e3", "e4"]  # which encoder level the classifier reads
+Blend = Literal["normalised", "reference"]  # a weighted mean over overlaps, or the reference's weights

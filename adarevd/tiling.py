@@ -9,6 +9,12 @@ reference fades it to zero at the border, a defect). The sum is divided by the s
 The patches are added colour by colour, no two of a colour overlapping, so no pixel takes two adds in
 one `index_add_`: on CUDA, where that op adds with atomics in no fixed order, the sum is still the same
 bits every run (the job's outputs are byte-reproducible on a GPU too).
+
+`blend="reference"` gives the reference's weights instead (`AdaRevIDSlide.grids_inverse`), for results
+that must match published numbers: the same ramps, but where the snapped last patch starts less than
+`overlap` after the last regular one, that regular patch takes both its ramps over the few pixels
+where they meet (their product), and nothing is divided, so the weights there sum to up to ~1.005
+rather than 1. A side with one patch keeps weight 1 in both blends.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ import functools
 from dataclasses import dataclass
 
 import torch
+
+from adarevd.modes import Blend
 
 
 def patch_starts(side: int, size: int, overlap: int) -> tuple[int, ...]:
@@ -65,9 +73,9 @@ def cut(feature: torch.Tensor, grid: PatchGrid, level: int = 0) -> torch.Tensor:
     return patches.permute(0, 2, 3, 1, 4, 5).reshape(b * ny * nx, c, kh, kw)
 
 
-def stitch(patches: torch.Tensor, grid: PatchGrid) -> torch.Tensor:
+def stitch(patches: torch.Tensor, grid: PatchGrid, blend: Blend = "normalised") -> torch.Tensor:
     """Blend (B * rows * cols, C, kh, kw) level-0 patches into (B, C, H, W)."""
-    weights, total, order, counts, indices = _blend_plan(grid, patches.device)
+    weights, total, order, counts, indices = _blend_plan(grid, patches.device, blend)
     n = grid.num_patches
     b, c = patches.shape[0] // n, patches.shape[1]
     values = patches.float().reshape(b, n, c, -1) * weights.reshape(1, n, 1, -1)
@@ -111,17 +119,47 @@ def _ramps(starts: tuple[int, ...], size: int) -> torch.Tensor:
     return w
 
 
+def reference_ramps(starts: tuple[int, ...], size: int, side: int) -> torch.Tensor:
+    """(count, size) 1-D weights of the patches along one side as the reference blends them: a middle
+    patch fades in over the overlap o, every patch but the last two fades out over o, and the last two
+    cross over the `extra` pixels the snapped last patch shares with the one before (nc * stride + 2o
+    - side). Applied in that order, so a patch that has two ramps over one pixel takes their product."""
+    w = torch.ones(len(starts), size)
+    if len(starts) == 1:
+        return w  # (the reference fades a lone patch to zero at the border)
+    stride = starts[1] - starts[0] if len(starts) > 2 else None
+    o = size - stride if stride is not None else 0  # two patches: only their crossing counts
+    extra = len(starts) * (size - o) + 2 * o - side if stride is not None else 2 * size - side
+    for k, j in enumerate(starts):
+        if o and j != 0 and j + size != side:
+            w[k, :o] *= torch.linspace(0, 1, o)
+        if o and j + 2 * size - extra < side:
+            w[k, size - o :] *= torch.linspace(1, 0, o)
+        if j + size == side:
+            w[k, :extra] *= torch.linspace(0, 1, extra)
+        if j + 2 * size - extra == side:
+            w[k, size - extra :] *= torch.linspace(1, 0, extra)
+    return w
+
+
 Plan = tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int], tuple[torch.Tensor, ...]]
 
 
 @functools.lru_cache(maxsize=32)
-def _blend_plan(grid: PatchGrid, device: torch.device) -> Plan:
-    """Per-patch weights (rows*cols, 1, kh, kw) and summed weights; the patches (row-major ids) ordered
-    colour by colour, how many of each colour, and the flat canvas index of each colour's pixels."""
-    wy, wx = _ramps(grid.ys, grid.size_h), _ramps(grid.xs, grid.size_w)
+def _blend_plan(grid: PatchGrid, device: torch.device, blend: Blend = "normalised") -> Plan:
+    """Per-patch weights (rows*cols, 1, kh, kw) and summed weights (ones for the reference's blend,
+    which divides by nothing); the patches (row-major ids) ordered colour by colour, how many of each
+    colour, and the flat canvas index of each colour's pixels."""
+    if blend == "reference":
+        wy = reference_ramps(grid.ys, grid.size_h, grid.height)
+        wx = reference_ramps(grid.xs, grid.size_w, grid.width)
+    else:
+        wy, wx = _ramps(grid.ys, grid.size_h), _ramps(grid.xs, grid.size_w)
     weights = (wy[:, None, :, None] * wx[None, :, None, :]).reshape(grid.num_patches, 1, grid.size_h, grid.size_w)
     index = patch_pixels(grid)
     total = torch.zeros(grid.height * grid.width).index_add_(0, index.reshape(-1), weights.reshape(-1))
+    if blend == "reference":
+        total = torch.ones_like(total)
     cy, cx = colours(grid.ys, grid.size_h), colours(grid.xs, grid.size_w)
     colour = [(y, x) for y in cy for x in cx]  # row-major, as the patches
     groups = [[i for i, c in enumerate(colour) if c == key] for key in sorted(set(colour))]

@@ -33,7 +33,15 @@ import adarevd
 from adarevd.errors import UserError
 from adarevd.metrics import psnr
 from jobs import data, deblur, report, signals, submit, train
-from jobs.models import ASSETS, DEFAULT_WEIGHTS, CliError, add_weights_option, exit_mode, load_model
+from jobs.models import (
+    ASSETS,
+    DEFAULT_WEIGHTS,
+    CliError,
+    add_blend_option,
+    add_weights_option,
+    exit_mode,
+    load_model,
+)
 from pipeline.formats import images
 from pipeline.formats.frames import PatchMap
 from pipeline.report.exit_map import exit_map
@@ -77,7 +85,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     for i, path in enumerate(images):
         blurry = read_image(path).to(device)
         start = time.perf_counter()
-        result = model.restore(blurry[None], exit=args.exit, encoder_mode=args.encoder_mode)
+        result = model.restore(blurry[None], exit=args.exit, encoder_mode=args.encoder_mode, blend=args.blend)
         seconds = time.perf_counter() - start
         write_image(out_dir / f"{path.stem}.png", result.images[0])
         grid = result.grid
@@ -182,6 +190,7 @@ def parser() -> argparse.ArgumentParser:
     add_weights_option(r, "the bundled adarevd-tiny")
     r.add_argument("--exit", default="adaptive", type=exit_mode, help="'adaptive' or a fixed number of columns 0..N")
     r.add_argument("--encoder-mode", default="frame", choices=["frame", "patch"])
+    add_blend_option(r)
     r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     r.add_argument(
         "--reference",

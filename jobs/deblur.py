@@ -21,7 +21,7 @@ import adarevd
 from adarevd.errors import InvalidInput
 from jobs import signals
 from jobs.data import add_storage_option, add_take_over
-from jobs.models import ASSETS, add_weights_option, exit_mode, load_model
+from jobs.models import ASSETS, add_blend_option, add_weights_option, exit_mode, load_model
 from pipeline.cluster.address import ADDRESS_HELP, ray_address
 from pipeline.deblur.job import RestoreOptions
 from pipeline.deblur.resume import megabytes
@@ -70,6 +70,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="frame (default): the encoder sees the whole frame; patch: one patch at a time (less memory)",
     )
     d.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="fp32 (default) or bf16 autocast")
+    add_blend_option(d)
     d.add_argument(
         "--max-frame-pixels",
         type=int,
@@ -168,6 +169,7 @@ def cmd_deblur(args: argparse.Namespace) -> int:
             exit=args.exit,
             encoder_mode=args.encoder_mode,
             precision=args.precision,
+            blend=args.blend,
             max_frame_pixels=args.max_frame_pixels,
         ),
         resources=driver.Resources(

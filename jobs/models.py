@@ -36,6 +36,16 @@ def add_weights_option(parser: argparse.ArgumentParser, default: str) -> None:
     )
 
 
+def add_blend_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--blend",
+        default="normalised",
+        choices=["normalised", "reference"],
+        help="overlapping patches: normalised (default: a weighted mean) or reference (the authors' code's "
+        "weights, to match published numbers; they differ where the last patch nearly meets the one before)",
+    )
+
+
 def load_model(
     preset: str | None, weights: Sequence[str], device: torch.device
 ) -> tuple[adarevd.AdaRevD, str, list[str]]:

@@ -235,3 +235,21 @@ def test_a_mended_shard_leaves_no_stale_quarantine(model: adarevd.AdaRevD, memor
     report = process_shard(ShardTask(shard="s.tar"), source, memory_store, restore)
     assert (report.frames, report.quarantined, report.damaged) == (3, 0, False)
     assert memory_store.exists(manifest) and not memory_store.exists(q_tar) and not memory_store.exists(q_index)
+
+
+def test_the_reference_blend_reaches_the_job() -> None:
+    """`--blend reference` (RestoreOptions.blend): the job's frames are `restore(..., blend="reference")`'s,
+    and differ from the default blend where three patches meet (columns 720..735 of a 1100-wide frame)."""
+    torch.manual_seed(0)
+    model = randomize(adarevd.build("adarevd-tiny", patch_size=384, overlap=32), seed=1, scale=0.1).eval()
+    wide = frame("wide", 32, 1100, seed=3)
+    outs = {}
+    for blend in ("reference", "normalised"):
+        out = FrameRestorer(model, RestoreOptions(exit=2, blend=blend))([wide])[0]
+        assert isinstance(out, FrameOut)
+        outs[blend] = decoded(out).astype(int)
+        assert np.abs(outs[blend] - restore_u8(model, wide.rgb, exit=2, blend=blend)).max() <= 1
+    columns = np.nonzero((outs["reference"] != outs["normalised"]).any(axis=(0, 2)))[0]
+    assert len(columns) and columns.min() >= 720 and columns.max() <= 735, columns
+    with pytest.raises(ValueError, match="--blend"):
+        RestoreOptions(blend="mean")  # type: ignore[arg-type]

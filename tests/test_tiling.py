@@ -78,3 +78,40 @@ def test_patches_of_one_colour_never_share_a_pixel_and_the_blend_is_the_weighted
         denominator[index[i]] += wi
     expected = (numerator / denominator).reshape(1, 2, h, w)
     torch.testing.assert_close(stitch(patches.float(), grid).double(), expected, rtol=0, atol=1e-6)
+
+
+def _summed_weights(height: int, width: int, blend: str) -> torch.Tensor:
+    """(H, W): what `stitch` gives from patches of ones: each pixel's summed blend weights."""
+    grid = PatchGrid.build(height, width, 384, 32)
+    return stitch(torch.ones(grid.num_patches, 1, grid.size_h, grid.size_w), grid, blend)[0, 0]
+
+
+def test_the_reference_blend_at_800x1104_sums_over_one_where_three_patches_meet() -> None:
+    """800x1100 pads to 800x1104: columns start at 0, 352, 704 and (snapped) 720. In the reference's
+    `grids_inverse` patch 704 fades in over 704..735 (linspace(0, 1, 32)) and out over its last 368
+    columns, 720..1087 (linspace(1, 0, 368): the 368 it shares with patch 720); patch 352 fades out over
+    704..735 and patch 720 in over 720..1087; nothing is divided. Column c in 720..735 then sums to
+    1 + (u / 367) (1 - t / 31), t = c - 704, u = c - 720; every other pixel to 1. Rows (0, 352, 416)
+    cross-fade plainly."""
+    grid = PatchGrid.build(800, 1104, 384, 32)
+    assert (grid.ys, grid.xs) == ((0, 352, 416), (0, 352, 704, 720))
+    reference, normalised = _summed_weights(800, 1104, "reference"), _summed_weights(800, 1104, "normalised")
+    expected = torch.ones(1104)
+    for c in range(720, 736):
+        t, u = c - 704, c - 720
+        expected[c] = 1 + (u / 367) * (1 - t / 31)
+    torch.testing.assert_close(reference, expected.expand(800, 1104), rtol=0, atol=1e-6)
+    assert abs(float(reference.max()) - 1.00492) < 1e-4  # column 727: t 23, u 7
+    torch.testing.assert_close(normalised, torch.ones(800, 1104), rtol=0, atol=1e-6)
+
+
+def test_the_reference_blend_is_the_normalised_one_at_1080p_and_keeps_weight_one_on_a_short_side() -> None:
+    # 1080x1920 pads to 1088x1920: the snapped last patch starts 128 px (>= 32) after the last regular one.
+    for height, width in ((1088, 1920), (112, 1920)):  # 112 rows: one patch tall, shorter than a patch
+        torch.testing.assert_close(
+            _summed_weights(height, width, "reference"), torch.ones(height, width), rtol=0, atol=1e-6
+        )
+    # The same pixels from random patches, both blends: a weighted mean either way.
+    grid = PatchGrid.build(1088, 1920, 384, 32)
+    patches = torch.rand(grid.num_patches, 3, grid.size_h, grid.size_w, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(stitch(patches, grid, "reference"), stitch(patches, grid), rtol=0, atol=1e-6)

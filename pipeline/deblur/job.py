@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from adarevd.config import AdaRevDConfig
 from adarevd.errors import InvalidInput, NotFound, UserError
-from adarevd.modes import EncoderMode, ExitMode
+from adarevd.modes import Blend, EncoderMode, ExitMode
 from pipeline.deblur.input_shards import Listing, list_folder, list_shards, split_input, without_output
 from pipeline.deblur.shard import ShardTask
 from pipeline.store.storage import Store, redact
@@ -65,6 +65,7 @@ class RestoreOptions:
     encoder_mode: EncoderMode = "frame"
     precision: Literal["fp32", "bf16"] = "fp32"
     jpeg_quality: int = 95
+    blend: Blend = "normalised"  # overlapping patches: a weighted mean, or the reference's weights
     threads: int = 0  # torch threads in this worker; 0 leaves torch's default
     # Frame mode holds the whole frame's activations; larger frames are encoded per patch (bounded by
     # the patch size) and say so in their manifest notes. 0 = no limit. Default: 4K UHD.
@@ -74,6 +75,7 @@ class RestoreOptions:
         depth = isinstance(self.exit, int) and not isinstance(self.exit, bool) and self.exit >= 0
         _require(self.exit == "adaptive" or depth, "--exit", "'adaptive' or a depth >= 0", self.exit)
         _require(1 <= self.jpeg_quality <= 100, "jpeg_quality", "1..100", self.jpeg_quality)
+        _require(self.blend in ("normalised", "reference"), "--blend", "'normalised' or 'reference'", self.blend)
         _require(self.threads >= 0, "threads", ">= 0 (0: by the actor's CPUs)", self.threads)
         _require(self.max_frame_pixels >= 0, "--max-frame-pixels", ">= 0 (0: no limit)", self.max_frame_pixels)
 
@@ -221,6 +223,7 @@ class DeblurJob:
             "encoder_mode": r.encoder_mode,
             "precision": r.precision,
             "jpeg_quality": r.jpeg_quality,
+            "blend": r.blend,
             "image_member": self.image_member,
         }
 

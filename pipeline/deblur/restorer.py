@@ -223,7 +223,8 @@ class FrameRestorer:
         start = time.perf_counter()
         assert item.residual is not None
         h, w = item.image.shape[-2:]
-        restored = (self.model.stitch(item.residual, item.grid)[..., :h, :w] + item.image).clamp_(0, 1)
+        residual = self.model.stitch(item.residual, item.grid, self.options.blend)
+        restored = (residual[..., :h, :w] + item.image).clamp_(0, 1)
         rgb = restored[0].mul(255).round_().byte().permute(1, 2, 0).cpu().numpy()
         rgb = np.ascontiguousarray(rgb)
         sample = encode_output(item.frame, rgb, self.options.jpeg_quality)
