@@ -3,25 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-from collections.abc import Sequence
-from pathlib import Path
 
-import torch
-
-import adarevd
 from adarevd.errors import UserError
+from adarevd.loading import ASSETS, DEFAULT_WEIGHTS, load_model
 
-ASSETS = Path(adarevd.__file__).resolve().parent / "assets"
-DEFAULT_WEIGHTS = ASSETS / "adarevd-tiny.safetensors"
+__all__ = ["ASSETS", "DEFAULT_WEIGHTS", "CliError", "add_blend_option", "add_weights_option", "exit_mode", "load_model"]
 
 
 class CliError(UserError):
     """A user-facing error: printed without a traceback, exit status 2."""
-
-
-# Fields a weights file may set apart from its preset: they pick exits, not shapes.
-ROUTING_FIELDS = ("exit_table", "psnr_thresholds")
 
 
 def add_weights_option(parser: argparse.ArgumentParser, default: str) -> None:
@@ -44,48 +34,6 @@ def add_blend_option(parser: argparse.ArgumentParser) -> None:
         help="overlapping patches: normalised (default: a weighted mean) or reference (the authors' code's "
         "weights, to match published numbers; they differ where the last patch nearly meets the one before)",
     )
-
-
-def load_model(
-    preset: str | None, weights: Sequence[str], device: torch.device
-) -> tuple[adarevd.AdaRevD, str, list[str]]:
-    """(model, a description of its weights, the weights files): the given files, else the bundled tiny
-    weights. Loading is strict. A .safetensors file carries its config; a `preset` named beside one
-    must be the same model."""
-    files, source = list(weights), ", ".join(weights)
-    if not files:
-        preset = preset or "adarevd-tiny"
-        if preset != "adarevd-tiny":
-            raise CliError(f"{preset} has no bundled weights: pass --weights (the authors' .pth files or .safetensors)")
-        if not DEFAULT_WEIGHTS.exists():
-            raise CliError(f"the bundled weights {DEFAULT_WEIGHTS} are missing; run `adarevd make-default-weights`")
-        files, source = [str(DEFAULT_WEIGHTS)], f"bundled {DEFAULT_WEIGHTS.name}"
-    first = Path(files[0])
-    # Project files carry their config; the authors' .pth files fit the chosen preset.
-    if first.suffix == ".safetensors":
-        config = adarevd.read_config(first)
-        if preset is not None:
-            _check_preset(preset, config, first)
-    else:
-        config = adarevd.PRESETS[preset or "adarevd-tiny"]
-    model = adarevd.AdaRevD(config)
-    adarevd.load_weights(model, *files)
-    return model.to(device).eval(), source, files
-
-
-def _check_preset(preset: str, config: adarevd.AdaRevDConfig, path: Path) -> None:
-    """Refuse a --model whose shapes differ from the model a weights file holds."""
-    wanted = adarevd.PRESETS[preset]
-    other = [
-        f"{f.name} {getattr(config, f.name)!r} (--model: {getattr(wanted, f.name)!r})"
-        for f in dataclasses.fields(wanted)
-        if f.name not in ROUTING_FIELDS and getattr(config, f.name) != getattr(wanted, f.name)
-    ]
-    if other:
-        raise CliError(
-            f"{path} holds another model than --model {preset}: {'; '.join(other[:4])}. Leave --model out (the "
-            "file says which model it is), or give weights made for that preset"
-        )
 
 
 def exit_mode(text: str) -> str | int:

@@ -20,12 +20,14 @@ import numpy as np
 import torch
 
 from adarevd import AdaRevD
+from adarevd.errors import InvalidInput
 from adarevd.metrics import tone_shift
 from adarevd.tiling import PatchGrid
 from pipeline.deblur.depth_pools import DepthGroup, EncodedBatch, EncodedFrame, GroupPart
 from pipeline.deblur.job import RestoreOptions
 from pipeline.deblur.scores import blur_score, seam_score
 from pipeline.formats.frames import FrameIn, FrameOut, PatchMap, Rejected, encode_output
+from pipeline.formats.shards import Sample
 
 
 @dataclass
@@ -59,6 +61,24 @@ class FrameRestorer:
     @torch.no_grad()
     def __call__(self, frames: Sequence[FrameIn]) -> list[FrameOut | Rejected]:
         encoded, results = self._encode_all(frames)
+        self._decode_all(encoded, results)
+        self._finish_all(encoded, results)
+        return [results[f.key] for f in frames]
+
+    @torch.no_grad()
+    def restore_images(self, images: Sequence[np.ndarray]) -> list[tuple[np.ndarray, float]]:
+        """(H, W, 3) uint8 RGB arrays of any sizes -> (the deblurred array, its mean exit depth) each,
+        the same pixels `__call__` writes into samples. A frame that fails raises, naming its index."""
+        frames = [FrameIn(str(i), "png", image, Sample(str(i), {})) for i, image in enumerate(images)]
+        encoded, results = self._encode_all(frames)
+        self._decode_all(encoded, results)
+        for key, result in results.items():
+            assert isinstance(result, Rejected)
+            raise InvalidInput(f"image {key} of the batch: {result.reason}")
+        return [(self._rgb(item), float(item.depths.float().mean())) for item in encoded]
+
+    def _decode_all(self, encoded: list[_Encoded], results: dict[str, FrameOut | Rejected]) -> None:
+        """Decode every encoded frame, pooled by patch shape; a frame that fails alone is rejected."""
         # Pool the patches of every frame with the same patch shape (frames smaller than a patch differ).
         groups: dict[tuple[int, int], list[_Encoded]] = defaultdict(list)
         for item in encoded:
@@ -73,8 +93,6 @@ class FrameRestorer:
                         self._decode_pooled([item])
                     except RuntimeError as e:
                         results[item.frame.key] = Rejected(item.frame.key, f"decoder failed: {e}", item.frame.sample)
-        self._finish_all(encoded, results)
-        return [results[f.key] for f in frames]
 
     # ---- the depth-pools layout: the same work in three calls, on different actors ------------------
 
@@ -219,14 +237,18 @@ class FrameRestorer:
             g.decode_ms = elapsed * int(g.depths.sum()) / work  # this frame's share of the column work
             g.features = []  # free the pooled inputs early
 
-    def _finish(self, item: _Encoded) -> FrameOut:
-        start = time.perf_counter()
+    def _rgb(self, item: _Encoded) -> np.ndarray:
+        """The deblurred frame, stitched and quantised: (H, W, 3) uint8."""
         assert item.residual is not None
         h, w = item.image.shape[-2:]
         residual = self.model.stitch(item.residual, item.grid, self.options.blend)
         restored = (residual[..., :h, :w] + item.image).clamp_(0, 1)
-        rgb = restored[0].mul(255).round_().byte().permute(1, 2, 0).cpu().numpy()
-        rgb = np.ascontiguousarray(rgb)
+        return np.ascontiguousarray(restored[0].mul(255).round_().byte().permute(1, 2, 0).cpu().numpy())
+
+    def _finish(self, item: _Encoded) -> FrameOut:
+        start = time.perf_counter()
+        h, w = item.image.shape[-2:]
+        rgb = self._rgb(item)
         sample = encode_output(item.frame, rgb, self.options.jpeg_quality)
         n = self.num_columns
         depths = item.depths.cpu()  # one copy off the device for the histogram, mean and patch map
