@@ -70,28 +70,67 @@ def write_image(path: Path, image: torch.Tensor) -> None:
         raise CliError(f"{path}: could not write the image")
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+OUTPUT_SUFFIX = ".deblurred.png"  # beside `<stem>.depth.png`: never an input's own name
+
+
+def restore_plan(inputs: Sequence[str], out_dir: Path) -> list[tuple[Path, Path]]:
+    """(input image, output path) for files and folders given to `restore`: a folder's images (any
+    depth, sorted) keep their place below it. Refused before any work: a missing input, a folder with
+    no images, two inputs with one output name, an output that is an input."""
+    plan: list[tuple[Path, Path]] = []
+    for given in map(Path, inputs):
+        if given.is_dir():
+            found = sorted(p for p in given.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise CliError(f"{given}: a folder with no images ({', '.join(IMAGE_SUFFIXES)})")
+            plan += [(p, out_dir / p.relative_to(given).parent / (p.stem + OUTPUT_SUFFIX)) for p in found]
+        elif given.is_file():
+            plan.append((given, out_dir / (given.stem + OUTPUT_SUFFIX)))
+        else:
+            raise CliError(f"{given}: no such file or folder")
+    seen: dict[Path, Path] = {}
+    sources = {p.resolve() for p, _ in plan}
+    for image, out in plan:
+        for written in (out, depth_map_path(out)):
+            if written.resolve() in sources:
+                raise CliError(f"{written} would be written over the input of that name; give another --output")
+            if written.resolve() in seen:
+                raise CliError(
+                    f"{seen[written.resolve()]} and {image} would both be written to {written}; restore them in "
+                    "two runs (another --output each), or give their folder"
+                )
+            seen[written.resolve()] = image
+    return plan
+
+
+def depth_map_path(out: Path) -> Path:
+    """Where the exit-depth picture of the output `out` goes: `<stem>.depth.png` beside it."""
+    return out.with_name(out.name.removesuffix(OUTPUT_SUFFIX) + ".depth.png")
+
+
 def cmd_restore(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
-    images = [Path(p) for p in args.images] or [DEMO_BLURRY]
-    references = [Path(p) for p in args.reference] or ([DEMO_SHARP] if not args.images else [])
-    if references and len(references) != len(images):
-        raise CliError(f"--reference needs one sharp image per input: {len(images)} inputs, {len(references)} given")
-    model, source, _ = load_model(args.model, args.weights, device)
     out_dir = Path(args.output)
+    plan = restore_plan(args.images, out_dir) if args.images else [(DEMO_BLURRY, out_dir / "demo_blurry.deblurred.png")]
+    references = [Path(p) for p in args.reference] or ([DEMO_SHARP] if not args.images else [])
+    if references and len(references) != len(plan):
+        raise CliError(f"--reference needs one sharp image per input: {len(plan)} inputs, {len(references)} given")
+    model, source, _ = load_model(args.model, args.weights, device)
     n = model.num_columns
     print(f"model {model.config.width}-wide {model.config.encoder} encoder, {n} columns; weights: {source}")
     print(f"{'image':<28} {'size':>11} {'time s':>7} {'mean depth':>10} {'saved':>6} {'exits 0..N':<20} psnr in -> out")
     totals = torch.zeros(n + 1, dtype=torch.long)
-    for i, path in enumerate(images):
+    for i, (path, out) in enumerate(plan):
         blurry = read_image(path).to(device)
         start = time.perf_counter()
         result = model.restore(blurry[None], exit=args.exit, encoder_mode=args.encoder_mode, blend=args.blend)
         seconds = time.perf_counter() - start
-        write_image(out_dir / f"{path.stem}.png", result.images[0])
+        write_image(out, result.images[0])
         grid = result.grid
         patches = PatchMap(grid.ys, grid.xs, grid.size_h, grid.size_w, tuple(result.depths[0].flatten().tolist()))
         picture = exit_map(to_rgb8(blurry), patches, n)
-        cv2.imwrite(str(out_dir / f"{path.stem}.depth.png"), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
+        cv2.imwrite(str(depth_map_path(out)), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
         hist = torch.bincount(result.depths.flatten().cpu(), minlength=n + 1)
         totals += hist
         mean_depth = result.depths.float().mean().item()
@@ -105,7 +144,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
             f"{path.name:<28} {size:>11} {seconds:7.2f} {mean_depth:10.2f} {saved:>6} {hist.tolist()!s:<20} {quality}"
         )
     print(f"exit histogram (patches per depth 0..{n}): {totals.tolist()}")
-    print(f"wrote {len(images)} deblurred image(s) and exit-depth maps to {out_dir.resolve()}")
+    print(f"wrote {len(plan)} deblurred image(s) (*{OUTPUT_SUFFIX}) and exit-depth maps to {out_dir.resolve()}")
     return 0
 
 
@@ -180,7 +219,12 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("restore", help="deblur images (default: the bundled demo image with bundled weights)")
-    r.add_argument("images", nargs="*", help="image files (png, jpg, ...); default: the bundled demo image")
+    r.add_argument(
+        "images",
+        nargs="*",
+        help="image files (png, jpg, ...) and folders of them; default: the bundled demo image. Each is written "
+        f"to --output as <name>{OUTPUT_SUFFIX}, a folder's images below their folder's place",
+    )
     r.add_argument("--output", default="adarevd-out", help="output folder (default: %(default)s)")
     r.add_argument(
         "--model",

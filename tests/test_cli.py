@@ -16,7 +16,7 @@ from pipeline.store.storage import Store
 def test_restore_on_the_bundled_demo_writes_images_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["restore", "--output", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    restored = cv2.imread(str(tmp_path / "demo_blurry.png"))
+    restored = cv2.imread(str(tmp_path / "demo_blurry.deblurred.png"))
     blurry = cv2.imread(str(DEFAULT_WEIGHTS.parent / "demo_blurry.png"))
     assert restored is not None and restored.shape == blurry.shape
     assert cv2.imread(str(tmp_path / "demo_blurry.depth.png")).shape == blurry.shape
@@ -38,7 +38,7 @@ def test_weights_before_the_positional_arguments_take_one_file_each(
     image.write_bytes((DEFAULT_WEIGHTS.parent / "demo_sharp.png").read_bytes())
     out = tmp_path / "out"
     assert main(["restore", "--weights", str(DEFAULT_WEIGHTS), str(image), "--output", str(out)]) == 0
-    assert (out / "mine.png").exists() and not (out / "demo_blurry.png").exists()  # the user's image, not the demo
+    assert (out / "mine.deblurred.png").exists() and not list(out.glob("demo*"))  # the user's image, not the demo
     assert "mine.png" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["--version"])
@@ -71,7 +71,7 @@ def test_fixed_exit_depth_and_grey_16bit_input(tmp_path: Path, capsys: pytest.Ca
     grey16 = grey[:50, :70].astype("uint16")
     cv2.imwrite(str(tmp_path / "grey16.png"), grey16 * 257)
     assert main(["restore", str(tmp_path / "grey16.png"), "--exit", "2", "--output", str(tmp_path / "o")]) == 0
-    assert cv2.imread(str(tmp_path / "o" / "grey16.png")).shape == (50, 70, 3)
+    assert cv2.imread(str(tmp_path / "o" / "grey16.deblurred.png")).shape == (50, 70, 3)
     assert "[0, 0, 2, 0, 0]" in capsys.readouterr().out  # 2 patches, both at depth 2
     with pytest.raises(SystemExit):
         main(["restore", "--exit", "deep"])
@@ -165,3 +165,31 @@ def test_ray_address_is_read_as_rays_own_tools_read_it(
     said = capsys.readouterr()
     assert "ray: the cluster at 127.0.0.1:" in said.out and "(RAY_ADDRESS)" in said.out
     assert re.search(r"RAY_ADDRESS 127\.0\.0\.1:\d+: nothing answers there", said.err), said.err
+
+
+def test_restore_takes_folders_and_never_writes_over_an_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    demo = (DEFAULT_WEIGHTS.parent / "demo_blurry.png").read_bytes()
+    for name in ("shots/a.png", "shots/day2/b.png", "shots/notes.txt", "c.png", "other/c.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(demo if name.endswith(".png") else b"not an image")
+    out = tmp_path / "out"
+    assert main(["restore", str(tmp_path / "shots"), str(tmp_path / "c.png"), "--output", str(out)]) == 0
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    expected = ["a.deblurred.png", "a.depth.png", "c.deblurred.png", "c.depth.png"]
+    assert written == [*expected, "day2/b.deblurred.png", "day2/b.depth.png"]
+    capsys.readouterr()
+    # Into the inputs' own folder: the outputs carry a suffix, so the inputs stay as they were.
+    assert main(["restore", str(tmp_path / "c.png"), "--output", str(tmp_path)]) == 0
+    assert (tmp_path / "c.png").read_bytes() == demo and (tmp_path / "c.deblurred.png").exists()
+    capsys.readouterr()
+    refused = {
+        ("c.png", "other/c.png"): "would both be written to",  # was: the second overwrote the first
+        ("c.png", "c.depth.png"): "would be written over the input of that name",  # the last run's map as an input
+        ("missing.png",): "no such file or folder",
+        ("empty",): "a folder with no images",
+    }
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no image here")
+    for names, message in refused.items():
+        assert main(["restore", *(str(tmp_path / n) for n in names), "--output", str(tmp_path)]) == 2, names
+        assert message in capsys.readouterr().err, names
