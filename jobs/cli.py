@@ -33,6 +33,7 @@ import adarevd
 from adarevd.errors import UserError
 from adarevd.metrics import psnr
 from jobs import data, deblur, report, signals, submit, train
+from jobs.data import add_storage_option
 from jobs.models import (
     ASSETS,
     DEFAULT_WEIGHTS,
@@ -40,7 +41,7 @@ from jobs.models import (
     add_blend_option,
     add_weights_option,
     exit_mode,
-    load_model,
+    model_from,
 )
 from pipeline.formats import images
 from pipeline.formats.frames import PatchMap
@@ -116,7 +117,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     references = [Path(p) for p in args.reference] or ([DEMO_SHARP] if not args.images else [])
     if references and len(references) != len(plan):
         raise CliError(f"--reference needs one sharp image per input: {len(plan)} inputs, {len(references)} given")
-    model, source, _ = load_model(args.model, args.weights, device)
+    model, source, _ = model_from(args, device)
     n = model.num_columns
     print(f"model {model.config.width}-wide {model.config.encoder} encoder, {n} columns; weights: {source}")
     print(f"{'image':<28} {'size':>11} {'time s':>7} {'mean depth':>10} {'saved':>6} {'exits 0..N':<20} psnr in -> out")
@@ -235,6 +236,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--exit", default="adaptive", type=exit_mode, help="'adaptive' or a fixed number of columns 0..N")
     r.add_argument("--encoder-mode", default="frame", choices=["frame", "patch"])
     add_blend_option(r)
+    add_storage_option(r)
     r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     r.add_argument(
         "--reference",

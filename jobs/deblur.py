@@ -21,7 +21,7 @@ import adarevd
 from adarevd.errors import InvalidInput
 from jobs import signals
 from jobs.data import add_storage_option, add_take_over
-from jobs.models import ASSETS, add_blend_option, add_weights_option, exit_mode, load_model
+from jobs.models import ASSETS, add_blend_option, add_weights_option, exit_mode, model_from
 from pipeline.cluster.address import ADDRESS_HELP, ray_address
 from pipeline.deblur.job import RestoreOptions
 from pipeline.deblur.resume import megabytes
@@ -190,7 +190,7 @@ def cmd_deblur(args: argparse.Namespace) -> int:
         take_over=args.take_over,
         storage_retry_s=args.storage_retry,
     )
-    model, source, weight_files = load_model(args.model, args.weights, torch.device("cpu"))
+    model, source, weight_files = model_from(args, torch.device("cpu"))
     job.restore.check_model(model.num_columns)
     fingerprint = adarevd.fingerprint(model)
     listing = job.listing(options)  # before Ray starts: a mistyped input stops at once

@@ -4,10 +4,24 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
 from adarevd.errors import UserError
 from adarevd.loading import ASSETS, DEFAULT_WEIGHTS, load_model
+from adarevd.model import AdaRevD
+from pipeline.store.storage import parse_storage_options, redact
+from pipeline.store.weights_cache import local_weights
 
-__all__ = ["ASSETS", "DEFAULT_WEIGHTS", "CliError", "add_blend_option", "add_weights_option", "exit_mode", "load_model"]
+__all__ = [
+    "ASSETS",
+    "DEFAULT_WEIGHTS",
+    "CliError",
+    "add_blend_option",
+    "add_weights_option",
+    "exit_mode",
+    "load_model",
+    "model_from",
+]
 
 
 class CliError(UserError):
@@ -22,8 +36,17 @@ def add_weights_option(parser: argparse.ArgumentParser, default: str) -> None:
         action="append",
         default=[],
         metavar="FILE",
-        help=f"a weights file: .safetensors, or the authors' .pth; repeat for their classifier (default: {default})",
+        help="a weights file (.safetensors, or the authors' .pth), a path or any fsspec URL, optionally "
+        f"URL#sha256=HEX (cached, verified); repeat for their classifier (default: {default})",
     )
+
+
+def model_from(args: argparse.Namespace, device: torch.device) -> tuple[AdaRevD, str, list[str]]:
+    """The model of a command's --model and --weights: files, or URLs fetched with its --storage-option
+    (`pipeline.store.weights_cache`). Returns (model, what the weights are, the local files)."""
+    files = local_weights(args.weights, parse_storage_options(getattr(args, "storage_option", [])))
+    model, source, files = load_model(args.model, files, device)
+    return model, ", ".join(redact(w) for w in args.weights) or source, files
 
 
 def add_blend_option(parser: argparse.ArgumentParser) -> None:

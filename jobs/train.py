@@ -22,7 +22,7 @@ from adarevd.calibration import with_exit_table
 from adarevd.weights import CONFIG_KEY, read_state_dict
 from jobs import signals
 from jobs.data import add_storage_option
-from jobs.models import CliError, add_weights_option, load_model
+from jobs.models import CliError, add_weights_option, model_from
 from pipeline.cluster.address import ADDRESS_HELP, ray_address
 from pipeline.store.storage import Store, parse_storage_options
 from pipeline.train import evaluate
@@ -86,7 +86,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    model, source, _ = load_model(args.model, args.weights, torch.device("cpu"))
+    model, source, _ = model_from(args, torch.device("cpu"))
     store = Store(args.data, parse_storage_options(args.storage_option))
     with tqdm(desc="eval", unit="frame", disable=None) as bar:
         result = evaluate.evaluate(model, evaluate.frames_of(store, args.limit), progress=bar.update)
@@ -110,7 +110,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise CliError(f"--budget-db must be >= 0, got {args.budget_db}")
     if not args.output.endswith(".safetensors"):
         raise CliError(f"--output must name a .safetensors file, got {args.output}")
-    model, source, files = load_model(args.model, args.weights, torch.device("cpu"))
+    model, source, files = model_from(args, torch.device("cpu"))
     store = Store(args.data, parse_storage_options(args.storage_option))
     with tqdm(desc="calibrate", unit="frame", disable=None) as bar:
         frames = evaluate.frames_of(store, args.limit)

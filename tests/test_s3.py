@@ -146,3 +146,39 @@ def test_read_many_and_stats_on_s3(s3: S3Server) -> None:
 
 def test_sweep_parts_on_s3(s3: S3Server) -> None:
     check_sweep_parts(Store(fresh_prefix(s3), s3.storage_options))
+
+
+def test_weights_from_a_bucket_are_cached_by_sha256_and_verified(
+    s3: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import hashlib
+
+    from adarevd.errors import InvalidInput
+    from jobs.cli import DEFAULT_WEIGHTS
+    from pipeline.store.weights_cache import local_weights
+
+    monkeypatch.setenv("ADAREVD_CACHE", str(tmp_path / "cache"))
+    data = DEFAULT_WEIGHTS.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    prefix = fresh_prefix(s3)
+    store = Store(prefix, s3.storage_options)
+    store.commit_bytes("models/tiny.safetensors", data)
+    url = f"{prefix}/models/tiny.safetensors"
+    (fetched,) = local_weights([f"{url}#sha256={digest}"], s3.storage_options)
+    assert Path(fetched) == tmp_path / "cache" / "weights" / f"{digest}.safetensors"
+    assert Path(fetched).read_bytes() == data
+    store.remove("models/tiny.safetensors")  # a second run with the sha256 asks the store for nothing
+    assert local_weights([f"{url}#sha256={digest}"], s3.storage_options) == [fetched]
+    store.commit_bytes("models/tiny.safetensors", data[:-1] + b"x")  # the file changed in the bucket
+    monkeypatch.setenv("ADAREVD_CACHE", str(tmp_path / "other-cache"))  # a node that has not cached it
+    with pytest.raises(InvalidInput, match=rf"tiny.safetensors: its sha256 is \w+, not the {digest} given"):
+        local_weights([f"{url}#sha256={digest}"], s3.storage_options)
+    assert list((tmp_path / "other-cache" / "weights").iterdir()) == []  # nothing half-fetched is kept
+    monkeypatch.setenv("ADAREVD_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(InvalidInput, match="after '#' give sha256="):
+        local_weights([f"{url}#md5=abc"], s3.storage_options)
+    # The command line: restore with weights from the bucket, its sha256 given.
+    out = tmp_path / "out"
+    weights = f"--weights={url}#sha256={digest}"
+    assert main(["restore", weights, "--output", str(out), *s3.cli_options()]) == 0
+    assert (out / "demo_blurry.deblurred.png").exists() and url in capsys.readouterr().out

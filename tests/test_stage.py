@@ -77,3 +77,11 @@ def test_the_stage_takes_grey_and_rgba_and_refuses_what_is_not_an_image() -> Non
         stage({"image": np.zeros((1, 8, 8, 3), np.float32)})
     with pytest.raises(InvalidInput, match=r"no 'image' column \(it has \['img'\]\)"):
         stage({"img": np.zeros((1, 8, 8, 3), np.uint8)})
+
+
+def test_the_stage_names_an_option_it_does_not_know() -> None:
+    from pipeline import Deblur
+
+    with pytest.raises(InvalidInput, match=r"unknown option\(s\) \['exits'\]; known: \["):
+        Deblur(exits=2)
+    assert Deblur(exit=2, precision="fp32", device="cpu").restorer.options.exit == 2

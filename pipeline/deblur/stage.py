@@ -4,7 +4,8 @@
     from pipeline import Deblur
 
     ds = ray.data.read_images("s3://bucket/frames/", mode="RGB")
-    ds = ds.map_batches(Deblur, batch_format="numpy", batch_size=8, concurrency=2)
+    ds = ds.map_batches(Deblur, batch_format="numpy", batch_size=8, concurrency=2,
+                        fn_constructor_kwargs={"exit": "adaptive", "precision": "fp32"})
     ds.write_images("s3://bucket/deblurred/", column="image", file_format="png")
 
 Ray Data builds one `Deblur` per actor of the pool (the model loads once an actor) and calls it with
@@ -22,7 +23,6 @@ from typing import Any
 import numpy as np
 
 from adarevd.errors import InvalidInput
-from adarevd.modes import ExitMode
 
 IMAGE_COLUMN = "image"
 DEPTH_COLUMN = "exit_depth_mean"
@@ -36,25 +36,31 @@ class Deblur:
         *,
         model: str | None = None,
         weights: Sequence[str] = (),
-        exit: ExitMode = "adaptive",
-        precision: str = "fp32",
         device: str = "auto",
-        options: dict[str, Any] | None = None,
+        storage_options: dict[str, Any] | None = None,
+        **options: Any,
     ) -> None:
-        """`model`: a preset (default: the weights file's own, else adarevd-tiny); `weights`: files as
-        for `--weights`; `exit`: "adaptive" or a fixed depth; `precision`: "fp32" or "bf16"; `device`:
-        "auto" (CUDA when this actor has a GPU), "cpu", "cuda", ...; `options`: further fields of
-        `RestoreOptions` (encoder_mode, blend, max_frame_pixels, threads)."""
+        """`model`: a preset (default: the weights file's own, else adarevd-tiny); `weights`: files or
+        URLs as for `--weights` (URL#sha256=... cached and verified); `device`: "auto" (CUDA when this
+        actor has a GPU), "cpu", "cuda", ...; `storage_options`: fsspec options for weights URLs.
+        `options`: fields of `RestoreOptions`: exit ("adaptive" or a fixed depth), precision ("fp32",
+        "bf16"), encoder_mode, blend, max_frame_pixels, threads."""
+        import dataclasses
+
         import torch
 
         from adarevd.loading import load_model
         from pipeline.deblur.job import RestoreOptions
         from pipeline.deblur.restorer import FrameRestorer
+        from pipeline.store.weights_cache import local_weights
 
+        known = {f.name for f in dataclasses.fields(RestoreOptions)} - {"jpeg_quality"}
+        if unknown := sorted(set(options) - known):
+            raise InvalidInput(f"Deblur: unknown option(s) {unknown}; known: {sorted(known)}")
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        restore = RestoreOptions(exit=exit, precision=precision, **(options or {}))  # type: ignore[arg-type]
-        loaded, _, _ = load_model(model, weights, device)
+        restore = RestoreOptions(**options)
+        loaded, _, _ = load_model(model, local_weights(weights, storage_options), device)
         restore.check_model(loaded.num_columns)
         self.restorer = FrameRestorer(loaded, restore, device)
 
