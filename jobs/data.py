@@ -12,6 +12,7 @@ from tqdm import tqdm
 from adarevd.errors import InvalidInput
 from pipeline.assemble import CODEC_SUFFIX, AssembleOptions, assemble
 from pipeline.formats.sink import ShardLimits
+from pipeline.ingest.pairs import PairsConfig, ingest_pairs
 from pipeline.ingest.run import IngestConfig, ingest
 from pipeline.store.storage import Store, parse_storage_options
 from pipeline.synth.blur import BlurSpec
@@ -106,6 +107,22 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     add_storage_option(s)
     s.set_defaults(run=cmd_synth)
 
+    pp = sub.add_parser(
+        "ingest-pairs",
+        help="a paired dataset (GoPro's blur/ + sharp/ per sequence) -> paired shards for eval, calibrate, train",
+        description="Every folder below ROOT that holds both --blur-dir and --sharp-dir is a sequence; its "
+        "frames pair by file name. Writes blur.png + sharp.png per sample, as shards and an index, to OUTPUT.",
+    )
+    pp.add_argument("root", metavar="ROOT", help="the dataset's folder (any fsspec URL), e.g. GOPRO_Large/test")
+    pp.add_argument("--output", required=True, help="output folder URL")
+    pp.add_argument("--blur-dir", default="blur", help="the blurry frames' folder name (default: %(default)s)")
+    pp.add_argument("--sharp-dir", default="sharp", help="the sharp frames' folder name (default: %(default)s)")
+    pp.add_argument("--prefix", default="pairs", help="shard name prefix (default: %(default)s)")
+    pp.add_argument("--max-frames-per-shard", type=int, default=1000, help="(default: %(default)s)")
+    pp.add_argument("--overwrite", action="store_true", help="replace an earlier ingest of this --prefix in OUTPUT")
+    add_storage_option(pp)
+    pp.set_defaults(run=cmd_ingest_pairs)
+
     a = sub.add_parser("assemble", help="the frames of one video, from output (or ingested) shards, into a video file")
     a.add_argument("input", help="folder URL of shards (adarevd deblur output, or adarevd ingest output)")
     a.add_argument("--video", required=True, help="video_id (the key prefix: <video_id>_<frame>)")
@@ -172,6 +189,27 @@ def cmd_synth(args: argparse.Namespace) -> int:
             f"wrote a {count}-frame blurry clip to {args.video}"
             + (f" (sharp: {args.video_sharp})" if args.video_sharp else "")
         )
+    return 0
+
+
+def cmd_ingest_pairs(args: argparse.Namespace) -> int:
+    options = parse_storage_options(args.storage_option)
+    config = PairsConfig(
+        blur_dir=args.blur_dir,
+        sharp_dir=args.sharp_dir,
+        prefix=args.prefix,
+        limits=ShardLimits(max_samples=args.max_frames_per_shard),
+    )
+    with tqdm(unit=" pairs", desc="ingest-pairs", file=sys.stderr, disable=None) as bar:
+        report = ingest_pairs(
+            Store(args.root, options), Store(args.output, options), config, bar.update, overwrite=args.overwrite
+        )
+    print(f"wrote {report.pairs} pairs in {len(report.shards)} shard(s) and _index.parquet to {args.output}")
+    for path, why in list(report.left_out.items())[:10]:
+        print(f"left out {path}: {why}")
+    if len(report.left_out) > 10:
+        print(f"left out {len(report.left_out) - 10} more")
+    print(f"next: adarevd eval {args.output} --weights ... (or calibrate / train)")
     return 0
 
 
