@@ -6,7 +6,8 @@ so each costs tens of MB, not a model runtime's hundreds.
 
 from __future__ import annotations
 
-from collections import deque
+import time
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -70,31 +71,64 @@ class _Call:
     batch: list[FrameIn]
     attempt: int
     actor: int
+    sent: float  # time.monotonic() when it was sent
+    answered: bool = False  # its answer's time is in `_ANSWER_S`
+
+
+# Per restorer actor (by index), this process's moving average of seconds from sending a batch to its
+# answer: the actor's speed plus the queue in front of it, which the other shard workers' batches make.
+_ANSWER_S: dict[int, float] = {}
+ANSWER_WEIGHT = 0.3  # of the newest answer in the moving average
 
 
 class FusedRouter:
     """A RestoreFn over the fused restorer actors: `window` batches in flight, results in order, a dead
-    actor's batch resent to the next actor (up to `retries` times); `watch` hears what a slow answer is
-    waited on. Batches go to the actors in turn from actor `start`."""
+    actor's batch resent to another actor (up to `retries` times); `watch` hears what a slow answer is
+    waited on.
+
+    Each batch goes to the actor that should answer first: the least (batches this router has in flight
+    there + 1) x (its average time to answer). The average counts the queue at the actor, so a slow
+    actor, or one the other shard workers keep busy, gets less work. An actor not yet heard from counts
+    as 0 s (tried first); ties go in turn from actor `start`."""
 
     def __init__(self, pools: Pools, start: int, watch: Watch, window: int = 2, retries: int = 3) -> None:
         self.pools, self.watch, self.window, self.retries = pools, watch, window, retries
         self.turn = start
+        self.pending: deque[_Call] = deque()
 
     def __call__(self, batches: Iterable[list[FrameIn]]) -> Iterator[list[FrameOut | Rejected]]:
-        pending: deque[_Call] = deque()
         for batch in batches:
-            pending.append(self._submit(batch, 0))
-            if len(pending) >= self.window:
-                yield self._resolve(pending.popleft())
-        while pending:
-            yield self._resolve(pending.popleft())
+            self.pending.append(self._submit(batch, 0))
+            if len(self.pending) >= self.window:
+                yield self._resolve(self.pending.popleft())
+        while self.pending:
+            yield self._resolve(self.pending.popleft())
 
     def _submit(self, batch: list[FrameIn], attempt: int) -> _Call:
         actors = self.pools.restorers
-        index = self.turn % len(actors)
+        busy = Counter(call.actor for call in self.pending)
+        index = choose_actor(len(actors), self.turn, busy, _ANSWER_S)
         self.turn += 1
-        return _Call(actors[index].restore.remote(batch), batch, attempt, index)
+        return _Call(actors[index].restore.remote(batch), batch, attempt, index, time.monotonic())
+
+    def _heard(self, call: _Call) -> None:
+        call.answered = True
+        took = time.monotonic() - call.sent
+        before = _ANSWER_S.get(call.actor)
+        _ANSWER_S[call.actor] = took if before is None else before + ANSWER_WEIGHT * (took - before)
+
+    def _time_answers(self, call: _Call) -> float:
+        """Wait (at most the watch's patience) until `call` is answered, noting when each batch in flight
+        is, in the order they come: results go back in order, but a fast actor's answer must not count
+        the wait for a slow one before it. Returns the patience left."""
+        deadline = time.monotonic() + self.watch.patience
+        while not call.answered and (left := deadline - time.monotonic()) > 0:
+            waiting = [c for c in (call, *self.pending) if not c.answered]
+            ready, _ = ray.wait([c.ref for c in waiting], num_returns=1, timeout=left, fetch_local=False)
+            for c in waiting:
+                if c.ref in ready:
+                    self._heard(c)
+        return max(deadline - time.monotonic(), 0.0)
 
     def _waited_on(self, call: _Call) -> str:
         return f"{self.pools.restorer_name(call.actor)} for batch {batch_label([f.key for f in call.batch])}"
@@ -102,13 +136,24 @@ class FusedRouter:
     def _resolve(self, call: _Call) -> list[FrameOut | Rejected]:
         while True:
             try:
-                return patient_get(call.ref, partial(self._waited_on, call), self.watch.on_wait, self.watch.patience)
+                left = self._time_answers(call)
+                return patient_get(call.ref, partial(self._waited_on, call), self.watch.on_wait, left)
             except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
                 if (failed := start_failure(e, restarted=True)) is not None:
                     raise failed from None  # Ray will not restart it again: stop, say why
                 if call.attempt >= self.retries:
                     raise
+                # The actor restarts (model loading): send the batch elsewhere, and this actor less for now.
+                _ANSWER_S[call.actor] = max(_ANSWER_S.values(), default=1.0) * 4 or 1.0
                 call = self._submit(call.batch, call.attempt + 1)
+
+
+def choose_actor(count: int, turn: int, busy: Mapping[int, int], answer_s: Mapping[int, float]) -> int:
+    """The actor (0..count-1) that should answer a new batch first: the least (`busy[a]` batches in
+    flight there + 1) x `answer_s[a]` (its average seconds to answer; unknown: 0, so it is tried).
+    Ties go to the first in turn from `turn`."""
+    in_turn = [(turn + k) % count for k in range(count)]
+    return min(in_turn, key=lambda a: (busy.get(a, 0) + 1) * answer_s.get(a, 0.0))
 
 
 def restore_fn(pools: Pools, index: int, watch: Watch) -> RestoreFn:
