@@ -1,14 +1,15 @@
 """`adarevd` command line: thin wrappers over the library.
 
-adarevd restore [IMAGE ...]        deblur images (default: the bundled demo image, bundled weights)
+adarevd restore [IMAGE|FOLDER ...] deblur images (default: the bundled demo image, bundled weights)
 adarevd info WEIGHTS               config and provenance stored in a weights file
 adarevd make-default-weights       re-train the bundled adarevd-tiny weights (recipe in default_weights)
 adarevd make-demo-image            re-make the bundled demo image pair
 adarevd ingest SRC... --output URL videos/images/shards -> WebDataset frame shards (jobs/data.py)
 adarevd synth --output URL         synthetic paired blur shards (+ a blurry clip)
-adarevd assemble URL --video ID --to FILE   one video from shards back into a file (jobs/data.py)
+adarevd ingest-pairs ROOT --output URL   a paired dataset (GoPro) -> paired shards (jobs/data.py)
+adarevd assemble URL --video ID --output FILE   one video from shards back into a file (jobs/data.py)
 adarevd deblur [INPUT OUTPUT]      the distributed deblur job on Ray (jobs/deblur.py)
-adarevd report [OUTPUT] --to DIR   run page + blurry | deblurred | exit-depth pictures (jobs/report.py)
+adarevd report [OUTPUT] --output DIR   run page + exit-depth pictures (jobs/report.py)
 adarevd train KIND DATA --output W training stages on Ray Train; calibrate; eval (jobs/train.py)
 adarevd submit SPEC [--address URL] a TOML job spec, here or on a cluster; adarevd jobs ... (jobs/submit.py)
 """

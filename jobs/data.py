@@ -60,7 +60,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     i.add_argument("sources", nargs="+", metavar="SRC", help="file, folder, glob or brace pattern (any fsspec URL)")
     i.add_argument("--output", required=True, help="output folder URL")
     i.add_argument("--format", default="png", choices=["png", "jpg"], help="image member (default: lossless png)")
-    i.add_argument("--quality", type=int, default=95, help="JPEG quality 1..100 (default: %(default)s)")
+    i.add_argument(
+        "--jpeg-quality", "--quality", dest="quality", type=int, default=95, help="1..100 (default: %(default)s)"
+    )
     i.add_argument(
         "--prefix",
         default="frames",
@@ -69,7 +71,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--max-frames-per-shard", type=int, default=1000, help="(default: %(default)s)")
     i.add_argument("--max-shard-bytes", type=byte_size, default="512M", help="e.g. 512M, 1G (default: 512M)")
     i.add_argument("--fps", type=float, default=None, help="frame rate of image folders (sets pts_ms)")
-    i.add_argument("--workers", type=int, default=0, help="encode threads (default: one per CPU)")
+    i.add_argument(
+        "--threads", "--workers", dest="workers", type=int, default=0, help="encode threads (default: one per CPU)"
+    )
     i.add_argument(
         "--overwrite",
         action="store_true",
@@ -92,7 +96,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--sub-frames", type=int, default=15, help="N sub-frames averaged per frame (default: 15)")
     s.add_argument("--max-pan", type=float, default=32.0, help="camera travel per frame, pixels (default: 32)")
     s.add_argument("--noise", type=float, default=0.0, help="Gaussian noise sigma on the blurry frame, 0..1")
-    s.add_argument("--jpeg", type=int, default=None, metavar="QUALITY", help="JPEG-compress the blurry frame")
+    s.add_argument(
+        "--jpeg-quality", "--jpeg", dest="jpeg", type=int, default=None, help="JPEG-compress the blurry frame (1..100)"
+    )
     s.add_argument("--patch-size", type=int, default=64, help="tile size of the per-patch PSNR grid")
     s.add_argument("--scenes", default=",".join(SAMPLE_IMAGES), help="comma-separated scikit-image samples")
     s.add_argument("--max-frames-per-shard", type=int, default=1000)
@@ -126,14 +132,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     a = sub.add_parser("assemble", help="the frames of one video, from output (or ingested) shards, into a video file")
     a.add_argument("input", help="folder URL of shards (adarevd deblur output, or adarevd ingest output)")
     a.add_argument("--video", required=True, help="video_id (the key prefix: <video_id>_<frame>)")
-    a.add_argument("--to", required=True, help="video file: .mkv (lossless FFV1, default), .mp4 (H.264), .avi (MJPG)")
+    a.add_argument(
+        "--output",
+        "--to",
+        dest="to",
+        required=True,
+        help="video file: .mkv (lossless FFV1, default), .mp4 (H.264), .avi (MJPG)",
+    )
     a.add_argument("--codec", choices=sorted(CODEC_SUFFIX), help="mp4v: MPEG-4 part 2 in .mp4 through OpenCV")
     a.add_argument("--source", help="the source video: checks the frame count and copies its audio")
     a.add_argument("--image-member", help="the image member, when a sample has several")
     a.add_argument(
         "--constant-rate", action="store_true", help="write at the nominal fps even where the source's timing varies"
     )
-    a.add_argument("--overwrite", action="store_true", help="replace the --to file if it exists")
+    a.add_argument("--overwrite", action="store_true", help="replace the --output file if it exists")
     add_storage_option(a)
     a.set_defaults(run=cmd_assemble)
 

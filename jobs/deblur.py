@@ -281,6 +281,8 @@ def print_summary(summary: RunSummary, output_url: str, wall: float) -> None:
         print("nothing to do: every shard is already done here (resume); remove the output or choose another to redo")
     print(f"output: {absolute(output_url)} (shards, _manifest/, _run.json)")
     report = (
-        "adarevd report" if output_url == DEMO_OUTPUT else f"adarevd report {shlex.quote(output_url)} --to REPORT_DIR"
+        "adarevd report"
+        if output_url == DEMO_OUTPUT
+        else f"adarevd report {shlex.quote(output_url)} --output REPORT_DIR"
     )
     print(f"pictures and a run page: {report}")

@@ -1,4 +1,4 @@
-"""`adarevd report OUTPUT_URL --to DIR`: the run page and sampled exit-depth pictures of a deblur output."""
+"""`adarevd report OUTPUT_URL --output DIR`: the run page and sampled exit-depth pictures of a deblur output."""
 
 from __future__ import annotations
 
@@ -20,7 +20,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "(for the pictures) the blurry input frames, and writes DIR/index.html and DIR/frames/*.png.",
     )
     r.add_argument("output", nargs="?", default=DEMO_OUTPUT, help=f"deblur output folder URL (default: {DEMO_OUTPUT})")
-    r.add_argument("--to", default="adarevd-out/report", help="local folder for the report (default: %(default)s)")
+    r.add_argument(
+        "--output",
+        "--to",
+        dest="to",
+        default="adarevd-out/report",
+        help="local folder for the report (default: %(default)s)",
+    )
     r.add_argument("--samples", type=int, default=6, help="frames to picture, spread over key order (default: 6)")
     r.add_argument("--key", action="append", default=[], help="also picture this frame (repeatable)")
     r.add_argument("--input", help="input shards' folder URL (default: the one recorded in _run.json)")

@@ -193,3 +193,16 @@ def test_restore_takes_folders_and_never_writes_over_an_input(tmp_path: Path, ca
     for names, message in refused.items():
         assert main(["restore", *(str(tmp_path / n) for n in names), "--output", str(tmp_path)]) == 2, names
         assert message in capsys.readouterr().err, names
+
+
+def test_one_spelling_per_concept_with_the_old_ones_still_read() -> None:
+    """--output names what a command writes; --jpeg-quality a JPEG quality; --threads a thread count."""
+    for flag in ("--output", "--to"):
+        assert parse(["report", "out/", flag, "page/"]).to == "page/"
+        assert parse(["assemble", "out/", "--video", "v", flag, "v.mkv"]).to == "v.mkv"
+    for flag in ("--jpeg-quality", "--quality"):
+        assert parse(["ingest", "a.mp4", "--output", "o", flag, "80"]).quality == 80
+    for flag in ("--jpeg-quality", "--jpeg"):
+        assert parse(["synth", "--output", "o", flag, "70"]).jpeg == 70
+    for flag in ("--threads", "--workers"):
+        assert parse(["ingest", "a.mp4", "--output", "o", flag, "3"]).workers == 3
