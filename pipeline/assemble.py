@@ -182,7 +182,7 @@ def assemble(store: Store, video_id: str, to: Path, options: AssembleOptions = A
     if source is not None and to.exists() and to.samefile(source):
         raise AssembleError(f"{to}: this is the --source video, which is read for its audio; write to another file")
     if to.exists() and not options.overwrite:
-        raise AssembleError(f"{to}: already exists; choose another --to, or pass --overwrite to replace it")
+        raise AssembleError(f"{to}: already exists; choose another --output, or pass --overwrite to replace it")
     frames = index_video(store, video_id)
     if not frames.where:
         raise AssembleError(no_such_video(store, video_id))

@@ -89,7 +89,7 @@ def test_an_existing_file_is_replaced_only_when_asked_and_never_the_source(
     out = tmp_path / "clip.mkv"
     out.write_bytes(b"someone's video")
     assert main(["assemble", str(shards), "--video", "clip", "--to", str(out)]) == 2
-    assert "already exists; choose another --to, or pass --overwrite" in capsys.readouterr().err
+    assert "already exists; choose another --output, or pass --overwrite" in capsys.readouterr().err
     assert out.read_bytes() == b"someone's video"
     assert main(["assemble", str(shards), "--video", "clip", "--to", str(out), "--overwrite"]) == 0
     assert len(decode_video(out)) == 20
