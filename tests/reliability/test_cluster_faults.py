@@ -13,19 +13,22 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import ray
 from ray.cluster_utils import Cluster
 
+from pipeline.deblur.job import RestoreOptions
 from pipeline.deblur.ray import driver as deblur_driver
 from pipeline.deblur.shard import MANIFEST_DIR
 from pipeline.formats.sink import ShardLimits
 from pipeline.ingest.run import IngestConfig, ingest
 from pipeline.store.scratch import pattern
 from pipeline.store.storage import Store
-from tests.deblur_setup import Model, bundled_model, input_shards, shard_work_started, tar_bytes
+from tests.deblur_setup import Model, bundled_model, input_shards, routing_model, shard_work_started, tar_bytes
 from tests.media import frames, read_samples, write_video
 from tests.reliability.conftest import Entry, audit
 
@@ -113,6 +116,71 @@ def test_pools_on_other_nodes_and_a_node_removed_mid_run(
     assert (ledger.lost, ledger.duplicates) == (0, 0)
     for node in nodes[:1]:  # the next parameter brings its own nodes
         cluster.remove_node(node)
+
+
+@dataclass(frozen=True)
+class NodeLogged:
+    """Builds, in its actor, a restorer that notes its node for every batch, slowed so a run lasts."""
+
+    inner: deblur_driver.ModelRestorer
+    log: str
+
+    def __call__(self) -> _Logged:
+        return _Logged(self.inner(), ray.get_runtime_context().get_node_id(), self.log)
+
+
+class _Logged:
+    def __init__(self, restorer: Any, node: str, log: str) -> None:
+        self.restorer, self.node, self.log, self.device = restorer, node, log, restorer.device
+
+    def __call__(self, frames: list) -> list:
+        time.sleep(0.2)
+        with open(self.log, "a") as log:
+            log.write(self.node + "\n")
+        return self.restorer(frames)
+
+
+def test_a_node_that_joins_mid_run_gets_a_restorer_that_takes_work(
+    cluster: Cluster, tmp_path: Path, ledger: Entry
+) -> None:
+    video = write_video(tmp_path / "long.mkv", frames(48, height=72, width=88, seed=3))
+    source = Store(str(tmp_path / "shards"))
+    ingest([str(video)], source, IngestConfig(prefix="video", limits=ShardLimits(max_samples=4)))
+    model = routing_model().model  # changes pixels: the bytes compared below mean something
+    first = cluster.add_node(num_cpus=1, resources={"joiner": 1})  # restorers go where "joiner" is
+    cluster.wait_for_nodes()
+    log = tmp_path / "calls.log"
+    restorer = deblur_driver.ModelRestorer(model.config, [ray.put(model.state_dict())], RestoreOptions(threads=1))
+    joined: list[str] = []
+
+    def join_mid_run(done: int, _: list[int]) -> None:  # the driver's loop, on the main thread (add_node needs it)
+        if done >= 4 and not joined:
+            joined.append(cluster.add_node(num_cpus=1, resources={"joiner": 1}).node_id)
+
+    def deblur(out: str, workers: int) -> deblur_driver.RunSummary:
+        resources = deblur_driver.Resources(workers=workers, cpus_per_worker=1, worker_resource="joiner")
+        job = deblur_driver.DeblurJob(source.url, out, frames_per_batch=2, stall_timeout_s=120, resources=resources)
+        hooks = deblur_driver.Hooks(make_restorer=NodeLogged(restorer, str(log)), on_progress=join_mid_run)
+        return deblur_driver.run(job, model, hooks=hooks)
+
+    joined.append("none yet")  # the reference run: one restorer, no node joins
+    reference = deblur(str(tmp_path / "reference"), workers=1)
+    joined.clear()
+    log.unlink()
+    summary = deblur(str(tmp_path / "grown"), workers=0)  # 0: as many as the cluster fits, as it grows
+    try:
+        assert reference.workers == 1 and summary.workers == 2 and summary.frames == 48
+        assert summary.worker_nodes == {first.node_id: 1, joined[0]: 1}, summary.worker_nodes
+        calls = log.read_text().split()
+        assert calls.count(joined[0]) >= 2, calls  # the new node's restorer took batches
+        assert tar_bytes(Store(str(tmp_path / "grown"))) == tar_bytes(Store(str(tmp_path / "reference")))
+        keys = set(read_samples(source))
+        ledger.faults, ledger.frames = 1, len(keys)
+        ledger.lost, ledger.duplicates = audit(Store(str(tmp_path / "grown")), keys)
+        assert (ledger.lost, ledger.duplicates) == (0, 0)
+    finally:
+        for node in list(cluster.worker_nodes):
+            cluster.remove_node(node)
 
 
 DRIVER_OPTIONS = ["--frames-per-batch", "3", "--workers", "1", "--num-cpus", "2"]

@@ -24,6 +24,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import ray
@@ -170,6 +171,8 @@ def run(
     job.restore.check_model(config.num_columns)
     options = dict(options or {})
     start = time.perf_counter()
+    # Fused with no --workers: the restorers follow the cluster, also as nodes join during the run.
+    follows = job.resources if job.routing == "fused" and not job.resources.workers and not job.max_frames else None
     job = job.resolved(ray.cluster_resources())  # GPU shares and actor counts for this cluster
     source, output = job.stores(options)
     listing = listing or job.listing(options)
@@ -189,7 +192,7 @@ def run(
         summary.shards_skipped = len(done)
         if todo:
             lock.mark_unfinished()  # until it finishes, whatever happens to it
-            _process(_Run(job, model, fingerprint, weight_files, options, hooks, lock, summary), todo)
+            _process(_Run(job, model, fingerprint, weight_files, options, hooks, lock, summary, follows), todo)
         summary.seconds = time.perf_counter() - start
         totals = output_totals(output, config.num_columns)
         summary.shared_keys = totals["shared_keys"]
@@ -211,7 +214,7 @@ def _process(run: _Run, todo: list[str]) -> None:
         # Held by this driver for the whole run (Ray warns that a restarted actor needs it: it has it).
         weights = [ray.put(model.state_dict())]
 
-    def maker(cpus: float) -> Callable[[], Restorer]:
+    def maker(cpus: float, weights: tuple[str, ...] | list[Any] = weights) -> Callable[[], Restorer]:
         return run.hooks.make_restorer or ModelRestorer(config, weights, actor_options(job.restore, cpus))
 
     pin = {resources.worker_resource: 1} if resources.worker_resource else None
@@ -219,10 +222,12 @@ def _process(run: _Run, todo: list[str]) -> None:
     # and pool actors and a batch's features stay on the node that encoded it.
     spread = "SPREAD" if job.routing == "depth-pools" else None
 
-    def names(role: str, count: int) -> list[str]:
-        return [f"adarevd-{role}-{summary.run_id}-{i}" for i in range(count)]
+    def names(role: str, count: int, first: int = 0) -> list[str]:
+        return [f"adarevd-{role}-{summary.run_id}-{i}" for i in range(first, first + count)]
 
-    def start(role: str, count: int, cpus: float, gpus: float) -> list[Any]:
+    def start(role: str, count: int, cpus: float, gpus: float, first: int = 0) -> list[Any]:
+        # Restorers started mid-run may land on a node that joined: they take the weights from the object store.
+        made = maker(cpus) if not first else maker(cpus, [ray.put(model.state_dict())])
         return [
             RestorerActor.options(
                 name=name,
@@ -232,8 +237,8 @@ def _process(run: _Run, todo: list[str]) -> None:
                 scheduling_strategy=spread,
                 max_restarts=-1,
                 max_task_retries=3,
-            ).remote(maker(cpus))
-            for name in names(role, count)
+            ).remote(made)
+            for name in names(role, count, first)
         ]
 
     actors = start("restorer", resources.workers, resources.cpus_per_worker, resources.gpus_per_worker)
@@ -269,7 +274,9 @@ def _process(run: _Run, todo: list[str]) -> None:
         )
         ready = time.perf_counter()
         workers_run = WorkerRun(job=job, options=run.options, pools=pools, progress=progress, fence=run.lock.fence())
-        summary.reports = _drive(run, workers_run, todo, shard_workers)
+        more = partial(start, "restorer", cpus=resources.cpus_per_worker, gpus=resources.gpus_per_worker)
+        growth = _Growth(run, pools, more, actors) if run.follows is not None else None
+        summary.reports = _drive(run, workers_run, todo, shard_workers, growth)
         summary.processing_seconds = time.perf_counter() - ready
         summary.pool_plans = ray.get(progress.pool_plans.remote())
     finally:
@@ -326,10 +333,51 @@ class _Run:
     hooks: Hooks
     lock: OutputLock
     summary: RunSummary  # filled in as the run goes
+    follows: Resources | None = None  # the unresolved resources, when the restorers follow the cluster
 
 
-def _drive(run: _Run, workers_run: WorkerRun, todo: list[str], shard_workers: list[Any]) -> list[ShardReport]:
-    """Hand shards to free shard workers until all are done; watch progress and stalls."""
+class _Growth:
+    """Restorers for the CPUs (or GPUs) of nodes that join the cluster while a run goes: checked every
+    `EVERY_S`, sized as at the start (`Resources.resolve`), started like the first ones."""
+
+    EVERY_S = 2.0
+
+    def __init__(self, run: _Run, pools: Pools, start: Callable[..., list[Any]], actors: list[Any]) -> None:
+        self.run, self.pools, self.start, self.actors = run, pools, start, actors
+        self.next_check = time.monotonic() + self.EVERY_S
+
+    def check(self) -> tuple[Pools, list[Any]] | None:
+        """(the pools with the new restorers, the new restorers), or None when the cluster did not grow."""
+        if time.monotonic() < self.next_check or self.run.follows is None:
+            return None
+        self.next_check = time.monotonic() + self.EVERY_S
+        wanted = self.run.follows.resolve(ray.cluster_resources()).workers
+        have = len(self.pools.restorers)
+        if wanted <= have:
+            return None
+        new = self.start(count=wanted - have, first=have)
+        self.actors += new  # (stopped with the others)
+        nodes = ray.get([a.node.remote() for a in new], timeout=self.run.job.stall_timeout_s)
+        summary = self.run.summary
+        summary.workers = wanted
+        summary.worker_nodes = dict(Counter([*self.pools.restorer_nodes, *nodes]))
+        self.pools = replace(
+            self.pools,
+            restorers=[*self.pools.restorers, *new],
+            restorer_nodes=[*self.pools.restorer_nodes, *nodes],
+            restorer_names=[
+                *self.pools.restorer_names,
+                *(f"adarevd-restorer-{summary.run_id}-{i}" for i in range(have, wanted)),
+            ],
+        )
+        return self.pools, new
+
+
+def _drive(
+    run: _Run, workers_run: WorkerRun, todo: list[str], shard_workers: list[Any], growth: _Growth | None
+) -> list[ShardReport]:
+    """Hand shards to free shard workers until all are done; watch progress and stalls. `growth`: starts
+    restorers (and a shard worker each) for nodes that join; later shards use them."""
     queue = deque(enumerate(todo))
     free = deque(shard_workers)
     running: dict[Any, tuple[str, Any]] = {}
@@ -338,6 +386,12 @@ def _drive(run: _Run, workers_run: WorkerRun, todo: list[str], shard_workers: li
     budget = job.max_frames
     last_total, last_change = -1, time.monotonic()
     while queue or running:
+        if queue and growth is not None and (grown := growth.check()) is not None:
+            pools, added = grown
+            workers_run = replace(workers_run, pools=pools)
+            added_workers = [ShardWorker.remote(this_node()) for _ in added]
+            shard_workers += added_workers  # (stopped with the others)
+            free.extend(added_workers)
         while queue and free and (budget is None or budget > 0):
             index, shard = queue.popleft()
             worker = free.popleft()
