@@ -72,7 +72,6 @@ def write_image(path: Path, image: torch.Tensor) -> None:
         raise CliError(f"{path}: could not write the image")
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 OUTPUT_SUFFIX = ".deblurred.png"  # beside `<stem>.depth.png`: never an input's own name
 
 
@@ -83,9 +82,9 @@ def restore_plan(inputs: Sequence[str], out_dir: Path) -> list[tuple[Path, Path]
     plan: list[tuple[Path, Path]] = []
     for given in map(Path, inputs):
         if given.is_dir():
-            found = sorted(p for p in given.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(p for p in given.rglob("*") if p.is_file() and p.suffix.lower() in images.IMAGE_SUFFIXES)
             if not found:
-                raise CliError(f"{given}: a folder with no images ({', '.join(IMAGE_SUFFIXES)})")
+                raise CliError(f"{given}: a folder with no images ({', '.join(sorted(images.IMAGE_SUFFIXES))})")
             plan += [(p, out_dir / p.relative_to(given).parent / (p.stem + OUTPUT_SUFFIX)) for p in found]
         elif given.is_file():
             plan.append((given, out_dir / (given.stem + OUTPUT_SUFFIX)))

@@ -29,8 +29,6 @@ from pipeline.ingest.run import INDEX_NAME
 from pipeline.store.scratch import scratch
 from pipeline.store.storage import Store
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
-
 
 @dataclass(frozen=True, kw_only=True)
 class PairsConfig:
@@ -64,7 +62,7 @@ class PairsReport:
 
 def find_pairs(root: Store, config: PairsConfig) -> tuple[list[Pair], dict[str, str]]:
     """Every (blur, sharp) frame pair below `root`, in name order, and what was left out and why."""
-    files = [f for f in root.glob("**/*") if f.lower().endswith(IMAGE_SUFFIXES)]
+    files = [f for f in root.glob("**/*") if posixpath.splitext(f)[1].lower() in images.IMAGE_SUFFIXES]
     by_folder: dict[str, dict[str, str]] = {}
     for path in files:
         folder, name = posixpath.split(path)

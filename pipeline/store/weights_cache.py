@@ -10,10 +10,10 @@ checked too. The cache: `$ADAREVD_CACHE/weights`, else `$XDG_CACHE_HOME/adarevd/
 
 from __future__ import annotations
 
-import hashlib
 import os
 import posixpath
 import re
+import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,9 +21,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from adarevd.errors import InvalidInput
+from pipeline.store.digests import CHUNK, DigestReader, digest_of
 from pipeline.store.storage import Store, redact
 
-CHUNK = 1 << 20
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -49,7 +49,7 @@ def _local(spec: str, options: Mapping[str, Any]) -> str:
         path = url.removeprefix("file://")
         if want is not None and Path(path).is_file():
             with open(path, "rb") as handle:
-                _check(url, _digest(handle), want)
+                _check(url, digest_of(handle).sha256, want)
         return path
     suffix = posixpath.splitext(urlsplit(url).path)[1] or ".bin"  # .safetensors / .pth decide how it loads
     folder = cache_dir()
@@ -61,7 +61,9 @@ def _local(spec: str, options: Mapping[str, Any]) -> str:
     with tempfile.NamedTemporaryFile(dir=folder, prefix=".fetch-", delete=False) as tmp:
         try:
             with store.open(name) as stream:
-                digest = _digest(stream, tmp)
+                reader = DigestReader(stream)
+                shutil.copyfileobj(reader, tmp, CHUNK)
+                digest = reader.digest().sha256
             _check(url, digest, want)
         except BaseException:
             os.unlink(tmp.name)
@@ -69,15 +71,6 @@ def _local(spec: str, options: Mapping[str, Any]) -> str:
     final = folder / f"{digest}{suffix}"
     os.replace(tmp.name, final)
     return str(final)
-
-
-def _digest(stream: Any, copy: Any = None) -> str:
-    sha = hashlib.sha256()
-    while chunk := stream.read(CHUNK):
-        sha.update(chunk)
-        if copy is not None:
-            copy.write(chunk)
-    return sha.hexdigest()
 
 
 def _check(url: str, digest: str, want: str | None) -> None:
