@@ -384,6 +384,7 @@ def _drive(
     reports: list[ShardReport] = []
     job, progress = run.job, workers_run.progress
     budget = job.max_frames
+    made_with = job.made_with(run.fingerprint, run.model.config)  # the same for every shard
     last_total, last_change = -1, time.monotonic()
     while queue or running:
         if queue and growth is not None and (grown := growth.check()) is not None:
@@ -395,7 +396,6 @@ def _drive(
         while queue and free and (budget is None or budget > 0):
             index, shard = queue.popleft()
             worker = free.popleft()
-            made_with = job.made_with(run.fingerprint, run.model.config)
             task = job.task(shard, index, made_with=made_with, run_id=run.summary.run_id, max_frames=budget)
             ref = worker.process.remote(task, workers_run)
             running[ref] = (shard, worker)
