@@ -10,7 +10,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from adarevd.errors import InvalidInput
-from pipeline.assemble import CODEC_SUFFIX, AssembleOptions, assemble
+from pipeline.assemble import AssembleOptions, assemble
+from pipeline.formats import video
 from pipeline.formats.sink import ShardLimits
 from pipeline.ingest.pairs import PairsConfig, ingest_pairs
 from pipeline.ingest.run import IngestConfig, ingest
@@ -137,10 +138,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--to",
         dest="to",
         required=True,
-        help="video file: .mkv (lossless FFV1, default), .mp4 (H.264), .avi (MJPG)",
+        help="video file (path or URL): .mkv (lossless FFV1 by default), .mp4 (H.264 by default), .avi (MJPG)",
     )
-    a.add_argument("--codec", choices=sorted(CODEC_SUFFIX), help="mp4v: MPEG-4 part 2 in .mp4 through OpenCV")
-    a.add_argument("--source", help="the source video: checks the frame count and copies its audio")
+    add_encoding_options(a)
+    a.add_argument("--source", help="the source video (path or URL): checks the frame count and copies its audio")
     a.add_argument("--image-member", help="the image member, when a sample has several")
     a.add_argument(
         "--constant-rate", action="store_true", help="write at the nominal fps even where the source's timing varies"
@@ -148,6 +149,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--overwrite", action="store_true", help="replace the --output file if it exists")
     add_storage_option(a)
     a.set_defaults(run=cmd_assemble)
+
+
+def add_encoding_options(parser: argparse.ArgumentParser) -> None:
+    """--codec, --crf, --preset, --pix-fmt: how frames become a video (`formats.video.Encoding`)."""
+    parser.add_argument(
+        "--codec", choices=sorted(video.CODECS), help="default: from the suffix (.mkv ffv1, .mp4 h264, .avi mjpg)"
+    )
+    parser.add_argument("--crf", type=int, help="h264/hevc quality, 0 (best) .. 51 (default: 14)")
+    parser.add_argument("--preset", help="h264/hevc speed preset, ultrafast .. veryslow (default: slow)")
+    parser.add_argument("--pix-fmt", help="output pixel format, e.g. yuv444p or yuv420p10le (default: the codec's)")
+
+
+def encoding_from(args: argparse.Namespace) -> video.Encoding:
+    return video.Encoding(codec=args.codec, crf=args.crf, preset=args.preset, pix_fmt=args.pix_fmt)
 
 
 def frame_size(text: str) -> tuple[int, int]:
@@ -160,16 +175,16 @@ def frame_size(text: str) -> tuple[int, int]:
 
 def cmd_assemble(args: argparse.Namespace) -> int:
     store = Store(args.input, parse_storage_options(args.storage_option))
-    source = Path(args.source) if args.source else None
+    source = args.source
     options = AssembleOptions(
-        codec=args.codec,
+        encoding=encoding_from(args),
         source=source,
         image=args.image_member,
         constant_rate=args.constant_rate,
         overwrite=args.overwrite,
     )
-    done = assemble(store, args.video, Path(args.to), options)
-    audio = f", audio from {source.name}" if source else ""
+    done = assemble(store, args.video, args.to, options)
+    audio = f", audio from {source}" if source else ""
     timing = "; variable frame rate: each frame at its source timestamp" if done.variable_rate else ""
     print(f"wrote {args.to}: {done.frames} frames of {args.video}{audio}{timing}")
     return 0

@@ -3,38 +3,32 @@
 Pass 1 reads every sample's `json` (video_id, frame_index, pts_ms, fps) and checks the frames of the
 video: none doubled, none missing between 0 and the last (nor after it, when the source video is
 given to count its frames); quarantined frames are named with their reason. Pass 2 streams the shards
-again in frame order and writes the video at the source frame rate: lossless FFV1 (.mkv, default),
-H.264 (.mp4, ffmpeg from `imageio-ffmpeg`), mp4v (MPEG-4 part 2 through OpenCV) or MJPG (.avi). Where
-the frames' timestamps (`pts_ms`, read from the source by ingest) stray from that rate by more than
-half a frame, the source varied its rate: every frame keeps its own timestamp (PyAV; .mkv or .mp4).
-With the source file given, its audio streams are copied in (ffmpeg, no re-encoding).
+again in frame order and encodes the video (`formats.video`, PyAV) at the source frame rate: lossless
+FFV1 (.mkv, default), H.264 or HEVC (.mp4, .mkv), MPEG-4 part 2 or MJPG. Where the frames' timestamps
+(`pts_ms`, read from the source by ingest) stray from that rate by more than half a frame, the source
+varied its rate: every frame keeps its own timestamp (.mkv or .mp4). With the source video given, its
+audio streams are copied in, packet for packet. Input, source and output may be on any fsspec store;
+the video is made in a local scratch folder and then moved or uploaded whole.
 """
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
-import cv2
 import numpy as np
 import pyarrow.compute as pc
 
 from adarevd.errors import InvalidInput
 from pipeline.deblur.manifests import read_manifests, read_quarantine
 from pipeline.deblur.shard import output_names
-from pipeline.formats import images
+from pipeline.formats import images, video
 from pipeline.formats.frames import image_member
 from pipeline.formats.shards import iter_samples, sample_meta
-from pipeline.formats.video import write_timed_video, write_video
 from pipeline.ingest.run import INDEX_NAME, read_index
 from pipeline.store.scratch import scratch
-from pipeline.store.storage import Store
-
-Codec = Literal["ffv1", "h264", "mp4v", "mjpg"]
-CODEC_SUFFIX: dict[Codec, str] = {"ffv1": ".mkv", "h264": ".mp4", "mp4v": ".mp4", "mjpg": ".avi"}
+from pipeline.store.storage import Store, file_store
 
 
 class AssembleError(InvalidInput):
@@ -138,18 +132,6 @@ def check(frames: VideoFrames, source_frames: int | None) -> None:
         raise AssembleError(f"video {frames.video_id!r}: " + ". ".join(problems))
 
 
-def count_frames(path: Path) -> int:
-    """Frames a video file decodes to (decoded, not the container's estimate)."""
-    capture = cv2.VideoCapture(str(path))
-    if not capture.isOpened():
-        raise AssembleError(f"{path}: cannot open the source video")
-    count = 0
-    while capture.grab():
-        count += 1
-    capture.release()
-    return count
-
-
 def variable_rate(times_ms: list[float | None], fps: float) -> bool:
     """Whether frame timestamps stray from `fps` by more than half a frame (a variable-rate source)."""
     if len(times_ms) < 2 or fps <= 0 or any(t is None for t in times_ms):
@@ -166,49 +148,87 @@ class Assembled:
 
 @dataclass(frozen=True, kw_only=True)
 class AssembleOptions:
-    codec: Codec | None = None  # default: from the file's suffix
-    source: Path | None = None  # the video the frames came from: its audio is copied, its frames counted
+    encoding: video.Encoding = field(default_factory=video.Encoding)  # codec, crf, preset, pix_fmt
+    source: str | None = None  # the source video (path or URL): its audio is copied, its frames counted
     image: str | None = None  # which member holds the frame (default: the one image member)
     constant_rate: bool = False  # ignore the frames' timestamps even when they vary
     overwrite: bool = False  # replace an existing file (never the source)
 
 
-def assemble(store: Store, video_id: str, to: Path, options: AssembleOptions = AssembleOptions()) -> Assembled:
-    """Write the video (complete, or nothing at `to`)."""
-    codec, source, image = options.codec, options.source, options.image
-    codec = codec or next((c for c, s in CODEC_SUFFIX.items() if s == to.suffix.lower()), None)
-    if codec is None or CODEC_SUFFIX[codec] != to.suffix.lower():
-        raise AssembleError(f"{to}: use .mkv (ffv1), .mp4 (h264, mp4v) or .avi (mjpg) for --codec {codec or '?'}")
-    if source is not None and to.exists() and to.samefile(source):
+def assemble(store: Store, video_id: str, to: str | Path, options: AssembleOptions = AssembleOptions()) -> Assembled:
+    """Write the video to `to` (a path or URL; complete, or nothing there)."""
+    output, name = file_store(str(to), store.options)
+    suffix = Path(name).suffix
+    try:
+        codec = options.encoding.codec_for(Path(name))
+    except video.VideoError as e:
+        raise AssembleError(str(e)) from None
+    if options.source is not None and output.file_location(name) == _location(options.source, store):
         raise AssembleError(f"{to}: this is the --source video, which is read for its audio; write to another file")
-    if to.exists() and not options.overwrite:
+    if not options.overwrite and output.exists(name):
         raise AssembleError(f"{to}: already exists; choose another --output, or pass --overwrite to replace it")
     frames = index_video(store, video_id)
     if not frames.where:
         raise AssembleError(no_such_video(store, video_id))
-    check(frames, count_frames(source) if source is not None else None)
     fps = frames.fps or 25.0
     times = [frames.pts_ms[i] for i in sorted(frames.where)]
     timed = not options.constant_rate and variable_rate(times, fps)
-    if timed and codec == "mjpg":
+    if timed and suffix.lower() == ".avi":
         raise AssembleError(
             f"{to}: the frames of {video_id!r} have variable timestamps, which AVI cannot hold: "
             f"write .mkv or .mp4, or pass --constant-rate"
         )
-    to.parent.mkdir(parents=True, exist_ok=True)
-    with scratch("assemble", str(to.parent)) as tmp:  # beside `to`: the move to it is atomic
-        video = Path(tmp) / f"video{to.suffix}"
-        pixels = _in_order(store, frames, image)
-        if timed:
-            written = write_timed_video(video, pixels, [t for t in times if t is not None], codec)
+    local = Path(output.path(name)) if _is_local(output) else None
+    if local is not None:
+        local.parent.mkdir(parents=True, exist_ok=True)
+    with scratch("assemble", str(local.parent) if local else None) as tmp:  # beside `to`: moved there whole
+        source = _local_source(options.source, store, Path(tmp))
+        check(frames, video.count_frames(source) if source is not None else None)
+        made = Path(tmp) / f"video{suffix}"
+        pixels = _in_order(store, frames, options.image)
+        encoding = video.Encoding(
+            codec=codec, crf=options.encoding.crf, preset=options.encoding.preset, pix_fmt=options.encoding.pix_fmt
+        )
+        try:
+            if timed:
+                written = video.write_timed_video(made, pixels, [t for t in times if t is not None], encoding)
+            else:
+                written = video.write_video(made, pixels, fps=fps, encoding=encoding)
+            if source is not None and video.copy_audio(made, source, muxed := Path(tmp) / f"muxed{suffix}"):
+                made = muxed
+        except video.VideoError as e:
+            raise AssembleError(str(e)) from None
+        if local is not None:
+            made.replace(local)
         else:
-            written = write_video(video, pixels, fps, mp4v=codec == "mp4v")
-        if source is not None:
-            muxed = Path(tmp) / f"muxed{to.suffix}"
-            _mux_audio(video, source, muxed)
-            video = muxed
-        video.replace(to)
+            output.commit_file(name, str(made))
     return Assembled(written, timed)
+
+
+def _is_local(store: Store) -> bool:
+    return store.location()[0] in ("file", "local")
+
+
+def _location(url: str, store: Store) -> str:
+    source_store, name = file_store(url, store.options)
+    return source_store.file_location(name)
+
+
+def _local_source(url: str | None, store: Store, tmp: Path) -> Path | None:
+    """The source video as a local file: itself, or a copy fetched into `tmp`."""
+    if url is None:
+        return None
+    source_store, name = file_store(url, store.options)
+    if _is_local(source_store):
+        path = Path(source_store.path(name))
+        if not path.is_file():
+            raise AssembleError(f"{url}: the --source video does not exist")
+        return path
+    copy = tmp / f"source{Path(name).suffix}"
+    with source_store.open(name) as stream, copy.open("wb") as out:
+        while chunk := stream.read(1 << 22):
+            out.write(chunk)
+    return copy
 
 
 def _in_order(store: Store, frames: VideoFrames, image: str | None) -> Iterator[np.ndarray]:
@@ -237,35 +257,6 @@ def _in_order(store: Store, frames: VideoFrames, image: str | None) -> Iterator[
     while following in pending:
         yield pending.pop(following)
         following += 1
-
-
-def _mux_audio(video: Path, source: Path, to: Path) -> None:
-    """`to` = the video stream of `video` + the audio streams of `source` (if any), both copied."""
-    import imageio_ffmpeg
-
-    command = [
-        imageio_ffmpeg.get_ffmpeg_exe(),
-        "-y",
-        "-loglevel",
-        "error",
-        "-i",
-        str(video),
-        "-i",
-        str(source),
-        "-map",
-        "0:v:0",
-        "-map",
-        "1:a?",
-        "-c",
-        "copy",
-        str(to),
-    ]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise AssembleError(
-            f"{to}: copying the audio of {source} failed: {done.stderr.strip()[-400:]} "
-            f"(the container may not hold that audio codec: try .mkv)"
-        )
 
 
 def _ranges(values: list[int]) -> str:

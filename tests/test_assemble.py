@@ -19,6 +19,7 @@ from pipeline.assemble import AssembleError, AssembleOptions, assemble
 from pipeline.deblur.shard import QUARANTINE_SCHEMA
 from pipeline.formats import images
 from pipeline.formats.shards import Sample, ShardError, encode_shard, iter_samples
+from pipeline.formats.video import Encoding
 from pipeline.store.storage import Store
 from tests.media import decode_video
 
@@ -108,7 +109,7 @@ def test_an_existing_file_is_replaced_only_when_asked_and_never_the_source(
 def test_other_codecs(codec: str, suffix: str, marker: str, ingested: tuple[Path, Path], tmp_path: Path) -> None:
     _, shards = ingested
     out = tmp_path / f"clip{suffix}"
-    done = assemble(Store(str(shards)), "clip", out, AssembleOptions(codec=codec))  # type: ignore[arg-type]
+    done = assemble(Store(str(shards)), "clip", out, AssembleOptions(encoding=Encoding(codec=codec)))  # type: ignore[arg-type]
     assert (done.frames, done.variable_rate) == (20, False)
     assert len(decode_video(out)) == 20 and any(marker in s for s in streams(out))
 
@@ -120,7 +121,7 @@ def test_gaps_doubles_and_quarantine_are_listed(ingested: tuple[Path, Path], tmp
     for name in names[:2]:  # frames 0-13; 14-19 are missing
         copy.commit_bytes(name, (shards / name).read_bytes())
     with pytest.raises(AssembleError, match="missing 6 frame\\(s\\): 14-19"):
-        assemble(copy, "clip", tmp_path / "a.mkv", AssembleOptions(source=source))
+        assemble(copy, "clip", tmp_path / "a.mkv", AssembleOptions(source=str(source)))
     assemble(copy, "clip", tmp_path / "b.mkv")  # without the source, 0-13 is a whole video
 
     reason = "cannot be decoded as an image"
@@ -186,7 +187,7 @@ def test_a_variable_rate_source_keeps_its_timestamps(suffix: str, tmp_path: Path
     index = pq.read_table(shards / "_index.parquet").to_pylist()
     assert {r["status"] for r in index} == {"ok"}  # fewer frames than duration x fps, yet whole: no "truncated"
     out = tmp_path / f"out{suffix}"
-    done = assemble(Store(str(shards)), "vfr", out, AssembleOptions(source=source if suffix == ".mkv" else None))
+    done = assemble(Store(str(shards)), "vfr", out, AssembleOptions(source=str(source) if suffix == ".mkv" else None))
     assert (done.frames, done.variable_rate) == (10, True)
     assert frame_times(out) == expected
     if suffix == ".mkv":  # lossless, and the audio came along

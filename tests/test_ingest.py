@@ -101,7 +101,7 @@ def test_bad_inputs_are_recorded_and_the_rest_is_ingested(tmp_path: Path, memory
     by_reason = {(r["source"].rsplit("/", 1)[-1], r["status"]): r["reason"] for r in index_rows(memory_store)}
     assert "truncated or damaged: decoded" in by_reason["cut.mkv", "note"]
     assert "0 bytes" in by_reason["empty.mp4", "skipped"]
-    assert "cannot open it as a video" in by_reason["junk.avi", "skipped"]
+    assert "cannot be opened as a video" in by_reason["junk.avi", "skipped"]
     assert by_reason["a2.png", "note"] == "16-bit converted to 8-bit; grey converted to RGB"
     assert by_reason["a3.png", "note"] == "alpha channel dropped"
     assert "truncated PNG" in by_reason["a4.png", "skipped"]
@@ -223,7 +223,7 @@ def test_cli_ingest_summarises_and_fails_when_nothing_was_ingested(
     (tmp_path / "bad.mp4").write_bytes(b"\0" * 100)
     assert main(["ingest", str(tmp_path / "bad.mp4"), "--output", str(tmp_path / "out2")]) == 1
     captured = capsys.readouterr()
-    assert "bad.mp4: OpenCV cannot open it as a video" in captured.out
+    assert "bad.mp4: cannot be opened as a video" in captured.out
     assert "nothing could be ingested" in captured.err
     assert main(["ingest", str(video), "--output", str(tmp_path / "out")]) == 2
     assert "pass --overwrite" in capsys.readouterr().err

@@ -1,149 +1,237 @@
-"""Writing RGB frames to a video file; the container's extension picks the codec.
+"""Video files in and out, all through PyAV (FFmpeg's libraries; its wheels carry libx264, libx265 and FFV1).
 
-.mp4: H.264 (yuv420p, what archives and players use) through the ffmpeg binary that the
-`imageio-ffmpeg` package ships: OpenCV's wheel has no H.264 encoder. Single-threaded and `-bitexact`,
-so the same frames give the same bytes. .mkv: lossless FFV1 and .avi: MJPG, both through OpenCV.
-`write_timed_video` gives every frame its own timestamp (variable frame rate) through PyAV (FFmpeg's
-libraries; its wheels carry libx264 and FFV1).
+Decoding gives each frame's exact timestamp (its pts in the stream's time base) and converts any pixel
+format, 10-bit included, to 8-bit BGR; the source's pixel format is reported so the conversion is on
+record. Encoding takes a codec, a quality (crf), an x264/x265 preset and an output pixel format, at a
+constant rate or with each frame at its own timestamp. Encoders run single-threaded, so the same
+frames give the same bytes. Audio is copied from a source video packet by packet, never re-encoded.
 """
 
 from __future__ import annotations
 
-import subprocess
-from collections.abc import Iterable, Sequence
+import heapq
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from typing import IO, Literal
 
-import cv2
+import av
 import numpy as np
 
 from adarevd.errors import InvalidInput
 
-OPENCV_CODECS = {".mkv": "FFV1", ".avi": "MJPG"}
-SUFFIXES = (".mp4", *OPENCV_CODECS)
-
-
-def write_video(path: Path, frames_rgb: Iterable[np.ndarray], fps: float, *, crf: int = 14, mp4v: bool = False) -> int:
-    """Write (H, W, 3) uint8 RGB frames to `path`; returns the number written. `crf`: H.264 quality
-    (0 best .. 51 worst; 14 keeps a synthetic blurry frame at about 39 dB). `mp4v`: an .mp4 in MPEG-4
-    part 2 through OpenCV instead of H.264."""
-    suffix = path.suffix.lower()
-    if suffix not in SUFFIXES:
-        raise InvalidInput(f"{path}: unsupported video extension; use one of {', '.join(SUFFIXES)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if suffix == ".mp4" and mp4v:
-        return _write_opencv(path, frames_rgb, fps, "mp4v")
-    if suffix == ".mp4":
-        return _write_h264(path, frames_rgb, fps, crf)
-    return _write_opencv(path, frames_rgb, fps, OPENCV_CODECS[suffix])
-
-
-def _write_opencv(path: Path, frames_rgb: Iterable[np.ndarray], fps: float, codec: str) -> int:
-    writer: cv2.VideoWriter | None = None
-    count = 0
-    try:
-        for frame in frames_rgb:
-            if writer is None:
-                height, width = frame.shape[:2]
-                writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*codec), fps, (width, height))
-                if not writer.isOpened():
-                    raise OSError(f"{path}: OpenCV cannot open a {codec} writer")
-            writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-            count += 1
-    finally:
-        if writer is not None:
-            writer.release()
-    return count
-
-
-def _write_h264(path: Path, frames_rgb: Iterable[np.ndarray], fps: float, crf: int) -> int:
-    import imageio_ffmpeg
-
-    process: subprocess.Popen[bytes] | None = None
-    count = 0
-    try:
-        for frame in frames_rgb:
-            if process is None:
-                height, width = frame.shape[:2]
-                command = [
-                    imageio_ffmpeg.get_ffmpeg_exe(),
-                    "-y",
-                    "-loglevel",
-                    "error",
-                    "-f",
-                    "rawvideo",
-                    "-pix_fmt",
-                    "rgb24",
-                    "-s",
-                    f"{width}x{height}",
-                    "-r",
-                    f"{fps}",
-                    "-i",
-                    "-",
-                    "-c:v",
-                    "libx264",
-                    "-preset",
-                    "slow",
-                    "-crf",
-                    str(crf),
-                    "-pix_fmt",
-                    "yuv420p",
-                    "-threads",
-                    "1",
-                    "-bitexact",
-                    "-map_metadata",
-                    "-1",
-                    str(path),
-                ]
-                process = subprocess.Popen(command, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
-            assert process.stdin is not None
-            process.stdin.write(np.ascontiguousarray(frame, np.uint8).tobytes())
-            count += 1
-    finally:
-        if process is not None:
-            _, errors = process.communicate()
-            if process.returncode != 0:
-                raise OSError(f"{path}: ffmpeg failed ({process.returncode}): {errors.decode(errors='replace')[-500:]}")
-    return count
-
-
-# codec -> (PyAV encoder, pixel format, options): FFV1 stays lossless in RGB; H.264 as `_write_h264`.
-TIMED_CODECS: dict[str, tuple[str, str, dict[str, str]]] = {
-    "ffv1": ("ffv1", "bgr0", {}),
-    "h264": ("libx264", "yuv420p", {"crf": "14", "preset": "slow", "threads": "1"}),
-    "mp4v": ("mpeg4", "yuv420p", {"qscale": "2"}),
+Codec = Literal["ffv1", "h264", "hevc", "mp4v", "mjpg"]
+# codec -> (PyAV encoder, default pixel format, the containers that hold it)
+CODECS: dict[Codec, tuple[str, str, tuple[str, ...]]] = {
+    "ffv1": ("ffv1", "bgr0", (".mkv",)),  # lossless RGB: decodes back bit-exactly
+    "h264": ("libx264", "yuv420p", (".mp4", ".mkv")),
+    "hevc": ("libx265", "yuv420p", (".mp4", ".mkv")),
+    "mp4v": ("mpeg4", "yuv420p", (".mp4", ".mkv", ".avi")),
+    "mjpg": ("mjpeg", "yuvj420p", (".avi", ".mkv")),
 }
+DEFAULT_CODEC: dict[str, Codec] = {".mkv": "ffv1", ".mp4": "h264", ".avi": "mjpg"}
+SUFFIXES = tuple(DEFAULT_CODEC)
+BITEXACT = {"fflags": "+bitexact"}  # no random ids or library versions in the container: same input, same bytes
 
 
-def write_timed_video(path: Path, frames_rgb: Iterable[np.ndarray], pts_ms: Sequence[float], codec: str) -> int:
-    """Write frames at their own times (ms, any start; a millisecond time base) to .mkv or .mp4 (AVI
-    has no timestamps, only a fixed rate). Returns the number written."""
-    import av
+class VideoError(InvalidInput):
+    """A video that cannot be read or written as asked; the message names the file."""
 
-    if codec not in TIMED_CODECS:
-        raise InvalidInput(f"{path}: variable-rate video needs one of {', '.join(TIMED_CODECS)}, not {codec}")
-    encoder, pix_fmt, options = TIMED_CODECS[codec]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    millis = Fraction(1, 1000)
+
+@dataclass(frozen=True, kw_only=True)
+class Encoding:
+    """How frames become a video. None: the codec's default (crf 14 and preset slow for H.264/HEVC:
+    a synthetic blurry frame stays at about 39 dB; the codec's own pixel format)."""
+
+    codec: Codec | None = None  # default: from the file's suffix (.mkv ffv1, .mp4 h264, .avi mjpg)
+    crf: int | None = None  # 0 best .. 51 worst (h264, hevc)
+    preset: str | None = None  # x264/x265 speed preset: ultrafast .. veryslow
+    pix_fmt: str | None = None  # e.g. yuv444p, yuv420p10le
+
+    def codec_for(self, path: Path) -> Codec:
+        """The codec for `path`, checked against its container."""
+        suffix = path.suffix.lower()
+        if suffix not in DEFAULT_CODEC:
+            raise VideoError(f"{path}: unsupported video extension; use one of {', '.join(SUFFIXES)}")
+        codec = self.codec or DEFAULT_CODEC[suffix]
+        if suffix not in CODECS[codec][2]:
+            raise VideoError(f"{path}: {suffix} cannot hold {codec}; use {' or '.join(CODECS[codec][2])}")
+        return codec
+
+    def options(self, codec: Codec) -> dict[str, str]:
+        if codec in ("h264", "hevc"):
+            return {"crf": str(14 if self.crf is None else self.crf), "preset": self.preset or "slow"}
+        if self.crf is not None or self.preset is not None:
+            raise VideoError(f"--crf and --preset apply to h264 and hevc, not {codec}")
+        return {"qscale": "2"} if codec in ("mp4v", "mjpg") else {}
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    fps: float | None  # the stream's average rate
+    frames: int  # announced by the header (or estimated from the duration); 0 if unknown
+    pix_fmt: str  # the source's pixel format, e.g. yuv420p10le
+    has_audio: bool
+
+    @property
+    def eight_bit(self) -> bool:
+        return av.VideoFormat(self.pix_fmt).components[0].bits <= 8
+
+
+@dataclass(frozen=True)
+class Decoded:
+    bgr: np.ndarray  # (H, W, 3) uint8
+    pts_ms: float | None  # exact: pts x time base
+
+
+@dataclass
+class Reader:
+    """The frames of one video, in decode order, with `info`; `error` holds why decoding stopped early."""
+
+    source: str | Path | IO[bytes]
+    name: str
+    info: VideoInfo = field(init=False)
+    error: str | None = None
+
+    def __post_init__(self) -> None:
+        self._container = _open(self.source, self.name)
+        try:
+            stream = self._container.streams.video[0]
+        except IndexError:
+            self._container.close()
+            raise VideoError(f"{self.name}: no video stream") from None
+        rate = stream.average_rate or stream.guessed_rate
+        fps = float(rate) if rate else None
+        frames = stream.frames
+        if not frames and fps and self._container.duration:
+            frames = round(self._container.duration / av.time_base * fps)
+        has_audio = bool(self._container.streams.audio)
+        self.info = VideoInfo(fps, int(frames), stream.codec_context.pix_fmt or "unknown", has_audio)
+
+    def __iter__(self) -> Iterator[Decoded]:
+        try:
+            for frame in self._container.decode(video=0):
+                time = frame.time
+                yield Decoded(frame.to_ndarray(format="bgr24"), None if time is None else round(time * 1000, 6))
+        except av.error.FFmpegError as e:
+            self.error = str(e)
+        finally:
+            self._container.close()
+
+
+def _open(source: str | Path | IO[bytes], name: str) -> av.container.InputContainer:
+    try:
+        return av.open(source if not isinstance(source, Path) else str(source), "r")
+    except av.error.FFmpegError as e:
+        raise VideoError(f"{name}: cannot open it as a video ({e}); damaged, truncated or not a video") from None
+
+
+def count_frames(path: Path) -> int:
+    """Frames a video file decodes to (decoded, not the header's estimate)."""
+    container = _open(path, str(path))
+    try:
+        return sum(1 for _ in container.decode(video=0))
+    except av.error.FFmpegError as e:
+        raise VideoError(f"{path}: decoding failed ({e})") from None
+    finally:
+        container.close()
+
+
+def write_video(path: Path, frames_rgb: Iterable[np.ndarray], *, fps: float, encoding: Encoding = Encoding()) -> int:
+    """Frames at a constant `fps`; returns the number written."""
+    rate = Fraction(fps).limit_denominator(1001)
+    return _write(path, ((frame, i) for i, frame in enumerate(frames_rgb)), 1 / rate, (encoding, rate))
+
+
+def write_timed_video(
+    path: Path, frames_rgb: Iterable[np.ndarray], pts_ms: Sequence[float], encoding: Encoding = Encoding()
+) -> int:
+    """Frames at their own times (ms, any start; a millisecond time base). AVI has no timestamps."""
+    if path.suffix.lower() == ".avi":
+        raise VideoError(f"{path}: AVI holds a fixed rate only, not each frame's time; write .mkv or .mp4")
     start = pts_ms[0] if pts_ms else 0.0
-    count = 0
-    with av.open(str(path), "w") as container:
+    ticks = (round(t - start) for t in pts_ms)
+    return _write(path, zip(frames_rgb, ticks, strict=False), Fraction(1, 1000), (encoding, None))
+
+
+def _write(
+    path: Path,
+    frames: Iterable[tuple[np.ndarray, int]],
+    time_base: Fraction,
+    how: tuple[Encoding, Fraction | None],
+) -> int:
+    encoding, rate = how
+    codec = encoding.codec_for(path)
+    encoder, pix_fmt, _ = CODECS[codec]
+    pix_fmt = encoding.pix_fmt or pix_fmt
+    options = encoding.options(codec) | {"threads": "1"}
+    if codec == "hevc":
+        options["x265-params"] = "log-level=error:pools=none:frame-threads=1"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    count, last = 0, -1
+    with av.open(str(path), "w", container_options=BITEXACT) as container:
         stream = None
-        last = -1
-        for frame, pts in zip(frames_rgb, pts_ms, strict=False):
+        for frame, tick in frames:
             if stream is None:
-                stream = container.add_stream(encoder, options=options)
-                stream.height, stream.width = frame.shape[:2]
-                stream.pix_fmt = pix_fmt
-                stream.time_base = stream.codec_context.time_base = millis
-            ticks = round(pts - start)
-            if ticks <= last:
-                raise InvalidInput(f"{path}: frame {count} at {pts} ms does not come after the one before")
+                stream = _add_stream(container, (encoder, pix_fmt, options), frame.shape[:2], rate)
+                stream.time_base = stream.codec_context.time_base = time_base
+            if tick <= last:
+                raise VideoError(f"{path}: frame {count} does not come after the one before it")
             picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame, np.uint8), format="rgb24")
             picture = picture.reformat(format=pix_fmt)
-            picture.pts, picture.time_base = ticks, millis
+            picture.pts, picture.time_base = tick, time_base
             container.mux(stream.encode(picture))
-            last, count = ticks, count + 1
+            last, count = tick, count + 1
         if stream is not None:
             container.mux(stream.encode(None))
     return count
+
+
+def _add_stream(
+    container: av.container.OutputContainer,
+    spec: tuple[str, str, dict[str, str]],
+    size: tuple[int, ...],
+    rate: Fraction | None,
+) -> av.VideoStream:
+    encoder, pix_fmt, options = spec
+    try:
+        stream = container.add_stream(encoder, rate=rate, options=options)
+        stream.height, stream.width = size
+        stream.pix_fmt = pix_fmt
+    except (av.error.FFmpegError, ValueError) as e:
+        raise VideoError(f"{container.name}: cannot encode {encoder} as {pix_fmt} ({e}); check --pix-fmt") from None
+    return stream
+
+
+def copy_audio(video: Path, source: str | Path | IO[bytes], to: Path) -> bool:
+    """`to` = `video`'s video stream + `source`'s audio streams, both copied, interleaved by time.
+    Returns False (and writes nothing) when the source has no audio."""
+    with av.open(str(video)) as picture, _open(source, str(source)) as sound:
+        if not sound.streams.audio:
+            return False
+        with av.open(str(to), "w", container_options=BITEXACT) as out:
+            streams = {picture.streams.video[0]: out.add_stream_from_template(picture.streams.video[0])}
+            for audio in sound.streams.audio:
+                try:
+                    streams[audio] = out.add_stream_from_template(audio)
+                except (av.error.FFmpegError, ValueError) as e:
+                    raise VideoError(f"{to}: cannot hold the audio of {source} ({e}); try .mkv") from None
+            merged = heapq.merge(
+                _timed(picture.demux(picture.streams.video[0]), 0), _timed(sound.demux(*sound.streams.audio), 1)
+            )
+            try:
+                for *_, packet in merged:
+                    packet.stream = streams[packet.stream]
+                    out.mux(packet)
+            except av.error.FFmpegError as e:
+                raise VideoError(f"{to}: cannot hold the audio of {source} ({e}); try .mkv") from None
+    return True
+
+
+def _timed(packets: Iterable[av.Packet], order: int) -> Iterator[tuple[float, int, int, av.Packet]]:
+    """(time in s, `order`, sequence, packet) for the packets that carry data (flush packets do not)."""
+    for n, packet in enumerate(packets):
+        if packet.dts is None or packet.size == 0:
+            continue
+        yield float(packet.dts * packet.time_base), order, n, packet

@@ -128,6 +128,8 @@ def frame_sample(frame: sources.Frame, config: IngestConfig) -> tuple[Sample, di
         "source_sha256": frame.source_sha256,
         "frame_sha256": images.pixel_sha256(frame.bgr),
     }
+    if frame.source_pix_fmt is not None:
+        meta["source_pix_fmt"] = frame.source_pix_fmt
     if frame.notes:
         meta["notes"] = list(frame.notes)
     sample = Sample(key, {config.image_format: data, "json": json.dumps(meta, sort_keys=True).encode()})

@@ -16,12 +16,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import cv2
 import numpy as np
 from braceexpand import braceexpand
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.formats import images
+from pipeline.formats import images, video
 from pipeline.formats.shards import Sample, ShardError, iter_samples
 from pipeline.store import storage
 from pipeline.store.scratch import scratch
@@ -43,6 +42,7 @@ class Frame:
     source_sha256: str
     pts_ms: float | None = None
     fps: float | None = None
+    source_pix_fmt: str | None = None  # a video's pixel format before the conversion to 8-bit BGR
     notes: tuple[str, ...] = ()
 
 
@@ -207,7 +207,7 @@ def _read_video(source: Source) -> Iterator[Event]:
     fs, path = source.fs, source.paths[0]
     with scratch("video") as tmp:
         if not isinstance(fs, LocalFileSystem):
-            # OpenCV decodes from local files only: fetch the object first.
+            # Fetched first: its sha256 is recorded, and decoding seeks.
             local = os.path.join(tmp, "video" + posixpath.splitext(path)[1])
             storage.call("download", source.url, lambda: fs.get_file(path, local))
             path = local
@@ -215,36 +215,31 @@ def _read_video(source: Source) -> Iterator[Event]:
             yield Problem(source.url, "empty file (0 bytes); nothing to decode", video_id=source.video_id)
             return
         digest = _sha256_file(path)
-        capture = cv2.VideoCapture(path, cv2.CAP_FFMPEG)
         try:
-            if not capture.isOpened():
-                yield Problem(
-                    source.url,
-                    "OpenCV cannot open it as a video (damaged, truncated, or an unknown codec)",
-                    video_id=source.video_id,
-                )
-                return
-            fps = capture.get(cv2.CAP_PROP_FPS) or None
-            expected = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
-            count, pts = 0, 0.0
-            while True:
-                ok, bgr = capture.read()
-                if not ok:
-                    break
-                pts = capture.get(cv2.CAP_PROP_POS_MSEC)
-                yield Frame(source.video_id, count, bgr, source.url, digest, pts_ms=pts, fps=fps)
-                count += 1
-        finally:
-            capture.release()
+            reader = video.Reader(path, source.url)
+        except video.VideoError:
+            yield Problem(
+                source.url, "cannot be opened as a video (damaged, truncated, or not a video)", video_id=source.video_id
+            )
+            return
+        info, count, pts = reader.info, 0, 0.0
+        if not info.eight_bit:
+            note = f"{info.pix_fmt} source converted to 8-bit RGB (frames keep source_pix_fmt)"
+            yield Problem(source.url, note, skipped=False, video_id=source.video_id)
+        for decoded in reader:
+            pts = decoded.pts_ms if decoded.pts_ms is not None else pts
+            yield Frame(source.video_id, count, decoded.bgr, source.url, digest, decoded.pts_ms, info.fps, info.pix_fmt)
+            count += 1
+    fps, expected = info.fps, info.frames
     if count == 0:
         yield Problem(source.url, "no frame could be decoded (empty or damaged video)", video_id=source.video_id)
-    elif expected > count and not (fps and pts + 2000 / fps >= expected * 1000 / fps):
-        # The header's count is duration x nominal fps: a variable-rate video whose frames run to the
-        # end of that duration has fewer frames and is whole; a cut-off one stops early.
+    elif reader.error is not None or (expected > count and not (fps and pts + 2000 / fps >= expected * 1000 / fps)):
+        # The header's count may be duration x nominal fps: a variable-rate video whose frames run to
+        # the end of that duration has fewer frames and is whole; a cut-off one stops early.
+        announced = f" of the {expected} frames its header announces" if expected > count else ""
         yield Problem(
             source.url,
-            f"truncated or damaged: decoded {count} of the {expected} frames its header announces; "
-            f"frames 0..{count - 1} were ingested",
+            f"truncated or damaged: decoded {count}{announced}; frames 0..{count - 1} were ingested",
             skipped=False,
             video_id=source.video_id,
         )

@@ -159,5 +159,5 @@ def write_clip(path: Path, config: ClipConfig, sharp_path: Path | None = None) -
         load_sample(config.scene), config.seed, frames=config.frames, size=config.size, spec=config.spec
     )
     if sharp_path is not None:
-        write_video(sharp_path, (sharp for _, sharp in clip), config.fps)
-    return write_video(path, (blurry for blurry, _ in clip), config.fps)
+        write_video(sharp_path, (sharp for _, sharp in clip), fps=config.fps)
+    return write_video(path, (blurry for blurry, _ in clip), fps=config.fps)
