@@ -33,7 +33,7 @@ import torch
 import adarevd
 from adarevd.errors import UserError
 from adarevd.metrics import psnr
-from jobs import data, deblur, report, signals, submit, train
+from jobs import data, deblur, deblur_video, report, signals, submit, train
 from jobs.data import add_storage_option
 from jobs.models import (
     ASSETS,
@@ -273,6 +273,7 @@ def parser() -> argparse.ArgumentParser:
 
     data.add_parsers(sub)
     deblur.add_parser(sub)
+    deblur_video.add_parser(sub)
     report.add_parser(sub)
     train.add_parsers(sub)
     submit.add_parsers(sub, submit.Commands(main=main, long_options=long_options))

@@ -12,6 +12,7 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import pyarrow.compute as pc
 import torch
@@ -29,6 +30,9 @@ from pipeline.deblur.run_record import RunSummary
 from pipeline.formats.sink import ShardLimits
 from pipeline.ingest.run import INDEX_NAME, IngestConfig, ingest, read_index
 from pipeline.store.storage import StorageError, Store, absolute, parse_storage_options
+
+if TYPE_CHECKING:
+    from pipeline.deblur.ray import driver
 
 DEMO_CLIP = ASSETS / "demo_clip.mp4"
 DEMO_INPUT, DEMO_OUTPUT = "adarevd-out/demo-frames", "adarevd-out/deblurred"
@@ -50,6 +54,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "demo clip, ingested",
     )
     d.add_argument("output", nargs="?", help=f"output folder URL (default: {DEMO_OUTPUT})")
+    add_deblur_options(d)
+    d.set_defaults(run=cmd_deblur)
+
+
+def add_deblur_options(d: argparse.ArgumentParser) -> None:
+    """The options of the deblur job (model, weights, cluster, routing, ...), for `deblur` and `deblur-video`."""
     d.add_argument(
         "--model",
         choices=sorted(adarevd.PRESETS),
@@ -127,7 +137,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--quarantine-ok", action="store_true", help="exit 0 even if frames were quarantined")
     add_take_over(d)
     add_storage_option(d)
-    d.set_defaults(run=cmd_deblur)
 
 
 def demo_input() -> str:
@@ -155,14 +164,35 @@ def expected_frames(store: Store, shards: Sequence[str]) -> int | None:
 
 
 def cmd_deblur(args: argparse.Namespace) -> int:
-    from pipeline.deblur.ray import driver
-
-    options = parse_storage_options(args.storage_option)
     if (args.input is None) != (args.output is None):
         raise InvalidInput("give both INPUT_URL and OUTPUT_URL, or neither (the bundled demo)")
-    input_url = args.input or demo_input()
     output_url = args.output or DEMO_OUTPUT
-    job = driver.DeblurJob(
+    model, weights = load_checked(args)
+    job = job_from(args, args.input or demo_input(), output_url)
+    started = time.perf_counter()
+    with tqdm(unit=" frames", desc="deblur", file=sys.stderr, disable=None) as bar:
+        summary = run_job(args, job, (model, weights), bar)
+    print_summary(summary, output_url, time.perf_counter() - started)
+    failed = summary.shard_errors or (summary.quarantined and not args.quarantine_ok)
+    return 3 if failed else 0
+
+
+def load_checked(args: argparse.Namespace) -> tuple[adarevd.AdaRevD, list[str]]:
+    """The model of --model/--weights, checked against --exit, announced; and its local weight files."""
+    model, source, weight_files = model_from(args, torch.device("cpu"))
+    RestoreOptions(exit=args.exit).check_model(model.num_columns)
+    print(
+        f"model: {model.config.encoder} encoder, width {model.config.width}, {model.num_columns} columns; "
+        f"weights: {source}; fingerprint {adarevd.fingerprint(model)[:12]}"
+    )
+    return model, weight_files
+
+
+def job_from(args: argparse.Namespace, input_url: str, output_url: str) -> driver.DeblurJob:
+    """The deblur job that the options in `args` describe."""
+    from pipeline.deblur.ray import driver
+
+    return driver.DeblurJob(
         input_url=input_url,
         output_url=output_url,
         restore=RestoreOptions(
@@ -190,40 +220,41 @@ def cmd_deblur(args: argparse.Namespace) -> int:
         take_over=args.take_over,
         storage_retry_s=args.storage_retry,
     )
-    model, source, weight_files = model_from(args, torch.device("cpu"))
-    job.restore.check_model(model.num_columns)
-    fingerprint = adarevd.fingerprint(model)
-    listing = job.listing(options)  # before Ray starts: a mistyped input stops at once
-    print(
-        f"model: {model.config.encoder} encoder, width {model.config.width}, {model.num_columns} columns; "
-        f"weights: {source}; fingerprint {fingerprint[:12]}"
-    )
+
+
+def run_job(
+    args: argparse.Namespace, job: driver.DeblurJob, model: tuple[adarevd.AdaRevD, list[str]], bar: tqdm
+) -> RunSummary:
+    """List the input (before Ray starts: a mistyped input stops at once), start or join Ray, run the job.
+    `bar` counts the frames deblurred from its current position; its total grows by this run's frames."""
+    from pipeline.deblur.ray import driver
+
+    options = parse_storage_options(args.storage_option)
+    listing = job.listing(options)
     where = ray_address(args.address)
-    print(f"ray: {where.describe()}")
-    started = time.perf_counter()
+    bar.write(f"ray: {where.describe()}", sys.stdout)
     driver.ensure_ray(where.address, args.num_cpus, where.source)
     signals.again()
-    total = expected_frames(job.stores(options)[0], listing.shards)
-    with tqdm(total=total, unit=" frames", desc="deblur", file=sys.stderr, disable=None) as bar:
+    start = bar.n
+    if (total := expected_frames(job.stores(options)[0], listing.shards)) is not None:
+        bar.total = (bar.total or start) + total
+        bar.refresh()
 
-        def show(done: int, depths: list[int]) -> None:
-            bar.set_postfix_str(f"patches by exit depth {depths}", refresh=False)
-            bar.update(done - bar.n)
+    def show(done: int, depths: list[int]) -> None:
+        bar.set_postfix_str(f"patches by exit depth {depths}", refresh=False)
+        bar.update(start + done - bar.n)
 
-        summary = driver.run(
-            job,
-            model,
-            weight_files=weight_files,
-            options=options,
-            listing=listing,
-            hooks=driver.Hooks(on_progress=show, on_warning=lambda line: bar.write(f"warning: {line}", sys.stderr)),
-        )
-    print_summary(summary, output_url, time.perf_counter() - started)
-    failed = summary.shard_errors or (summary.quarantined and not args.quarantine_ok)
-    return 3 if failed else 0
+    return driver.run(
+        job,
+        model[0],
+        weight_files=model[1],
+        options=options,
+        listing=listing,
+        hooks=driver.Hooks(on_progress=show, on_warning=lambda line: bar.write(f"warning: {line}", sys.stderr)),
+    )
 
 
-def print_summary(summary: RunSummary, output_url: str, wall: float) -> None:
+def print_summary(summary: RunSummary, output_url: str, wall: float, *, standalone: bool = True) -> None:
     frames = summary.frames
     if summary.took_over:
         print(f"took the output over from {summary.took_over}")
@@ -277,12 +308,10 @@ def print_summary(summary: RunSummary, output_url: str, wall: float) -> None:
         print(f"quarantined: {summary.quarantined} frame(s); see {output_url}/_quarantine/ (original bytes + reasons)")
     for error in summary.shard_errors:
         print(f"shard error: {error}")
-    if not summary.reports and summary.shards_skipped:
+    if not summary.reports and summary.shards_skipped and standalone:
         print("nothing to do: every shard is already done here (resume); remove the output or choose another to redo")
     print(f"output: {absolute(output_url)} (shards, _manifest/, _run.json)")
-    report = (
-        "adarevd report"
-        if output_url == DEMO_OUTPUT
-        else f"adarevd report {shlex.quote(output_url)} --output REPORT_DIR"
-    )
-    print(f"pictures and a run page: {report}")
+    if standalone:
+        quoted = shlex.quote(output_url)
+        report = "adarevd report" if output_url == DEMO_OUTPUT else f"adarevd report {quoted} --output REPORT_DIR"
+        print(f"pictures and a run page: {report}")

@@ -160,7 +160,7 @@ def assemble(store: Store, video_id: str, to: str | Path, options: AssembleOptio
     output, name = file_store(str(to), store.options)
     suffix = Path(name).suffix
     try:
-        codec = options.encoding.codec_for(Path(name))
+        options.encoding.options(options.encoding.codec_for(Path(name)))
     except video.VideoError as e:
         raise AssembleError(str(e)) from None
     if options.source is not None and output.file_location(name) == _location(options.source, store):
@@ -186,9 +186,7 @@ def assemble(store: Store, video_id: str, to: str | Path, options: AssembleOptio
         check(frames, video.count_frames(source) if source is not None else None)
         made = Path(tmp) / f"video{suffix}"
         pixels = _in_order(store, frames, options.image)
-        encoding = video.Encoding(
-            codec=codec, crf=options.encoding.crf, preset=options.encoding.preset, pix_fmt=options.encoding.pix_fmt
-        )
+        encoding = options.encoding
         try:
             if timed:
                 written = video.write_timed_video(made, pixels, [t for t in times if t is not None], encoding)

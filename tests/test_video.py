@@ -12,6 +12,7 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 
+from adarevd.errors import InvalidInput
 from jobs.cli import main
 from pipeline.formats import video
 from pipeline.formats.shards import iter_samples
@@ -93,7 +94,8 @@ def test_encodings_a_container_or_codec_cannot_take_are_refused(tmp_path: Path) 
     with pytest.raises(video.VideoError, match=r"\.mp4 cannot hold ffv1; use \.mkv"):
         video.write_video(tmp_path / "x.mp4", frames, fps=10, encoding=video.Encoding(codec="ffv1"))
     with pytest.raises(video.VideoError, match="--crf and --preset apply to h264 and hevc, not ffv1"):
-        video.write_video(tmp_path / "x.mkv", frames, fps=10, encoding=video.Encoding(crf=20))
+        video.write_video(tmp_path / "x.mkv", frames, fps=10, encoding=video.Encoding(codec="ffv1", crf=20))
+    assert video.write_video(tmp_path / "z.mkv", frames, fps=10, encoding=video.Encoding(crf=20)) == 1  # lossless
     with pytest.raises(video.VideoError, match="unsupported video extension"):
         video.write_video(tmp_path / "x.webm", frames, fps=10)
     with pytest.raises(video.VideoError, match="check --pix-fmt"):
@@ -151,3 +153,26 @@ def test_assemble_reads_and_writes_any_store(s3: S3Server, tmp_path: Path) -> No
         assert [s.type for s in container.streams] == ["video", "audio"]
     assert video.count_frames(local) == 10
     assert main(arguments) == 2  # there now: refused without --overwrite
+
+
+def test_deblur_video_plans_an_output_for_each_video(tmp_path: Path) -> None:
+    from pipeline import videos
+
+    for relative in ("a/take.mp4", "b/take.mp4", "b/old.webm", "b/notes.txt"):
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_bytes(b"")
+    found = videos.plan([str(tmp_path)], "out", None, {})
+    assert [(Path(j.source).relative_to(tmp_path).as_posix(), j.output) for j in found.videos] == [
+        ("a/take.mp4", "out/take.mp4"),
+        ("b/old.webm", "out/old.mkv"),  # a container we do not write: Matroska
+        ("b/take.mp4", "out/take-2.mp4"),  # the name is taken: the video id
+    ]
+    assert found.work == "out/_work" and [Path(p.source).name for p in found.skipped] == ["notes.txt"]
+    one = videos.plan([str(tmp_path / "a/take.mp4")], "s3://bucket/take.deblurred.mov", None, {})
+    assert (
+        one.videos[0].output == "s3://bucket/take.deblurred.mov" and one.work == "s3://bucket/take.deblurred.mov.work"
+    )
+    with pytest.raises(InvalidInput, match="3 videos need an output folder"):
+        videos.plan([str(tmp_path)], "out.mp4", None, {})
+    with pytest.raises(InvalidInput, match="no video under"):
+        videos.plan([str(tmp_path / "b/notes.txt")], "out", None, {})

@@ -13,7 +13,7 @@ import heapq
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import IO, Literal
 
 import av
@@ -25,12 +25,12 @@ Codec = Literal["ffv1", "h264", "hevc", "mp4v", "mjpg"]
 # codec -> (PyAV encoder, default pixel format, the containers that hold it)
 CODECS: dict[Codec, tuple[str, str, tuple[str, ...]]] = {
     "ffv1": ("ffv1", "bgr0", (".mkv",)),  # lossless RGB: decodes back bit-exactly
-    "h264": ("libx264", "yuv420p", (".mp4", ".mkv")),
-    "hevc": ("libx265", "yuv420p", (".mp4", ".mkv")),
-    "mp4v": ("mpeg4", "yuv420p", (".mp4", ".mkv", ".avi")),
-    "mjpg": ("mjpeg", "yuvj420p", (".avi", ".mkv")),
+    "h264": ("libx264", "yuv420p", (".mp4", ".mkv", ".mov")),
+    "hevc": ("libx265", "yuv420p", (".mp4", ".mkv", ".mov")),
+    "mp4v": ("mpeg4", "yuv420p", (".mp4", ".mkv", ".avi", ".mov")),
+    "mjpg": ("mjpeg", "yuvj420p", (".avi", ".mkv", ".mov")),
 }
-DEFAULT_CODEC: dict[str, Codec] = {".mkv": "ffv1", ".mp4": "h264", ".avi": "mjpg"}
+DEFAULT_CODEC: dict[str, Codec] = {".mkv": "ffv1", ".mp4": "h264", ".mov": "h264", ".avi": "mjpg"}
 SUFFIXES = tuple(DEFAULT_CODEC)
 BITEXACT = {"fflags": "+bitexact"}  # no random ids or library versions in the container: same input, same bytes
 
@@ -44,12 +44,12 @@ class Encoding:
     """How frames become a video. None: the codec's default (crf 14 and preset slow for H.264/HEVC:
     a synthetic blurry frame stays at about 39 dB; the codec's own pixel format)."""
 
-    codec: Codec | None = None  # default: from the file's suffix (.mkv ffv1, .mp4 h264, .avi mjpg)
-    crf: int | None = None  # 0 best .. 51 worst (h264, hevc)
-    preset: str | None = None  # x264/x265 speed preset: ultrafast .. veryslow
+    codec: Codec | None = None  # default: from the file's suffix (.mkv ffv1, .mp4/.mov h264, .avi mjpg)
+    crf: int | None = None  # 0 best .. 51 worst (h264, hevc; the suffix's other codecs ignore it)
+    preset: str | None = None  # x264/x265 speed preset: ultrafast .. veryslow (the same)
     pix_fmt: str | None = None  # e.g. yuv444p, yuv420p10le
 
-    def codec_for(self, path: Path) -> Codec:
+    def codec_for(self, path: PurePath) -> Codec:
         """The codec for `path`, checked against its container."""
         suffix = path.suffix.lower()
         if suffix not in DEFAULT_CODEC:
@@ -62,8 +62,8 @@ class Encoding:
     def options(self, codec: Codec) -> dict[str, str]:
         if codec in ("h264", "hevc"):
             return {"crf": str(14 if self.crf is None else self.crf), "preset": self.preset or "slow"}
-        if self.crf is not None or self.preset is not None:
-            raise VideoError(f"--crf and --preset apply to h264 and hevc, not {codec}")
+        if self.codec is not None and (self.crf is not None or self.preset is not None):
+            raise VideoError(f"--crf and --preset apply to h264 and hevc, not {codec}")  # else: lossless or fixed
         return {"qscale": "2"} if codec in ("mp4v", "mjpg") else {}
 
 
@@ -109,6 +109,9 @@ class Reader:
         has_audio = bool(self._container.streams.audio)
         self.info = VideoInfo(fps, int(frames), stream.codec_context.pix_fmt or "unknown", has_audio)
 
+    def close(self) -> None:
+        self._container.close()
+
     def __iter__(self) -> Iterator[Decoded]:
         try:
             for frame in self._container.decode(video=0):
@@ -118,6 +121,13 @@ class Reader:
             self.error = str(e)
         finally:
             self._container.close()
+
+
+def probe(source: str | Path | IO[bytes], name: str) -> VideoInfo:
+    """A video's rate, announced frames, pixel format and whether it has audio, without decoding."""
+    reader = Reader(source, name)
+    reader.close()
+    return reader.info
 
 
 def _open(source: str | Path | IO[bytes], name: str) -> av.container.InputContainer:
@@ -232,6 +242,7 @@ def copy_audio(video: Path, source: str | Path | IO[bytes], to: Path) -> bool:
 def _timed(packets: Iterable[av.Packet], order: int) -> Iterator[tuple[float, int, int, av.Packet]]:
     """(time in s, `order`, sequence, packet) for the packets that carry data (flush packets do not)."""
     for n, packet in enumerate(packets):
-        if packet.dts is None or packet.size == 0:
+        time = packet.dts if packet.dts is not None else packet.pts  # Matroska stores no dts
+        if time is None or packet.size == 0:
             continue
-        yield float(packet.dts * packet.time_base), order, n, packet
+        yield float(time * packet.time_base), order, n, packet
