@@ -10,3 +10,4 @@ ExitMode = Literal["adaptive"] | int  # the classifier picks each patch's depth,
 EncoderKind = Literal["ufpnet", "nafnet"]
 ClassifierInput = Literal["e3", "e4"]  # which encoder level the classifier reads
 Blend = Literal["normalised", "reference"]  # a weighted mean over overlaps, or the reference's weights
+Compile = Literal["auto", "on", "off"]  # torch.compile the model: by the work ahead, always, never

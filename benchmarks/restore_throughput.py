@@ -1,9 +1,12 @@
 """Inference throughput of `restore`: the B preset at width 16 on 720p frames, full depth.
 
-Modes measured side by side in one run: fp32; fp32 with channels_last; bf16 autocast; torch.compile of
-the encoder, columns, heads and classifier (fp32). The NAFNet encoder is the default here: at width 16
-the UFPNet encoder's kernel prior (a fixed-width U-Net plus a per-pixel flow, about 1 TFLOP per 720p
-frame) dominates everything else; `--encoder ufpnet` measures it anyway.
+Modes measured side by side in one run: fp32; fp32 with channels_last; bf16 autocast; compile (fp32,
+`adarevd.speed.compile_for_inference`: the path the deblur job and `adarevd restore` take on long runs;
+its first call, which compiles, is reported apart). Each mode's achieved GFLOP/s (the FLOPs of one
+restore, counted by torch's FlopCounterMode) is set against this machine's peak: a large fp32 matmul.
+The NAFNet encoder is the default here: at width 16 the UFPNet encoder's kernel prior (a fixed-width
+U-Net plus a per-pixel flow, about 1 TFLOP per 720p frame) dominates everything else; `--encoder ufpnet`
+measures it anyway.
 
     python -m benchmarks.restore_throughput [--frames 3 --encoder nafnet --modes fp32 bf16 compile]
 """
@@ -11,10 +14,13 @@ frame) dominates everything else; `--encoder ufpnet` measures it anyway.
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import adarevd
+from adarevd.speed import compile_for_inference
 from benchmarks.common import timed, write
 
 MODES = ("fp32", "channels_last", "bf16", "compile")
@@ -24,10 +30,21 @@ def prepare(mode: str, model: adarevd.AdaRevD) -> adarevd.AdaRevD:
     if mode == "channels_last":
         return model.to(memory_format=torch.channels_last)
     if mode == "compile":
-        model.encoder.compile()
-        for module in (*model.subdenets, *model.outputs, model.ape):
-            module.compile(dynamic=True)
+        return compile_for_inference(model)
     return model
+
+
+def peak_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """fp32 GFLOP/s of a size^3 matmul: what this machine's cores reach on the densest work."""
+    a, b = torch.rand(size, size), torch.rand(size, size)
+    return 2 * size**3 / timed(lambda: a @ b, repeats=repeats) / 1e9
+
+
+def count_flops(model: adarevd.AdaRevD, frame: torch.Tensor) -> float:
+    """FLOPs of one full-depth restore of `frame` (convolutions, matmuls, FFT-free count)."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.restore(frame, exit=model.num_columns)
+    return float(counter.get_total_flops())
 
 
 def main() -> None:
@@ -36,10 +53,12 @@ def main() -> None:
     p.add_argument("--encoder", default="nafnet", choices=["nafnet", "ufpnet"])
     p.add_argument("--size", type=int, nargs=2, default=(720, 1280))
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--preset", default="adarevd-b")
+    p.add_argument("--width", type=int, default=16)
     args = p.parse_args()
     torch.manual_seed(0)
     frames = torch.rand(args.frames, 1, 3, *args.size)
-    base = adarevd.build("adarevd-b", width=16, encoder=args.encoder, kernel_noise=False).eval()
+    base = adarevd.build(args.preset, width=args.width, encoder=args.encoder, kernel_noise=False).eval()
     with torch.no_grad():  # heads start at zero (identity); give them weights so the modes' outputs differ
         for head in base.outputs:
             head[0].weight.normal_(0, 0.01)
@@ -58,7 +77,10 @@ def main() -> None:
         def run(model: adarevd.AdaRevD = model, frames_in: list = frames_in, dtype: torch.dtype | None = dtype) -> list:
             return [model.restore(f, exit=model.num_columns, autocast_dtype=dtype).images for f in frames_in]
 
-        seconds = timed(run, repeats=1, warmup=1)
+        first = time.perf_counter()
+        run()  # the warm-up: compiling, for compile
+        first = time.perf_counter() - first
+        seconds = timed(run, repeats=1, warmup=0)
         out = run()[0]
         if reference is None:
             reference = out
@@ -66,12 +88,20 @@ def main() -> None:
             "seconds_per_frame": seconds / args.frames,
             "frames_per_second": args.frames / seconds,
             "max_abs_diff_vs_fp32": (out - reference).abs().max().item(),
+            "first_call_seconds": first,
         }
         print(mode, rows[mode], flush=True)
     fp32 = rows.get("fp32", next(iter(rows.values())))["frames_per_second"]
+    flops = count_flops(base, frames[0])
+    peak = peak_gflops()
     for row in rows.values():
         row["speedup_vs_fp32"] = row["frames_per_second"] / fp32
-    write(f"restore_throughput_{args.encoder}", {"config": vars(args), "modes": rows})
+        row["gflops_per_second"] = flops * row["frames_per_second"] / 1e9
+        row["fraction_of_matmul_peak"] = row["gflops_per_second"] / peak
+    limits = {"gflop_per_frame": flops / 1e9, "matmul_peak_gflops_per_second": peak}
+    print(limits)
+    name = f"restore_throughput_{args.encoder}" + ("" if args.preset == "adarevd-b" else f"_{args.preset}")
+    write(name, {"config": vars(args), "limits": limits, "modes": rows})
 
 
 if __name__ == "__main__":

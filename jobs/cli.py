@@ -33,6 +33,7 @@ import torch
 import adarevd
 from adarevd.errors import UserError
 from adarevd.metrics import psnr
+from adarevd.speed import compile_for_inference, worth_compiling
 from jobs import data, deblur, deblur_video, report, signals, submit, train
 from jobs.data import add_storage_option
 from jobs.models import (
@@ -40,6 +41,7 @@ from jobs.models import (
     DEFAULT_WEIGHTS,
     CliError,
     add_blend_option,
+    add_compile_option,
     add_weights_option,
     exit_mode,
     model_from,
@@ -105,6 +107,17 @@ def restore_plan(inputs: Sequence[str], out_dir: Path) -> list[tuple[Path, Path]
     return plan
 
 
+def pixels(path: Path) -> int:
+    """An image's pixel count from its header (the pixels are not decoded)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.width * image.height
+    except OSError:
+        return 0  # read_image names the file when its turn comes
+
+
 def depth_map_path(out: Path) -> Path:
     """Where the exit-depth picture of the output `out` goes: `<stem>.depth.png` beside it."""
     return out.with_name(out.name.removesuffix(OUTPUT_SUFFIX) + ".depth.png")
@@ -119,7 +132,11 @@ def cmd_restore(args: argparse.Namespace) -> int:
         raise CliError(f"--reference needs one sharp image per input: {len(plan)} inputs, {len(references)} given")
     model, source, _ = model_from(args, device)
     n = model.num_columns
-    print(f"model {model.config.width}-wide {model.config.encoder} encoder, {n} columns; weights: {source}")
+    compiled = worth_compiling(args.compile, sum(pixels(path) for path, _ in plan) if args.compile == "auto" else 0)
+    if compiled:
+        compile_for_inference(model)
+    how = "compiled with torch.compile" if compiled else "eager"
+    print(f"model {model.config.width}-wide {model.config.encoder} encoder, {n} columns ({how}); weights: {source}")
     print(f"{'image':<28} {'size':>11} {'time s':>7} {'mean depth':>10} {'saved':>6} {'exits 0..N':<20} psnr in -> out")
     totals = torch.zeros(n + 1, dtype=torch.long)
     for i, (path, out) in enumerate(plan):
@@ -238,6 +255,7 @@ def parser() -> argparse.ArgumentParser:
     add_blend_option(r)
     add_storage_option(r)
     r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    add_compile_option(r, "when the images hold 200 million pixels or more")
     r.add_argument(
         "--reference",
         action="append",

@@ -22,7 +22,7 @@ import adarevd
 from adarevd.errors import InvalidInput
 from jobs import signals
 from jobs.data import add_storage_option, add_take_over
-from jobs.models import ASSETS, add_blend_option, add_weights_option, exit_mode, model_from
+from jobs.models import ASSETS, add_blend_option, add_compile_option, add_weights_option, exit_mode, model_from
 from pipeline.cluster.address import ADDRESS_HELP, ray_address
 from pipeline.deblur.job import RestoreOptions
 from pipeline.deblur.resume import megabytes
@@ -80,6 +80,7 @@ def add_deblur_options(d: argparse.ArgumentParser) -> None:
         help="frame (default): the encoder sees the whole frame; patch: one patch at a time (less memory)",
     )
     d.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="fp32 (default) or bf16 autocast")
+    add_compile_option(d, "for inputs of 300 MB or more")
     add_blend_option(d)
     d.add_argument(
         "--max-frame-pixels",
@@ -201,6 +202,7 @@ def job_from(args: argparse.Namespace, input_url: str, output_url: str) -> drive
             precision=args.precision,
             blend=args.blend,
             max_frame_pixels=args.max_frame_pixels,
+            compile=args.compile,
         ),
         resources=driver.Resources(
             args.workers,
@@ -273,6 +275,8 @@ def print_summary(summary: RunSummary, output_url: str, wall: float, *, standalo
         actors = f"encoders: {summary.encoders}, depth-pool actors: {summary.workers}"
     if summary.devices:
         actors += " (model on " + ", ".join(f"{d}: {n}" for d, n in sorted(summary.devices.items())) + ")"
+    if summary.reports:
+        actors += "; compiled with torch.compile" if summary.compiled else "; eager (--compile on to compile)"
     print(
         f"shards: {len(summary.reports)} processed, {summary.shards_skipped} already done, "
         f"{summary.shards_total} in all; {actors}"

@@ -59,6 +59,17 @@ def add_blend_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_compile_option(parser: argparse.ArgumentParser, auto: str) -> None:
+    """--compile auto|on|off (`adarevd.speed`); `auto`: when auto compiles, for this command."""
+    parser.add_argument(
+        "--compile",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help=f"torch.compile the model: about 1.8x faster on CPU after a minute of compiling per process; "
+        f"auto (default): on {auto}",
+    )
+
+
 def exit_mode(text: str) -> str | int:
     if text == "adaptive" or text.isdigit():
         return text if text == "adaptive" else int(text)

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from adarevd.config import AdaRevDConfig
 from adarevd.errors import InvalidInput, NotFound, UserError
-from adarevd.modes import Blend, EncoderMode, ExitMode
+from adarevd.modes import Blend, Compile, EncoderMode, ExitMode
 from pipeline.deblur.input_shards import Listing, list_folder, list_shards, split_input, without_output
 from pipeline.deblur.shard import ShardTask
 from pipeline.store.storage import Store, redact
@@ -70,6 +70,9 @@ class RestoreOptions:
     # Frame mode holds the whole frame's activations; larger frames are encoded per patch (bounded by
     # the patch size) and say so in their manifest notes. 0 = no limit. Default: 4K UHD.
     max_frame_pixels: int = 3840 * 2160
+    # torch.compile the model (`adarevd.speed`): on, off, or auto (the job turns it on for inputs of
+    # `COMPILE_MIN_BYTES` or more; a restorer given auto runs eager).
+    compile: Compile = "auto"
 
     def __post_init__(self) -> None:
         depth = isinstance(self.exit, int) and not isinstance(self.exit, bool) and self.exit >= 0
@@ -78,6 +81,14 @@ class RestoreOptions:
         _require(self.blend in ("normalised", "reference"), "--blend", "'normalised' or 'reference'", self.blend)
         _require(self.threads >= 0, "threads", ">= 0 (0: by the actor's CPUs)", self.threads)
         _require(self.max_frame_pixels >= 0, "--max-frame-pixels", ">= 0 (0: no limit)", self.max_frame_pixels)
+        _require(self.compile in ("auto", "on", "off"), "--compile", "'auto', 'on' or 'off'", self.compile)
+
+    def compile_for(self, input_bytes: int) -> RestoreOptions:
+        """These options with `compile` decided: auto is on for inputs of `COMPILE_MIN_BYTES` or more.
+        It depends on the whole input, never on what is left: a resumed run decides as the first did."""
+        if self.compile != "auto":
+            return self
+        return replace(self, compile="on" if input_bytes >= COMPILE_MIN_BYTES else "off")
 
     def check_model(self, num_columns: int) -> None:
         """A fixed exit the model has: refused before any actor starts or shard is read."""
@@ -86,6 +97,11 @@ class RestoreOptions:
                 f"--exit must be 'adaptive' or a depth 0..{num_columns} for this model "
                 f"({num_columns} columns), got {self.exit}"
             )
+
+
+# Input shards of this size hold about 200 million pixels of PNG frames (`adarevd.speed.COMPILE_MIN_PIXELS`),
+# where compiling repays its minute of CPU; JPEG inputs hold more pixels per byte, so they pass sooner.
+COMPILE_MIN_BYTES = 300 * 2**20
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ import torch
 from adarevd import AdaRevD
 from adarevd.errors import InvalidInput
 from adarevd.metrics import tone_shift
+from adarevd.speed import compile_for_inference
 from adarevd.tiling import PatchGrid
 from pipeline.deblur.depth_pools import DepthGroup, EncodedBatch, EncodedFrame, GroupPart
 from pipeline.deblur.job import RestoreOptions
@@ -52,6 +53,8 @@ class FrameRestorer:
             torch.set_num_threads(options.threads)
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        if options.compile == "on":
+            compile_for_inference(self.model)
         self.options = options
 
     @property

@@ -34,6 +34,7 @@ class RunSummary:
     worker_nodes: dict[str, int] = field(default_factory=dict)  # node id -> restorer actors placed there
     encoder_nodes: dict[str, int] = field(default_factory=dict)  # node id -> encoder actors (depth pools)
     devices: dict[str, int] = field(default_factory=dict)  # 'cuda' / 'cpu' -> actors whose model runs there
+    compiled: bool = False  # the restorers' models run through torch.compile (`RestoreOptions.compile`)
     took_over: str | None = None  # the earlier run whose lease on the output this one took, and why
     parts_cleared: tuple[int, int] = (0, 0)  # partial files (count, bytes) earlier runs left in _tmp/
     input_moved_from: str | None = None  # resume: where the done shards were read (the same bytes as here)
@@ -121,6 +122,7 @@ def run_json(
         "worker_nodes": summary.worker_nodes,
         "encoder_nodes": summary.encoder_nodes,
         "devices": summary.devices,
+        "compiled": summary.compiled,
         "shards": {
             "total": summary.shards_total,
             "skipped_done": summary.shards_skipped,

@@ -44,7 +44,8 @@ class Deblur:
         URLs as for `--weights` (URL#sha256=... cached and verified); `device`: "auto" (CUDA when this
         actor has a GPU), "cpu", "cuda", ...; `storage_options`: fsspec options for weights URLs.
         `options`: fields of `RestoreOptions`: exit ("adaptive" or a fixed depth), precision ("fp32",
-        "bf16"), encoder_mode, blend, max_frame_pixels, threads."""
+        "bf16"), encoder_mode, blend, max_frame_pixels, threads, compile ("on": torch.compile; "auto" and
+        "off": eager)."""
         import dataclasses
 
         import torch

@@ -177,7 +177,10 @@ def run(
     source, output = job.stores(options)
     listing = listing or job.listing(options)
     shards = listing.shards
+    input_bytes = sum(stat.size for stat in source.stats(shards)) if job.restore.compile == "auto" else 0
+    job = replace(job, restore=job.restore.compile_for(input_bytes))
     summary = RunSummary(shards_total=len(shards), inputs_passed_over=dict(listing.passed_over))
+    summary.compiled = job.restore.compile == "on"
     refuse_foreign(output, shards)  # before the lease: nothing is written into another dataset's folder
     # One run at a time on an output: a second one refuses (or takes over a dead one's lease).
     lock = OutputLock(output, summary.run_id, stale_after_s=job.lock_stale_s)

@@ -1,0 +1,36 @@
+"""The fast path (`adarevd.speed`): compiled restores match eager ones; auto compiles only long runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from adarevd.speed import COMPILE_MIN_PIXELS, worth_compiling
+from jobs.cli import main
+from pipeline.deblur.job import COMPILE_MIN_BYTES, InvalidInput, RestoreOptions
+
+
+def test_auto_compiles_only_runs_long_enough_to_repay_it() -> None:
+    assert not worth_compiling("auto", COMPILE_MIN_PIXELS - 1) and worth_compiling("auto", COMPILE_MIN_PIXELS)
+    assert worth_compiling("on", 0) and not worth_compiling("off", 10 * COMPILE_MIN_PIXELS)
+    auto = RestoreOptions()
+    assert auto.compile == "auto"
+    assert auto.compile_for(COMPILE_MIN_BYTES - 1).compile == "off"
+    assert auto.compile_for(COMPILE_MIN_BYTES).compile == "on"
+    assert RestoreOptions(compile="off").compile_for(10 * COMPILE_MIN_BYTES).compile == "off"
+    with pytest.raises(InvalidInput, match="--compile"):
+        RestoreOptions(compile="fast")  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_a_compiled_restore_matches_the_eager_one(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for setting in ("off", "on"):
+        arguments = ["restore", "--exit", "1", "--compile", setting, "--output", str(tmp_path / setting)]
+        assert main(arguments) == 0  # the bundled demo image, full frame
+        assert ("compiled with torch.compile" in capsys.readouterr().out) == (setting == "on")
+    eager, compiled = (cv2.imread(str(tmp_path / s / "demo_blurry.deblurred.png")).astype(int) for s in ("off", "on"))
+    assert np.abs(eager - compiled).max() <= 1  # float rounding of other kernels: at most one level
+    assert (eager != compiled).mean() < 1e-3
