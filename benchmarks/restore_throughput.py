@@ -8,7 +8,7 @@ The NAFNet encoder is the default here: at width 16 the UFPNet encoder's kernel 
 U-Net plus a per-pixel flow, about 1 TFLOP per 720p frame) dominates everything else; `--encoder ufpnet`
 measures it anyway.
 
-    python -m benchmarks.restore_throughput [--frames 3 --encoder nafnet --modes fp32 bf16 compile]
+    python -m benchmarks.restore_throughput [--frames 3 --encoder nafnet --modes fp32 bf16 compile --device cuda]
 """
 
 from __future__ import annotations
@@ -23,20 +23,20 @@ import adarevd
 from adarevd.speed import compile_for_inference
 from benchmarks.common import timed, write
 
-MODES = ("fp32", "channels_last", "bf16", "compile")
+MODES = ("fp32", "channels_last", "bf16", "compile", "compile_bf16")
 
 
 def prepare(mode: str, model: adarevd.AdaRevD) -> adarevd.AdaRevD:
     if mode == "channels_last":
         return model.to(memory_format=torch.channels_last)
-    if mode == "compile":
+    if mode.startswith("compile"):
         return compile_for_inference(model)
     return model
 
 
-def peak_gflops(size: int = 2048, repeats: int = 5) -> float:
-    """fp32 GFLOP/s of a size^3 matmul: what this machine's cores reach on the densest work."""
-    a, b = torch.rand(size, size), torch.rand(size, size)
+def peak_gflops(device: torch.device, size: int = 2048, repeats: int = 5) -> float:
+    """fp32 GFLOP/s of a size^3 matmul: what this device reaches on the densest work."""
+    a, b = torch.rand(size, size, device=device), torch.rand(size, size, device=device)
     return 2 * size**3 / timed(lambda: a @ b, repeats=repeats) / 1e9
 
 
@@ -55,20 +55,22 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--preset", default="adarevd-b")
     p.add_argument("--width", type=int, default=16)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     args = p.parse_args()
+    device = torch.device(args.device)
     torch.manual_seed(0)
-    frames = torch.rand(args.frames, 1, 3, *args.size)
-    base = adarevd.build(args.preset, width=args.width, encoder=args.encoder, kernel_noise=False).eval()
+    frames = torch.rand(args.frames, 1, 3, *args.size, device=device)
+    base = adarevd.build(args.preset, width=args.width, encoder=args.encoder, kernel_noise=False).eval().to(device)
     with torch.no_grad():  # heads start at zero (identity); give them weights so the modes' outputs differ
         for head in base.outputs:
             head[0].weight.normal_(0, 0.01)
     reference = None
     rows = {}
     for mode in args.modes:
-        model = adarevd.AdaRevD(base.config).eval()
+        model = adarevd.AdaRevD(base.config).eval().to(device)
         model.load_state_dict(base.state_dict())
         model = prepare(mode, model)
-        dtype = torch.bfloat16 if mode == "bf16" else None
+        dtype = torch.bfloat16 if mode.endswith("bf16") else None
         if mode == "channels_last":
             frames_in = [f.contiguous(memory_format=torch.channels_last) for f in frames]
         else:
@@ -93,7 +95,7 @@ def main() -> None:
         print(mode, rows[mode], flush=True)
     fp32 = rows.get("fp32", next(iter(rows.values())))["frames_per_second"]
     flops = count_flops(base, frames[0])
-    peak = peak_gflops()
+    peak = peak_gflops(device)
     for row in rows.values():
         row["speedup_vs_fp32"] = row["frames_per_second"] / fp32
         row["gflops_per_second"] = flops * row["frames_per_second"] / 1e9
@@ -101,6 +103,7 @@ def main() -> None:
     limits = {"gflop_per_frame": flops / 1e9, "matmul_peak_gflops_per_second": peak}
     print(limits)
     name = f"restore_throughput_{args.encoder}" + ("" if args.preset == "adarevd-b" else f"_{args.preset}")
+    name += "" if device.type == "cpu" else f"_{device.type}"
     write(name, {"config": vars(args), "limits": limits, "modes": rows})
 
 

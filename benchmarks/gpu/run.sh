@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The GPU checks, as one device command (prepare .whl/ here first with benchmarks/gpu/wheels.sh):
-#   run: command "bash benchmarks/gpu/run.sh tests bench", carry [".whl"], timeout_s 580
+#   run: command "bash benchmarks/gpu/run.sh bench restore", carry [".whl"], timeout_s 580
+#   then: command "bash benchmarks/gpu/run.sh tests", carry [".whl"], timeout_s 330
 #   then: command "bash benchmarks/gpu/run.sh recipe", carry [".whl"] (and ".recipe-work"), timeout_s 580
 # Parts, in the order given: tests (the CUDA tests: the deblur job on fractional GPUs and a short
-# training recipe on the card), bench (benchmarks.deblur_pipeline --device cuda), recipe (the `gpu`
-# default-weights recipe; its weights, held-out numbers and finished stages come back in $OUT).
+# training recipe on the card), bench (benchmarks.deblur_pipeline --device cuda), restore
+# (benchmarks.restore_throughput --device cuda: fp32, bf16, compile, compile + bf16, each against fp32
+# and the card's matmul peak: the default path's frames/s per card), recipe (the `gpu` default-weights recipe; its
+# weights, held-out numbers and finished stages come back in $OUT).
 # Logs, JSON and status.txt (each part's exit status and seconds) land in $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -40,12 +43,15 @@ for what in "$@"; do
     bench) part bench "${BENCH_LIMIT_S:-270}" \
              python3 -m benchmarks.deblur_pipeline --device cuda --frames 96 --size 640x360 --repeats 2
            cp benchmarks/results/deblur_pipeline_gpu.json "$OUT/" 2>/dev/null ;;
+    restore) part restore "${RESTORE_LIMIT_S:-240}" \
+               python3 -m benchmarks.restore_throughput --device cuda --frames 4 --modes fp32 bf16 compile compile_bf16
+             cp benchmarks/results/restore_throughput_nafnet_cuda.json "$OUT/" 2>/dev/null ;;
     recipe) # Finished stages land in $OUT/recipe-work, which comes back even if the call is cut short:
             # put them in .recipe-work/ here and carry it, and the next call starts after them.
             mkdir -p "$OUT/recipe-work"; [ -d .recipe-work ] && cp .recipe-work/*.safetensors "$OUT/recipe-work/"
             part recipe "${RECIPE_LIMIT_S:-540}" \
               python3 -m jobs.cli make-default-weights --recipe gpu --device cuda \
               --work "$OUT/recipe-work" --output "$OUT/adarevd-tiny-gpu.safetensors" ;;
-    *) echo "unknown part $what (tests, bench, recipe)"; exit 2 ;;
+    *) echo "unknown part $what (tests, bench, restore, recipe)"; exit 2 ;;
   esac
 done
