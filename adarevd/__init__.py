@@ -12,6 +12,8 @@ them (job configs, shard workers) must not load torch.
 from __future__ import annotations
 
 import importlib
+import os
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from adarevd.errors import InvalidInput
@@ -54,11 +56,19 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'adarevd' has no attribute {name!r}")
 
 
-def build(name: str, **overrides: Any) -> AdaRevD:
-    """Build a preset (`adarevd-s`, `-b`, `-l`, `-tiny`) with optional config field overrides."""
+def build(name: str, *, weights: Sequence[str | os.PathLike[str]] = (), **overrides: Any) -> AdaRevD:
+    """Build a preset (`adarevd-s`, `-b`, `-l`, `-tiny`) with optional config field overrides, and load
+    `weights` (local files: the authors' .pth files or this project's .safetensors) strictly. Weights
+    at a URL (s3://, gs://, https://, ... with `#sha256=`): `pipeline.load_model`."""
     from adarevd.config import PRESETS
     from adarevd.model import AdaRevD
+    from adarevd.weights import load_weights
 
     if name not in PRESETS:
         raise InvalidInput(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return AdaRevD(PRESETS[name].with_overrides(**overrides))
+    if urls := [str(w) for w in weights if "://" in str(w)]:
+        raise InvalidInput(f"{urls[0]}: adarevd.build reads local files; pipeline.load_model fetches URLs")
+    model = AdaRevD(PRESETS[name].with_overrides(**overrides))
+    if weights:
+        load_weights(model, *weights)
+    return model

@@ -182,3 +182,11 @@ def test_weights_from_a_bucket_are_cached_by_sha256_and_verified(
     weights = f"--weights={url}#sha256={digest}"
     assert main(["restore", weights, "--output", str(out), *s3.cli_options()]) == 0
     assert (out / "demo_blurry.deblurred.png").exists() and url in capsys.readouterr().out
+    # From Python: pipeline.load_model fetches URLs; adarevd.build reads local files and names the other.
+    import adarevd
+    from pipeline import load_model
+
+    model = load_model(weights=[f"{url}#sha256={digest}"], storage_options=s3.storage_options)
+    assert adarevd.fingerprint(model) == adarevd.fingerprint(adarevd.build("adarevd-tiny", weights=[fetched]))
+    with pytest.raises(InvalidInput, match=r"pipeline\.load_model fetches URLs"):
+        adarevd.build("adarevd-tiny", weights=[url])

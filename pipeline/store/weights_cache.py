@@ -17,12 +17,15 @@ import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from adarevd.errors import InvalidInput
 from pipeline.store.digests import CHUNK, DigestReader, digest_of
 from pipeline.store.storage import Store, redact
+
+if TYPE_CHECKING:
+    from adarevd.model import AdaRevD
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -79,3 +82,17 @@ def _check(url: str, digest: str, want: str | None) -> None:
             f"{redact(url)}: its sha256 is {digest}, not the {want} given; the file changed, or the sha256 is "
             "another file's"
         )
+
+
+def load_model(
+    preset: str | None = None,
+    weights: Sequence[str] = (),
+    *,
+    device: str = "cpu",
+    storage_options: Mapping[str, Any] | None = None,
+) -> AdaRevD:
+    """A model for inference, as `--model` and `--weights` give it: `weights` are files or URLs
+    (`URL#sha256=HEX`: fetched once into the cache and verified); none: the bundled adarevd-tiny."""
+    from adarevd.loading import load_model as load
+
+    return load(preset, local_weights(weights, storage_options), device)[0]
