@@ -137,7 +137,10 @@ class ActorKiller:
             return
         for prefix in self.prefixes:
             time.sleep(self.pause)
-            names = sorted(n for n in ray.util.list_named_actors() if n.startswith(prefix))
+            names: list[str] = []
+            while not names and not self.finished.is_set():  # an actor Ray is restarting is not listed
+                names = sorted(n for n in ray.util.list_named_actors() if n.startswith(prefix))
+                time.sleep(0 if names else 0.05)
             if not names:
                 return
             self.mid_run = self.mid_run and not self.finished.is_set()

@@ -352,7 +352,9 @@ def test_calibrate_and_eval_commands(paired: str, encoder_weights: str, tmp_path
 
 
 @pytest.mark.s3
-def test_training_reads_pairs_and_writes_checkpoints_and_weights_on_s3(s3: S3Server, tmp_path: Path) -> None:
+def test_training_reads_pairs_and_writes_checkpoints_and_weights_on_s3(
+    s3: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     prefix = f"s3://{s3.bucket}/train-{tmp_path.name[-8:]}"
     options = s3.storage_options
     write_pairs(Store(f"{prefix}/pairs", options), SynthConfig(count=4, size=(72, 72), limits=ShardLimits(2)))
@@ -366,3 +368,14 @@ def test_training_reads_pairs_and_writes_checkpoints_and_weights_on_s3(s3: S3Ser
     on_s3.write_bytes(store.read_bytes("w.safetensors"))
     a, b = load_file(str(on_s3)), load_file(str(tmp_path / "local.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # The next stage starts from the encoder's weights at their URL (fetched, sha256 verified).
+    import hashlib
+
+    monkeypatch.setenv("ADAREVD_CACHE", str(tmp_path / "cache"))
+    digest = hashlib.sha256(on_s3.read_bytes()).hexdigest()
+    start = f"{prefix}/w.safetensors#sha256={digest}"
+    decoders = dict(common, kind="decoders", output=f"{prefix}/d.safetensors", checkpoints=None, iterations=2)
+    train(TrainSpec(weights=(start,), storage_options=options, **decoders))  # type: ignore[arg-type]
+    (tmp_path / "d.safetensors").write_bytes(store.read_bytes("d.safetensors"))
+    history = json.loads(read_state_dict(tmp_path / "d.safetensors")[1][HISTORY_KEY])
+    assert [h["kind"] for h in history] == ["encoder", "decoders"] and history[1]["weights"] == ["w.safetensors"]

@@ -11,6 +11,7 @@ checkpoint, a resumed run continues exactly as the unbroken run would have.
 from __future__ import annotations
 
 import json
+import posixpath
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -29,6 +30,7 @@ from adarevd.training import EncoderPretrainer, Stage, StageConfig, freeze_all_b
 from adarevd.weights import read_state_dict
 from pipeline.store.scratch import scratch
 from pipeline.store.storage import Store, file_store, redact
+from pipeline.store.weights_cache import local_weights
 from pipeline.train.checkpoints import Checkpoints
 from pipeline.train.pair_stream import PairStream, StreamConfig
 
@@ -97,6 +99,10 @@ class TrainSpec:
             ema_warmup=self.ema_warmup,
         )
 
+    def weight_files(self) -> list[str]:
+        """`weights` as local files: URLs fetched into this node's cache (`URL#sha256=` verified)."""
+        return local_weights(self.weights, self.storage_options)
+
     def identity(self, world: int) -> dict[str, Any]:
         """What a checkpoint must agree on to be resumed (everything that changes the result)."""
         keep = (
@@ -141,8 +147,9 @@ class TrainResult:
 
 
 def model_config(spec: TrainSpec) -> AdaRevDConfig:
-    if spec.weights and spec.weights[0].endswith(".safetensors"):
-        config = adarevd.read_config(spec.weights[0])
+    files = spec.weight_files()
+    if files and files[0].endswith(".safetensors"):
+        config = adarevd.read_config(files[0])
     elif spec.preset in adarevd.PRESETS:
         config = adarevd.PRESETS[spec.preset]
     else:
@@ -158,7 +165,7 @@ def build(spec: TrainSpec) -> tuple[AdaRevD, nn.Module]:
     """(the AdaRevD model the output is made from, the module this stage trains), frozen as the stage says."""
     model = AdaRevD(model_config(spec))
     if spec.weights:
-        adarevd.load_weights(model, *spec.weights)
+        adarevd.load_weights(model, *spec.weight_files())
     if spec.kind == "encoder":
         trained: nn.Module = EncoderPretrainer(model.config)
         trained.encoder.load_state_dict(model.encoder.state_dict())
@@ -258,10 +265,11 @@ def finished(model: AdaRevD, stage: Stage, spec: TrainSpec) -> None:
 def write_output(model: AdaRevD, spec: TrainSpec, outcome: dict[str, Any]) -> None:
     """The weights with their config and the training history (earlier stages' plus this one)."""
     history = []
-    if spec.weights and spec.weights[0].endswith(".safetensors"):
-        history = json.loads(read_state_dict(spec.weights[0])[1].get(HISTORY_KEY, "[]"))
+    files = spec.weight_files()
+    if files and files[0].endswith(".safetensors"):
+        history = json.loads(read_state_dict(files[0])[1].get(HISTORY_KEY, "[]"))
     entry = spec.identity(outcome["world"]) | {k: _round(v) for k, v in outcome.items()}
-    entry["weights"] = [Path(w).name for w in spec.weights]
+    entry["weights"] = [posixpath.basename(w.partition("#")[0]) for w in spec.weights]
     history.append(entry)
     publish_weights(model, spec.output, spec.storage_options, {HISTORY_KEY: json.dumps(history)})
 
