@@ -144,6 +144,7 @@ def variable_rate(times_ms: list[float | None], fps: float) -> bool:
 class Assembled:
     frames: int
     variable_rate: bool  # True: each frame kept its source timestamp
+    audio: bool = False  # the source's audio streams were copied in
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -178,7 +179,7 @@ def assemble(store: Store, video_id: str, to: str | Path, options: AssembleOptio
             f"{to}: the frames of {video_id!r} have variable timestamps, which AVI cannot hold: "
             f"write .mkv or .mp4, or pass --constant-rate"
         )
-    local = Path(output.path(name)) if _is_local(output) else None
+    local = Path(output.path(name)) if output.is_local else None
     if local is not None:
         local.parent.mkdir(parents=True, exist_ok=True)
     with scratch("assemble", str(local.parent) if local else None) as tmp:  # beside `to`: moved there whole
@@ -192,7 +193,8 @@ def assemble(store: Store, video_id: str, to: str | Path, options: AssembleOptio
                 written = video.write_timed_video(made, pixels, [t for t in times if t is not None], encoding)
             else:
                 written = video.write_video(made, pixels, fps=fps, encoding=encoding)
-            if source is not None and video.copy_audio(made, source, muxed := Path(tmp) / f"muxed{suffix}"):
+            audio = source is not None and video.copy_audio(made, source, muxed := Path(tmp) / f"muxed{suffix}")
+            if audio:
                 made = muxed
         except video.VideoError as e:
             raise AssembleError(str(e)) from None
@@ -200,11 +202,7 @@ def assemble(store: Store, video_id: str, to: str | Path, options: AssembleOptio
             made.replace(local)
         else:
             output.commit_file(name, str(made))
-    return Assembled(written, timed)
-
-
-def _is_local(store: Store) -> bool:
-    return store.location()[0] in ("file", "local")
+    return Assembled(written, timed, audio)
 
 
 def _location(url: str, store: Store) -> str:
@@ -217,15 +215,13 @@ def _local_source(url: str | None, store: Store, tmp: Path) -> Path | None:
     if url is None:
         return None
     source_store, name = file_store(url, store.options)
-    if _is_local(source_store):
+    if source_store.is_local:
         path = Path(source_store.path(name))
         if not path.is_file():
             raise AssembleError(f"{url}: the --source video does not exist")
         return path
     copy = tmp / f"source{Path(name).suffix}"
-    with source_store.open(name) as stream, copy.open("wb") as out:
-        while chunk := stream.read(1 << 22):
-            out.write(chunk)
+    source_store.download(name, str(copy))
     return copy
 
 

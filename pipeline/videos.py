@@ -127,11 +127,6 @@ def finish(deblurred: Store, work: Store, job: VideoJob, how: tuple[str, video.E
         return Finished(job.output, int(record["frames"]), bool(record["audio"]), resumed=True)
     options = AssembleOptions(encoding=encoding, source=job.source, overwrite=overwrite or work.exists(marker))
     done = assemble(deblurred, video_id, job.output, options)
-    audio = _has_audio(output_store, name)
-    work.commit_bytes(marker, json.dumps({"output": job.output, "frames": done.frames, "audio": audio}).encode())
-    return Finished(job.output, done.frames, audio, resumed=False)
-
-
-def _has_audio(store: Store, name: str) -> bool:
-    with store.open(name) as stream:
-        return video.probe(stream, store.url_of(name)).has_audio
+    record = {"output": job.output, "frames": done.frames, "audio": done.audio}
+    work.commit_bytes(marker, json.dumps(record).encode())
+    return Finished(job.output, done.frames, done.audio, resumed=False)

@@ -72,7 +72,6 @@ class VideoInfo:
     fps: float | None  # the stream's average rate
     frames: int  # announced by the header (or estimated from the duration); 0 if unknown
     pix_fmt: str  # the source's pixel format, e.g. yuv420p10le
-    has_audio: bool
 
     @property
     def eight_bit(self) -> bool:
@@ -106,11 +105,7 @@ class Reader:
         frames = stream.frames
         if not frames and fps and self._container.duration:
             frames = round(self._container.duration / av.time_base * fps)
-        has_audio = bool(self._container.streams.audio)
-        self.info = VideoInfo(fps, int(frames), stream.codec_context.pix_fmt or "unknown", has_audio)
-
-    def close(self) -> None:
-        self._container.close()
+        self.info = VideoInfo(fps, int(frames), stream.codec_context.pix_fmt or "unknown")
 
     def __iter__(self) -> Iterator[Decoded]:
         try:
@@ -121,13 +116,6 @@ class Reader:
             self.error = str(e)
         finally:
             self._container.close()
-
-
-def probe(source: str | Path | IO[bytes], name: str) -> VideoInfo:
-    """A video's rate, announced frames, pixel format and whether it has audio, without decoding."""
-    reader = Reader(source, name)
-    reader.close()
-    return reader.info
 
 
 def _open(source: str | Path | IO[bytes], name: str) -> av.container.InputContainer:

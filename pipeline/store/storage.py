@@ -187,6 +187,11 @@ class Store:
         return f"{self.root}/{name}" if name else self.root
 
     @property
+    def is_local(self) -> bool:
+        """A folder on this machine's disks."""
+        return isinstance(self.fs, LocalFileSystem)
+
+    @property
     def _object_store(self) -> bool:
         """A store without folders to make (S3 and its kind, memory)."""
         return urlsplit(self.url).scheme in OBJECT_STORE_SCHEMES
@@ -249,6 +254,10 @@ class Store:
 
     def open(self, name: str) -> IO[bytes]:
         return self._call("open", name, lambda: self.fs.open(self.path(name), "rb"))
+
+    def download(self, name: str, local_path: str) -> None:
+        """Copy `name` to a local file (retried like every call to the store)."""
+        self._call("download", name, lambda: self.fs.get_file(self.path(name), local_path))
 
     def remove(self, name: str) -> None:
         self._call("remove", name, lambda: self.fs.rm_file(self.path(name)))
@@ -332,7 +341,7 @@ class Store:
         try:
             yield
         except BaseException:
-            if isinstance(self.fs, LocalFileSystem):
+            if self.is_local:
                 with suppress(OSError):
                     os.unlink(self.path(tmp))
             raise
@@ -370,7 +379,7 @@ class Store:
 
     def free_bytes(self) -> int | None:
         """Free space on the disk of a local folder (None on object stores, which do not fill up)."""
-        if not isinstance(self.fs, LocalFileSystem):
+        if not self.is_local:
             return None
         folder = Path(self.root)
         while not folder.exists() and folder != folder.parent:

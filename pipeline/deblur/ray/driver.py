@@ -278,7 +278,7 @@ def _process(run: _Run, todo: list[str]) -> None:
         ready = time.perf_counter()
         workers_run = WorkerRun(job=job, options=run.options, pools=pools, progress=progress, fence=run.lock.fence())
         more = partial(start, "restorer", cpus=resources.cpus_per_worker, gpus=resources.gpus_per_worker)
-        growth = _Growth(run, pools, more, actors) if run.follows is not None else None
+        growth = _Growth(run, pools, (more, partial(names, "restorer")), actors) if run.follows is not None else None
         summary.reports = _drive(run, workers_run, todo, shard_workers, growth)
         summary.processing_seconds = time.perf_counter() - ready
         summary.pool_plans = ray.get(progress.pool_plans.remote())
@@ -345,8 +345,16 @@ class _Growth:
 
     EVERY_S = 2.0
 
-    def __init__(self, run: _Run, pools: Pools, start: Callable[..., list[Any]], actors: list[Any]) -> None:
-        self.run, self.pools, self.start, self.actors = run, pools, start, actors
+    def __init__(
+        self,
+        run: _Run,
+        pools: Pools,
+        start: tuple[Callable[..., list[Any]], Callable[[int, int], list[str]]],
+        actors: list[Any],
+    ) -> None:
+        """`start`: (start(count=, first=) -> restorers, names(count, first) -> their names)."""
+        self.run, self.pools, self.actors = run, pools, actors
+        self.start, self.names = start
         self.next_check = time.monotonic() + self.EVERY_S
 
     def check(self) -> tuple[Pools, list[Any]] | None:
@@ -368,10 +376,7 @@ class _Growth:
             self.pools,
             restorers=[*self.pools.restorers, *new],
             restorer_nodes=[*self.pools.restorer_nodes, *nodes],
-            restorer_names=[
-                *self.pools.restorer_names,
-                *(f"adarevd-restorer-{summary.run_id}-{i}" for i in range(have, wanted)),
-            ],
+            restorer_names=[*self.pools.restorer_names, *self.names(wanted - have, have)],
         )
         return self.pools, new
 
