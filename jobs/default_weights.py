@@ -221,11 +221,12 @@ def train_default_weights(
     make_deterministic(device)
     torch.manual_seed(recipe.seed)
     g = torch.Generator().manual_seed(recipe.seed)
+    marks = Marks(work, recipe, device, g)
+    marks.check()  # a folder of another recipe is refused before the pairs are made
     train = make_pairs(recipe.train_images, TRAIN_SEEDS, device, worn_fraction=recipe.worn_fraction)
     sharp = identity_pairs(recipe.train_images, recipe.identity_per_image, device)  # for the classifier only
     log(f"{len(train)} blurred and {len(sharp)} sharp training frames on {device_name(device)}")
     config = adarevd.PRESETS["adarevd-tiny"]
-    marks = Marks(work, recipe, device, g)
     settings = partial(StageConfig, ema_warmup=recipe.ema_warmup)
 
     if (encoder := marks.load("encoder", log)) is None:
@@ -278,11 +279,33 @@ class Marks:
         safetensors.torch.save_file(cpu, str(tmp), metadata=self.made_by | {"rng": json.dumps(rng)})
         os.replace(tmp, self.folder / f"{name}.safetensors")
 
+    STAGES = ("encoder", "columns")
+
+    def check(self) -> None:
+        """Refuse a folder whose kept stages another recipe or device made (or that are not stages)."""
+        for name in self.STAGES:
+            if (path := self._path(name)) is not None:
+                self._metadata(path)
+
     def load(self, name: str, log: Callable[[str], None]) -> dict[str, torch.Tensor] | None:
         """The stage's tensors (on the device) with the random states put back, or None if not kept."""
-        path = self.folder / f"{name}.safetensors" if self.folder is not None else None
-        if path is None or not path.exists():
+        if (path := self._path(name)) is None:
             return None
+        rng = json.loads(self._metadata(path)["rng"])
+        self.generator.set_state(torch.tensor(rng["generator"], dtype=torch.uint8))
+        torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
+        if "cuda" in rng:
+            torch.cuda.set_rng_state(torch.tensor(rng["cuda"], dtype=torch.uint8), self.device)
+        log(f"{name}: kept in {path}, not trained again")
+        return safetensors.torch.load_file(str(path), device=str(self.device))
+
+    def _path(self, name: str) -> Path | None:
+        """The kept stage's file, or None."""
+        path = self.folder / f"{name}.safetensors" if self.folder is not None else None
+        return path if path is not None and path.exists() else None
+
+    def _metadata(self, path: Path) -> dict[str, str]:
+        """A kept stage's metadata, checked to be this recipe's and device's."""
         try:
             with safetensors.safe_open(str(path), "pt") as f:
                 metadata = f.metadata() or {}
@@ -296,13 +319,7 @@ class Marks:
                     f"{path} was made with another {key} ({metadata.get(key)!r}, this run: {value!r}); "
                     "use another --work folder, or the options that made it"
                 )
-        rng = json.loads(metadata["rng"])
-        self.generator.set_state(torch.tensor(rng["generator"], dtype=torch.uint8))
-        torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
-        if "cuda" in rng:
-            torch.cuda.set_rng_state(torch.tensor(rng["cuda"], dtype=torch.uint8), self.device)
-        log(f"{name}: kept in {path}, not trained again")
-        return safetensors.torch.load_file(str(path), device=str(self.device))
+        return metadata
 
 
 def finish_default_weights(

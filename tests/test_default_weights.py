@@ -52,34 +52,6 @@ def provenance(path: Path) -> dict:
         return json.loads(f.metadata()["adarevd.provenance"])
 
 
-@pytest.mark.slow
-def test_a_short_recipe_trains_calibrates_and_writes_loadable_weights(device: torch.device, tmp_path: Path) -> None:
-    recipe = SHORT
-    out = tmp_path / "tiny.safetensors"
-    lines: list[str] = []
-    metrics = make_default_weights(out, recipe, lines.append, device=str(device))
-
-    model, _, _ = load_model("adarevd-tiny", [str(out)], torch.device("cpu"))  # strict
-    # Parameters with a fixed start (zeros, ones, 0.5) in each stage's part: all of them moved.
-    untrained = adarevd.AdaRevD(adarevd.PRESETS["adarevd-tiny"]).state_dict()
-    trained = model.state_dict()
-    for name in (
-        "encoder.encoders.0.0.beta",
-        "conv_features.0",
-        "subdenets.0.alpha0",
-        "outputs.3.0.weight",
-        "ape.1.beta",
-    ):
-        assert not torch.equal(trained[name], untrained[name]), f"{name} was not trained"
-    made = provenance(out)
-    assert made["trained_on"] == device_name(str(device))
-    assert made["recipe"] == json.loads(json.dumps(asdict(recipe)))
-    assert made["test_metrics"] == metrics and metrics["blurred"]["frames"] == len(TEST_SEEDS)  # page x 8 seeds
-    assert metrics["sharp_in"]["frames"] == len(SHARP_STATES) and "worst_class_gain_db" in metrics["blurred"]
-    assert tuple(model.config.exit_table) == tuple(made["calibration"]["exit_table"])
-    assert any(line.startswith("columns: 3/3") for line in lines)
-
-
 def test_the_bundled_weights_come_from_the_cpu_recipe() -> None:
     made = provenance(DEFAULT_WEIGHTS)
     assert made["recipe"] == json.loads(json.dumps(asdict(RECIPES["cpu"])))
@@ -132,12 +104,35 @@ class Stopped(Exception):
 
 
 @pytest.mark.slow
-def test_a_recipe_stopped_after_each_stage_resumes_from_its_work_folder_to_the_unbroken_weights(
-    tmp_path: Path,
+def test_a_short_recipe_writes_trained_calibrated_weights_and_resumes_a_stopped_run_to_them(
+    device: torch.device, tmp_path: Path
 ) -> None:
-    recipe = replace(SHORT, pretrain_iterations=3)
-    make_default_weights(tmp_path / "unbroken.safetensors", recipe, lambda line: None)
+    recipe = SHORT
+    unbroken = tmp_path / "unbroken.safetensors"
+    lines: list[str] = []
+    metrics = make_default_weights(unbroken, recipe, lines.append, device=str(device))
 
+    model, _, _ = load_model("adarevd-tiny", [str(unbroken)], torch.device("cpu"))  # strict
+    # Parameters with a fixed start (zeros, ones, 0.5) in each stage's part: all of them moved.
+    untrained = adarevd.AdaRevD(adarevd.PRESETS["adarevd-tiny"]).state_dict()
+    trained = model.state_dict()
+    for name in (
+        "encoder.encoders.0.0.beta",
+        "conv_features.0",
+        "subdenets.0.alpha0",
+        "outputs.3.0.weight",
+        "ape.1.beta",
+    ):
+        assert not torch.equal(trained[name], untrained[name]), f"{name} was not trained"
+    made = provenance(unbroken)
+    assert made["trained_on"] == device_name(str(device))
+    assert made["recipe"] == json.loads(json.dumps(asdict(recipe)))
+    assert made["test_metrics"] == metrics and metrics["blurred"]["frames"] == len(TEST_SEEDS)  # page x 8 seeds
+    assert metrics["sharp_in"]["frames"] == len(SHARP_STATES) and "worst_class_gain_db" in metrics["blurred"]
+    assert tuple(model.config.exit_table) == tuple(made["calibration"]["exit_table"])
+    assert any(line.startswith("columns: 3/3") for line in lines)
+
+    # Stopped after each stage, then re-run with the same work folder: the unbroken run's weights.
     def stop_when(prefix: str) -> Callable[[str], None]:
         def log(line: str) -> None:
             if line.startswith(prefix):
@@ -148,19 +143,22 @@ def test_a_recipe_stopped_after_each_stage_resumes_from_its_work_folder_to_the_u
     work, out = tmp_path / "work", tmp_path / "resumed.safetensors"
     for stage in ("columns", "classifier"):  # the first line of a stage comes after the one before is kept
         with pytest.raises(Stopped):
-            make_default_weights(out, recipe, stop_when(stage), work=work)
+            make_default_weights(out, recipe, stop_when(stage), device=str(device), work=work)
     assert sorted(p.name for p in work.iterdir()) == ["columns.safetensors", "encoder.safetensors"]
-    lines: list[str] = []
-    make_default_weights(out, recipe, lines.append, work=work)
+    lines.clear()
+    make_default_weights(out, recipe, lines.append, device=str(device), work=work)
     assert [line.split(":")[0] for line in lines if "not trained again" in line] == ["encoder", "columns"]
-    a, b = load_file(str(tmp_path / "unbroken.safetensors")), load_file(str(out))
+    a, b = load_file(str(unbroken)), load_file(str(out))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
+    # Another recipe's folder, or a file that is no kept stage, is refused before any pair is made.
+    made_pairs: list[str] = []
     with pytest.raises(ValueError, match=r"encoder.safetensors was made with another recipe.*another --work folder"):
-        make_default_weights(out, replace(recipe, seed=1), lines.append, work=work)
+        make_default_weights(out, replace(recipe, seed=1), made_pairs.append, device=str(device), work=work)
     (work / "columns.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match=r"columns.safetensors is not a kept stage"):
-        make_default_weights(out, recipe, lines.append, work=work)
+        make_default_weights(out, recipe, made_pairs.append, device=str(device), work=work)
+    assert made_pairs == []  # not even "... training frames on ..."
 
 
 def test_the_bundled_weights_leave_held_out_sharp_frames_alone() -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import webdataset as wds
 
 from jobs.cli import main
 from pipeline.formats.shards import use_fsspec_for_webdataset
-from pipeline.store.storage import StorageError, Store
+from pipeline.store.storage import Store
 from tests.media import decode_video, frames, write_video
 from tests.s3server import S3Server
 from tests.test_storage import check_read_many, check_sweep_parts
@@ -104,40 +102,6 @@ def test_credentials_and_endpoint_from_the_usual_environment(
     assert main(["ingest", str(video), "--output", prefix]) == 0
     assert Store(prefix, s3.storage_options).glob("*.tar") == ["frames-000000.tar"]
     s3fs.S3FileSystem.clear_instance_cache()
-
-
-@pytest.mark.slow
-def test_a_store_that_goes_away_for_seconds_is_retried_and_one_that_stays_down_fails_clearly(
-    tmp_path: Path,
-) -> None:
-    server = S3Server(tmp_path / "flaky", bucket="flaky-bucket").start()
-    try:
-        store = Store(f"s3://{server.bucket}/run", server.storage_options, retry_seconds=60)
-        store.commit_bytes("before.bin", b"kept")
-
-        def outage() -> None:
-            server.stop()
-            time.sleep(4)
-            server.start()
-
-        thread = threading.Thread(target=outage)
-        thread.start()
-        time.sleep(0.5)  # the server is going down now
-        started = time.monotonic()
-        store.commit_bytes("during.bin", b"written while the server was away")
-        assert time.monotonic() - started > 2  # it really waited for the server
-        thread.join()
-        assert store.read_bytes("during.bin") == b"written while the server was away"
-        assert store.read_bytes("before.bin") == b"kept"
-        server.stop()
-        down = Store(f"s3://{server.bucket}/run", server.storage_options, retry_seconds=2)
-        with pytest.raises(
-            StorageError, match=r"s3://flaky-bucket/run/before.bin: could not read: still unreachable"
-        ) as e:
-            down.read_bytes("before.bin")
-        assert server.secret_key not in str(e.value)
-    finally:
-        server.stop()
 
 
 def test_read_many_and_stats_on_s3(s3: S3Server) -> None:

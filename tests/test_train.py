@@ -209,7 +209,7 @@ def test_resume_refuses_checkpoints_of_another_job(paired: str, tmp_path: Path) 
 @pytest.mark.slow
 def test_cli_training_killed_mid_run_resumes_to_the_same_weights(paired: str, tmp_path: Path) -> None:
     def command(out: str, checkpoints: str) -> list[str]:
-        options = ["--iterations", "150", "--batch", "2", "--crop", "64", "--checkpoint-every", "20"]
+        options = ["--iterations", "60", "--batch", "2", "--crop", "64", "--checkpoint-every", "20"]
         return [
             sys.executable,
             "-m",
