@@ -262,6 +262,8 @@ class Marks:
     a run stopped anywhere and re-run with the same folder ends with the weights of an unbroken run.
     A folder holding another recipe's or device's stages is refused."""
 
+    STAGES = ("encoder", "columns")  # kept in this order, each as <name>.safetensors
+
     def __init__(self, folder: Path | None, recipe: Recipe, device: str, generator: torch.Generator) -> None:
         self.folder, self.generator = folder, generator
         self.device = torch.device(device)
@@ -278,8 +280,6 @@ class Marks:
         cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         safetensors.torch.save_file(cpu, str(tmp), metadata=self.made_by | {"rng": json.dumps(rng)})
         os.replace(tmp, self.folder / f"{name}.safetensors")
-
-    STAGES = ("encoder", "columns")
 
     def check(self) -> None:
         """Refuse a folder whose kept stages another recipe or device made (or that are not stages)."""
