@@ -146,8 +146,9 @@ class TrainResult:
     seconds: float
 
 
-def model_config(spec: TrainSpec) -> AdaRevDConfig:
-    files = spec.weight_files()
+def model_config(spec: TrainSpec, files: list[str]) -> AdaRevDConfig:
+    """The stage's config: the first weights file's own (a .safetensors), else the preset's. `files`:
+    `spec.weight_files()`."""
     if files and files[0].endswith(".safetensors"):
         config = adarevd.read_config(files[0])
     elif spec.preset in adarevd.PRESETS:
@@ -161,11 +162,12 @@ def model_config(spec: TrainSpec) -> AdaRevDConfig:
     return config
 
 
-def build(spec: TrainSpec) -> tuple[AdaRevD, nn.Module]:
-    """(the AdaRevD model the output is made from, the module this stage trains), frozen as the stage says."""
-    model = AdaRevD(model_config(spec))
-    if spec.weights:
-        adarevd.load_weights(model, *spec.weight_files())
+def build(spec: TrainSpec, files: list[str]) -> tuple[AdaRevD, nn.Module]:
+    """(the AdaRevD model the output is made from, the module this stage trains), frozen as the stage says.
+    `files`: `spec.weight_files()`, the weights it starts from."""
+    model = AdaRevD(model_config(spec, files))
+    if files:
+        adarevd.load_weights(model, *files)
     if spec.kind == "encoder":
         trained: nn.Module = EncoderPretrainer(model.config)
         trained.encoder.load_state_dict(model.encoder.state_dict())
@@ -191,7 +193,8 @@ def train(
     device = device or torch.device("cpu")
     make_deterministic(device)  # on a GPU too, a resumed run gives the unbroken run's weights
     torch.manual_seed(spec.seed)
-    model, trained = build(spec)
+    files = spec.weight_files()  # once: a URL without a sha256 is fetched on every call
+    model, trained = build(spec, files)
     trained.to(device)
     if world > 1:
         for tensor in trained.state_dict().values():
@@ -235,7 +238,7 @@ def train(
     finished(model, stage, spec)
     seconds = time.perf_counter() - start_time
     outcome = {"loss": loss, "metric": metric, "world": world, "resumed_from": start, "seconds": seconds}
-    write_output(model, spec, outcome)
+    write_output(model, spec, outcome, files)
     return TrainResult(spec.output, spec.iterations, start, loss, metric, seconds)
 
 
@@ -262,10 +265,10 @@ def finished(model: AdaRevD, stage: Stage, spec: TrainSpec) -> None:
     model.cpu()
 
 
-def write_output(model: AdaRevD, spec: TrainSpec, outcome: dict[str, Any]) -> None:
-    """The weights with their config and the training history (earlier stages' plus this one)."""
+def write_output(model: AdaRevD, spec: TrainSpec, outcome: dict[str, Any], files: list[str]) -> None:
+    """The weights with their config and the training history (earlier stages' plus this one, from the
+    first of `files`, the weights the stage started from)."""
     history = []
-    files = spec.weight_files()
     if files and files[0].endswith(".safetensors"):
         history = json.loads(read_state_dict(files[0])[1].get(HISTORY_KEY, "[]"))
     entry = spec.identity(outcome["world"]) | {k: _round(v) for k, v in outcome.items()}
