@@ -23,6 +23,7 @@ from fsspec.implementations.local import LocalFileSystem
 from pipeline.formats import images, video
 from pipeline.formats.shards import Sample, ShardError, iter_samples
 from pipeline.store import storage
+from pipeline.store.digests import digest_of
 from pipeline.store.scratch import scratch
 from pipeline.store.storage import redact, resolve
 
@@ -198,11 +199,6 @@ def read(source: Source, *, fps: float | None = None) -> Iterator[Event]:
         yield from _read_shard(source)
 
 
-def _sha256_file(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _read_video(source: Source) -> Iterator[Event]:
     fs, path = source.fs, source.paths[0]
     with scratch("video") as tmp:
@@ -214,7 +210,8 @@ def _read_video(source: Source) -> Iterator[Event]:
         if os.path.getsize(path) == 0:
             yield Problem(source.url, "empty file (0 bytes); nothing to decode", video_id=source.video_id)
             return
-        digest = _sha256_file(path)
+        with open(path, "rb") as f:
+            digest = digest_of(f).sha256
         try:
             reader = video.Reader(path, source.url)
         except video.VideoError:
