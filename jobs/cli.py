@@ -215,7 +215,15 @@ def cmd_make_default_weights(args: argparse.Namespace) -> int:
     return 0
 
 
-RECIPE_FIELDS = ("batch", "crop", "pretrain_iterations", "stage1_iterations", "stage2_iterations", "seed")
+RECIPE_FIELDS = (
+    "batch",
+    "crop",
+    "pretrain_iterations",
+    "stage1_iterations",
+    "tune_iterations",
+    "stage2_iterations",
+    "seed",
+)
 
 
 def recipe_overrides(args: argparse.Namespace) -> dict[str, int | bool]:

@@ -8,10 +8,12 @@ clean or worn, as its own target): it learns to give sharp patches the sharpest 
 gives that class depth 0, so sharp footage passes untouched. The deblurring stages never see identity
 pairs: with them, L1 pins the zero-initialised residual at zero (measured: a pre-trainer with 20%
 identity pairs stayed the exact identity). Stages: encoder pre-training as a plain deblurrer, stage 1
-(columns, heads, feature scales) and stage 2 (classifier), then exit-table calibration on validation
-frames and an evaluation on test frames: blurred ones, and sharp ones fed through as they are
-(`sharp_in`). `adarevd make-default-weights` runs it in one process with the same
-`Stage` code the `adarevd train` jobs use; the numbers go into the weights' metadata and the README.
+(columns, heads, feature scales) on L1, the same parameters tuned on the PSNR loss (`psnr_loss`: every
+crop counts alike in dB, so columns stop sharpening mildly blurred crops too hard), and stage 2
+(classifier), then exit-table calibration on validation frames and an evaluation on test frames:
+blurred ones, and sharp ones fed through as they are (`sharp_in`). `adarevd make-default-weights` runs
+it in one process with the same `Stage` code the `adarevd train` jobs use; the numbers go into the
+weights' metadata and the README.
 """
 
 from __future__ import annotations
@@ -88,6 +90,8 @@ class Recipe:
     pretrain_lr: float = 2e-3
     stage1_iterations: int = 4000
     stage1_lr: float = 2e-3  # the paper's 1e-3 is for 200k iterations; this schedule is 50x shorter
+    tune_iterations: int = 1000  # stage 1 again, on the PSNR loss: columns that leave mild blur alone
+    tune_lr: float = 5e-4
     stage2_iterations: int = 800
     calibration_budget_db: float = 0.03  # patch-based estimate; whole frames lose a little more
     ema_warmup: bool = True  # each stage's EMA (StageConfig)
@@ -246,6 +250,14 @@ def train_default_weights(
         columns = run_stage("columns", stage, step, log).state_dict()
         marks.save("columns", columns)
     model.load_state_dict(columns)
+    if (tuned := marks.load("tuned", log)) is None:
+        freeze_all_but(model, model.conv_features, model.subdenets, model.outputs)
+        config_tune = settings(recipe.tune_iterations, recipe.tune_lr, loss="psnr")
+        stage = Stage(model, model.parameters(), config_tune)
+        step = lambda: stage.train_step(*crops(train, recipe.batch, recipe.crop, g), reversible=False)  # noqa: E731
+        tuned = run_stage("tuned", stage, step, log).state_dict()
+        marks.save("tuned", tuned)
+    model.load_state_dict(tuned)
 
     freeze_all_but(model, model.ape)
     stage = Stage(model, model.parameters(), settings(recipe.stage2_iterations, 3e-4, 3e-4, grad_clip=0.01))
@@ -257,12 +269,12 @@ def train_default_weights(
 
 class Marks:
     """Finished stages of one recipe run in a folder (`--work`): `encoder.safetensors` after the
-    pre-training, `columns.safetensors` after stage 1, each with the recipe, the device and every
-    random state the later stages draw from (the crop generator, torch's CPU RNG and the card's), so
-    a run stopped anywhere and re-run with the same folder ends with the weights of an unbroken run.
-    A folder holding another recipe's or device's stages is refused."""
+    pre-training, `columns.safetensors` after stage 1, `tuned.safetensors` after its tuning, each with
+    the recipe, the device and every random state the later stages draw from (the crop generator,
+    torch's CPU RNG and the card's), so a run stopped anywhere and re-run with the same folder ends
+    with the weights of an unbroken run. A folder holding another recipe's or device's stages is refused."""
 
-    STAGES = ("encoder", "columns")  # kept in this order, each as <name>.safetensors
+    STAGES = ("encoder", "columns", "tuned")  # kept in this order, each as <name>.safetensors
 
     def __init__(self, folder: Path | None, recipe: Recipe, device: str, generator: torch.Generator) -> None:
         self.folder, self.generator = folder, generator

@@ -43,6 +43,7 @@ SHORT = Recipe(
     crop=64,
     pretrain_iterations=4,
     stage1_iterations=3,
+    tune_iterations=3,
     stage2_iterations=3,
 )
 
@@ -141,13 +142,13 @@ def test_a_short_recipe_writes_trained_calibrated_weights_and_resumes_a_stopped_
         return log
 
     work, out = tmp_path / "work", tmp_path / "resumed.safetensors"
-    for stage in ("columns", "classifier"):  # the first line of a stage comes after the one before is kept
+    for stage in ("columns", "tuned", "classifier"):  # the first line of a stage comes after the one before is kept
         with pytest.raises(Stopped):
             make_default_weights(out, recipe, stop_when(stage), device=str(device), work=work)
-    assert sorted(p.name for p in work.iterdir()) == ["columns.safetensors", "encoder.safetensors"]
+    assert sorted(p.name for p in work.iterdir()) == ["columns.safetensors", "encoder.safetensors", "tuned.safetensors"]
     lines.clear()
     make_default_weights(out, recipe, lines.append, device=str(device), work=work)
-    assert [line.split(":")[0] for line in lines if "not trained again" in line] == ["encoder", "columns"]
+    assert [line.split(":")[0] for line in lines if "not trained again" in line] == ["encoder", "columns", "tuned"]
     a, b = load_file(str(unbroken)), load_file(str(out))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

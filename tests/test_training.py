@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import pytest
 import torch
 
 import adarevd
@@ -16,6 +17,7 @@ from adarevd.training import (
     ema_with_warmup,
     freeze_all_but,
     make_deterministic,
+    psnr_loss,
 )
 
 
@@ -49,6 +51,32 @@ def test_pretrainer_starts_as_identity_and_loss_is_zero_on_sharp_input() -> None
     assert deblur_loss([images], images).item() == 0
     # Mean over two outputs, the second with an L1 of 0.1 plus a positive spectral term.
     assert deblur_loss([images, images + 0.1], images).item() > 0.05
+
+
+def test_psnr_loss_is_minus_each_crops_psnr_capped_at_50_db() -> None:
+    sharp = torch.rand(2, 3, 16, 16)
+    assert psnr_loss([sharp], sharp).item() == pytest.approx(-50.0)  # the cap, not -inf
+    # Crop 0 off by 0.1 everywhere (20 dB), crop 1 untouched (the cap): their mean, negated.
+    off = sharp.clone()
+    off[0] += 0.1
+    assert psnr_loss([off], sharp).item() == pytest.approx(-(20.0 + 50.0) / 2, abs=1e-2)
+    # Every crop counts alike in dB: the same error costs a crop that was sharp most, unlike L1.
+    mild = sharp + 0.01
+    assert psnr_loss([mild], sharp) - psnr_loss([sharp], sharp) > 9.9
+
+
+def test_a_stage_on_the_psnr_loss_moves_the_columns(device: torch.device) -> None:
+    torch.manual_seed(0)
+    model = adarevd.AdaRevD(adarevd.PRESETS["adarevd-tiny"]).to(device)
+    freeze_all_but(model, model.conv_features, model.subdenets, model.outputs)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stage = Stage(model, model.parameters(), StageConfig(iterations=2, loss="psnr"))
+    blurry, sharp = torch.rand(2, 3, 64, 64, device=device), torch.rand(2, 3, 64, 64, device=device)
+    losses = [stage.train_step(blurry, sharp, reversible=False) for _ in range(2)]
+    assert all(-50 < loss < 0 for loss in losses)
+    after = model.state_dict()
+    changed = {k for k, v in before.items() if not torch.equal(after[k], v)}
+    assert any(k.startswith("outputs.") for k in changed) and not any(k.startswith("encoder.") for k in changed)
 
 
 def test_dihedral_gives_eight_distinct_views() -> None:
