@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from adarevd import tiling
-from adarevd.metrics import psnr_of_mse
+from adarevd.metrics import PSNR_CAP_DB, psnr_of_mse
 from adarevd.model import AdaRevD
 
 
@@ -65,7 +65,7 @@ def with_exit_table(model: AdaRevD, exit_table: Sequence[int]) -> AdaRevD:
 def _db(mse: np.ndarray) -> np.ndarray:
     # Capped at 50 dB (RMSE 0.8 levels): closer than that to the truth no one sees a difference, and an
     # untouched sharp frame (MSE 0) must not outweigh every other frame.
-    return np.minimum(psnr_of_mse(mse), 50.0)
+    return np.minimum(psnr_of_mse(mse), PSNR_CAP_DB)
 
 
 def propose_table(frames: Sequence[tuple[np.ndarray, np.ndarray]], num_classes: int, budget_db: float) -> Calibration:

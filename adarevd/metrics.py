@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 MSE_FLOOR = 1e-8  # of the peak squared: 80 dB at most
+PSNR_CAP_DB = 50.0  # RMSE 0.8 levels: closer than that no one sees a difference (calibration, training)
 
 
 def psnr_of_mse(mse: np.ndarray | float, peak: float = 1.0) -> np.ndarray:
@@ -22,10 +23,14 @@ def psnr_of_mse(mse: np.ndarray | float, peak: float = 1.0) -> np.ndarray:
     return 10 * np.log10(peak**2 / (np.asarray(mse, np.float64) + MSE_FLOOR * peak**2))
 
 
+def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image mean squared error of (B, C, H, W) tensors."""
+    return (a.float() - b.float()).square().flatten(1).mean(dim=1)
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB of (B, C, H, W) tensors in [0, 1]."""
-    mse = (a.float() - b.float()).square().flatten(1).mean(dim=1)
-    return 10 * torch.log10(1 / (mse + MSE_FLOOR))
+    return 10 * torch.log10(1 / (mse(a, b) + MSE_FLOOR))
 
 
 def psnr_uint8(a: np.ndarray, b: np.ndarray) -> float:

@@ -25,7 +25,7 @@ from adarevd.blocks import NAFBlock
 from adarevd.classifier import psnr_classes
 from adarevd.config import AdaRevDConfig
 from adarevd.encoders import Encoder
-from adarevd.metrics import psnr
+from adarevd.metrics import PSNR_CAP_DB, mse, psnr
 from adarevd.model import AdaRevD
 
 
@@ -51,9 +51,6 @@ def deblur_loss(restored: Sequence[torch.Tensor], sharp: torch.Tensor, fft_weigh
     return torch.stack(losses).mean()
 
 
-PSNR_CAP_DB = 50.0  # RMSE 0.8 levels: closer than that no one sees a difference (calibration caps there too)
-
-
 def psnr_loss(restored: Sequence[torch.Tensor], sharp: torch.Tensor, cap_db: float = PSNR_CAP_DB) -> torch.Tensor:
     """Mean over outputs and crops of -PSNR(out, sharp) in dB, each crop's MSE floored at the cap's.
 
@@ -62,10 +59,7 @@ def psnr_loss(restored: Sequence[torch.Tensor], sharp: torch.Tensor, cap_db: flo
     little in the loss, though in dB it loses most.
     """
     floor = 10 ** (-cap_db / 10)
-    losses = [
-        10 * torch.log10((out.float() - sharp.float()).square().flatten(1).mean(1) + floor).mean() for out in restored
-    ]
-    return torch.stack(losses).mean()
+    return torch.stack([10 * torch.log10(mse(out, sharp) + floor).mean() for out in restored]).mean()
 
 
 def dihedral(images: torch.Tensor, k: int) -> torch.Tensor:

@@ -242,8 +242,8 @@ def train_default_weights(
 
     model = adarevd.AdaRevD(config).to(device)
     model.encoder.load_state_dict(encoder)
+    freeze_all_but(model, model.conv_features, model.subdenets, model.outputs)  # stage 1 and its tuning
     if (columns := marks.load("columns", log)) is None:
-        freeze_all_but(model, model.conv_features, model.subdenets, model.outputs)
         stage = Stage(model, model.parameters(), settings(recipe.stage1_iterations, recipe.stage1_lr))
         # Plain autograd here: the same gradients as the reversible path (tested), faster at this size.
         step = lambda: stage.train_step(*crops(train, recipe.batch, recipe.crop, g), reversible=False)  # noqa: E731
@@ -251,9 +251,7 @@ def train_default_weights(
         marks.save("columns", columns)
     model.load_state_dict(columns)
     if (tuned := marks.load("tuned", log)) is None:
-        freeze_all_but(model, model.conv_features, model.subdenets, model.outputs)
-        config_tune = settings(recipe.tune_iterations, recipe.tune_lr, loss="psnr")
-        stage = Stage(model, model.parameters(), config_tune)
+        stage = Stage(model, model.parameters(), settings(recipe.tune_iterations, recipe.tune_lr, loss="psnr"))
         step = lambda: stage.train_step(*crops(train, recipe.batch, recipe.crop, g), reversible=False)  # noqa: E731
         tuned = run_stage("tuned", stage, step, log).state_dict()
         marks.save("tuned", tuned)

@@ -69,7 +69,7 @@ def test_a_stage_on_the_psnr_loss_moves_the_columns(device: torch.device) -> Non
     torch.manual_seed(0)
     model = adarevd.AdaRevD(adarevd.PRESETS["adarevd-tiny"]).to(device)
     freeze_all_but(model, model.conv_features, model.subdenets, model.outputs)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = snapshot(model)
     stage = Stage(model, model.parameters(), StageConfig(iterations=2, loss="psnr"))
     blurry, sharp = torch.rand(2, 3, 64, 64, device=device), torch.rand(2, 3, 64, 64, device=device)
     losses = [stage.train_step(blurry, sharp, reversible=False) for _ in range(2)]
