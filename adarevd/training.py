@@ -94,6 +94,10 @@ class EncoderPretrainer(nn.Module):
         return [self.ending(x)[..., :h, :w] + images]
 
 
+DeblurLoss = Literal["l1_fft", "psnr"]
+DEBLUR_LOSSES: tuple[DeblurLoss, ...] = ("l1_fft", "psnr")  # `deblur_loss`, `psnr_loss`
+
+
 @dataclass(frozen=True)
 class StageConfig:
     iterations: int
@@ -107,7 +111,7 @@ class StageConfig:
     # (encoder pre-training, 14 held-out frames); warmed up it gave +0.93.
     ema_warmup: bool = True
     grad_clip: float | None = None
-    loss: Literal["l1_fft", "psnr"] = "l1_fft"  # deblurring stages: `deblur_loss` or `psnr_loss`
+    loss: DeblurLoss = "l1_fft"  # deblurring stages: `deblur_loss` or `psnr_loss`
 
 
 GradSync = Callable[[list[nn.Parameter]], None]

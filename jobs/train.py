@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 import adarevd
 from adarevd.calibration import with_exit_table
+from adarevd.training import DEBLUR_LOSSES
 from adarevd.weights import CONFIG_KEY, read_state_dict
 from jobs import signals
 from jobs.data import add_storage_option
@@ -51,6 +52,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         log_every=args.log_every,
         ema_warmup=args.ema_warmup,
         psnr_thresholds=tuple(args.psnr_thresholds) if args.psnr_thresholds else None,
+        loss_function=args.loss,
         storage_options=parse_storage_options(args.storage_option),
     )
     if args.workers == 1 and args.address in (None, "local"):
@@ -169,6 +171,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="EMA decay min(0.999, (1+n)/(10+n)) after n steps (default); off: 0.999 always",
     )
     t.add_argument("--plain", action="store_true", help="plain autograd instead of the reversible backward")
+    t.add_argument(
+        "--loss",
+        choices=DEBLUR_LOSSES,
+        default="l1_fft",
+        help="encoder, decoders: l1_fft (the authors' L1 + FFT loss, default) or psnr (each crop's -PSNR: "
+        "mild blur counts as much as strong; the bundled weights tune their decoders on it after l1_fft)",
+    )
     t.add_argument(
         "--psnr-thresholds",
         type=float,

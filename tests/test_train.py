@@ -118,6 +118,29 @@ def test_a_stage_changes_what_it_trains_and_nothing_else(
     assert [h["kind"] for h in history] == ["encoder", kind]
 
 
+def test_decoders_tuned_on_the_psnr_loss_from_trained_decoders(
+    paired: str, encoder_weights: str, tmp_path: Path
+) -> None:
+    """The recipe's tuning stage from the CLI's pieces: decoders on L1, then again on the PSNR loss."""
+    l1 = str(tmp_path / "l1.safetensors")
+    train(spec(paired, tmp_path, kind="decoders", weights=(encoder_weights,), iterations=2, output=l1))
+    tuned = train(spec(paired, tmp_path, kind="decoders", weights=(l1,), iterations=2, loss_function="psnr"))
+    assert tuned is not None and tuned.loss < -10  # minus a PSNR in dB, not an L1 of a few hundredths
+    before, after = load_file(l1), load_file(str(tmp_path / "out.safetensors"))
+    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"conv_features", "subdenets", "outputs"}
+    history = json.loads(read_state_dict(tmp_path / "out.safetensors")[1][HISTORY_KEY])
+    assert [(h["kind"], h["loss_function"]) for h in history] == [
+        ("encoder", "l1_fft"),
+        ("decoders", "l1_fft"),
+        ("decoders", "psnr"),
+    ]
+    with pytest.raises(TrainError, match="--loss is for the encoder and decoders"):
+        spec(paired, tmp_path, kind="classifier", weights=(l1,), loss_function="psnr")
+    with pytest.raises(TrainError, match="unknown loss 'l2'"):
+        spec(paired, tmp_path, kind="encoder", loss_function="l2")
+
+
 def test_encoder_pretraining_lowers_the_loss(paired: str, tmp_path: Path) -> None:
     losses = []
     train(

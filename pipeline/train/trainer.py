@@ -26,7 +26,15 @@ import adarevd
 from adarevd import AdaRevD, AdaRevDConfig
 from adarevd.errors import InvalidInput
 from adarevd.train_state import load_stage_state, stage_state
-from adarevd.training import EncoderPretrainer, Stage, StageConfig, freeze_all_but, make_deterministic
+from adarevd.training import (
+    DEBLUR_LOSSES,
+    DeblurLoss,
+    EncoderPretrainer,
+    Stage,
+    StageConfig,
+    freeze_all_but,
+    make_deterministic,
+)
 from adarevd.weights import read_state_dict
 from pipeline.store.scratch import scratch
 from pipeline.store.storage import Store, file_store, redact
@@ -72,6 +80,7 @@ class TrainSpec:
     log_every: int = 50
     repeats: int = 4
     psnr_thresholds: tuple[float, ...] | None = None  # classifier: class boundaries (None: the model's)
+    loss_function: DeblurLoss = "l1_fft"  # encoder, decoders: the authors' L1 + FFT loss, or `psnr_loss`
     storage_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -84,6 +93,10 @@ class TrainSpec:
                 f"train {self.kind} needs --weights with a trained encoder (from `adarevd train encoder`, "
                 "or the authors' checkpoint)"
             )
+        if self.loss_function not in DEBLUR_LOSSES:
+            raise TrainError(f"unknown loss {self.loss_function!r}; choose from {', '.join(DEBLUR_LOSSES)}")
+        if self.kind == "classifier" and self.loss_function != "l1_fft":
+            raise TrainError("--loss is for the encoder and decoders stages; the classifier learns by cross-entropy")
         if not self.output.endswith(".safetensors"):
             raise TrainError(f"--output must name a .safetensors file, got {redact(self.output)}")
 
@@ -97,6 +110,7 @@ class TrainSpec:
             grad_clip=self.grad_clip if self.grad_clip is not None else base.grad_clip,
             ema_decay=self.ema_decay,
             ema_warmup=self.ema_warmup,
+            loss=self.loss_function,
         )
 
     def weight_files(self) -> list[str]:
@@ -121,6 +135,7 @@ class TrainSpec:
             "reversible",
             "repeats",
             "psnr_thresholds",
+            "loss_function",
         )
         identity = {k: v for k, v in asdict(self).items() if k in keep} | {"data": redact(self.data), "world": world}
         return json.loads(json.dumps(identity))  # as a checkpoint gives it back (tuples are lists)
