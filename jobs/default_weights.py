@@ -243,19 +243,20 @@ def train_default_weights(
     model = adarevd.AdaRevD(config).to(device)
     model.encoder.load_state_dict(encoder)
     freeze_all_but(model, model.conv_features, model.subdenets, model.outputs)  # stage 1 and its tuning
-    if (columns := marks.load("columns", log)) is None:
-        stage = Stage(model, model.parameters(), settings(recipe.stage1_iterations, recipe.stage1_lr))
+
+    def columns_stage(name: str, stage_config: StageConfig) -> dict[str, torch.Tensor]:
+        """Stage 1's parameters trained by `stage_config`, kept as `name`."""
+        if (kept := marks.load(name, log)) is not None:
+            return kept
+        stage = Stage(model, model.parameters(), stage_config)
         # Plain autograd here: the same gradients as the reversible path (tested), faster at this size.
         step = lambda: stage.train_step(*crops(train, recipe.batch, recipe.crop, g), reversible=False)  # noqa: E731
-        columns = run_stage("columns", stage, step, log).state_dict()
-        marks.save("columns", columns)
-    model.load_state_dict(columns)
-    if (tuned := marks.load("tuned", log)) is None:
-        stage = Stage(model, model.parameters(), settings(recipe.tune_iterations, recipe.tune_lr, loss="psnr"))
-        step = lambda: stage.train_step(*crops(train, recipe.batch, recipe.crop, g), reversible=False)  # noqa: E731
-        tuned = run_stage("tuned", stage, step, log).state_dict()
-        marks.save("tuned", tuned)
-    model.load_state_dict(tuned)
+        trained = run_stage(name, stage, step, log).state_dict()
+        marks.save(name, trained)
+        return trained
+
+    model.load_state_dict(columns_stage("columns", settings(recipe.stage1_iterations, recipe.stage1_lr)))
+    model.load_state_dict(columns_stage("tuned", settings(recipe.tune_iterations, recipe.tune_lr, loss="psnr")))
 
     freeze_all_but(model, model.ape)
     stage = Stage(model, model.parameters(), settings(recipe.stage2_iterations, 3e-4, 3e-4, grad_clip=0.01))
