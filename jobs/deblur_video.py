@@ -57,9 +57,10 @@ def cmd_deblur_video(args: argparse.Namespace) -> int:
     with tqdm(unit=" frames", desc="ingest", file=sys.stderr, disable=None) as bar:
         frames = work_store(work, "frames")
         if not frames.exists(INDEX_NAME):
-            config = IngestConfig(overwrite=True)  # shards without an index: an ingest that stopped
+            config = IngestConfig(overwrite=True, keep_audio=True)  # overwrite: shards of an ingest that stopped
             ingest([job.source for job in found.videos], frames, config, options=options, progress=bar.update)
-        ids, bad = videos.ingested(frames)
+        found_frames = videos.ingested(frames)
+        ids, bad = found_frames.ids, found_frames.skipped
         if not ids:
             for source, why in bad.items():
                 print(f"failed: {source}: {why}")
@@ -76,7 +77,14 @@ def cmd_deblur_video(args: argparse.Namespace) -> int:
                 failed.setdefault(job.source, "no frame was ingested")
                 continue
             try:
-                how = (ids[job.source], encoding, args.overwrite)
+                video_id = ids[job.source]
+                how = videos.Assembly(
+                    video_id=video_id,
+                    frames=found_frames.frames[video_id],
+                    audio=videos.audio_of(frames, job, video_id),
+                    encoding=encoding,
+                    overwrite=args.overwrite,
+                )
                 finished.append(videos.finish(deblurred, work, job, how))
             except (AssembleError, InvalidInput) as e:
                 failed[job.source] = str(e)

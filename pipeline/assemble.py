@@ -151,6 +151,7 @@ class Assembled:
 class AssembleOptions:
     encoding: video.Encoding = field(default_factory=video.Encoding)  # codec, crf, preset, pix_fmt
     source: str | None = None  # the source video (path or URL): its audio is copied, its frames counted
+    source_frames: int | None = None  # the frames the video must hold; None: `source`'s, decoded and counted
     image: str | None = None  # which member holds the frame (default: the one image member)
     constant_rate: bool = False  # ignore the frames' timestamps even when they vary
     overwrite: bool = False  # replace an existing file (never the source)
@@ -184,7 +185,8 @@ def assemble(store: Store, video_id: str, to: str | Path, options: AssembleOptio
         local.parent.mkdir(parents=True, exist_ok=True)
     with scratch("assemble", str(local.parent) if local else None) as tmp:  # beside `to`: moved there whole
         source = _local_source(options.source, store, Path(tmp))
-        check(frames, video.count_frames(source) if source is not None else None)
+        counted = video.count_frames(source) if source is not None and options.source_frames is None else None
+        check(frames, options.source_frames if options.source_frames is not None else counted)
         made = Path(tmp) / f"video{suffix}"
         pixels = _in_order(store, frames, options.image)
         encoding = options.encoding

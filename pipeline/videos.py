@@ -1,16 +1,18 @@
 """`adarevd deblur-video`'s plan and bookkeeping, free of Ray: which videos, where each one goes, the
 work folder that makes a re-run resume, and the last step (each video assembled with its audio).
 
-The work folder holds `inputs.json` (the videos and their outputs), `frames/` (ingest's shards and
-index), `deblurred/` (the deblur job's output, resumable by its manifests) and `done/<video_id>.json`
-(one per finished video). A re-run skips each step already done; a work folder made for other inputs
-is refused.
+The work folder holds `inputs.json` (the videos and their outputs), `frames/` (ingest's shards, index
+and each video's audio), `deblurred/` (the deblur job's output, resumable by its manifests) and
+`done/<video_id>.json` (one per finished video). A re-run skips each step already done; a work folder
+made for other inputs is refused. Each source is read once: ingest decodes its frames and keeps its
+audio, and the frames ingested are the count the deblurred video is checked against.
 """
 
 from __future__ import annotations
 
 import json
 import posixpath
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import PurePosixPath
@@ -20,7 +22,7 @@ from adarevd.errors import InvalidInput
 from pipeline.assemble import AssembleOptions, assemble
 from pipeline.formats import video
 from pipeline.ingest import sources
-from pipeline.ingest.run import INDEX_NAME, read_index
+from pipeline.ingest.run import INDEX_NAME, audio_name, read_index
 from pipeline.store.storage import Store, file_store
 
 WRITABLE = frozenset(video.DEFAULT_CODEC)  # output suffixes; other sources' videos are written as .mkv
@@ -84,15 +86,24 @@ def claim_work(work: Store, videos: list[VideoJob]) -> None:
     work.commit_bytes("inputs.json", wanted.encode())
 
 
-def ingested(frames: Store) -> tuple[dict[str, str], dict[str, str]]:
-    """From ingest's index: (source URL -> video_id of the videos with frames, source URL -> why a
-    video was skipped)."""
+@dataclass(frozen=True)
+class Ingested:
+    """What ingest's index says of the videos."""
+
+    ids: dict[str, str]  # source URL -> video_id, for the videos with frames
+    skipped: dict[str, str]  # source URL -> why no frame of it was ingested
+    frames: dict[str, int]  # video_id -> frames ingested (what its deblurred video must hold)
+
+
+def ingested(frames: Store) -> Ingested:
+    """The videos that ingest's index in `frames` lists (none when there is no index)."""
     if not frames.exists(INDEX_NAME):
-        return {}, {}
-    rows = read_index(frames, ["video_id", "source", "status", "reason"]).to_pylist()
+        return Ingested({}, {}, {})
+    rows = read_index(frames, ["video_id", "frame_index", "source", "status", "reason"]).to_pylist()
     ids = {r["source"]: r["video_id"] for r in rows if r["status"] != "skipped" and r["video_id"]}
     skipped = {r["source"]: r["reason"] for r in rows if r["status"] == "skipped" and r["source"] not in ids}
-    return ids, skipped
+    counts = Counter(r["video_id"] for r in rows if r["status"] != "skipped" and r["frame_index"] is not None)
+    return Ingested(ids, skipped, dict(counts))
 
 
 def all_finished(work: Store, jobs: list[VideoJob], ids: Mapping[str, str]) -> bool:
@@ -116,17 +127,41 @@ class Finished:
     resumed: bool  # made by an earlier run
 
 
-def finish(deblurred: Store, work: Store, job: VideoJob, how: tuple[str, video.Encoding, bool]) -> Finished:
-    """Assemble one deblurred video with its source's audio, checked against the source's frame count.
-    `how`: (video_id, encoding, overwrite). Done once: a re-run finds `done/<video_id>.json`."""
-    video_id, encoding, overwrite = how
-    marker = f"done/{video_id}.json"
+def audio_of(frames: Store, job: VideoJob, video_id: str) -> str | None:
+    """Where the video's audio is read: the copy ingest kept in `frames` (None when it kept an empty
+    file: the source has no audio), else, for frames ingested without `keep_audio`, the source itself."""
+    name = audio_name(video_id, job.source)
+    if not frames.exists(name):
+        return job.source
+    return frames.url_of(name) if frames.stat(name).size else None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Assembly:
+    """How one video is finished."""
+
+    video_id: str
+    frames: int  # ingested from its source: the video must hold them all
+    audio: str | None  # `audio_of(...)`
+    encoding: video.Encoding
+    overwrite: bool
+
+
+def finish(deblurred: Store, work: Store, job: VideoJob, how: Assembly) -> Finished:
+    """Assemble one deblurred video with its audio, checked to hold every frame ingested. Done once:
+    a re-run finds `done/<video_id>.json`."""
+    marker = f"done/{how.video_id}.json"
     output_store, name = file_store(job.output, deblurred.options)
     if work.exists(marker) and output_store.exists(name):
         record = json.loads(work.read_bytes(marker))
         return Finished(job.output, int(record["frames"]), bool(record["audio"]), resumed=True)
-    options = AssembleOptions(encoding=encoding, source=job.source, overwrite=overwrite or work.exists(marker))
-    done = assemble(deblurred, video_id, job.output, options)
+    options = AssembleOptions(
+        encoding=how.encoding,
+        source=how.audio,
+        source_frames=how.frames,
+        overwrite=how.overwrite or work.exists(marker),
+    )
+    done = assemble(deblurred, how.video_id, job.output, options)
     record = {"output": job.output, "frames": done.frames, "audio": done.audio}
     work.commit_bytes(marker, json.dumps(record).encode())
     return Finished(job.output, done.frames, done.audio, resumed=False)

@@ -102,6 +102,11 @@ def test_encodings_a_container_or_codec_cannot_take_are_refused(tmp_path: Path) 
         video.write_video(tmp_path / "y.mp4", frames, fps=10, encoding=video.Encoding(pix_fmt="no-such-format"))
 
 
+def audio_packets(path: Path) -> list[bytes]:
+    with av.open(str(path)) as container:
+        return [bytes(p) for p in container.demux(audio=0) if p.size]
+
+
 def test_audio_is_copied_packet_for_packet(tmp_path: Path) -> None:
     source = tmp_path / "talk.mp4"
     ffmpeg(
@@ -114,13 +119,13 @@ def test_audio_is_copied_packet_for_packet(tmp_path: Path) -> None:
     assert video.copy_audio(pictures, source, tmp_path / "out.mkv")
     assert not video.copy_audio(pictures, pictures, tmp_path / "silent.mkv")  # no audio there: nothing written
     assert not (tmp_path / "silent.mkv").exists()
-
-    def audio_packets(path: Path) -> list[bytes]:
-        with av.open(str(path)) as container:
-            return [bytes(p) for p in container.demux(audio=0) if p.size]
-
     assert audio_packets(tmp_path / "out.mkv") == audio_packets(source)
     assert video.count_frames(tmp_path / "out.mkv") == 20
+    assert video.extract_audio(source, tmp_path / "sound.mp4")  # the audio alone, in the source's container
+    with av.open(str(tmp_path / "sound.mp4")) as container:
+        assert [s.type for s in container.streams] == ["audio"]
+    assert audio_packets(tmp_path / "sound.mp4") == audio_packets(source)
+    assert not video.extract_audio(pictures, tmp_path / "none.mkv") and not (tmp_path / "none.mkv").exists()
 
 
 def test_assemble_reads_and_writes_any_store(s3: S3Server, tmp_path: Path) -> None:
@@ -176,3 +181,44 @@ def test_deblur_video_plans_an_output_for_each_video(tmp_path: Path) -> None:
         videos.plan([str(tmp_path)], "out.mp4", None, {})
     with pytest.raises(InvalidInput, match="no video under"):
         videos.plan([str(tmp_path / "b/notes.txt")], "out", None, {})
+
+
+def test_deblur_video_reads_each_remote_source_once(tmp_path: Path, memory_store: Store) -> None:
+    """Ingest keeps each video's audio beside its frames: the video is assembled, with its audio and
+    checked against the frames ingested, after its source is gone."""
+    from pipeline import videos
+    from pipeline.ingest.run import IngestConfig, ingest
+
+    ffmpeg(
+        "-f", "lavfi", "-i", "testsrc=size=64x48:rate=10:duration=1",
+        "-f", "lavfi", "-i", "sine=frequency=440:duration=1", "-c:v", "libx264", "-c:a", "aac",
+        str(tmp_path / "talk.mp4"),
+    )  # fmt: skip
+    ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x48:rate=10:duration=0.6", "-c:v", "ffv1", str(tmp_path / "mute.mkv"))
+    for name in ("talk.mp4", "mute.mkv"):
+        memory_store.commit_file(f"in/{name}", str(tmp_path / name))
+    found = videos.plan([memory_store.url_of("in")], str(tmp_path / "out"), None, {})
+    work = Store(found.work)
+    frames = Store(work.url_of("frames"))
+    ingest([job.source for job in found.videos], frames, IngestConfig(keep_audio=True))
+    for name in ("talk.mp4", "mute.mkv"):
+        memory_store.remove(f"in/{name}")  # nothing after ingest reads the sources
+
+    seen = videos.ingested(frames)
+    assert seen.frames == {"mute": 6, "talk": 10}
+    for job in found.videos:
+        video_id = seen.ids[job.source]
+        audio = videos.audio_of(frames, job, video_id)
+        how = videos.Assembly(
+            video_id=video_id, frames=seen.frames[video_id], audio=audio, encoding=video.Encoding(), overwrite=False
+        )
+        done = videos.finish(frames, work, job, how)  # the ingested frames stand in for deblurred ones
+        assert done.frames == seen.frames[video_id] == video.count_frames(Path(job.output))
+        assert done.audio == (video_id == "talk") and (audio is None) == (video_id == "mute")
+    assert audio_packets(tmp_path / "out/talk.mp4") == audio_packets(tmp_path / "talk.mp4")  # copied, not re-encoded
+
+    # Frames ingested without keep_audio (an older work folder): the audio comes from the source.
+    plain = Store(str(tmp_path / "plain"))
+    ingest([str(tmp_path / "talk.mp4")], plain)
+    job = videos.VideoJob(str(tmp_path / "talk.mp4"), str(tmp_path / "plain.mp4"))
+    assert not plain.exists("_audio") and videos.audio_of(plain, job, "talk") == job.source

@@ -208,23 +208,42 @@ def copy_audio(video: Path, source: str | Path | IO[bytes], to: Path) -> bool:
     with av.open(str(video)) as picture, _open(source, str(source)) as sound:
         if not sound.streams.audio:
             return False
-        with av.open(str(to), "w", container_options=BITEXACT) as out:
-            streams = {picture.streams.video[0]: out.add_stream_from_template(picture.streams.video[0])}
-            for audio in sound.streams.audio:
+        _copy_streams(to, [(picture, [picture.streams.video[0]]), (sound, list(sound.streams.audio))], source)
+    return True
+
+
+def extract_audio(source: Path, to: Path) -> bool:
+    """`to` (a container like `source`'s) = `source`'s audio streams, copied packet for packet.
+    Returns False (and writes nothing) when the source has no audio."""
+    with _open(source, str(source)) as sound:
+        if not sound.streams.audio:
+            return False
+        _copy_streams(to, [(sound, list(sound.streams.audio))], source)
+    return True
+
+
+def _copy_streams(to: Path, parts: list[tuple[av.container.InputContainer, list]], source: object) -> None:
+    """Write `to` from each part's streams, packets copied and interleaved by time. `source`: named
+    in errors, as the file whose audio `to` cannot hold."""
+    try:
+        out = av.open(str(to), "w", container_options=BITEXACT)
+    except (av.error.FFmpegError, ValueError) as e:
+        raise VideoError(f"{to}: cannot write this container ({e}); try .mkv") from None
+    with out:
+        streams = {}
+        for _, chosen in parts:
+            for stream in chosen:
                 try:
-                    streams[audio] = out.add_stream_from_template(audio)
+                    streams[stream] = out.add_stream_from_template(stream)
                 except (av.error.FFmpegError, ValueError) as e:
                     raise VideoError(f"{to}: cannot hold the audio of {source} ({e}); try .mkv") from None
-            merged = heapq.merge(
-                _timed(picture.demux(picture.streams.video[0]), 0), _timed(sound.demux(*sound.streams.audio), 1)
-            )
-            try:
-                for *_, packet in merged:
-                    packet.stream = streams[packet.stream]
-                    out.mux(packet)
-            except av.error.FFmpegError as e:
-                raise VideoError(f"{to}: cannot hold the audio of {source} ({e}); try .mkv") from None
-    return True
+        merged = heapq.merge(*(_timed(container.demux(*chosen), n) for n, (container, chosen) in enumerate(parts)))
+        try:
+            for *_, packet in merged:
+                packet.stream = streams[packet.stream]
+                out.mux(packet)
+        except av.error.FFmpegError as e:
+            raise VideoError(f"{to}: cannot hold the audio of {source} ({e}); try .mkv") from None
 
 
 def _timed(packets: Iterable[av.Packet], order: int) -> Iterator[tuple[float, int, int, av.Packet]]:

@@ -4,7 +4,9 @@ Frames are decoded in order (one source after another), encoded to PNG/JPEG on a
 releases the GIL) and written in order, so the output does not depend on thread timing: the same
 sources and options give byte-identical shards. `_index.parquet` has one row per ingested frame and
 one per problem (a skipped file, a converted image, a truncated video), and is committed last; rows
-that ingests with other prefixes wrote into the same folder are kept.
+that ingests with other prefixes wrote into the same folder are kept. With `keep_audio`, each video's
+audio streams are copied into `_audio/` beside the index, so that assembling the deblurred video needs
+no second read of its source.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -26,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from adarevd.errors import InvalidInput
-from pipeline.formats import images
+from pipeline.formats import images, video
 from pipeline.formats.images import ImageFormat
 from pipeline.formats.parquet_rows import ParquetRows
 from pipeline.formats.sharded_run import ShardedOutput, ShardedRun
@@ -37,6 +41,14 @@ from pipeline.store.scratch import scratch
 from pipeline.store.storage import Store, location
 
 INDEX_NAME = "_index.parquet"
+AUDIO_FOLDER = "_audio"
+
+
+def audio_name(video_id: str, source: str) -> str:
+    """Where `keep_audio` puts a video's audio: `_audio/<video_id>` with the source's container suffix;
+    an empty file when the source has none."""
+    suffix = posixpath.splitext(source.partition("?")[0])[1].lower() or ".mkv"
+    return f"{AUDIO_FOLDER}/{video_id}{suffix}"
 
 
 def read_index(store: Store, columns: Sequence[str] | None = None) -> pa.Table:
@@ -76,6 +88,7 @@ class IngestConfig:
     workers: int = 0  # encode threads; 0 = one per CPU
     overwrite: bool = False
     take_over: bool = False  # of a lease whose holder is known to be dead
+    keep_audio: bool = False  # each video's audio streams copied into `audio_name(...)` (empty: none)
 
     def __post_init__(self) -> None:
         if self.image_format not in ("png", "jpg"):
@@ -266,7 +279,8 @@ def _write_shards(
             summary.videos += source.kind == "video"
             summary.image_folders += source.kind == "images"
             summary.shards_read += source.kind == "shard"
-            events = sources.read(source, fps=config.fps)
+            keep = partial(_keep_audio, run.spec.output, source) if config.keep_audio else None
+            events = sources.read(source, fps=config.fps, on_video=keep)
             for item in _in_order(events, pool, config, 2 * workers):
                 if isinstance(item, sources.Problem):
                     rows.problem(item)
@@ -282,6 +296,20 @@ def _write_shards(
                 summary.frames += 1
                 if progress:
                     progress(1)
+
+
+def _keep_audio(output: Store, source: sources.Source, path: str) -> str | None:
+    """Copy the audio of the video at `path` (`source`'s local file) into `output`; a note if it cannot."""
+    name = audio_name(source.video_id, source.url)
+    with scratch("audio") as tmp:
+        local = Path(tmp) / posixpath.basename(name)
+        try:
+            if not video.extract_audio(Path(path), local):
+                local.write_bytes(b"")  # an empty file: the source has no audio
+            output.commit_file(name, str(local))
+        except video.VideoError as e:
+            return f"its audio could not be kept ({e}); it is read from the source when the video is assembled"
+    return None
 
 
 def _other_prefixes_rows(output: Store, prefix: str) -> pa.Table:

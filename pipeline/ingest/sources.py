@@ -12,7 +12,7 @@ import hashlib
 import os
 import posixpath
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -187,19 +187,22 @@ def _assign_ids(sources: list[Source]) -> list[Source]:
     return out
 
 
-def read(source: Source, *, fps: float | None = None) -> Iterator[Event]:
-    """Stream one source as events, in order."""
+def read(
+    source: Source, *, fps: float | None = None, on_video: Callable[[str], str | None] | None = None
+) -> Iterator[Event]:
+    """Stream one source as events, in order. `on_video` is called with a video's local file before
+    its frames are read (a remote video is fetched once, for both); what it returns is recorded as a note."""
     for note in source.notes:
         yield Problem(source.url, note, skipped=False, video_id=source.video_id)
     if source.kind == "video":
-        yield from _read_video(source)
+        yield from _read_video(source, on_video)
     elif source.kind == "images":
         yield from _read_images(source, fps)
     else:
         yield from _read_shard(source)
 
 
-def _read_video(source: Source) -> Iterator[Event]:
+def _read_video(source: Source, on_video: Callable[[str], str | None] | None) -> Iterator[Event]:
     fs, path = source.fs, source.paths[0]
     with scratch("video") as tmp:
         if not isinstance(fs, LocalFileSystem):
@@ -219,6 +222,8 @@ def _read_video(source: Source) -> Iterator[Event]:
                 source.url, "cannot be opened as a video (damaged, truncated, or not a video)", video_id=source.video_id
             )
             return
+        if on_video is not None and (note := on_video(path)) is not None:
+            yield Problem(source.url, note, skipped=False, video_id=source.video_id)
         info, count, pts = reader.info, 0, 0.0
         if not info.eight_bit:
             note = f"{info.pix_fmt} source converted to 8-bit RGB (frames keep source_pix_fmt)"
