@@ -286,7 +286,7 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument(
         "--work",
         help="folder that keeps each finished stage: a re-run with it skips them and ends "
-        "with the weights of an unbroken run",
+        "with the weights of an unbroken run (also after a change to the classifier's or later fields)",
     )
     for name in RECIPE_FIELDS:
         w.add_argument(f"--{name.replace('_', '-')}", type=int, help="override the recipe's value")

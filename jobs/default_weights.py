@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
+from typing import ClassVar
 
 import av
 import cv2
@@ -269,16 +270,45 @@ def train_default_weights(
 class Marks:
     """Finished stages of one recipe run in a folder (`--work`): `encoder.safetensors` after the
     pre-training, `columns.safetensors` after stage 1, `tuned.safetensors` after its tuning, each with
-    the recipe, the device and every random state the later stages draw from (the crop generator,
-    torch's CPU RNG and the card's), so a run stopped anywhere and re-run with the same folder ends
-    with the weights of an unbroken run. A folder holding another recipe's or device's stages is refused."""
+    the recipe fields it depends on, the device and every random state the later stages draw from (the
+    crop generator, torch's CPU RNG and the card's), so a run stopped anywhere and re-run with the same
+    folder ends with the weights of an unbroken run. A kept stage that another device or other values of
+    its fields made is refused. The fields of the stages after the last kept one (`LATER_FIELDS`) may
+    change: a re-run then trains only those stages."""
 
     STAGES = ("encoder", "columns", "tuned")  # kept in this order, each as <name>.safetensors
+    # The recipe fields each kept stage adds to those of the stages before it.
+    STAGE_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "encoder": (
+            "seed",
+            "train_images",
+            "worn_fraction",
+            "crop",
+            "batch",
+            "ema_warmup",
+            "pretrain_iterations",
+            "pretrain_lr",
+        ),
+        "columns": ("stage1_iterations", "stage1_lr"),
+        "tuned": ("tune_iterations", "tune_lr"),
+    }
+    # The classifier, calibration and test: they draw nothing that a kept stage depends on.
+    LATER_FIELDS = (
+        "identity_per_image",
+        "stage2_iterations",
+        "validation_images",
+        "test_images",
+        "calibration_budget_db",
+    )
 
     def __init__(self, folder: Path | None, recipe: Recipe, device: str, generator: torch.Generator) -> None:
         self.folder, self.generator = folder, generator
         self.device = torch.device(device)
-        self.made_by = {"recipe": json.dumps(asdict(recipe), sort_keys=True), "device": device_name(device)}
+        fields = asdict(recipe)
+        self.made_by: dict[str, dict[str, str]] = {}  # stage -> the metadata it must hold
+        for i, stage in enumerate(self.STAGES):
+            used = {f: fields[f] for before in self.STAGES[: i + 1] for f in self.STAGE_FIELDS[before]}
+            self.made_by[stage] = {"recipe": json.dumps(used, sort_keys=True), "device": device_name(device)}
 
     def save(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         if self.folder is None:
@@ -289,20 +319,20 @@ class Marks:
             rng["cuda"] = torch.cuda.get_rng_state(self.device).tolist()
         tmp = self.folder / f".{name}.safetensors.tmp"
         cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        safetensors.torch.save_file(cpu, str(tmp), metadata=self.made_by | {"rng": json.dumps(rng)})
+        safetensors.torch.save_file(cpu, str(tmp), metadata=self.made_by[name] | {"rng": json.dumps(rng)})
         os.replace(tmp, self.folder / f"{name}.safetensors")
 
     def check(self) -> None:
         """Refuse a folder whose kept stages another recipe or device made (or that are not stages)."""
         for name in self.STAGES:
             if (path := self._path(name)) is not None:
-                self._metadata(path)
+                self._metadata(path, name)
 
     def load(self, name: str, log: Callable[[str], None]) -> dict[str, torch.Tensor] | None:
         """The stage's tensors (on the device) with the random states put back, or None if not kept."""
         if (path := self._path(name)) is None:
             return None
-        rng = json.loads(self._metadata(path)["rng"])
+        rng = json.loads(self._metadata(path, name)["rng"])
         self.generator.set_state(torch.tensor(rng["generator"], dtype=torch.uint8))
         torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
         if "cuda" in rng:
@@ -315,8 +345,8 @@ class Marks:
         path = self.folder / f"{name}.safetensors" if self.folder is not None else None
         return path if path is not None and path.exists() else None
 
-    def _metadata(self, path: Path) -> dict[str, str]:
-        """A kept stage's metadata, checked to be this recipe's and device's."""
+    def _metadata(self, path: Path, name: str) -> dict[str, str]:
+        """Kept stage `name`'s metadata, checked to be of this recipe's values of its fields and this device."""
         try:
             with safetensors.safe_open(str(path), "pt") as f:
                 metadata = f.metadata() or {}
@@ -324,7 +354,7 @@ class Marks:
             raise InvalidInput(f"{path} is not a kept stage ({e}); delete it, or use another --work folder") from e
         if "rng" not in metadata:
             raise InvalidInput(f"{path} holds no random states: not a kept stage; use another --work folder")
-        for key, value in self.made_by.items():
+        for key, value in self.made_by[name].items():
             if metadata.get(key) != value:
                 raise InvalidInput(
                     f"{path} was made with another {key} ({metadata.get(key)!r}, this run: {value!r}); "

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,7 @@ from jobs.default_weights import (
     RECIPES,
     SHARP_STATES,
     TEST_SEEDS,
+    Marks,
     Recipe,
     device_name,
     identity_pairs,
@@ -76,6 +77,12 @@ def test_identity_pairs_are_identical_and_sharp_states_stay_close_to_the_photo()
     for name, frame in sharp_frames(("page",)):
         crop = photo[:, : frame.shape[1], : frame.shape[2]]  # H.264 needs even sides
         assert 28 < psnr(frame[None], crop[None]).item() <= 80, name
+
+
+def test_every_recipe_field_belongs_to_one_stage() -> None:
+    """A field no kept stage names would let a changed recipe re-use stages it changes."""
+    named = [f for names in Marks.STAGE_FIELDS.values() for f in names] + list(Marks.LATER_FIELDS)
+    assert sorted(named) == sorted(f.name for f in fields(Recipe)) and tuple(Marks.STAGE_FIELDS) == Marks.STAGES
 
 
 def test_the_cli_offers_every_recipe_and_overrides_its_fields() -> None:
@@ -151,6 +158,14 @@ def test_a_short_recipe_writes_trained_calibrated_weights_and_resumes_a_stopped_
     assert [line.split(":")[0] for line in lines if "not trained again" in line] == ["encoder", "columns", "tuned"]
     a, b = load_file(str(unbroken)), load_file(str(out))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # Another classifier schedule trains the classifier only; another tuning is refused at its stage.
+    lines.clear()
+    longer = replace(recipe, stage2_iterations=recipe.stage2_iterations + 1)
+    make_default_weights(tmp_path / "longer.safetensors", longer, lines.append, device=str(device), work=work)
+    assert [line.split(":")[0] for line in lines if "not trained again" in line] == ["encoder", "columns", "tuned"]
+    with pytest.raises(ValueError, match=r"tuned.safetensors was made with another recipe"):
+        make_default_weights(out, replace(recipe, tune_lr=1e-4), lines.append, device=str(device), work=work)
 
     # Another recipe's folder, or a file that is no kept stage, is refused before any pair is made.
     made_pairs: list[str] = []
