@@ -276,8 +276,8 @@ class Marks:
     its fields made is refused. The fields of the stages after the last kept one (`LATER_FIELDS`) may
     change: a re-run then trains only those stages."""
 
-    STAGES = ("encoder", "columns", "tuned")  # kept in this order, each as <name>.safetensors
-    # The recipe fields each kept stage adds to those of the stages before it.
+    # The kept stages, in order (each as <name>.safetensors), and the recipe fields each one adds to
+    # those of the stages before it.
     STAGE_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
         "encoder": (
             "seed",
@@ -292,6 +292,7 @@ class Marks:
         "columns": ("stage1_iterations", "stage1_lr"),
         "tuned": ("tune_iterations", "tune_lr"),
     }
+    STAGES = tuple(STAGE_FIELDS)
     # The classifier, calibration and test: they draw nothing that a kept stage depends on.
     LATER_FIELDS = (
         "identity_per_image",

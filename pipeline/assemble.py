@@ -185,8 +185,10 @@ def assemble(store: Store, video_id: str, to: str | Path, options: AssembleOptio
         local.parent.mkdir(parents=True, exist_ok=True)
     with scratch("assemble", str(local.parent) if local else None) as tmp:  # beside `to`: moved there whole
         source = _local_source(options.source, store, Path(tmp))
-        counted = video.count_frames(source) if source is not None and options.source_frames is None else None
-        check(frames, options.source_frames if options.source_frames is not None else counted)
+        expected = options.source_frames
+        if expected is None and source is not None:
+            expected = video.count_frames(source)
+        check(frames, expected)
         made = Path(tmp) / f"video{suffix}"
         pixels = _in_order(store, frames, options.image)
         encoding = options.encoding
