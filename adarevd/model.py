@@ -89,8 +89,11 @@ class AdaRevD(nn.Module):
         return [tiling.cut(f, grid, level) for level, f in enumerate(features)]
 
     def classify(self, features: list[torch.Tensor]) -> torch.Tensor:
-        """Patch features -> class logits (P, K)."""
-        return self.ape(features[3] if self.config.classifier_input == "e3" else features[4])
+        """Patch features -> class logits (P, K), in fp32 even under autocast: the classifier is a small
+        part of the work, and a patch's exit depth should not move with the columns' precision."""
+        x = features[3] if self.config.classifier_input == "e3" else features[4]
+        with torch.autocast(x.device.type, enabled=False):
+            return self.ape(x.float())
 
     def exit_depths(self, logits: torch.Tensor) -> torch.Tensor:
         """Class logits -> number of columns each patch runs (0..N)."""

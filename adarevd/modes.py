@@ -11,3 +11,4 @@ EncoderKind = Literal["ufpnet", "nafnet"]
 ClassifierInput = Literal["e3", "e4"]  # which encoder level the classifier reads
 Blend = Literal["normalised", "reference"]  # a weighted mean over overlaps, or the reference's weights
 Compile = Literal["auto", "on", "off"]  # torch.compile the model: by the work ahead, always, never
+Precision = Literal["auto", "fp32", "bf16"]  # bf16 autocast: by the device (CUDA with bf16 tensor cores), always, never

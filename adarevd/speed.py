@@ -7,12 +7,21 @@ about a minute of CPU per process first, so it pays only on long runs: `worth_co
 Patches reach the columns, heads and classifier in batches of any size: those compile once with a
 dynamic batch. The encoder sees whole frames: it compiles once per frame size (a run has few).
 A machine where compiling fails (no C++ compiler) runs eager: `suppress_errors` falls back per graph.
+
+Precision: `auto` runs bf16 autocast on CUDA devices with bf16 tensor cores (compute capability 8.0
+and up: A100, H100, RTX 30xx and later), fp32 elsewhere. On CPU fp32 stays the default: its outputs
+match the reference code to 1e-7, and the compiled fp32 path already reaches the speed goal there.
+The classifier runs in fp32 under either (`AdaRevD.classify`).
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
+import torch
+
 from adarevd.model import AdaRevD
-from adarevd.modes import Compile
+from adarevd.modes import Compile, Precision
 
 # About 200 frames of 720p (or 2,600 of 320x240): at the measured 1.8x, one process's eager time for
 # them is a few times its compile time.
@@ -24,6 +33,25 @@ def worth_compiling(setting: Compile, pixels: int) -> bool:
     if setting not in ("auto", "on", "off"):
         raise ValueError(f"compile must be 'auto', 'on' or 'off', got {setting!r}")
     return setting == "on" or (setting == "auto" and pixels >= COMPILE_MIN_PIXELS)
+
+
+# The first CUDA compute capability with bf16 tensor cores (Ampere). Older cards emulate bf16 slowly.
+BF16_CAPABILITY = (8, 0)
+
+
+def precision_for(setting: Precision, device: torch.device) -> Literal["fp32", "bf16"]:
+    """`fp32` or `bf16` as given; for `auto`, bf16 on a CUDA device with bf16 tensor cores, else fp32."""
+    if setting not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {setting!r}")
+    if setting != "auto":
+        return setting
+    native = device.type == "cuda" and torch.cuda.get_device_capability(device) >= BF16_CAPABILITY
+    return "bf16" if native else "fp32"
+
+
+def autocast_dtype(precision: Literal["fp32", "bf16"]) -> torch.dtype | None:
+    """The dtype `AdaRevD.restore` runs under for a decided precision (None: full precision)."""
+    return torch.bfloat16 if precision == "bf16" else None
 
 
 def compile_for_inference(model: AdaRevD) -> AdaRevD:

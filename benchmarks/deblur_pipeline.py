@@ -22,6 +22,8 @@
 On a GPU (`--device cuda`, results in `deblur_pipeline_gpu.json`) every contender runs the model on
 the card: the bound on it, the fused layout with 1, 2 and 4 actors sharing it, depth pools with an
 encoder and three pool actors at a quarter each, and the naive pipeline with 4 actors at a quarter.
+Every contender runs the job's default precision on the device (`--precision auto`: bf16 autocast on
+cards with bf16 tensor cores, fp32 on the CPU), recorded as `precision`.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import ray
 import torch
 
 import adarevd
+from adarevd.speed import autocast_dtype, precision_for
 from benchmarks.common import write
 from jobs.cli import DEFAULT_WEIGHTS
 from jobs.data import frame_size
@@ -102,16 +105,22 @@ def compute_bound_processes(frames: list[np.ndarray], exit: str | int, processes
     return seconds
 
 
+def default_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype the job's default precision (`auto`) runs on `device`: every contender uses it."""
+    return autocast_dtype(precision_for("auto", device))
+
+
 def compute_bound(model: adarevd.AdaRevD, frames: list[np.ndarray], exit: str | int) -> float:
     """Frame-by-frame `restore` on the model's device, the frames already there."""
     device = next(model.parameters()).device
     tensors = [(torch.from_numpy(f).permute(2, 0, 1)[None].float() / 255).to(device) for f in frames]
+    dtype = default_dtype(device)
     with torch.no_grad():
-        model.restore(tensors[0], exit=exit)  # warm-up
+        model.restore(tensors[0], exit=exit, autocast_dtype=dtype)  # warm-up
         synchronize(device)
         start = time.perf_counter()
         for t in tensors:
-            model.restore(t, exit=exit)
+            model.restore(t, exit=exit, autocast_dtype=dtype)
         synchronize(device)
     return time.perf_counter() - start
 
@@ -138,7 +147,7 @@ class RestoreUDF:
         with torch.no_grad():
             for image in batch["png"]:
                 x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float().to(self.device) / 255
-                y = self.model.restore(x, exit=self.exit).images[0]
+                y = self.model.restore(x, exit=self.exit, autocast_dtype=default_dtype(self.device)).images[0]
                 out.append(y.mul(255).round().byte().permute(1, 2, 0).cpu().numpy())
         batch["png"] = np.stack(out)
         return batch
@@ -284,6 +293,7 @@ def main() -> None:
                 "size": {"width": args.size[1], "height": args.size[0]},
                 "exit": args.exit,
                 "device": str(device),
+                "precision": precision_for("auto", device),  # the job's, the bound's and the naive pipeline's
                 "frames_per_batch": args.frames_per_batch,
                 "repeats": args.repeats,
                 "compute_bound_fps": round(fps(bound), 3),  # the median over the runs of their pair's mean

@@ -33,7 +33,7 @@ import torch
 import adarevd
 from adarevd.errors import UserError
 from adarevd.metrics import psnr
-from adarevd.speed import compile_for_inference, worth_compiling
+from adarevd.speed import autocast_dtype, compile_for_inference, precision_for, worth_compiling
 from jobs import data, deblur, deblur_video, report, signals, submit, train
 from jobs.data import add_storage_option
 from jobs.models import (
@@ -42,6 +42,7 @@ from jobs.models import (
     CliError,
     add_blend_option,
     add_compile_option,
+    add_precision_option,
     add_weights_option,
     exit_mode,
     model_from,
@@ -135,14 +136,21 @@ def cmd_restore(args: argparse.Namespace) -> int:
     compiled = worth_compiling(args.compile, sum(pixels(path) for path, _ in plan) if args.compile == "auto" else 0)
     if compiled:
         compile_for_inference(model)
-    how = "compiled with torch.compile" if compiled else "eager"
+    precision = precision_for(args.precision, device)
+    how = ("compiled with torch.compile" if compiled else "eager") + ("; bf16 autocast" if precision == "bf16" else "")
     print(f"model {model.config.width}-wide {model.config.encoder} encoder, {n} columns ({how}); weights: {source}")
     print(f"{'image':<28} {'size':>11} {'time s':>7} {'mean depth':>10} {'saved':>6} {'exits 0..N':<20} psnr in -> out")
     totals = torch.zeros(n + 1, dtype=torch.long)
     for i, (path, out) in enumerate(plan):
         blurry = read_image(path).to(device)
         start = time.perf_counter()
-        result = model.restore(blurry[None], exit=args.exit, encoder_mode=args.encoder_mode, blend=args.blend)
+        result = model.restore(
+            blurry[None],
+            exit=args.exit,
+            encoder_mode=args.encoder_mode,
+            blend=args.blend,
+            autocast_dtype=autocast_dtype(precision),
+        )
         seconds = time.perf_counter() - start
         write_image(out, result.images[0])
         grid = result.grid
@@ -261,6 +269,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--exit", default="adaptive", type=exit_mode, help="'adaptive' or a fixed number of columns 0..N")
     r.add_argument("--encoder-mode", default="frame", choices=["frame", "patch"])
     add_blend_option(r)
+    add_precision_option(r)
     add_storage_option(r)
     r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     add_compile_option(r, "when the images hold 200 million pixels or more")

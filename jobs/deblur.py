@@ -22,7 +22,15 @@ import adarevd
 from adarevd.errors import InvalidInput
 from jobs import signals
 from jobs.data import add_storage_option, add_take_over
-from jobs.models import ASSETS, add_blend_option, add_compile_option, add_weights_option, exit_mode, model_from
+from jobs.models import (
+    ASSETS,
+    add_blend_option,
+    add_compile_option,
+    add_precision_option,
+    add_weights_option,
+    exit_mode,
+    model_from,
+)
 from pipeline.cluster.address import ADDRESS_HELP, ray_address
 from pipeline.deblur.job import RestoreOptions
 from pipeline.deblur.resume import megabytes
@@ -79,7 +87,7 @@ def add_deblur_options(d: argparse.ArgumentParser) -> None:
         choices=["frame", "patch"],
         help="frame (default): the encoder sees the whole frame; patch: one patch at a time (less memory)",
     )
-    d.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="fp32 (default) or bf16 autocast")
+    add_precision_option(d)
     add_compile_option(d, "for inputs of 300 MB or more")
     add_blend_option(d)
     d.add_argument(
@@ -277,6 +285,8 @@ def print_summary(summary: RunSummary, output_url: str, wall: float, *, standalo
         actors += " (model on " + ", ".join(f"{d}: {n}" for d, n in sorted(summary.devices.items())) + ")"
     if summary.reports:
         actors += "; compiled with torch.compile" if summary.compiled else "; eager (--compile on to compile)"
+        if "bf16" in summary.precisions:
+            actors += "; bf16 autocast"
     print(
         f"shards: {len(summary.reports)} processed, {summary.shards_skipped} already done, "
         f"{summary.shards_total} in all; {actors}"

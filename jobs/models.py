@@ -17,6 +17,7 @@ __all__ = [
     "DEFAULT_WEIGHTS",
     "CliError",
     "add_blend_option",
+    "add_precision_option",
     "add_weights_option",
     "exit_mode",
     "load_model",
@@ -67,6 +68,17 @@ def add_compile_option(parser: argparse.ArgumentParser, auto: str) -> None:
         choices=["auto", "on", "off"],
         help=f"torch.compile the model: about 1.8x faster on CPU after a minute of compiling per process; "
         f"auto (default): on {auto}",
+    )
+
+
+def add_precision_option(parser: argparse.ArgumentParser) -> None:
+    """--precision auto|fp32|bf16 (`adarevd.speed.precision_for`)."""
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="auto (default): bf16 autocast on CUDA GPUs with bf16 tensor cores (compute capability 8.0+), "
+        "fp32 elsewhere; fp32; or bf16 (the exit depths are chosen in fp32 either way)",
     )
 
 

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 
 import adarevd
@@ -72,7 +73,13 @@ def test_fixed_exit_depth_and_grey_16bit_input(tmp_path: Path, capsys: pytest.Ca
     cv2.imwrite(str(tmp_path / "grey16.png"), grey16 * 257)
     assert main(["restore", str(tmp_path / "grey16.png"), "--exit", "2", "--output", str(tmp_path / "o")]) == 0
     assert cv2.imread(str(tmp_path / "o" / "grey16.deblurred.png")).shape == (50, 70, 3)
-    assert "[0, 0, 2, 0, 0]" in capsys.readouterr().out  # 2 patches, both at depth 2
+    out = capsys.readouterr().out
+    assert "[0, 0, 2, 0, 0]" in out and "bf16" not in out  # 2 patches, both at depth 2; auto is fp32 here
+    arguments = ["restore", str(tmp_path / "grey16.png"), "--exit", "2", "--precision", "bf16"]
+    assert main([*arguments, "--output", str(tmp_path / "b")]) == 0
+    assert "eager; bf16 autocast" in capsys.readouterr().out
+    fp32, bf16 = (cv2.imread(str(tmp_path / d / "grey16.deblurred.png")).astype(int) for d in "ob")
+    assert np.abs(fp32 - bf16).max() <= 8  # the tolerance stated in tests/test_restorer.py
     with pytest.raises(SystemExit):
         main(["restore", "--exit", "deep"])
 

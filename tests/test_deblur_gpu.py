@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from adarevd.speed import precision_for
 from jobs.cli import DEFAULT_WEIGHTS
 from pipeline.deblur.ray import driver
 from pipeline.store.storage import Store
@@ -41,6 +42,7 @@ def test_the_job_on_fractional_gpus_deblurs_every_frame_reproducibly(
     summary = run(first)
     assert summary.frames == 10 and summary.quarantined == 0
     assert set(summary.devices) == {"cuda"}, summary.devices  # every actor's model is on the GPU
+    assert set(summary.precisions) == {precision_for("auto", torch.device("cuda"))}  # bf16 from Ampere on
     assert run_record(first)["options"]["frames_per_batch"] == 16  # the GPU default
     out = read_samples(first)
     for key, rgb in originals.items():  # against restore on the CPU: float differences only

@@ -174,6 +174,7 @@ def test_depth_pools_job_deblurs_every_frame_and_reruns_byte_identical(
     record = run_record(output)
     assert record["options"]["routing"] == "depth-pools" and record["encoders"] == 1 and record["workers"] == 2
     assert record["devices"] == {"cpu": 3}  # 2 pool actors + 1 encoder, all with the model on the CPU
+    assert record["precisions"] == {"fp32": 3}  # auto: fp32 on the CPU
     assert record["pool_plans"] and all(sum(p) == 2 for p in record["pool_plans"])
     again = Store(str(tmp_path / "again"))
     run(pools_job(source, again), model)

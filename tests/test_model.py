@@ -141,6 +141,19 @@ def test_bf16_autocast_restore_is_close_to_fp32(tiny: adarevd.AdaRevD) -> None:
     assert (full - half).abs().mean() < 0.02
 
 
+def test_the_classifier_runs_in_fp32_under_autocast(tiny: adarevd.AdaRevD) -> None:
+    """A patch's exit depth must not move with the columns' precision: the classifier ignores autocast."""
+    images = torch.rand(1, 3, 80, 96, device=next(tiny.parameters()).device)
+    padded = tiny.pad(images)
+    features = tiny.encode_patches(padded, tiny.grid(*padded.shape[-2:]))
+    plain = tiny.classify(features)
+    with torch.autocast(images.device.type, dtype=torch.bfloat16):
+        under = tiny.classify(features)
+        half = tiny.classify([f.bfloat16() for f in features])  # what a bf16 encoder hands it
+    assert under.dtype == torch.float32 and torch.equal(under, plain)
+    assert half.dtype == torch.float32
+
+
 def test_channels_last_gives_the_same_result(tiny: adarevd.AdaRevD) -> None:
     images = torch.rand(1, 3, 80, 96, device=next(tiny.parameters()).device)
     plain = tiny.restore(images).images

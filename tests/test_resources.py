@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from adarevd.speed import precision_for
 from pipeline.deblur.job import DeblurJob, Resources, RestoreOptions
 from pipeline.store.storage import Store
 from tests.deblur_setup import bundled_model, input_shards, run_record
@@ -120,6 +121,7 @@ def test_the_job_takes_the_clusters_gpu_by_default_and_stops_if_torch_cannot_use
     if torch.cuda.is_available():  # on the device machine: the default run is on the card
         summary = driver.run(job, bundled_model().model)
         assert summary.frames == len(originals) and summary.devices == {"cuda": 1}
+        assert summary.precisions == {precision_for("auto", torch.device("cuda")): 1}
         assert run_record(output)["options"]["frames_per_batch"] == 16
         return
     with pytest.raises(driver.DeviceError, match=r"GPU shares \(up to 1 each\).*--gpus-per-worker 0"):
@@ -129,4 +131,5 @@ def test_the_job_takes_the_clusters_gpu_by_default_and_stops_if_torch_cannot_use
     cpus = DeblurJob(source.url, output.url, resources=Resources(gpus_per_worker=0), stall_timeout_s=120)
     summary = driver.run(cpus, bundled_model().model)
     assert (summary.frames, summary.devices, summary.workers) == (len(originals), {"cpu": 2}, 2)
+    assert summary.precisions == {"fp32": 2}
     assert run_record(output)["options"]["resources"]["gpus_per_worker"] == 0.0

@@ -7,8 +7,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 
-from adarevd.speed import COMPILE_MIN_PIXELS, worth_compiling
+from adarevd.speed import BF16_CAPABILITY, COMPILE_MIN_PIXELS, autocast_dtype, precision_for, worth_compiling
 from jobs.cli import main
 from pipeline.deblur.job import COMPILE_MIN_BYTES, InvalidInput, RestoreOptions
 
@@ -23,6 +24,20 @@ def test_auto_compiles_only_runs_long_enough_to_repay_it() -> None:
     assert RestoreOptions(compile="off").compile_for(10 * COMPILE_MIN_BYTES).compile == "off"
     with pytest.raises(InvalidInput, match="--compile"):
         RestoreOptions(compile="fast")  # type: ignore[arg-type]
+
+
+def test_precision_auto_is_fp32_on_the_cpu_and_a_given_precision_is_kept() -> None:
+    cpu = torch.device("cpu")
+    assert RestoreOptions().precision == "auto" and precision_for("auto", cpu) == "fp32"
+    assert precision_for("bf16", cpu) == "bf16" and precision_for("fp32", cpu) == "fp32"
+    assert autocast_dtype("bf16") == torch.bfloat16 and autocast_dtype("fp32") is None
+    if torch.cuda.is_available():  # the rule on this machine's card
+        native = torch.cuda.get_device_capability() >= BF16_CAPABILITY
+        assert precision_for("auto", torch.device("cuda")) == ("bf16" if native else "fp32")
+    with pytest.raises(ValueError, match="precision"):
+        precision_for("fp16", cpu)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match="--precision"):
+        RestoreOptions(precision="fp16")  # type: ignore[arg-type]
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from adarevd.config import AdaRevDConfig
 from adarevd.errors import InvalidInput, NotFound, UserError
-from adarevd.modes import Blend, Compile, EncoderMode, ExitMode
+from adarevd.modes import Blend, Compile, EncoderMode, ExitMode, Precision
 from pipeline.deblur.input_shards import Listing, list_folder, list_shards, split_input, without_output
 from pipeline.deblur.shard import ShardTask
 from pipeline.store.storage import Store, redact
@@ -63,7 +63,9 @@ def _require(ok: bool, setting: str, rule: str, value: object) -> None:
 class RestoreOptions:
     exit: ExitMode = "adaptive"
     encoder_mode: EncoderMode = "frame"
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # bf16 autocast: auto decides on each restorer's device (`adarevd.speed.precision_for`: bf16 on CUDA
+    # with bf16 tensor cores, fp32 elsewhere).
+    precision: Precision = "auto"
     jpeg_quality: int = 95
     blend: Blend = "normalised"  # overlapping patches: a weighted mean, or the reference's weights
     threads: int = 0  # torch threads in this worker; 0 leaves torch's default
@@ -82,6 +84,7 @@ class RestoreOptions:
         _require(self.threads >= 0, "threads", ">= 0 (0: by the actor's CPUs)", self.threads)
         _require(self.max_frame_pixels >= 0, "--max-frame-pixels", ">= 0 (0: no limit)", self.max_frame_pixels)
         _require(self.compile in ("auto", "on", "off"), "--compile", "'auto', 'on' or 'off'", self.compile)
+        _require(self.precision in ("auto", "fp32", "bf16"), "--precision", "'auto', 'fp32' or 'bf16'", self.precision)
 
     def compile_for(self, input_bytes: int) -> RestoreOptions:
         """These options with `compile` decided: auto is on for inputs of `COMPILE_MIN_BYTES` or more.

@@ -22,7 +22,7 @@ import torch
 from adarevd import AdaRevD
 from adarevd.errors import InvalidInput
 from adarevd.metrics import tone_shift
-from adarevd.speed import compile_for_inference
+from adarevd.speed import compile_for_inference, precision_for
 from adarevd.tiling import PatchGrid
 from pipeline.deblur.depth_pools import DepthGroup, EncodedBatch, EncodedFrame, GroupPart
 from pipeline.deblur.job import RestoreOptions
@@ -53,6 +53,7 @@ class FrameRestorer:
             torch.set_num_threads(options.threads)
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        self.precision = precision_for(options.precision, self.device)
         if options.compile == "on":
             compile_for_inference(self.model)
         self.options = options
@@ -196,7 +197,7 @@ class FrameRestorer:
         return image, padded, self.model.grid(*padded.shape[-2:])
 
     def _autocast(self) -> torch.autocast:
-        enabled = self.options.precision == "bf16"
+        enabled = self.precision == "bf16"
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def _encode(self, frame: FrameIn) -> _Encoded:

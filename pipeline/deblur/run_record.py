@@ -34,6 +34,7 @@ class RunSummary:
     worker_nodes: dict[str, int] = field(default_factory=dict)  # node id -> restorer actors placed there
     encoder_nodes: dict[str, int] = field(default_factory=dict)  # node id -> encoder actors (depth pools)
     devices: dict[str, int] = field(default_factory=dict)  # 'cuda' / 'cpu' -> actors whose model runs there
+    precisions: dict[str, int] = field(default_factory=dict)  # 'fp32' / 'bf16' -> actors whose model runs in it
     compiled: bool = False  # the restorers' models run through torch.compile (`RestoreOptions.compile`)
     took_over: str | None = None  # the earlier run whose lease on the output this one took, and why
     parts_cleared: tuple[int, int] = (0, 0)  # partial files (count, bytes) earlier runs left in _tmp/
@@ -122,6 +123,7 @@ def run_json(
         "worker_nodes": summary.worker_nodes,
         "encoder_nodes": summary.encoder_nodes,
         "devices": summary.devices,
+        "precisions": summary.precisions,
         "compiled": summary.compiled,
         "shards": {
             "total": summary.shards_total,

@@ -5,7 +5,7 @@
 
     ds = ray.data.read_images("s3://bucket/frames/", mode="RGB")
     ds = ds.map_batches(Deblur, batch_format="numpy", batch_size=8, concurrency=2,
-                        fn_constructor_kwargs={"exit": "adaptive", "precision": "fp32"})
+                        fn_constructor_kwargs={"exit": "adaptive", "precision": "auto"})
     ds.write_images("s3://bucket/deblurred/", column="image", file_format="png")
 
 Ray Data builds one `Deblur` per actor of the pool (the model loads once an actor) and calls it with
@@ -43,9 +43,9 @@ class Deblur:
         """`model`: a preset (default: the weights file's own, else adarevd-tiny); `weights`: files or
         URLs as for `--weights` (URL#sha256=... cached and verified); `device`: "auto" (CUDA when this
         actor has a GPU), "cpu", "cuda", ...; `storage_options`: fsspec options for weights URLs.
-        `options`: fields of `RestoreOptions`: exit ("adaptive" or a fixed depth), precision ("fp32",
-        "bf16"), encoder_mode, blend, max_frame_pixels, threads, compile ("on": torch.compile; "auto" and
-        "off": eager)."""
+        `options`: fields of `RestoreOptions`: exit ("adaptive" or a fixed depth), precision ("auto": bf16
+        on CUDA with bf16 tensor cores, else fp32; "fp32"; "bf16"), encoder_mode, blend, max_frame_pixels,
+        threads, compile ("on": torch.compile; "auto" and "off": eager)."""
         import dataclasses
 
         import torch

@@ -91,6 +91,10 @@ class RestorerActor:
         # worker, made it import torch (about 1 s and hundreds of MB each) when one was here.
         return str(getattr(getattr(self.restorer, "device", None), "type", "none"))
 
+    def precision(self) -> str:
+        """What the model runs in: 'fp32' or 'bf16' (`RestoreOptions.precision`, decided on this device)."""
+        return str(getattr(self.restorer, "precision", "none"))
+
 
 CLIENT_TRIES = 3  # connections to a Ray Client head whose per-client server failed to start
 CLIENT_SERVER_FAILED = "Starting Ray client server failed"
@@ -261,6 +265,7 @@ def _process(run: _Run, todo: list[str]) -> None:
         summary.encoder_nodes = dict(Counter(nodes[len(actors) :]))
         devices = ray.get([a.device.remote() for a in [*actors, *encoders]])
         summary.devices = dict(Counter(devices))
+        summary.precisions = dict(Counter(ray.get([a.precision.remote() for a in [*actors, *encoders]])))
         _check_devices(
             devices,
             [resources.gpus_per_worker or 0.0] * len(actors) + [resources.gpus_per_encoder or 0.0] * len(encoders),
