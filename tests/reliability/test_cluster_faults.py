@@ -132,6 +132,7 @@ class NodeLogged:
 class _Logged:
     def __init__(self, restorer: Any, node: str, log: str) -> None:
         self.restorer, self.node, self.log, self.device = restorer, node, log, restorer.device
+        self.precision = restorer.precision
 
     def __call__(self, frames: list) -> list:
         time.sleep(0.2)
@@ -171,6 +172,7 @@ def test_a_node_that_joins_mid_run_gets_a_restorer_that_takes_work(
     try:
         assert reference.workers == 1 and summary.workers == 2 and summary.frames == 48
         assert summary.worker_nodes == {first.node_id: 1, joined[0]: 1}, summary.worker_nodes
+        assert (summary.devices, summary.precisions) == ({"cpu": 2}, {"fp32": 2})  # the joined one counted too
         calls = log.read_text().split()
         assert calls.count(joined[0]) >= 2, calls  # the new node's restorer took batches
         assert tar_bytes(Store(str(tmp_path / "grown"))) == tar_bytes(Store(str(tmp_path / "reference")))

@@ -263,9 +263,7 @@ def _process(run: _Run, todo: list[str]) -> None:
         nodes = _wait_ready([*actors, *encoders], shard_workers, resources, job.stall_timeout_s)
         summary.worker_nodes = dict(Counter(nodes[: len(actors)]))
         summary.encoder_nodes = dict(Counter(nodes[len(actors) :]))
-        devices = ray.get([a.device.remote() for a in [*actors, *encoders]])
-        summary.devices = dict(Counter(devices))
-        summary.precisions = dict(Counter(ray.get([a.precision.remote() for a in [*actors, *encoders]])))
+        devices = _count_devices(summary, [*actors, *encoders])
         _check_devices(
             devices,
             [resources.gpus_per_worker or 0.0] * len(actors) + [resources.gpus_per_encoder or 0.0] * len(encoders),
@@ -317,6 +315,14 @@ def _wait_ready(actors: list[Any], shard_workers: list[Any], resources: Resource
             f"workers (--workers, --encoders) or less per worker (--cpus-per-worker, --gpus-per-worker, "
             f"--cpus-per-encoder, --gpus-per-encoder)."
         ) from None
+
+
+def _count_devices(summary: RunSummary, actors: list[Any]) -> list[str]:
+    """Add the actors' devices and precisions to the summary's counts; returns their devices."""
+    devices = ray.get([a.device.remote() for a in actors])
+    summary.devices = dict(Counter(summary.devices) + Counter(devices))
+    summary.precisions = dict(Counter(summary.precisions) + Counter(ray.get([a.precision.remote() for a in actors])))
+    return devices
 
 
 def _check_devices(devices: list[str], gpu_shares: list[float]) -> None:
@@ -377,6 +383,7 @@ class _Growth:
         summary = self.run.summary
         summary.workers = wanted
         summary.worker_nodes = dict(Counter([*self.pools.restorer_nodes, *nodes]))
+        _count_devices(summary, new)
         self.pools = replace(
             self.pools,
             restorers=[*self.pools.restorers, *new],
