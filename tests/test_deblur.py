@@ -168,6 +168,9 @@ def test_a_resume_refuses_other_weights_options_or_an_input_with_the_same_names(
     before = {f: f.read_bytes() for f in (tmp_path / "out").rglob("*") if f.is_file()}
     with pytest.raises(ValueError, match=r"deblurred with exit 'adaptive' \(this run: 2\); resuming would mix"):
         run(job(source, copy, restore=driver.RestoreOptions(exit=2)), model)
+    # The default precision on CPUs is fp32, recorded as such: bf16 would mix, fp32 resumes (below).
+    with pytest.raises(ValueError, match=r"deblurred with precision 'fp32' \(this run: 'bf16'\)"):
+        run(job(source, copy, restore=driver.RestoreOptions(precision="bf16")), model)
     # The same tensors re-calibrated (another exit table): the config is part of what made the pixels.
     table = model.model.config.exit_table
     recalibrated = with_exit_table(model.model, tuple(min(d + 1, 4) for d in table))
@@ -194,7 +197,8 @@ def test_a_resume_refuses_other_weights_options_or_an_input_with_the_same_names(
         run(job(Store(str(first.parent)), copy), model)
     assert {f: f.read_bytes() for f in (tmp_path / "out").rglob("*") if f.is_file()} == before  # nothing written
     (tmp_path / "link").symlink_to(source.url)
-    summary = run(job(Store(str(tmp_path / "link")), copy), model)  # the same input, through a link: resumes
+    # The same input, through a link, with fp32 given (the CPU's auto): resumes.
+    summary = run(job(Store(str(tmp_path / "link")), copy, restore=driver.RestoreOptions(precision="fp32")), model)
     assert (summary.shards_skipped, len(summary.reports), summary.input_moved_from) == (2, 1, None)
     assert tar_bytes(copy) == tar_bytes(reference[0])
 

@@ -11,7 +11,7 @@ import torch
 
 from adarevd.speed import BF16_CAPABILITY, COMPILE_MIN_PIXELS, autocast_dtype, precision_for, worth_compiling
 from jobs.cli import main
-from pipeline.deblur.job import COMPILE_MIN_BYTES, InvalidInput, RestoreOptions
+from pipeline.deblur.job import COMPILE_MIN_BYTES, DeblurJob, InvalidInput, Resources, RestoreOptions
 
 
 def test_auto_compiles_only_runs_long_enough_to_repay_it() -> None:
@@ -38,6 +38,13 @@ def test_precision_auto_is_fp32_on_the_cpu_and_a_given_precision_is_kept() -> No
         precision_for("fp16", cpu)  # type: ignore[arg-type]
     with pytest.raises(InvalidInput, match="--precision"):
         RestoreOptions(precision="fp16")  # type: ignore[arg-type]
+    # The job decides auto where its resources do: fp32 without GPUs; with them each restorer decides.
+    cpus, gpus = ({"CPU": 4.0}, {"CPU": 4.0, "GPU": 1.0})
+    assert DeblurJob("in", "out").resolved(cpus).restore.precision == "fp32"
+    assert DeblurJob("in", "out").resolved(gpus).restore.precision == "auto"
+    assert DeblurJob("in", "out", restore=RestoreOptions(precision="bf16")).resolved(cpus).restore.precision == "bf16"
+    no_gpu = DeblurJob("in", "out", resources=Resources(gpus_per_worker=0))
+    assert no_gpu.resolved(gpus).restore.precision == "fp32"
 
 
 @pytest.mark.slow

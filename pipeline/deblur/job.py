@@ -63,8 +63,8 @@ def _require(ok: bool, setting: str, rule: str, value: object) -> None:
 class RestoreOptions:
     exit: ExitMode = "adaptive"
     encoder_mode: EncoderMode = "frame"
-    # bf16 autocast: auto decides on each restorer's device (`adarevd.speed.precision_for`: bf16 on CUDA
-    # with bf16 tensor cores, fp32 elsewhere).
+    # bf16 autocast: auto is fp32 on CPUs (`precision_on`), and on a GPU bf16 where it has bf16 tensor
+    # cores (each restorer decides on its card: `adarevd.speed.precision_for`).
     precision: Precision = "auto"
     jpeg_quality: int = 95
     blend: Blend = "normalised"  # overlapping patches: a weighted mean, or the reference's weights
@@ -92,6 +92,13 @@ class RestoreOptions:
         if self.compile != "auto":
             return self
         return replace(self, compile="on" if input_bytes >= COMPILE_MIN_BYTES else "off")
+
+    def precision_on(self, *, gpus: bool) -> RestoreOptions:
+        """These options with `auto` precision decided where the resources decide it: fp32 when no model
+        actor holds a GPU. With GPUs, each restorer decides on its card (`adarevd.speed.precision_for`).
+        The decided value goes into `made_with`: a CPU run resumes an fp32 output, and an output begun on
+        GPUs is not finished on CPUs in another precision without saying so."""
+        return self if self.precision != "auto" or gpus else replace(self, precision="fp32")
 
     def check_model(self, num_columns: int) -> None:
         """A fixed exit the model has: refused before any actor starts or shard is read."""
@@ -268,5 +275,7 @@ class DeblurJob:
         return self.frames_per_batch or (16 if self.resources.uses_gpus() else 1)
 
     def resolved(self, cluster: Mapping[str, float]) -> DeblurJob:
-        """This job with its resources decided for the cluster (`Resources.resolve`)."""
-        return replace(self, resources=self.resources.resolve(cluster, self.routing))
+        """This job with its resources decided for the cluster (`Resources.resolve`), and its precision
+        where that is decided by them (`RestoreOptions.precision_on`)."""
+        resources = self.resources.resolve(cluster, self.routing)
+        return replace(self, resources=resources, restore=self.restore.precision_on(gpus=resources.uses_gpus()))
