@@ -11,8 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
+from pipeline.store.processes import alive
 from pipeline.store.scratch import HOST, pattern, remove_orphans, scratch
 
 DEMO_CLIP = Path(__file__).parents[1] / "adarevd" / "assets" / "demo_clip.mp4"
@@ -37,6 +39,20 @@ def test_only_folders_of_gone_processes_of_this_machine_are_removed(tmp_path: Pa
         (folder / "out.tar").write_bytes(b"partial")
     assert remove_orphans(str(tmp_path)) == [str(gone)]
     assert not gone.exists() and all(folder.exists() for folder in kept)
+
+
+def test_a_folder_of_an_ended_process_not_yet_reaped_is_removed(tmp_path: Path) -> None:
+    """A Ray worker killed with its raylet stays a zombie until someone reaps it: it is gone all the same."""
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])  # ends; not reaped until wait() below
+    try:
+        while psutil.Process(zombie.pid).status() != psutil.STATUS_ZOMBIE:
+            time.sleep(0.01)
+        folder = tmp_path / f"adarevd-deblur-{HOST}-{zombie.pid}-abc"
+        folder.mkdir()
+        assert not alive(zombie.pid) and remove_orphans(str(tmp_path)) == [str(folder)]
+    finally:
+        zombie.wait()
+    assert alive(os.getpid())
 
 
 def test_a_processs_first_scratch_folder_in_a_place_sweeps_it(tmp_path: Path) -> None:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import os
+import psutil
 
 
 def alive(pid: int) -> bool:
+    """True while `pid` runs (anyone's process). A zombie is dead: it has ended and never runs again,
+    its pid only waits for a parent to reap it, which a killed Ray worker's gone raylet never does."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.AccessDenied:
         return True  # someone else's process
-    return True
