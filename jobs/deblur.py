@@ -285,7 +285,10 @@ def print_summary(summary: RunSummary, output_url: str, wall: float, *, standalo
         actors += " (model on " + ", ".join(f"{d}: {n}" for d, n in sorted(summary.devices.items())) + ")"
     if summary.reports:
         actors += "; compiled with torch.compile" if summary.compiled else "; eager (--compile on to compile)"
-        if "bf16" in summary.precisions:
+        if len(summary.precisions) > 1:  # auto on cards with and without bf16 tensor cores
+            bf16, total = summary.precisions.get("bf16", 0), sum(summary.precisions.values())
+            actors += f"; bf16 autocast on {bf16} of {total} actors (their cards differ: --precision pins one)"
+        elif "bf16" in summary.precisions:
             actors += "; bf16 autocast"
     print(
         f"shards: {len(summary.reports)} processed, {summary.shards_skipped} already done, "

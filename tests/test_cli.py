@@ -121,6 +121,21 @@ def test_the_summary_of_a_run_with_nothing_to_do_has_no_empty_exit_table(capsys:
     assert "exit depth" not in printed and "%" not in printed
 
 
+def test_the_summary_says_which_precision_ran_and_when_the_cards_differ(capsys: pytest.CaptureFixture) -> None:
+    from jobs.deblur import print_summary
+    from pipeline.deblur.run_record import RunSummary
+    from pipeline.deblur.shard import ShardReport
+
+    def said(precisions: dict[str, int]) -> str:
+        ran = RunSummary(shards_total=1, reports=[ShardReport("a.tar", frames=2, histogram=[4])], precisions=precisions)
+        print_summary(ran, "out", wall=1.0)
+        return capsys.readouterr().out
+
+    assert "bf16" not in said({"fp32": 2})
+    assert "; bf16 autocast\n" in said({"bf16": 2})
+    assert "bf16 autocast on 1 of 3 actors (their cards differ: --precision pins one)" in said({"bf16": 1, "fp32": 2})
+
+
 @pytest.mark.parametrize(
     ("address", "message"),
     [
