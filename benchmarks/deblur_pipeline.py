@@ -141,13 +141,14 @@ class RestoreUDF:
         adarevd.load_weights(self.model, DEFAULT_WEIGHTS)
         self.model.to(self.device).eval()
         self.exit = exit
+        self.dtype = default_dtype(self.device)
 
     def __call__(self, batch: dict) -> dict:
         out = []
         with torch.no_grad():
             for image in batch["png"]:
                 x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float().to(self.device) / 255
-                y = self.model.restore(x, exit=self.exit, autocast_dtype=default_dtype(self.device)).images[0]
+                y = self.model.restore(x, exit=self.exit, autocast_dtype=self.dtype).images[0]
                 out.append(y.mul(255).round().byte().permute(1, 2, 0).cpu().numpy())
         batch["png"] = np.stack(out)
         return batch

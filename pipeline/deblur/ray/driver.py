@@ -85,15 +85,13 @@ class RestorerActor:
         """The id of the node this actor runs on (also: it has started)."""
         return ray.get_runtime_context().get_node_id()
 
-    def device(self) -> str:
-        """Where the model runs: 'cuda' or 'cpu' (a stand-in without a device: 'none')."""
+    def runs_on(self) -> tuple[str, str]:
+        """(where the model runs: 'cuda' or 'cpu'; what it runs in: 'fp32' or 'bf16', decided on that
+        device); 'none' for what a stand-in restorer lacks."""
         # No torch name in this class's methods: a handle to this actor, unpickled in a torch-free shard
         # worker, made it import torch (about 1 s and hundreds of MB each) when one was here.
-        return str(getattr(getattr(self.restorer, "device", None), "type", "none"))
-
-    def precision(self) -> str:
-        """What the model runs in: 'fp32' or 'bf16' (`RestoreOptions.precision`, decided on this device)."""
-        return str(getattr(self.restorer, "precision", "none"))
+        device = getattr(getattr(self.restorer, "device", None), "type", "none")
+        return str(device), str(getattr(self.restorer, "precision", "none"))
 
 
 CLIENT_TRIES = 3  # connections to a Ray Client head whose per-client server failed to start
@@ -319,9 +317,10 @@ def _wait_ready(actors: list[Any], shard_workers: list[Any], resources: Resource
 
 def _count_devices(summary: RunSummary, actors: list[Any]) -> list[str]:
     """Add the actors' devices and precisions to the summary's counts; returns their devices."""
-    devices = ray.get([a.device.remote() for a in actors])
+    runs_on = ray.get([a.runs_on.remote() for a in actors])
+    devices = [device for device, _ in runs_on]
     summary.devices = dict(Counter(summary.devices) + Counter(devices))
-    summary.precisions = dict(Counter(summary.precisions) + Counter(ray.get([a.precision.remote() for a in actors])))
+    summary.precisions = dict(Counter(summary.precisions) + Counter(precision for _, precision in runs_on))
     return devices
 
 
